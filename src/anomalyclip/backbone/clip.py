@@ -1,0 +1,361 @@
+"""CLIP ViT in OpenAI's parameter layout, with AnomalyCLIP's DPAM and deep text prompts.
+
+Module and parameter names follow OpenAI's ``model.py`` so that an OpenAI state dict
+loads with ``load_state_dict(strict=True)``; every other layout is converted to this one
+(see :mod:`anomalyclip.backbone.layouts`). Tensors are batch-first throughout and all
+attention goes through ``scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+DPAMMode = Literal["vv", "qq", "kk"]
+GlobalHead = Literal["original", "clip"]
+Activation = Literal["quick_gelu", "gelu"]
+
+
+@dataclass(frozen=True)
+class CLIPArchitecture:
+    """Every shape of a CLIP ViT; inferred from a state dict, stored in our checkpoints."""
+
+    embed_dim: int
+    vision_width: int
+    vision_layers: int
+    vision_patch_size: int
+    vision_grid: int
+    vision_heads: int
+    context_length: int
+    vocab_size: int
+    text_width: int
+    text_layers: int
+    text_heads: int
+    activation: Activation = "quick_gelu"
+
+    @property
+    def image_resolution(self) -> int:
+        return self.vision_patch_size * self.vision_grid
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CLIPArchitecture:
+        return cls(**data)
+
+    @classmethod
+    def from_state_dict(
+        cls, state_dict: dict[str, Tensor], activation: Activation = "quick_gelu"
+    ) -> CLIPArchitecture:
+        """Shapes as OpenAI's ``build_model`` infers them: heads = width // 64."""
+        if "visual.conv1.weight" not in state_dict:
+            if "visual.layer1.0.conv1.weight" in state_dict:
+                raise ValueError("ResNet CLIP models are not supported; use a ViT CLIP")
+            raise ValueError("not a CLIP state dict in OpenAI's layout (no visual.conv1.weight)")
+
+        def count_layers(prefix: str) -> int:
+            pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+            found = {int(m.group(1)) for k in state_dict if (m := pattern.match(k))}
+            return max(found) + 1 if found else 0
+
+        vision_width = state_dict["visual.conv1.weight"].shape[0]
+        text_width = state_dict["ln_final.weight"].shape[0]
+        grid = math.isqrt(state_dict["visual.positional_embedding"].shape[0] - 1)
+        return cls(
+            embed_dim=state_dict["text_projection"].shape[1],
+            vision_width=vision_width,
+            vision_layers=count_layers("visual.transformer.resblocks"),
+            vision_patch_size=state_dict["visual.conv1.weight"].shape[-1],
+            vision_grid=grid,
+            vision_heads=max(1, vision_width // 64),
+            context_length=state_dict["positional_embedding"].shape[0],
+            vocab_size=state_dict["token_embedding.weight"].shape[0],
+            text_width=text_width,
+            text_layers=count_layers("transformer.resblocks"),
+            text_heads=max(1, text_width // 64),
+            activation=activation,
+        )
+
+
+class LayerNorm(nn.LayerNorm):
+    """Computes in float32 whatever the input dtype, as OpenAI's CLIP does for fp16."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, activation: Activation) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(width, width * 4)
+        self.gelu = QuickGELU() if activation == "quick_gelu" else nn.GELU()
+        self.c_proj = nn.Linear(width * 4, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class SelfAttention(nn.Module):
+    """``nn.MultiheadAttention``'s parameters, split into q/k/v and merge steps for DPAM."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        batch, tokens, width = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = qkv.view(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def merge(self, heads_out: Tensor) -> Tensor:
+        batch, heads, tokens, head_dim = heads_out.shape
+        return self.out_proj(heads_out.transpose(1, 2).reshape(batch, tokens, heads * head_dim))
+
+    def forward(self, x: Tensor, causal: bool = False) -> Tensor:
+        q, k, v = self.qkv(x)
+        return self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int, activation: Activation) -> None:
+        super().__init__()
+        self.attn = SelfAttention(width, heads)
+        self.ln_1 = LayerNorm(width)
+        self.mlp = MLP(width, activation)
+        self.ln_2 = LayerNorm(width)
+
+    def forward(self, x: Tensor, causal: bool = False) -> Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_dpam(self, x: Tensor, mode: DPAMMode) -> tuple[Tensor, Tensor]:
+        """One DPAM layer: the block's usual output and the surrogate-attention residual.
+
+        Both attentions share the block's projections; the surrogate one replaces the
+        query-key similarity by value-value (or query-query, key-key) similarity.
+        """
+        q, k, v = self.attn.qkv(self.ln_1(x))
+        original = F.scaled_dot_product_attention(q, k, v)
+        similarity = {"vv": v, "qq": q, "kk": k}[mode]
+        surrogate = F.scaled_dot_product_attention(similarity, similarity, v)
+        both = self.attn.merge(torch.cat([original, surrogate], dim=0))
+        attended, dpam_residual = both.split(x.shape[0], dim=0)
+        x = x + attended
+        return x + self.mlp(self.ln_2(x)), dpam_residual
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, activation: Activation) -> None:
+        super().__init__()
+        self.width = width
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width, heads, activation) for _ in range(layers)
+        )
+
+
+@dataclass
+class VisualFeatures:
+    """Output of the visual tower.
+
+    ``global_embedding``: (B, E), not normalised. ``patch_tokens``: 1-based layer ->
+    (B, 1 + grid_h * grid_w, E) after ln_post and proj, class token first.
+    """
+
+    global_embedding: Tensor | None
+    patch_tokens: dict[int, Tensor]
+    grid: tuple[int, int]
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, arch: CLIPArchitecture) -> None:
+        super().__init__()
+        width = arch.vision_width
+        self.patch_size = arch.vision_patch_size
+        self.trained_grid = arch.vision_grid
+        self.conv1 = nn.Conv2d(3, width, self.patch_size, self.patch_size, bias=False)
+        scale = width**-0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(
+            scale * torch.randn(arch.vision_grid**2 + 1, width)
+        )
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, arch.vision_layers, arch.vision_heads, arch.activation)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, arch.embed_dim))
+        self._resized_positions: dict[tuple, Tensor] = {}
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.transformer.resblocks)
+
+    def positional_embedding_for(self, grid_h: int, grid_w: int) -> Tensor:
+        """Positional embedding for a grid, the patch part resized bilinearly.
+
+        The loaded parameter is never modified; the resized copy is cached per grid
+        (keyed by the parameter's version, so reloading weights invalidates it).
+        """
+        weights = self.positional_embedding
+        if (grid_h, grid_w) == (self.trained_grid, self.trained_grid):
+            return weights
+        key = (grid_h, grid_w, weights._version, weights.data_ptr(), weights.dtype, weights.device)
+        cached = self._resized_positions.get(key)
+        if cached is not None and not (torch.is_grad_enabled() and weights.requires_grad):
+            return cached
+        side = self.trained_grid
+        patch_part = weights[1:].float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        patch_part = F.interpolate(patch_part, (grid_h, grid_w), mode="bilinear", align_corners=False)
+        patch_part = patch_part.reshape(weights.shape[1], grid_h * grid_w).T.to(weights.dtype)
+        resized = torch.cat([weights[:1], patch_part])
+        if not weights.requires_grad:
+            self._resized_positions = {key: resized.detach()}
+        return resized
+
+    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        x = self.conv1(images.to(self.conv1.weight.dtype))
+        batch, width, grid_h, grid_w = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).expand(batch, 1, width)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding_for(grid_h, grid_w).to(x.dtype)
+        return self.ln_pre(x), (grid_h, grid_w)
+
+    def forward_features(
+        self,
+        images: Tensor,
+        layers: Sequence[int] = (),
+        dpam_layers: int = 0,
+        dpam_mode: DPAMMode = "vv",
+        global_head: GlobalHead | None = "original",
+    ) -> VisualFeatures:
+        """Run the tower, stopping after the last layer anything needs.
+
+        layers: 1-based layers whose patch tokens to return. dpam_layers: how many final
+        layers carry the DPAM stream (AnomalyCLIP's ``DPAM_layer - 1``; 0 disables it).
+        global_head: "original" = class token of the original stream times proj without
+        ln_post (what AnomalyCLIP and its published checkpoints use); "clip" = the
+        standard CLIP head (ln_post, then proj); None = no global embedding.
+        """
+        total = self.num_layers
+        requested = sorted(set(layers))
+        if requested and not 1 <= requested[0] <= requested[-1] <= total:
+            raise ValueError(f"feature layers {requested} outside 1..{total}")
+        if not 0 <= dpam_layers <= total:
+            raise ValueError(f"dpam_layers={dpam_layers} outside 0..{total}")
+        first_dpam = total - dpam_layers
+        last = total if global_head is not None else (requested[-1] if requested else 0)
+
+        x, grid = self.embed(images)
+        dpam_stream: Tensor | None = None
+        collected: dict[int, Tensor] = {}
+        for index, block in enumerate(self.transformer.resblocks[:last]):
+            if index >= first_dpam:
+                if dpam_stream is None:
+                    dpam_stream = x
+                x, residual = block.forward_dpam(x, dpam_mode)
+                dpam_stream = dpam_stream + residual
+            else:
+                x = block(x)
+            if index + 1 in requested:
+                collected[index + 1] = x if dpam_stream is None else dpam_stream
+
+        patch_tokens = {layer: self.ln_post(t) @ self.proj for layer, t in collected.items()}
+        global_embedding = None
+        if global_head == "original":
+            global_embedding = x[:, 0] @ self.proj
+        elif global_head == "clip":
+            global_embedding = self.ln_post(x[:, 0]) @ self.proj
+        return VisualFeatures(global_embedding, patch_tokens, grid)
+
+
+class CLIP(nn.Module):
+    """Both towers of a CLIP ViT, parameters named as in OpenAI's release."""
+
+    def __init__(self, arch: CLIPArchitecture) -> None:
+        super().__init__()
+        self.arch = arch
+        self.visual = VisionTransformer(arch)
+        self.token_embedding = nn.Embedding(arch.vocab_size, arch.text_width)
+        self.positional_embedding = nn.Parameter(
+            0.01 * torch.randn(arch.context_length, arch.text_width)
+        )
+        self.transformer = Transformer(
+            arch.text_width, arch.text_layers, arch.text_heads, arch.activation
+        )
+        self.ln_final = LayerNorm(arch.text_width)
+        self.text_projection = nn.Parameter(
+            arch.text_width**-0.5 * torch.randn(arch.text_width, arch.embed_dim)
+        )
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    @classmethod
+    def from_state_dict(
+        cls, state_dict: dict[str, Tensor], arch: CLIPArchitecture | None = None
+    ) -> CLIP:
+        """Build and load in float32; OpenAI's bookkeeping entries are ignored."""
+        state_dict = {
+            k: v
+            for k, v in state_dict.items()
+            if k not in ("input_resolution", "context_length", "vocab_size")
+        }
+        model = cls(arch or CLIPArchitecture.from_state_dict(state_dict))
+        model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+        return model.eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """Standard CLIP image embedding (ln_post on the class token, then proj)."""
+        return self.visual.forward_features(images, global_head="clip").global_embedding
+
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        """Standard CLIP text embedding, not normalised."""
+        embeddings = self.token_embedding(tokens).to(self.dtype)
+        return self.encode_token_embeddings(embeddings, tokens.argmax(dim=-1))
+
+    def encode_token_embeddings(
+        self,
+        embeddings: Tensor,
+        eot_positions: Tensor,
+        deep_prompts: Sequence[Tensor] = (),
+    ) -> Tensor:
+        """Text tower from token embeddings, with optional deep prompts.
+
+        Before text layer i (1 <= i <= len(deep_prompts)), token positions
+        1..len(deep_prompts[i-1]) are overwritten by that prompt, for every sequence.
+        """
+        if len(deep_prompts) >= len(self.transformer.resblocks):
+            raise ValueError(
+                f"{len(deep_prompts)} deep prompts need more than the "
+                f"{len(self.transformer.resblocks)} text layers"
+            )
+        x = embeddings + self.positional_embedding.to(embeddings.dtype)
+        batch = x.shape[0]
+        for index, block in enumerate(self.transformer.resblocks):
+            if 1 <= index <= len(deep_prompts):
+                prompt = deep_prompts[index - 1].to(x.dtype)
+                length = prompt.shape[0]
+                x = torch.cat([x[:, :1], prompt.expand(batch, -1, -1), x[:, 1 + length :]], dim=1)
+            x = block(x, causal=True)
+        x = self.ln_final(x)
+        return x[torch.arange(batch, device=x.device), eot_positions] @ self.text_projection

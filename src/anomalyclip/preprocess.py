@@ -1,0 +1,165 @@
+"""Reading images and masks, and turning them into CLIP's input tensors.
+
+Preprocessing is the original's: bicubic resize of the whole image to S x S (no crop),
+RGB, [0, 1], CLIP's mean and std. Masks: > 0, bilinear resize, > 0.5.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_MAX_PIXELS = 178_956_970  # twice PIL's warning limit: beyond it a file is a bomb
+
+ImageSource = Union[str, Path, bytes, Image.Image, np.ndarray]
+
+
+class ImageLoadError(ValueError):
+    """An image that cannot be used, with the file it came from and why."""
+
+    def __init__(self, source: object, reason: str) -> None:
+        self.source = str(source)
+        self.reason = reason
+        super().__init__(f"cannot read image {self.source}: {reason}")
+
+
+def describe(source: ImageSource) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, bytes):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, np.ndarray):
+        return f"<array {source.shape} {source.dtype}>"
+    return f"<{type(source).__name__}>"
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and float images scaled to 8 bits instead of clipped, as PIL's convert would."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if array.max(initial=0) > 255 or image.mode.startswith("I;16") else 255.0
+        return Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "F":
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        low, high = float(array.min(initial=0)), float(array.max(initial=0))
+        if 0.0 <= low and high <= 1.0:
+            scaled = array * 255.0
+        else:
+            scaled = (array - low) / max(high - low, 1e-12) * 255.0
+        return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8), "L")
+    return image
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(f"array of shape {array.shape} is not an image (H, W[, 1|3|4])")
+    if array.dtype != np.uint8:
+        array = np.asarray(array, dtype=np.float64)
+        if array.max(initial=0) > 1.0:
+            array = array / (65535.0 if array.max() > 255 else 255.0)
+        array = np.clip(array * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An RGB PIL image from a path, bytes, PIL image or array; EXIF orientation applied.
+
+    Raises :class:`ImageLoadError` naming the source for anything unreadable.
+    """
+    name = describe(source)
+    try:
+        if isinstance(source, np.ndarray):
+            image = _from_array(source)
+        elif isinstance(source, Image.Image):
+            image = source
+        else:
+            if isinstance(source, (str, Path)):
+                path = Path(source)
+                if not path.is_file():
+                    raise ImageLoadError(name, "no such file")
+                if path.stat().st_size == 0:
+                    raise ImageLoadError(name, "the file is empty (0 bytes)")
+                handle = path.open("rb")
+            else:
+                handle = io.BytesIO(source)
+            with handle:
+                image = Image.open(handle)
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageLoadError(
+                        name, f"{width}x{height} pixels exceeds the limit of {max_pixels}"
+                    )
+                image.load()
+        image = ImageOps.exif_transpose(image)
+        image = _to_8bit(image)
+        if image.mode != "RGB":
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                image = image.convert("RGBA")
+                background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+                image = Image.alpha_composite(background, image)
+            image = image.convert("RGB")
+        if min(image.size) < 1:
+            raise ImageLoadError(name, f"image has no pixels ({image.size})")
+        return image
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageLoadError(name, "not a recognised image format") from None
+    except Image.DecompressionBombError as error:
+        raise ImageLoadError(name, f"decompression bomb refused ({error})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        raise ImageLoadError(name, f"corrupt or truncated image ({error})") from None
+
+
+def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """(3, size, size) float32: bicubic resize, [0, 1], CLIP normalisation."""
+    resized = image.resize((size, size), Image.Resampling.BICUBIC)
+    array = np.asarray(resized, dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(array).permute(2, 0, 1)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (tensor - mean) / std
+
+
+def preprocess(images: Sequence[ImageSource] | ImageSource, size: int) -> torch.Tensor:
+    """A batch (B, 3, size, size) from any image sources."""
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    return torch.stack([image_to_tensor(load_image(item), size) for item in images])
+
+
+def load_mask_array(path: str | Path) -> np.ndarray:
+    """Binary mask (H, W) bool at its own resolution: any non-zero pixel is anomalous."""
+    try:
+        with Image.open(path) as mask:
+            return np.asarray(_to_8bit(mask).convert("L")) > 0
+    except FileNotFoundError:
+        raise ImageLoadError(path, "mask file not found") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ImageLoadError(path, f"unreadable mask ({error})") from None
+
+
+def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
+    """(size, size) float32 in {0, 1}, as the original's training step sees it."""
+    as_image = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+    resized = np.asarray(as_image.resize((size, size), Image.Resampling.BILINEAR), np.float32)
+    return torch.from_numpy((resized / 255.0 > 0.5).astype(np.float32))
+
+
+def load_mask(path: str | Path | None, size: int) -> torch.Tensor:
+    """A mask at model resolution; None (a normal image) gives all zeros."""
+    if path is None:
+        return torch.zeros(size, size)
+    return resize_mask(load_mask_array(path), size)
