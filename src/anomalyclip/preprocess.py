@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -19,7 +18,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MAX_PIXELS = 178_956_970  # twice PIL's warning limit: beyond it a file is a bomb
 
-ImageSource = Union[str, Path, bytes, Image.Image, np.ndarray]
+ImageSource = str | Path | bytes | Image.Image | np.ndarray
 
 
 class ImageLoadError(ValueError):
@@ -50,7 +49,7 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     if image.mode == "F":
         array = np.nan_to_num(np.asarray(image, dtype=np.float64))
         low, high = float(array.min(initial=0)), float(array.max(initial=0))
-        if 0.0 <= low and high <= 1.0:
+        if low >= 0.0 and high <= 1.0:
             scaled = array * 255.0
         else:
             scaled = (array - low) / max(high - low, 1e-12) * 255.0

@@ -199,7 +199,9 @@ class VisionTransformer(nn.Module):
             scale * torch.randn(arch.vision_grid**2 + 1, width)
         )
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, arch.vision_layers, arch.vision_heads, arch.activation)
+        self.transformer = Transformer(
+            width, arch.vision_layers, arch.vision_heads, arch.activation
+        )
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, arch.embed_dim))
         self._resized_positions: dict[tuple, Tensor] = {}
@@ -223,7 +225,9 @@ class VisionTransformer(nn.Module):
             return cached
         side = self.trained_grid
         patch_part = weights[1:].float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        patch_part = F.interpolate(patch_part, (grid_h, grid_w), mode="bilinear", align_corners=False)
+        patch_part = F.interpolate(
+            patch_part, (grid_h, grid_w), mode="bilinear", align_corners=False
+        )
         patch_part = patch_part.reshape(weights.shape[1], grid_h * grid_w).T.to(weights.dtype)
         resized = torch.cat([weights[:1], patch_part])
         if not weights.requires_grad:

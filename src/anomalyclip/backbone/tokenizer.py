@@ -63,7 +63,8 @@ class SimpleTokenizer:
 
     def __init__(self, vocab_path: str | Path | None = None) -> None:
         path = Path(vocab_path) if vocab_path else default_vocab_path()
-        merges_text = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            merges_text = handle.read().split("\n")
         merges = [tuple(line.split()) for line in merges_text[1 : 49152 - 256 - 2 + 1]]
         byte_chars = list(_bytes_to_unicode().values())
         vocab = byte_chars + [c + "</w>" for c in byte_chars]

@@ -1,0 +1,215 @@
+"""Prompt checkpoints: the project's self-describing files and the authors' ``epoch_15.pth``.
+
+Ours hold the configuration, the prompt state and what identifies the backbone, so a
+checkpoint loads without its hyper-parameters repeated. The authors' hold only
+``{"prompt_learner": state_dict}``; their n_ctx, depth and prompt length are read off the
+tensor shapes. Everything is read with ``torch.load(weights_only=True)``: no pickled code
+runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.model import AnomalyCLIP
+from anomalyclip.prompts import PromptShape
+from anomalyclip.utils.atomic import atomic_torch_save
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "anomalyclip-prompts"
+FORMAT_VERSION = 1
+TOKEN_BUFFERS = ("token_prefix_pos", "token_suffix_pos", "token_prefix_neg", "token_suffix_neg")
+
+Layout = Literal["anomalyclip", "authors"]
+
+
+@dataclass
+class PromptCheckpoint:
+    path: str
+    layout: Layout
+    prompt_state: dict[str, Tensor]
+    config: AnomalyCLIPConfig | None = None  # None for the authors' layout
+    backbone: dict[str, Any] = field(default_factory=dict)  # name, sha256, architecture
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> PromptShape:
+        return PromptShape.from_state_dict(self.prompt_state)
+
+
+def read_checkpoint(path: str | Path) -> PromptCheckpoint:
+    """Read either layout safely; errors name the file and what was found instead."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt checkpoint {path} not found")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"refusing to load {path}: it holds Python objects that could run code "
+            f"(only tensors and plain containers are accepted): {error}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}, not a prompt checkpoint")
+    if data.get("format") == FORMAT:
+        if data.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(
+                f"{path} was written by a newer anomalyclip (format version "
+                f"{data['format_version']}); upgrade the package"
+            )
+        checkpoint = PromptCheckpoint(
+            str(path),
+            "anomalyclip",
+            dict(data["prompt_learner"]),
+            AnomalyCLIPConfig.from_dict(data["config"]),
+            dict(data.get("backbone") or {}),
+            dict(data.get("extra") or {}),
+        )
+    elif "prompt_learner" in data and isinstance(data["prompt_learner"], dict):
+        checkpoint = PromptCheckpoint(str(path), "authors", dict(data["prompt_learner"]))
+    else:
+        keys = ", ".join(sorted(map(str, data))[:10])
+        raise ValueError(
+            f"{path} is not an AnomalyCLIP prompt checkpoint (top-level keys: {keys}); "
+            "expected {'prompt_learner': ...}"
+        )
+    try:
+        checkpoint.shape  # noqa: B018 - validates the tensors
+    except (ValueError, KeyError) as error:
+        raise ValueError(f"{path}: {error}") from None
+    return checkpoint
+
+
+def config_for(checkpoint: PromptCheckpoint, base: AnomalyCLIPConfig) -> AnomalyCLIPConfig:
+    """The checkpoint's own configuration, or ``base`` with the shapes its tensors imply."""
+    if checkpoint.config is not None:
+        return checkpoint.config
+    shape = checkpoint.shape
+    return base.replace(
+        n_ctx=shape.n_ctx,
+        prompt_depth=shape.prompt_depth,
+        deep_prompt_length=shape.deep_prompt_length,
+    )
+
+
+def apply_prompt_state(model: AnomalyCLIP, checkpoint: PromptCheckpoint) -> None:
+    """Load the prompts, refusing a checkpoint made for another backbone or shape."""
+    arch = model.clip.arch.to_dict()
+    recorded = checkpoint.backbone.get("architecture")
+    if recorded and recorded != arch:
+        differences = ", ".join(
+            f"{k}: checkpoint {recorded.get(k)} vs backbone {arch.get(k)}"
+            for k in sorted(set(arch) | set(recorded))
+            if recorded.get(k) != arch.get(k)
+        )
+        raise ValueError(
+            f"{checkpoint.path} was trained on another backbone "
+            f"({checkpoint.backbone.get('name')}): {differences}"
+        )
+    shape = checkpoint.shape
+    expected = PromptShape(
+        model.config.n_ctx,
+        model.config.prompt_depth,
+        model.config.deep_prompt_length,
+        model.clip.arch.text_width,
+    )
+    if shape != expected:
+        raise ValueError(
+            f"{checkpoint.path} holds prompts of shape {shape}, the model expects {expected}"
+        )
+    state = {
+        k: v
+        for k, v in checkpoint.prompt_state.items()
+        if not k.startswith("compound_prompt_projections.")
+    }
+    own = model.prompt_learner.state_dict()
+    for name in TOKEN_BUFFERS:
+        if name in state and state[name].shape == own[name].shape:
+            difference = (state[name].float() - own[name].float()).abs().max().item()
+            if difference > 1e-2:
+                raise ValueError(
+                    f"{checkpoint.path} was made with another CLIP backbone: its token "
+                    f"embeddings ({name}) differ from this backbone's by up to {difference:.3g}"
+                )
+    state.update({name: own[name] for name in own if name not in state})
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{checkpoint.path}: missing {missing}, unexpected {unexpected}")
+    model.prompt_learner.load_state_dict(
+        {k: v.to(own[k].dtype) for k, v in state.items()}, strict=True
+    )
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: AnomalyCLIP,
+    layout: Layout = "anomalyclip",
+    backbone_sha256: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write atomically; "authors" writes the layout the authors' code loads."""
+    prompt_state = {
+        k: v.detach().float().cpu() for k, v in model.prompt_learner.state_dict().items()
+    }
+    if layout == "authors":
+        state = model.prompt_learner.authors_state_dict()
+        data: dict[str, Any] = {"prompt_learner": {k: v.float().cpu() for k, v in state.items()}}
+    else:
+        data = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": model.config.to_dict(),
+            "prompt_learner": prompt_state,
+            "backbone": {
+                "name": model.config.backbone,
+                "sha256": backbone_sha256,
+                "architecture": model.clip.arch.to_dict(),
+            },
+            "extra": extra or {},
+        }
+    atomic_torch_save(data, path)
+    return Path(path)
+
+
+def load_model(
+    checkpoint: str | Path | None,
+    clip_weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    trust_torchscript: bool = False,
+    **overrides: Any,
+) -> AnomalyCLIP:
+    """Resolve names, load the backbone and the prompts, apply configuration overrides."""
+    from anomalyclip.backbone.loading import load_clip
+    from anomalyclip.hub import resolve_checkpoint
+
+    base = AnomalyCLIPConfig()
+    prompt_checkpoint = None
+    if checkpoint is not None:
+        path, info = resolve_checkpoint(checkpoint)
+        prompt_checkpoint = read_checkpoint(path)
+        if info is not None and prompt_checkpoint.config is None:
+            base = AnomalyCLIPConfig.from_dict({**base.to_dict(), **info.config})
+        base = config_for(prompt_checkpoint, base)
+    if clip_weights is not None:
+        overrides.setdefault("backbone", str(clip_weights))
+    config = base.replace(**overrides)
+    clip = load_clip(config.backbone, trust_torchscript=trust_torchscript)
+    model = AnomalyCLIP(clip, config)
+    if prompt_checkpoint is not None:
+        apply_prompt_state(model, prompt_checkpoint)
+    else:
+        logger.warning("no prompt checkpoint given: the prompts are untrained")
+    return model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,274 @@
+"""AnomalyCLIP: a frozen CLIP, learned object-agnostic prompts, image scores and pixel maps.
+
+The pipeline is split into steps that training and evaluation reuse separately: the
+visual embeddings of an image depend only on the frozen backbone (so they can be cached),
+the text features only on the prompts (so they are computed once per prompt state).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from anomalyclip.backbone.clip import CLIP
+from anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.maps import gaussian_smooth, layer_map, patch_probabilities, upsample
+from anomalyclip.preprocess import ImageSource, describe, image_to_tensor, load_image
+from anomalyclip.prompts import PromptLearner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageEmbeddings:
+    """L2-normalised visual embeddings of a batch: what the frozen backbone contributes."""
+
+    global_embedding: Tensor  # (B, E)
+    patch_tokens: dict[int, Tensor]  # 1-based layer -> (B, 1 + gh * gw, E)
+    grid: tuple[int, int]
+
+    def to(self, device: torch.device | str) -> ImageEmbeddings:
+        return ImageEmbeddings(
+            self.global_embedding.to(device),
+            {k: v.to(device) for k, v in self.patch_tokens.items()},
+            self.grid,
+        )
+
+
+@dataclass
+class AnomalyOutput:
+    """Scores and maps for a batch; maps are at model resolution (S x S)."""
+
+    image_scores: Tensor  # (B,) probability of "abnormal"
+    anomaly_maps: Tensor  # (B, S, S) summed layer maps, Gaussian-smoothed
+    raw_maps: Tensor  # (B, S, S) summed layer maps before smoothing
+    layer_maps: dict[int, Tensor] = field(default_factory=dict)  # only when asked for
+
+
+@dataclass
+class AnomalyPrediction:
+    """One image's result, with what is needed to map it back onto the original."""
+
+    source: str
+    score: float
+    anomaly_map: np.ndarray  # (S, S) float32 at model resolution
+    original_size: tuple[int, int]  # (width, height)
+    threshold: float | None = None
+
+    @property
+    def is_anomalous(self) -> bool | None:
+        return None if self.threshold is None else self.score >= self.threshold
+
+    def map_at_original_size(self) -> np.ndarray:
+        """(height, width) float32: the map resized bilinearly to the input image."""
+        width, height = self.original_size
+        tensor = torch.from_numpy(self.anomaly_map)[None]
+        return upsample(tensor, (height, width))[0].numpy()
+
+
+class AnomalyCLIP(nn.Module):
+    """A frozen CLIP plus the learnable prompts; only ``prompt_learner`` has gradients."""
+
+    def __init__(
+        self,
+        clip: CLIP,
+        config: AnomalyCLIPConfig | None = None,
+        prompt_learner: PromptLearner | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config or AnomalyCLIPConfig()
+        self.clip = clip.requires_grad_(False).eval()
+        self._check_config_fits_backbone()
+        self.prompt_learner = prompt_learner or PromptLearner(
+            clip,
+            n_ctx=self.config.n_ctx,
+            prompt_depth=self.config.prompt_depth,
+            deep_prompt_length=self.config.deep_prompt_length,
+            object_name=self.config.object_name,
+            normal_template=self.config.normal_template,
+            abnormal_template=self.config.abnormal_template,
+        )
+        self._text_cache: tuple[tuple, Tensor] | None = None
+
+    def _check_config_fits_backbone(self) -> None:
+        layers = self.clip.visual.num_layers
+        patch = self.clip.visual.patch_size
+        if max(self.config.features) > layers:
+            raise ValueError(
+                f"feature layers {list(self.config.features)} exceed the backbone's {layers} "
+                "visual layers"
+            )
+        if self.config.dpam_layers > layers:
+            raise ValueError(f"dpam_layers {self.config.dpam_layers} > {layers} visual layers")
+        if self.config.image_size % patch:
+            raise ValueError(
+                f"image_size {self.config.image_size} is not a multiple of the patch size {patch}"
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        checkpoint: str | Path | None = "mvtec",
+        clip_weights: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        trust_torchscript: bool = False,
+        **overrides,
+    ) -> AnomalyCLIP:
+        """Backbone and prompts from names or paths; the checkpoint's configuration is used.
+
+        ``checkpoint`` is a registered name ("mvtec", "visa"), a file of ours or the
+        authors', or None for untrained prompts. ``clip_weights`` defaults to the backbone
+        the checkpoint names. Keyword overrides change configuration fields (image_size,
+        features, dpam_layers, sigma, ...).
+        """
+        from anomalyclip.checkpoint import load_model
+
+        return load_model(
+            checkpoint,
+            clip_weights=clip_weights,
+            device=device,
+            dtype=dtype,
+            trust_torchscript=trust_torchscript,
+            **overrides,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.visual.conv1.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.clip.dtype
+
+    # text side -------------------------------------------------------------------------
+
+    def compute_text_features(self, object_name: str | None = None) -> Tensor:
+        """(2, E) L2-normalised [normal, abnormal] features from the prompts, with gradients."""
+        static = None
+        if object_name is not None and object_name != self.prompt_learner.object_name:
+            if self.config.prompt_mode == "agnostic":
+                object_name = None
+            else:
+                static = self.prompt_learner.static_parts(self.clip, object_name)
+        embeddings, eot, deep = self.prompt_learner(static)
+        features = self.clip.encode_token_embeddings(
+            embeddings.to(self.dtype), eot.to(self.device), [p.to(self.dtype) for p in deep]
+        )
+        return F.normalize(features.float(), dim=-1)
+
+    def text_features(self, object_name: str | None = None) -> Tensor:
+        """As :meth:`compute_text_features`, cached while the prompts do not change."""
+        parameters = list(self.prompt_learner.parameters())
+        if torch.is_grad_enabled() and any(p.requires_grad for p in parameters):
+            return self.compute_text_features(object_name)
+        key = (object_name, self.device, self.dtype, *(p._version for p in parameters))
+        key += tuple(p.data_ptr() for p in parameters)
+        if self._text_cache is None or self._text_cache[0] != key:
+            with torch.no_grad():
+                self._text_cache = (key, self.compute_text_features(object_name))
+        return self._text_cache[1]
+
+    # image side ------------------------------------------------------------------------
+
+    def encode_image(self, images: Tensor, layers: Sequence[int] | None = None) -> ImageEmbeddings:
+        """Global and per-layer patch embeddings, L2-normalised, in float32."""
+        config = self.config
+        with torch.no_grad():
+            features = self.clip.visual.forward_features(
+                images.to(self.device),
+                layers=config.features if layers is None else layers,
+                dpam_layers=config.dpam_layers,
+                dpam_mode=config.dpam_mode,
+                global_head=config.global_head,
+            )
+        return ImageEmbeddings(
+            F.normalize(features.global_embedding.float(), dim=-1),
+            {k: F.normalize(v.float(), dim=-1) for k, v in features.patch_tokens.items()},
+            features.grid,
+        )
+
+    def image_logits(self, embeddings: ImageEmbeddings, text: Tensor) -> Tensor:
+        """(B, 2) cosine similarities over the temperature: the global-loss logits."""
+        return embeddings.global_embedding @ text.T / self.config.temperature
+
+    def layer_probabilities(
+        self, embeddings: ImageEmbeddings, text: Tensor, size: tuple[int, int] | None = None
+    ) -> dict[int, Tensor]:
+        """Per layer (B, 2, H, W) [normal, abnormal] probabilities, upsampled to ``size``."""
+        size = size or (self.config.image_size, self.config.image_size)
+        return {
+            layer: upsample(
+                patch_probabilities(tokens, text, embeddings.grid, self.config.temperature), size
+            )
+            for layer, tokens in embeddings.patch_tokens.items()
+        }
+
+    def score(
+        self, embeddings: ImageEmbeddings, text: Tensor, keep_layer_maps: bool = False
+    ) -> AnomalyOutput:
+        """Image scores and pixel maps from embeddings.
+
+        The layer maps are summed at patch resolution and upsampled once: bilinear
+        interpolation is linear, so this equals upsampling every layer, at a fraction of
+        the cost.
+        """
+        size = (self.config.image_size, self.config.image_size)
+        scores = self.image_logits(embeddings, text).softmax(dim=-1)[:, 1]
+        coarse = {
+            layer: layer_map(
+                patch_probabilities(tokens, text, embeddings.grid, self.config.temperature)
+            )
+            for layer, tokens in embeddings.patch_tokens.items()
+        }
+        raw = upsample(torch.stack(list(coarse.values())).sum(dim=0), size)
+        layer_maps = {k: upsample(v, size) for k, v in coarse.items()} if keep_layer_maps else {}
+        return AnomalyOutput(scores, gaussian_smooth(raw, self.config.sigma), raw, layer_maps)
+
+    def forward(self, images: Tensor, keep_layer_maps: bool = False) -> AnomalyOutput:
+        with torch.no_grad():
+            return self.score(self.encode_image(images), self.text_features(), keep_layer_maps)
+
+    # convenience -------------------------------------------------------------------------
+
+    def predict(
+        self,
+        sources: Iterable[ImageSource],
+        batch_size: int = 8,
+        progress: bool = False,
+    ) -> list[AnomalyPrediction]:
+        """Score images given as paths, bytes, PIL images or arrays.
+
+        An unreadable image raises :class:`~anomalyclip.preprocess.ImageLoadError` naming it.
+        """
+        from tqdm.auto import tqdm
+
+        sources = list(sources)
+        results: list[AnomalyPrediction] = []
+        bar = tqdm(total=len(sources), desc="predict", unit="img", disable=not progress)
+        for start in range(0, len(sources), batch_size):
+            chunk = sources[start : start + batch_size]
+            images = [load_image(source) for source in chunk]
+            batch = torch.stack([image_to_tensor(im, self.config.image_size) for im in images])
+            output = self(batch.to(self.device))
+            maps = output.anomaly_maps.float().cpu().numpy()
+            for index, (source, image) in enumerate(zip(chunk, images, strict=True)):
+                results.append(
+                    AnomalyPrediction(
+                        source=describe(source),
+                        score=float(output.image_scores[index]),
+                        anomaly_map=maps[index],
+                        original_size=image.size,
+                        threshold=self.config.image_threshold,
+                    )
+                )
+            bar.update(len(chunk))
+        bar.close()
+        return results

@@ -1,0 +1,38 @@
+"""Small random models and files for tests: nothing is downloaded."""
+
+from __future__ import annotations
+
+import torch
+
+from anomalyclip.backbone.clip import CLIP, CLIPArchitecture
+
+
+def tiny_architecture(**overrides) -> CLIPArchitecture:
+    """A CLIP small enough for a test to run in well under a second."""
+    fields = dict(
+        embed_dim=32,
+        vision_width=64,
+        vision_layers=4,
+        vision_patch_size=8,
+        vision_grid=4,
+        vision_heads=2,
+        context_length=77,
+        vocab_size=49408,
+        text_width=64,
+        text_layers=4,
+        text_heads=2,
+    )
+    fields.update(overrides)
+    return CLIPArchitecture(**fields)
+
+
+def tiny_clip(seed: int = 0, **overrides) -> CLIP:
+    torch.manual_seed(seed)
+    model = CLIP(tiny_architecture(**overrides))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.02)
+            elif "ln" in name and name.endswith("weight"):
+                parameter.normal_(1, 0.05)
+    return model.eval()
