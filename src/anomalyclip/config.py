@@ -22,6 +22,9 @@ class AnomalyCLIPConfig:
     authors' code and checkpoints do; "clip" is the standard CLIP head.
     prompt_mode: "agnostic" (the word "object") or "aware" (``object_name`` is the class).
     prompt_depth: text layers reached by prompts (deep prompts go into layers 1..depth-1).
+    text_prompts: "learned" (AnomalyCLIP) or a hand-written baseline from
+    :mod:`anomalyclip.baselines` ("plain": one normal/abnormal sentence pair as in plain
+    CLIP; "winclip": WinCLIP-style state words times templates).
     image_threshold / pixel_threshold: verdict thresholds set by calibration, or None.
     """
 
@@ -38,6 +41,7 @@ class AnomalyCLIPConfig:
     deep_prompt_length: int = 4
     normal_template: str = "{}"
     abnormal_template: str = "damaged {}"
+    text_prompts: str = "learned"
     temperature: float = 0.07
     sigma: float = 4.0
     image_threshold: float | None = None

@@ -152,6 +152,10 @@ class AnomalyCLIP(nn.Module):
 
     def compute_text_features(self, object_name: str | None = None) -> Tensor:
         """(2, E) L2-normalised [normal, abnormal] features from the prompts, with gradients."""
+        if self.config.text_prompts != "learned":
+            from anomalyclip.baselines import handcrafted_text_features
+
+            return handcrafted_text_features(self.clip, self.config, object_name)
         static = None
         if object_name is not None and object_name != self.prompt_learner.object_name:
             if self.config.prompt_mode == "agnostic":
