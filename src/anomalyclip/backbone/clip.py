@@ -231,7 +231,8 @@ class VisionTransformer(nn.Module):
         patch_part = patch_part.reshape(weights.shape[1], grid_h * grid_w).T.to(weights.dtype)
         resized = torch.cat([weights[:1], patch_part])
         if not weights.requires_grad:
-            self._resized_positions = {key: resized.detach()}
+            resized = resized.detach()
+            self._resized_positions = {key: resized}
         return resized
 
     def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:

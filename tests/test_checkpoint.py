@@ -1,0 +1,111 @@
+"""Prompt checkpoints: the authors' layout, ours, and refusals that say what differs."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from anomalyclip.checkpoint import apply_prompt_state, config_for, read_checkpoint, save_checkpoint
+from anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.model import AnomalyCLIP
+from tests.factories import tiny_clip
+
+SMALL = dict(
+    image_size=32, features=(2, 4), dpam_layers=3, n_ctx=5, prompt_depth=3, deep_prompt_length=2
+)
+
+
+def test_authors_checkpoint_shapes_are_inferred(reference_dir):
+    checkpoint = read_checkpoint(reference_dir / "prompt_learner_checkpoint.pth")
+    assert checkpoint.layout == "authors"
+    config = config_for(checkpoint, AnomalyCLIPConfig(n_ctx=1, prompt_depth=1))
+    assert (config.n_ctx, config.prompt_depth, config.deep_prompt_length) == (12, 9, 4)
+
+
+def test_own_checkpoint_round_trip_restores_configuration(tmp_path):
+    model = AnomalyCLIP(tiny_clip(), AnomalyCLIPConfig(**SMALL, sigma=2.5))
+    with torch.no_grad():
+        model.prompt_learner.ctx_neg.normal_()
+    path = save_checkpoint(tmp_path / "prompts.pt", model, extra={"epoch": 3})
+    checkpoint = read_checkpoint(path)
+    assert checkpoint.layout == "anomalyclip"
+    assert checkpoint.config == model.config
+    assert checkpoint.extra == {"epoch": 3}
+    assert checkpoint.backbone["architecture"] == model.clip.arch.to_dict()
+    restored = AnomalyCLIP(tiny_clip(), checkpoint.config)
+    apply_prompt_state(restored, checkpoint)
+    torch.testing.assert_close(restored.prompt_learner.ctx_neg, model.prompt_learner.ctx_neg)
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_authors_layout_loads_back(tmp_path):
+    model = AnomalyCLIP(tiny_clip(), AnomalyCLIPConfig(**SMALL))
+    path = save_checkpoint(tmp_path / "epoch_15.pth", model, layout="authors")
+    raw = torch.load(path, weights_only=True)
+    assert raw["prompt_learner"]["compound_prompt_projections.0.weight"].shape == (896, 64)
+    restored = AnomalyCLIP(
+        tiny_clip(),
+        config_for(
+            read_checkpoint(path), AnomalyCLIPConfig(image_size=32, features=(2, 4), dpam_layers=3)
+        ),
+    )
+    apply_prompt_state(restored, read_checkpoint(path))
+    torch.testing.assert_close(restored.prompt_learner.ctx_pos, model.prompt_learner.ctx_pos)
+
+
+def test_checkpoint_for_another_backbone_is_refused(tmp_path):
+    model = AnomalyCLIP(tiny_clip(), AnomalyCLIPConfig(**SMALL))
+    path = save_checkpoint(tmp_path / "prompts.pt", model)
+    other = AnomalyCLIP(tiny_clip(vision_layers=5), AnomalyCLIPConfig(**SMALL))
+    with pytest.raises(ValueError, match="vision_layers: checkpoint 4 vs backbone 5"):
+        apply_prompt_state(other, read_checkpoint(path))
+    authors = save_checkpoint(tmp_path / "authors.pth", model, layout="authors")
+    reseeded = AnomalyCLIP(tiny_clip(seed=9), AnomalyCLIPConfig(**SMALL))
+    with pytest.raises(ValueError, match="another CLIP backbone"):
+        apply_prompt_state(reseeded, read_checkpoint(authors))
+
+
+def test_shape_mismatch_names_both_shapes(tmp_path):
+    model = AnomalyCLIP(tiny_clip(), AnomalyCLIPConfig(**SMALL))
+    path = save_checkpoint(tmp_path / "a.pth", model, layout="authors")
+    other = AnomalyCLIP(tiny_clip(), AnomalyCLIPConfig(**{**SMALL, "n_ctx": 6}))
+    with pytest.raises(ValueError, match="n_ctx=5.*n_ctx=6"):
+        apply_prompt_state(other, read_checkpoint(path))
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_pickled_code_is_never_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pth"
+    with path.open("wb") as handle:
+        pickle.dump({"prompt_learner": _Exploit()}, handle)
+    with pytest.raises(ValueError, match="refusing to load"):
+        read_checkpoint(path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "not a readable PyTorch checkpoint"), (b"garbage", "not a readable")],
+)
+def test_unreadable_files_are_named(tmp_path, content, message):
+    path = tmp_path / "bad.pth"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as error:
+        read_checkpoint(path)
+    assert str(path) in str(error.value)
+
+
+def test_wrong_content_is_explained(tmp_path):
+    path = tmp_path / "state.pth"
+    torch.save({"model": {"w": torch.zeros(1)}}, path)
+    with pytest.raises(ValueError, match="not an AnomalyCLIP prompt checkpoint.*model"):
+        read_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        read_checkpoint(tmp_path / "missing.pth")
