@@ -1,0 +1,143 @@
+"""Whatever cameras and archives hold: each image works correctly or fails naming the file."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from anomalyclip.preprocess import ImageLoadError, image_to_tensor, load_image, load_mask_array
+
+
+def png_bytes(image: Image.Image, format: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("empty.png", b"", "empty"),
+        ("text.jpg", b"this is not an image at all", "not a recognised image"),
+        ("truncated.png", None, "corrupt or truncated"),
+        ("html.png", b"<html><body>404</body></html>", "not a recognised image"),
+    ],
+)
+def test_unreadable_files_name_the_file(tmp_path, name, content, reason):
+    if content is None:
+        content = png_bytes(Image.new("RGB", (64, 64), (10, 200, 30)))[:60]
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ImageLoadError, match=reason) as error:
+        load_image(path)
+    assert str(path) in str(error.value)
+    assert error.value.source == str(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageLoadError, match="no such file"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_decompression_bomb_refused_before_decoding(tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_bytes(Image.new("L", (3000, 3000))))
+    with pytest.raises(ImageLoadError, match="exceeds the limit"):
+        load_image(path, max_pixels=1_000_000)
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    ramp = (np.arange(256, dtype=np.uint16) * 257).reshape(16, 16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(path)
+    array = np.asarray(load_image(path))
+    assert array.shape == (16, 16, 3)
+    np.testing.assert_array_equal(array[..., 0].ravel(), np.arange(256))
+
+
+def test_float_tiff_is_scaled(tmp_path):
+    values = np.linspace(-3.0, 5.0, 64, dtype=np.float32).reshape(8, 8)
+    path = tmp_path / "float.tif"
+    Image.fromarray(values, mode="F").save(path)
+    array = np.asarray(load_image(path))[..., 0]
+    assert array.min() == 0 and array.max() == 255
+    assert np.all(np.diff(array.ravel().astype(int)) >= 0)
+
+
+def test_cmyk_jpeg_palette_and_rgba(tmp_path):
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (20, 10), (0, 255, 255, 0)).save(cmyk)
+    red = np.asarray(load_image(cmyk))
+    assert red.shape == (10, 20, 3) and red[..., 0].mean() > 200 and red[..., 1].mean() < 60
+
+    palette = tmp_path / "palette.png"
+    Image.new("RGB", (8, 8), (0, 0, 255)).convert("P").save(palette)
+    assert tuple(np.asarray(load_image(palette))[0, 0]) == (0, 0, 255)
+
+    rgba = tmp_path / "rgba.png"
+    Image.new("RGBA", (8, 8), (255, 255, 255, 0)).save(rgba)
+    assert tuple(np.asarray(load_image(rgba))[0, 0]) == (0, 0, 0)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (40, 20), (0, 0, 0))
+    image.paste((255, 0, 0), (0, 0, 10, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif.tobytes(), quality=95)
+    loaded = load_image(path)
+    assert loaded.size == (20, 40)
+    assert np.asarray(loaded)[:10, :, 0].mean() > 200
+
+
+def test_tiny_and_large_images(tmp_path):
+    one = tmp_path / "one.png"
+    Image.new("L", (1, 1), 128).save(one)
+    assert image_to_tensor(load_image(one), 32).shape == (3, 32, 32)
+    large = tmp_path / "large.png"
+    Image.new("RGB", (4000, 3000), (9, 9, 9)).save(large)
+    assert load_image(large).size == (4000, 3000)
+
+
+def test_arrays_of_every_layout():
+    assert load_image(np.zeros((5, 7), np.uint8)).size == (7, 5)
+    assert load_image(np.zeros((3, 5, 7), np.float32)).size == (7, 5)
+    assert load_image(np.full((5, 7, 1), 2000, np.uint16)).size == (7, 5)
+    with pytest.raises(ImageLoadError, match="not an image"):
+        load_image(np.zeros((2, 3, 4, 5)))
+
+
+def test_mask_of_any_mode(tmp_path):
+    path = tmp_path / "mask.png"
+    Image.fromarray((np.eye(4) * 65535).astype(np.uint16)).save(path)
+    np.testing.assert_array_equal(load_mask_array(path), np.eye(4, dtype=bool))
+    with pytest.raises(ImageLoadError, match="mask file not found"):
+        load_mask_array(tmp_path / "absent.png")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=2048))
+def test_fuzzed_bytes_never_escape_as_other_errors(content):
+    try:
+        image = load_image(content)
+    except ImageLoadError as error:
+        assert error.reason
+    else:
+        assert image.mode == "RGB"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 200), st.sampled_from(["PNG", "JPEG", "BMP", "TIFF"]))
+def test_truncated_real_files_fail_cleanly(cut, format):
+    content = png_bytes(Image.new("RGB", (32, 32), (1, 2, 3)), format=format)
+    try:
+        image = load_image(content[:cut])
+    except ImageLoadError:
+        return
+    assert image.size == (32, 32)
