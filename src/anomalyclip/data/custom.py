@@ -1,0 +1,220 @@
+"""Users' own data: a folder per label, or a CSV manifest.
+
+Folder dataset::
+
+    root/good/*.png             normal images (``normal=``)
+    root/scratch/*.png          one folder per defect type (``anomalous=``, default: the rest)
+    root/masks/scratch/a_mask.png   optional masks (``masks=``), matched by stem plus
+    root/masks/a_mask.png           ``mask_suffix``, in a per-defect sub-folder or not
+
+CSV manifest (header required; paths relative to the CSV file, or absolute)::
+
+    image,label,mask,category,defect
+    good/001.png,0,,bottle,
+    bad/002.png,1,masks/002.png,bottle,scratch
+
+``label`` is 0/1 or a word (normal, good, ok / anomalous, anomaly, abnormal, bad,
+defect, ng); ``mask``, ``category`` and ``defect`` may be left out. Masks make the
+dataset pixel-level.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from anomalyclip.data.core import (
+    NORMAL_DEFECT,
+    UNKNOWN_DEFECT,
+    AnomalyDataset,
+    DatasetError,
+    MaskIndex,
+    Sample,
+    find_child,
+    list_dirs,
+    list_images,
+)
+
+MASK_DIR_NAMES = ("masks", "mask", "ground_truth", "groundtruth", "gt")
+NORMAL_LABELS = frozenset({"0", "normal", "good", "ok", "false", "negative"})
+ANOMALOUS_LABELS = frozenset(
+    {"1", "anomalous", "anomaly", "abnormal", "bad", "defect", "defective", "ng", "true"}
+)
+MANIFEST_COLUMNS = ("image", "label", "mask", "category", "defect")
+
+
+def parse_label(value: str) -> int | None:
+    """0 or 1 from a manifest's label cell; None when it is neither."""
+    word = value.strip().lower()
+    if word in NORMAL_LABELS:
+        return 0
+    if word in ANOMALOUS_LABELS:
+        return 1
+    return None
+
+
+def find_mask_dir(root: Path) -> Path | None:
+    """The conventional mask folder of ``root`` (``masks/``, ``ground_truth/``, ...)."""
+    for name in MASK_DIR_NAMES:
+        folder = find_child(root, name)
+        if folder is not None and folder.is_dir():
+            return folder
+    return None
+
+
+def read_folder(
+    root: str | Path,
+    *,
+    normal: str | Path | None = "good",
+    anomalous: Sequence[str | Path] | None = None,
+    masks: str | Path | None = None,
+    mask_suffix: str = "_mask",
+    category: str | None = None,
+    name: str = "folder",
+    split: str = "test",
+    allow_missing_masks: bool = False,
+    verify: bool = False,
+) -> AnomalyDataset:
+    """Images sorted into a normal folder and anomalous folders; one category.
+
+    Folders are relative to ``root`` unless absolute. ``anomalous`` defaults to every
+    other sub-folder of ``root`` except mask folders. A mask for ``scratch/a.png`` is
+    ``<masks>/scratch/a<mask_suffix>.*`` or ``<masks>/a<mask_suffix>.*`` (an image
+    extension, any case), falling back to the bare stem ``a.*``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder")
+    normal_dir = root / normal if normal is not None else None
+    mask_dir = root / masks if masks is not None else None
+    if anomalous is None:
+        skip = {normal_dir, mask_dir}
+        anomalous_dirs = [
+            d for d in list_dirs(root) if d not in skip and d.name.lower() not in MASK_DIR_NAMES
+        ]
+    else:
+        anomalous_dirs = [root / folder for folder in anomalous]
+    missing = [
+        d for d in [normal_dir, mask_dir, *anomalous_dirs] if d is not None and not d.is_dir()
+    ]
+    if missing:
+        raise DatasetError(f"{root}: folder(s) not found: {', '.join(map(str, missing))}")
+    if not anomalous_dirs and normal_dir is None:
+        raise DatasetError(f"{root}: no image folders given")
+    category = category or root.name
+    suffixes = (mask_suffix, "") if mask_suffix else ("",)
+    samples = []
+    if normal_dir is not None:
+        samples.extend(
+            Sample(image=image, label=0, category=category) for image in list_images(normal_dir)
+        )
+    for folder in anomalous_dirs:
+        indexes = []
+        if mask_dir is not None:
+            indexes = [MaskIndex(d) for d in (mask_dir / folder.name, mask_dir) if d.is_dir()]
+        for image in list_images(folder):
+            mask = next(
+                (m for m in (index.find(image.stem, suffixes) for index in indexes) if m), None
+            )
+            samples.append(
+                Sample(image=image, label=1, mask=mask, category=category, defect=folder.name)
+            )
+    return AnomalyDataset.create(
+        name,
+        root,
+        split,
+        samples,
+        pixel_level=mask_dir is not None,
+        categories=[category],
+        allow_missing_masks=allow_missing_masks,
+        verify=verify,
+    )
+
+
+def read_csv_manifest(
+    path: str | Path,
+    *,
+    name: str = "csv",
+    split: str = "test",
+    category: str | None = None,
+    allow_missing_masks: bool = False,
+    verify: bool = False,
+) -> AnomalyDataset:
+    """A CSV of ``image,label[,mask][,category][,defect]`` rows.
+
+    Rows without a category get ``category`` (default: the CSV's file stem). Every bad
+    row is reported, by line number, in one :class:`DatasetError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: manifest not found")
+    base = path.parent
+    default_category = category or path.stem
+    samples = []
+    problems = []
+    first_line: dict[str, int] = {}
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = [cell.strip().lower() for cell in next(reader, [])]
+        missing = [column for column in ("image", "label") if column not in header]
+        if missing:
+            raise DatasetError(
+                f"{path}: header must name the columns image and label (optionally mask, "
+                f"category, defect); missing {', '.join(missing)}, got {','.join(header)}"
+            )
+        column = {name: header.index(name) for name in MANIFEST_COLUMNS if name in header}
+        for line, row in enumerate(reader, start=2):
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) < len(header):
+                row = row + [""] * (len(header) - len(row))
+            if len(row) > len(header):
+                problems.append(f"{path}, line {line}: {len(row)} cells, header has {len(header)}")
+                continue
+            cells = {name: row[index].strip() for name, index in column.items()}
+            label = parse_label(cells["label"])
+            if label is None:
+                problems.append(
+                    f"{path}, line {line}: label {cells['label']!r} is not 0/1 or normal/anomalous"
+                )
+                continue
+            if not cells["image"]:
+                problems.append(f"{path}, line {line}: empty image path")
+                continue
+            image = base / cells["image"]
+            if not image.is_file():
+                problems.append(f"{path}, line {line}: image {image} not found")
+                continue
+            key = os.path.normcase(os.path.abspath(image))
+            if key in first_line:
+                problems.append(
+                    f"{path}, line {line}: image {image} already listed on line {first_line[key]}"
+                )
+                continue
+            first_line[key] = line
+            mask = base / cells["mask"] if cells.get("mask") else None
+            if mask is not None and not mask.is_file():
+                problems.append(f"{path}, line {line}: mask {mask} not found")
+                continue
+            defect = cells.get("defect") or (UNKNOWN_DEFECT if label else NORMAL_DEFECT)
+            samples.append(
+                Sample(
+                    image=image,
+                    label=label,
+                    mask=mask,
+                    category=cells.get("category") or default_category,
+                    defect=defect if label else NORMAL_DEFECT,
+                )
+            )
+    return AnomalyDataset.create(
+        name,
+        base,
+        split,
+        samples,
+        pixel_level=any(sample.mask is not None for sample in samples),
+        allow_missing_masks=allow_missing_masks,
+        verify=verify,
+        problems=problems,
+    )

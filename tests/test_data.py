@@ -1,0 +1,654 @@
+"""Dataset readers on small trees built here in each publisher's layout, and their checks."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from anomalyclip.data import (
+    AnomalyDataset,
+    AnomalyTorchDataset,
+    DatasetError,
+    Sample,
+    detect_layout,
+    open_dataset,
+    read_br35h,
+    read_brainmri,
+    read_btad,
+    read_covid19,
+    read_csv_manifest,
+    read_cvc_clinicdb,
+    read_dagm,
+    read_dtd_synthetic,
+    read_folder,
+    read_headct,
+    read_isic2016,
+    read_ksdd,
+    read_kvasir,
+    read_meta_json,
+    read_mpdd,
+    read_mvtec,
+    read_tn3k,
+    read_visa,
+    write_meta_json,
+)
+
+
+def image(path: Path, value: int = 128, size: int = 8) -> Path:
+    """A tiny grey image; the format follows the extension (PNG, JPEG, BMP)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".png": "PNG"}[path.suffix.lower()]
+    Image.new("L", (size, size), value).save(path, format=fmt)
+    return path
+
+
+def mask(path: Path, marked: bool = True, size: int = 8) -> Path:
+    """A binary mask: the left half marked (255), or nothing marked."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.zeros((size, size), np.uint8)
+    if marked:
+        array[:, : size // 2] = 255
+    fmt = {".png": "PNG", ".bmp": "BMP", ".jpg": "JPEG"}[path.suffix.lower()]
+    Image.fromarray(array).save(path, format=fmt)
+    return path
+
+
+# Trees in the published layouts -------------------------------------------------------
+
+
+def build_mvtec(root: Path) -> Path:
+    """Two categories; bottle has an upper-case .JPG and a hidden macOS file."""
+    for category in ("bottle", "cable"):
+        base = root / category
+        for i in range(2):
+            image(base / "train" / "good" / f"{i:03d}.png")
+            image(base / "test" / "good" / f"{i:03d}.png")
+        for i in range(2):
+            image(base / "test" / "broken" / f"{i:03d}.png", 200)
+            mask(base / "ground_truth" / "broken" / f"{i:03d}_mask.png")
+    image(root / "bottle" / "test" / "broken" / "002.JPG", 200)
+    mask(root / "bottle" / "ground_truth" / "broken" / "002_mask.png")
+    (root / "bottle" / "test" / "good" / "._000.png").write_bytes(b"resource fork")
+    (root / "bottle" / "test" / "good" / ".DS_Store").write_bytes(b"x")
+    (root / "bottle" / "license.txt").write_text("CC BY-NC-SA 4.0")
+    return root
+
+
+def build_btad(root: Path) -> Path:
+    base = root / "01"
+    image(base / "train" / "ok" / "0000.bmp")
+    image(base / "test" / "ok" / "0000.bmp")
+    image(base / "test" / "ko" / "0000.bmp", 200)
+    mask(base / "ground_truth" / "ko" / "0000.png")
+    return root
+
+
+def build_visa(root: Path) -> Path:
+    rows = ["object,split,label,image,mask"]
+    for category in ("candle", "pcb1"):
+        for i, split in enumerate(["train", "train", "test"]):
+            path = f"{category}/Data/Images/Normal/{i:04d}.JPG"
+            image(root / path)
+            rows.append(f"{category},{split},normal,{path},")
+        path = f"{category}/Data/Images/Anomaly/000.JPG"
+        mask_path = f"{category}/Data/Masks/Anomaly/000.png"
+        image(root / path, 200)
+        mask(root / mask_path)
+        rows.append(f"{category},test,anomaly,{path},{mask_path}")
+    (root / "split_csv").mkdir(parents=True)
+    (root / "split_csv" / "1cls.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def build_ksdd(root: Path) -> Path:
+    for part in ("kos01", "kos02"):
+        image(root / part / "Part0.jpg")
+        mask(root / part / "Part0_label.bmp", marked=False)
+        image(root / part / "Part1.jpg")
+        mask(root / part / "Part1_label.bmp", marked=part == "kos01")
+    return root
+
+
+def build_ksdd2(root: Path) -> Path:
+    image(root / "test" / "10000.png")
+    mask(root / "test" / "10000_GT.png", marked=False)
+    image(root / "test" / "10001.png")
+    mask(root / "test" / "10001_GT.png")
+    return root
+
+
+def build_dagm(root: Path) -> Path:
+    for category in ("Class1", "Class2"):
+        for split in ("Train", "Test"):
+            base = root / category / split
+            for i in range(1, 4):
+                image(base / f"{i:04d}.PNG")
+            mask(base / "Label" / "0002_label.PNG")
+            (base / "Label" / "Labels.txt").write_text("1\n2\t1\t0002.PNG\t0\t0002_label.PNG\n")
+    return root
+
+
+def build_headct(root: Path) -> Path:
+    lines = ["id, hemorrhage"]
+    for i in range(4):
+        image(root / "head_ct" / "head_ct" / f"{i:03d}.png")
+        lines.append(f"{i},{int(i < 2)}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def build_brainmri(root: Path) -> Path:
+    base = root / "brain_tumor_dataset"
+    image(base / "no" / "1 no.jpeg")
+    image(base / "no" / "N1.JPG")
+    image(base / "yes" / "Y1.jpg")
+    return root
+
+
+def build_br35h(root: Path) -> Path:
+    image(root / "no" / "no0.jpg")
+    image(root / "yes" / "y0.jpg")
+    image(root / "yes" / "y1.jpg")
+    image(root / "pred" / "pred0.jpg")
+    return root
+
+
+def build_covid(root: Path) -> Path:
+    for name, count in (("Normal", 2), ("COVID", 1), ("Viral Pneumonia", 1)):
+        for i in range(count):
+            image(root / name / "images" / f"{name}-{i}.png")
+            mask(root / name / "masks" / f"{name}-{i}.png")
+    return root
+
+
+def build_isic(root: Path) -> Path:
+    for stem in ("ISIC_0000003", "ISIC_0000012"):
+        image(root / "ISBI2016_ISIC_Part1_Test_Data" / f"{stem}.jpg")
+        mask(root / "ISBI2016_ISIC_Part1_Test_GroundTruth" / f"{stem}_Segmentation.png")
+    return root
+
+
+def build_clinicdb(root: Path) -> Path:
+    for i in (1, 2):
+        image(root / "PNG" / "Original" / f"{i}.png")
+        mask(root / "PNG" / "Ground Truth" / f"{i}.png")
+    return root
+
+
+def build_kvasir(root: Path) -> Path:
+    for stem in ("cju0qkwl35piu0993l0dewei2", "cju0qoxqj9q6s0835b43399p4"):
+        image(root / "images" / f"{stem}.jpg")
+        mask(root / "masks" / f"{stem}.jpg")
+    return root
+
+
+def build_tn3k(root: Path) -> Path:
+    for i in range(3):
+        image(root / "test-image" / f"{i:04d}.jpg")
+        mask(root / "test-mask" / f"{i:04d}.jpg")
+    image(root / "trainval-image" / "0000.jpg")
+    mask(root / "trainval-mask" / "0000.jpg")
+    return root
+
+
+def build_folder(root: Path) -> Path:
+    image(root / "good" / "a.png")
+    image(root / "good" / "b.png")
+    image(root / "scratch" / "c.png", 200)
+    image(root / "dent" / "d.png", 200)
+    mask(root / "masks" / "scratch" / "c_mask.png")
+    mask(root / "masks" / "d_mask.png")
+    return root
+
+
+# Readers ------------------------------------------------------------------------------
+
+
+def test_mvtec_reads_categories_defects_and_masks_by_stem(tmp_path):
+    root = build_mvtec(tmp_path / "mvtec")
+    dataset = read_mvtec(root)
+    assert dataset.categories == ("bottle", "cable")
+    assert dataset.counts() == {"bottle": (2, 3), "cable": (2, 2)}
+    assert dataset.pixel_level and dataset.has_masks and dataset.warnings == ()
+    upper = next(s for s in dataset if s.image.name == "002.JPG")
+    assert upper == Sample(
+        image=root / "bottle/test/broken/002.JPG",
+        label=1,
+        mask=root / "bottle/ground_truth/broken/002_mask.png",
+        category="bottle",
+        defect="broken",
+    )
+    normal = dataset.by_category()["cable"][0]
+    assert (normal.label, normal.mask, normal.defect) == (0, None, "good")
+    assert not any(s.image.name.startswith(".") for s in dataset)
+
+    train = read_mvtec(root, "train")
+    assert (len(train), set(train.labels), train.warnings) == (4, {0}, ())
+    assert read_mvtec(root, categories=["cable"]).categories == ("cable",)
+    with pytest.raises(DatasetError, match="no category 'wood'; found bottle, cable"):
+        read_mvtec(root, categories=["wood"])
+
+
+def test_mvtec_single_category_folder_is_a_dataset_of_one_category(tmp_path):
+    root = build_mvtec(tmp_path / "mvtec")
+    dataset = read_mvtec(root / "cable")
+    assert (dataset.categories, len(dataset)) == (("cable",), 4)
+
+
+def test_mvtec_anomalous_image_without_mask_is_an_error_unless_allowed(tmp_path, caplog):
+    root = build_mvtec(tmp_path / "mvtec")
+    (root / "cable/ground_truth/broken/001_mask.png").unlink()
+    orphan = root / "cable/test/broken/001.png"
+    with pytest.raises(DatasetError, match="anomalous image has no mask") as error:
+        read_mvtec(root)
+    assert str(orphan) in str(error.value) and "allow_missing_masks=True" in str(error.value)
+
+    with caplog.at_level(logging.WARNING):
+        dataset = read_mvtec(root, allow_missing_masks=True)
+    assert "1 anomalous images have no mask" in dataset.warnings[0]
+    assert "no mask" in caplog.text
+    sample = next(s for s in dataset if s.image == orphan)
+    assert (sample.label, sample.mask, dataset.has_pixel_truth(sample)) == (1, None, False)
+    assert dataset.has_pixel_truth(dataset.by_category()["cable"][0])
+
+
+def test_empty_category_is_an_error_and_one_label_category_a_warning(tmp_path):
+    root = build_mvtec(tmp_path / "mvtec")
+    (root / "wood" / "test" / "good").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="category 'wood' has no images"):
+        read_mvtec(root)
+    image(root / "wood" / "test" / "good" / "000.png")
+    dataset = read_mvtec(root)
+    assert dataset.warnings == (
+        "category 'wood' has only normal images: image-level AUROC and AP are undefined for it",
+    )
+
+
+def test_mpdd_dtd_and_btad_use_the_mvtec_layout(tmp_path):
+    root = build_mvtec(tmp_path / "mvtec")
+    assert read_mpdd(root).name == "mpdd"
+    assert read_dtd_synthetic(root).counts() == read_mvtec(root).counts()
+    btad = read_btad(build_btad(tmp_path / "btad"))
+    assert btad.counts() == {"01": (1, 1)}
+    anomalous = next(s for s in btad if s.label)
+    assert (anomalous.image.suffix, anomalous.mask.name, anomalous.defect) == (
+        ".bmp",
+        "0000.png",
+        "ko",
+    )
+
+
+def test_visa_reads_its_split_csv(tmp_path):
+    root = build_visa(tmp_path / "visa")
+    test = read_visa(root)
+    assert test.counts() == {"candle": (1, 1), "pcb1": (1, 1)}
+    anomalous = test.by_category()["pcb1"][1]
+    assert anomalous.mask == root / "pcb1/Data/Masks/Anomaly/000.png"
+    assert anomalous.defect == "anomaly"
+    assert read_visa(root, "train").counts() == {"candle": (2, 0), "pcb1": (2, 0)}
+    with pytest.raises(DatasetError, match="no rows of split 'val'; it has test, train"):
+        read_visa(root, "val")
+
+
+def test_visa_bad_label_names_the_line(tmp_path):
+    root = build_visa(tmp_path / "visa")
+    csv_path = root / "split_csv" / "1cls.csv"
+    lines = csv_path.read_text().splitlines()
+    lines[4] = lines[4].replace(",anomaly,", ",broken,")
+    csv_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(
+        DatasetError, match=r"1cls.csv, line 5: label 'broken' is not normal/anomaly"
+    ):
+        read_visa(root)
+
+
+def test_ksdd_labels_come_from_mask_content(tmp_path):
+    dataset = read_ksdd(build_ksdd(tmp_path / "ksdd"))
+    assert dataset.counts() == {"electrical_commutators": (3, 1)}
+    anomalous = next(s for s in dataset if s.label)
+    assert anomalous.image == tmp_path / "ksdd/kos01/Part1.jpg"
+    assert anomalous.mask == tmp_path / "ksdd/kos01/Part1_label.bmp"
+    ksdd2 = read_ksdd(build_ksdd2(tmp_path / "ksdd2"))
+    assert (ksdd2.name, ksdd2.labels) == ("ksdd2", [0, 1])
+    with pytest.raises(DatasetError, match="KolektorSDD has no 'train' split"):
+        read_ksdd(tmp_path / "ksdd", "train")
+
+
+def test_dagm_defective_images_are_those_with_a_label_mask(tmp_path):
+    root = build_dagm(tmp_path / "dagm")
+    dataset = read_dagm(root)
+    assert dataset.counts() == {"Class1": (2, 1), "Class2": (2, 1)}
+    anomalous = next(s for s in dataset if s.label)
+    assert anomalous.image == root / "Class1/Test/0002.PNG"
+    assert anomalous.mask == root / "Class1/Test/Label/0002_label.PNG"
+    assert read_dagm(root, "train").samples[1].image == root / "Class1/Train/0002.PNG"
+
+
+def test_headct_kaggle_labels_csv(tmp_path):
+    root = build_headct(tmp_path / "headct")
+    dataset = read_headct(root)
+    assert [(s.image.name, s.label) for s in dataset] == [
+        ("000.png", 1),
+        ("001.png", 1),
+        ("002.png", 0),
+        ("003.png", 0),
+    ]
+    assert (dataset.categories, dataset.pixel_level) == (("brain",), False)
+    with (root / "labels.csv").open("a") as handle:
+        handle.write("7,1\nx,1\n")
+    with pytest.raises(DatasetError) as error:
+        read_headct(root)
+    assert "labels.csv, line 6: no image numbered 7" in str(error.value)
+    assert "labels.csv, line 7: expected 'id,0|1'" in str(error.value)
+
+
+def test_brain_datasets_read_no_and_yes_folders(tmp_path):
+    brainmri = read_brainmri(build_brainmri(tmp_path / "brainmri"))
+    assert [(s.image.name, s.label) for s in brainmri] == [
+        ("1 no.jpeg", 0),
+        ("N1.JPG", 0),
+        ("Y1.jpg", 1),
+    ]
+    br35h = read_br35h(build_br35h(tmp_path / "br35h"))
+    assert br35h.counts() == {"brain": (1, 2)}
+    assert not any("pred" in s.image.name for s in br35h)
+
+
+def test_covid_normal_against_the_other_classes(tmp_path):
+    root = build_covid(tmp_path / "covid")
+    dataset = read_covid19(root)
+    assert dataset.counts() == {"chest": (2, 2)}
+    assert {s.defect for s in dataset if s.label} == {"COVID", "Viral Pneumonia"}
+    assert all(s.image.parent.name == "images" and s.mask is None for s in dataset)
+    assert read_covid19(root, anomalous_classes=["COVID"]).counts() == {"chest": (2, 1)}
+
+
+def test_segmentation_sets_hold_anomalous_images_with_masks(tmp_path):
+    isic = read_isic2016(build_isic(tmp_path / "isic"))
+    assert isic.samples[0].mask.name == "ISIC_0000003_Segmentation.png"
+    assert isic.counts() == {"skin": (0, 2)}
+    assert isic.warnings == (
+        "category 'skin' has only anomalous images: image-level AUROC and AP are undefined for it",
+    )
+    clinic = read_cvc_clinicdb(build_clinicdb(tmp_path / "clinicdb"))
+    assert [(s.image.name, s.mask.parent.name) for s in clinic] == [
+        ("1.png", "Ground Truth"),
+        ("2.png", "Ground Truth"),
+    ]
+    kvasir = read_kvasir(build_kvasir(tmp_path / "kvasir"))
+    assert (kvasir.categories, len(kvasir), kvasir.has_masks) == (("colon",), 2, True)
+    tn3k = build_tn3k(tmp_path / "tn3k")
+    assert [s.mask.name for s in read_tn3k(tn3k)] == ["0000.jpg", "0001.jpg", "0002.jpg"]
+    assert len(read_tn3k(tn3k, "train")) == 1
+
+
+def test_folder_dataset_matches_masks_by_stem_and_suffix(tmp_path):
+    root = build_folder(tmp_path / "parts")
+    dataset = read_folder(root, masks="masks")
+    assert dataset.categories == ("parts",)
+    assert [(s.image.name, s.label, s.defect, s.mask and s.mask.name) for s in dataset] == [
+        ("a.png", 0, "good", None),
+        ("b.png", 0, "good", None),
+        ("d.png", 1, "dent", "d_mask.png"),
+        ("c.png", 1, "scratch", "c_mask.png"),
+    ]
+    (root / "masks" / "d_mask.png").rename(root / "masks" / "d_gt.png")
+    (root / "masks" / "scratch" / "c_mask.png").rename(root / "masks" / "scratch" / "c_gt.png")
+    assert read_folder(root, masks="masks", mask_suffix="_gt").samples[2].mask.name == "d_gt.png"
+    image_level = read_folder(root, anomalous=["scratch"])
+    assert (image_level.pixel_level, image_level.counts()) == (False, {"parts": (2, 1)})
+    with pytest.raises(DatasetError, match="folder.s. not found: .*missing"):
+        read_folder(root, anomalous=["missing"])
+
+
+def test_csv_manifest_with_relative_paths_and_label_words(tmp_path):
+    root = build_folder(tmp_path / "parts")
+    manifest = root / "list.csv"
+    manifest.write_text(
+        "image,label,mask,category\n"
+        "good/a.png,normal,,tile\n"
+        "scratch/c.png,Anomalous,masks/scratch/c_mask.png,tile\n"
+        "\n"
+        "dent/d.png,1,masks/d_mask.png,\n"
+    )
+    dataset = read_csv_manifest(manifest)
+    assert [(s.image, s.label, s.category) for s in dataset] == [
+        (root / "good/a.png", 0, "tile"),
+        (root / "scratch/c.png", 1, "tile"),
+        (root / "dent/d.png", 1, "list"),
+    ]
+    assert dataset.pixel_level and dataset.samples[1].mask == root / "masks/scratch/c_mask.png"
+
+
+def test_csv_manifest_reports_every_bad_row_by_line(tmp_path):
+    root = build_folder(tmp_path / "parts")
+    manifest = root / "list.csv"
+    manifest.write_text(
+        "image,label\n"
+        "good/a.png,0\n"
+        "good/b.png,maybe\n"
+        "good/zzz.png,0\n"
+        "good/a.png,0\n"
+        ",1\n"
+        "good/b.png,0,extra\n"
+    )
+    with pytest.raises(DatasetError) as error:
+        read_csv_manifest(manifest)
+    message = str(error.value)
+    assert "5 problems" in message
+    assert "list.csv, line 3: label 'maybe' is not 0/1 or normal/anomalous" in message
+    assert f"list.csv, line 4: image {root / 'good/zzz.png'} not found" in message
+    assert "list.csv, line 5: image" in message and "already listed on line 2" in message
+    assert "list.csv, line 6: empty image path" in message
+    assert "list.csv, line 7: 3 cells, header has 2" in message
+
+    manifest.write_text("path,label\ngood/a.png,0\n")
+    with pytest.raises(DatasetError, match="missing image, got path,label"):
+        read_csv_manifest(manifest)
+    manifest.write_text("image,label,mask\nscratch/c.png,1,masks/nothing.png\n")
+    with pytest.raises(DatasetError, match="line 2: mask .*nothing.png not found"):
+        read_csv_manifest(manifest)
+
+
+def test_meta_json_round_trip_in_the_original_format(tmp_path):
+    root = build_mvtec(tmp_path / "mvtec")
+    test, train = read_mvtec(root), read_mvtec(root, "train")
+    path = write_meta_json(root, {"test": test, "train": train})
+    meta = json.loads(path.read_text())
+    assert list(meta) == ["train", "test"]
+    assert meta["test"]["bottle"][2] == {
+        "img_path": "bottle/test/broken/000.png",
+        "mask_path": "bottle/ground_truth/broken/000_mask.png",
+        "cls_name": "bottle",
+        "specie_name": "broken",
+        "anomaly": 1,
+    }
+    assert meta["test"]["bottle"][0]["mask_path"] == ""
+    again = read_meta_json(root)
+    assert (again.samples, again.categories, again.pixel_level) == (
+        test.samples,
+        test.categories,
+        True,
+    )
+    assert read_meta_json(path, "train").samples == train.samples
+
+
+def test_meta_json_as_the_original_scripts_wrote_it(tmp_path):
+    """Absolute paths (medical scripts), 'Test' (DAGM script), folder mask_path (classification)."""
+    root = tmp_path / "data"
+    anomalous = image(root / "yes" / "y.png")
+    normal = image(root / "no" / "n.png")
+    meta = {
+        "Train": {},
+        "Test": {
+            "brain": [
+                {
+                    "img_path": str(normal),
+                    "mask_path": "",
+                    "cls_name": "brain",
+                    "specie_name": "no",
+                    "anomaly": 0,
+                },
+                {
+                    "img_path": str(anomalous),
+                    "mask_path": "",
+                    "cls_name": "brain",
+                    "specie_name": "yes",
+                    "anomaly": 1,
+                },
+            ]
+        },
+    }
+    (root / "meta.json").write_text(json.dumps(meta))
+    dataset = read_meta_json(root)
+    assert [(s.image, s.label, s.mask, s.defect) for s in dataset] == [
+        (normal, 0, None, "good"),
+        (anomalous, 1, None, "yes"),
+    ]
+    assert dataset.pixel_level is False
+    meta["Test"]["brain"][1]["mask_path"] = "yes"
+    (root / "meta.json").write_text(json.dumps(meta))
+    assert read_meta_json(root).samples[1].mask is None
+
+    meta["Test"]["brain"][1]["anomaly"] = 2
+    (root / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match=r"Test/brain\[1\]: anomaly must be 0 or 1, not 2"):
+        read_meta_json(root, "test")
+    with pytest.raises(DatasetError, match="no 'val' split; it has 'Train', 'Test'"):
+        read_meta_json(root, "val")
+    (root / "meta.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="meta.json: not valid JSON"):
+        read_meta_json(root)
+
+
+# Recognising layouts --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("build", "kind", "counts"),
+    [
+        (build_mvtec, "mvtec", {"bottle": (2, 3), "cable": (2, 2)}),
+        (build_btad, "btad", {"01": (1, 1)}),
+        (build_visa, "visa", {"candle": (1, 1), "pcb1": (1, 1)}),
+        (build_ksdd, "ksdd", {"electrical_commutators": (3, 1)}),
+        (build_ksdd2, "ksdd", {"electrical_commutators": (1, 1)}),
+        (build_dagm, "dagm", {"Class1": (2, 1), "Class2": (2, 1)}),
+        (build_headct, "headct", {"brain": (2, 2)}),
+        (build_brainmri, "brainmri", {"brain": (2, 1)}),
+        (build_br35h, "br35h", {"brain": (1, 2)}),
+        (build_covid, "covid19", {"chest": (2, 2)}),
+        (build_isic, "isic2016", {"skin": (0, 2)}),
+        (build_clinicdb, "segmentation", {"root": (0, 2)}),
+        (build_kvasir, "segmentation", {"root": (0, 2)}),
+        (build_tn3k, "tn3k", {"thyroid": (0, 3)}),
+        (build_folder, "folder", {"root": (2, 2)}),
+    ],
+)
+def test_open_dataset_recognises_each_layout(tmp_path, build, kind, counts):
+    root = build(tmp_path / "root")
+    assert detect_layout(root)[0] == kind
+    assert open_dataset(root).counts() == counts
+
+
+def test_open_dataset_prefers_meta_json_and_reads_files_and_named_kinds(tmp_path):
+    root = build_mvtec(tmp_path / "mvtec")
+    write_meta_json(root, {"test": read_mvtec(root, categories=["cable"])})
+    assert open_dataset(root).categories == ("cable",)
+    assert open_dataset(root / "meta.json").categories == ("cable",)
+    assert open_dataset(root, "mvtec").categories == ("bottle", "cable")
+    assert open_dataset(root, "MPDD", categories=["bottle"]).name == "mpdd"
+    folder = build_folder(tmp_path / "parts")
+    assert open_dataset(folder).has_masks
+    (folder / "list.csv").write_text("image,label\ngood/a.png,0\n")
+    assert len(open_dataset(folder / "list.csv")) == 1
+    with pytest.raises(DatasetError, match="unknown dataset kind 'imagenet'; known: mvtec, visa"):
+        open_dataset(root, "imagenet")
+
+
+def test_open_dataset_says_what_it_looked_for(tmp_path):
+    image(tmp_path / "photos" / "cat.png")
+    with pytest.raises(DatasetError) as error:
+        open_dataset(tmp_path / "photos")
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'photos'}: no known dataset layout. Looked for:")
+    for expected in ("meta.json", "split_csv/1cls.csv", "test/<defect>/", "good/", ".csv manifest"):
+        assert expected in message
+    with pytest.raises(DatasetError, match="no such file or folder"):
+        open_dataset(tmp_path / "absent")
+
+
+# Checks ---------------------------------------------------------------------------------
+
+
+def test_duplicates_missing_files_and_bad_labels_are_listed_together(tmp_path):
+    first = image(tmp_path / "a.png")
+    samples = [
+        Sample(first, 0, category="x"),
+        Sample(tmp_path / "." / "a.png", 1, mask=tmp_path / "a_mask.png", category="x"),
+        Sample(tmp_path / "b.png", 2, category="x"),
+    ]
+    with pytest.raises(DatasetError) as error:
+        AnomalyDataset.create("mine", tmp_path, "test", samples, pixel_level=True)
+    message = str(error.value)
+    assert message.startswith(f"mine dataset at {tmp_path} (test): 4 problems")
+    assert f"{first}: listed twice (samples 0 and 1)" in message
+    assert f"{tmp_path / 'a_mask.png'}: mask file not found (for image {first})" in message
+    assert f"{tmp_path / 'b.png'}: label must be 0 or 1, not 2" in message
+    assert f"{tmp_path / 'b.png'}: image file not found" in message
+
+
+def test_verify_decodes_images_and_masks_and_names_corrupt_files(tmp_path):
+    root = build_folder(tmp_path / "parts")
+    assert len(read_folder(root, masks="masks", verify=True)) == 4
+    (root / "good" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (root / "masks" / "d_mask.png").write_bytes(b"")
+    read_folder(root, masks="masks")  # without verify, files are only listed
+    with pytest.raises(DatasetError) as error:
+        read_folder(root, masks="masks", verify=True)
+    message = str(error.value)
+    assert "2 problems" in message
+    assert f"cannot read image {root / 'good/b.png'}" in message
+    assert f"cannot read image {root / 'masks/d_mask.png'}" in message
+
+
+def test_subset_and_summary(tmp_path):
+    dataset = read_mvtec(build_mvtec(tmp_path / "mvtec"))
+    assert (
+        dataset.summary()
+        == "mvtec (test, pixel-level): 2 categories, 4 normal / 5 anomalous images"
+    )
+    cable = dataset.subset(["cable"])
+    assert (cable.categories, len(cable)) == (("cable",), 4)
+    with pytest.raises(DatasetError, match="no category 'wood'; it has bottle, cable"):
+        dataset.subset(["wood"])
+
+
+# Torch wrapper --------------------------------------------------------------------------
+
+
+def test_torch_dataset_yields_image_mask_label_index(tmp_path):
+    dataset = read_folder(build_folder(tmp_path / "parts"), masks="masks")
+    wrapped = AnomalyTorchDataset(dataset, image_size=16)
+    image_tensor, mask_tensor, label, index = wrapped[3]
+    assert image_tensor.shape == (3, 16, 16) and image_tensor.dtype == torch.float32
+    assert (label, index) == (1, 3)
+    expected = torch.zeros(16, 16)
+    expected[:, :8] = 1
+    assert torch.equal(mask_tensor, expected)
+    images, masks, labels, indices = next(iter(DataLoader(wrapped, batch_size=4)))
+    assert images.shape == (4, 3, 16, 16) and masks.shape == (4, 16, 16)
+    assert labels.tolist() == [0, 0, 1, 1] and indices.tolist() == [0, 1, 2, 3]
+    assert masks[:2].sum() == 0
+
+
+def test_sample_defect_defaults_follow_the_label(tmp_path):
+    assert Sample(tmp_path / "a.png", 0).defect == "good"
+    assert Sample(tmp_path / "a.png", 1).defect == "anomaly"
+    assert Sample(tmp_path / "a.png", 1, defect="crack").defect == "crack"
