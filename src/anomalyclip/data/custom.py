@@ -21,6 +21,7 @@ dataset pixel-level.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -155,59 +156,64 @@ def read_csv_manifest(
     samples = []
     problems = []
     first_line: dict[str, int] = {}
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header = [cell.strip().lower() for cell in next(reader, [])]
-        missing = [column for column in ("image", "label") if column not in header]
-        if missing:
-            raise DatasetError(
-                f"{path}: header must name the columns image and label (optionally mask, "
-                f"category, defect); missing {', '.join(missing)}, got {','.join(header)}"
+    try:
+        rows = list(csv.reader(io.StringIO(path.read_bytes().decode("utf-8-sig"), newline="")))
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+    except csv.Error as error:
+        raise DatasetError(f"{path}: not a readable CSV file ({error})") from None
+    reader = iter(rows)
+    header = [cell.strip().lower() for cell in next(reader, [])]
+    missing = [column for column in ("image", "label") if column not in header]
+    if missing:
+        raise DatasetError(
+            f"{path}: header must name the columns image and label (optionally mask, "
+            f"category, defect); missing {', '.join(missing)}, got {','.join(header)}"
+        )
+    column = {name: header.index(name) for name in MANIFEST_COLUMNS if name in header}
+    for line, row in enumerate(reader, start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) < len(header):
+            row = row + [""] * (len(header) - len(row))
+        if len(row) > len(header):
+            problems.append(f"{path}, line {line}: {len(row)} cells, header has {len(header)}")
+            continue
+        cells = {name: row[index].strip() for name, index in column.items()}
+        label = parse_label(cells["label"])
+        if label is None:
+            problems.append(
+                f"{path}, line {line}: label {cells['label']!r} is not 0/1 or normal/anomalous"
             )
-        column = {name: header.index(name) for name in MANIFEST_COLUMNS if name in header}
-        for line, row in enumerate(reader, start=2):
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) < len(header):
-                row = row + [""] * (len(header) - len(row))
-            if len(row) > len(header):
-                problems.append(f"{path}, line {line}: {len(row)} cells, header has {len(header)}")
-                continue
-            cells = {name: row[index].strip() for name, index in column.items()}
-            label = parse_label(cells["label"])
-            if label is None:
-                problems.append(
-                    f"{path}, line {line}: label {cells['label']!r} is not 0/1 or normal/anomalous"
-                )
-                continue
-            if not cells["image"]:
-                problems.append(f"{path}, line {line}: empty image path")
-                continue
-            image = base / cells["image"]
-            if not image.is_file():
-                problems.append(f"{path}, line {line}: image {image} not found")
-                continue
-            key = os.path.normcase(os.path.abspath(image))
-            if key in first_line:
-                problems.append(
-                    f"{path}, line {line}: image {image} already listed on line {first_line[key]}"
-                )
-                continue
-            first_line[key] = line
-            mask = base / cells["mask"] if cells.get("mask") else None
-            if mask is not None and not mask.is_file():
-                problems.append(f"{path}, line {line}: mask {mask} not found")
-                continue
-            defect = cells.get("defect") or (UNKNOWN_DEFECT if label else NORMAL_DEFECT)
-            samples.append(
-                Sample(
-                    image=image,
-                    label=label,
-                    mask=mask,
-                    category=cells.get("category") or default_category,
-                    defect=defect if label else NORMAL_DEFECT,
-                )
+            continue
+        if not cells["image"]:
+            problems.append(f"{path}, line {line}: empty image path")
+            continue
+        image = base / cells["image"]
+        if not image.is_file():
+            problems.append(f"{path}, line {line}: image {image} not found")
+            continue
+        key = os.path.normcase(os.path.abspath(image))
+        if key in first_line:
+            problems.append(
+                f"{path}, line {line}: image {image} already listed on line {first_line[key]}"
             )
+            continue
+        first_line[key] = line
+        mask = base / cells["mask"] if cells.get("mask") else None
+        if mask is not None and not mask.is_file():
+            problems.append(f"{path}, line {line}: mask {mask} not found")
+            continue
+        defect = cells.get("defect") or (UNKNOWN_DEFECT if label else NORMAL_DEFECT)
+        samples.append(
+            Sample(
+                image=image,
+                label=label,
+                mask=mask,
+                category=cells.get("category") or default_category,
+                defect=defect if label else NORMAL_DEFECT,
+            )
+        )
     return AnomalyDataset.create(
         name,
         base,
