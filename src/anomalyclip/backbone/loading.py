@@ -1,0 +1,303 @@
+"""CLIP weights from every file users have, as a ready :class:`CLIP`.
+
+Reads OpenAI's TorchScript archives and plain state dicts, safetensors files, Hugging
+Face ``CLIPModel`` folders and open_clip checkpoints. Pickles are only ever read with
+``torch.load(weights_only=True)``, so no file can run code by being loaded; TorchScript
+archives can, so they are opened only when their SHA-256 is that of a registered
+backbone or the caller says it trusts the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import struct
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from anomalyclip.backbone.clip import CLIP, Activation
+from anomalyclip.backbone.layouts import LayoutError, detect_layout, to_openai_layout
+
+logger = logging.getLogger(__name__)
+
+FileKind = Literal["torchscript", "torch", "safetensors"]
+
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".safetensors"}
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# SHA-256 of OpenAI's ViT archives, as their download addresses carry it: the registry
+# TorchScript is checked against when anomalyclip.hub is not installed.
+OPENAI_ARCHIVE_SHA256 = {
+    "ViT-B/32": "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
+    "ViT-B/16": "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
+    "ViT-L/14": "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
+    "ViT-L/14@336px": "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
+}
+PROMPT_CHECKPOINT_HINT = " (an AnomalyCLIP prompt checkpoint: pass it as the checkpoint)"
+FORMATS = (
+    "OpenAI TorchScript archive, PyTorch state dict (.pt/.pth/.bin), safetensors file, "
+    "Hugging Face CLIPModel folder (config.json + model.safetensors or pytorch_model.bin), "
+    "open_clip folder (open_clip_config.json + open_clip_model.safetensors or "
+    "open_clip_pytorch_model.bin)"
+)
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be used; the message names the file and the reason."""
+
+
+class UntrustedFileError(WeightsError):
+    """A file that could run code when loaded and is not known to be safe."""
+
+
+def load_clip(
+    path_or_name: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    trust_torchscript: bool = False,
+    activation: Activation | None = None,
+    vision_heads: int | None = None,
+    text_heads: int | None = None,
+) -> CLIP:
+    """A file, a folder or a registered backbone name, loaded into a CLIP in eval mode.
+
+    Weights are float32 unless ``dtype`` asks otherwise (fp16/bf16 is for GPUs).
+    ``activation``, ``vision_heads`` and ``text_heads`` override what neither the tensors
+    nor a config tell: open_clip's own (non-OpenAI) models use ``activation="gelu"``.
+    """
+    path = resolve_weights_path(path_or_name)
+    state_dict, config = read_weights(path, trust_torchscript=trust_torchscript)
+    try:
+        converted, arch = to_openai_layout(
+            state_dict,
+            config,
+            activation=activation,
+            vision_heads=vision_heads,
+            text_heads=text_heads,
+        )
+    except LayoutError as error:
+        raise WeightsError(f"{path}: {error}") from None
+    logger.info(
+        "loaded %s (%s layout, %d+%d layers, %s)",
+        path,
+        detect_layout(state_dict),
+        arch.vision_layers,
+        arch.text_layers,
+        arch.activation,
+    )
+    model = CLIP.from_state_dict(converted, arch, dtype=dtype or torch.float32)
+    return model.to(device)
+
+
+def resolve_weights_path(path_or_name: str | os.PathLike) -> Path:
+    """An existing path as is; anything else through the backbone registry."""
+    path = Path(path_or_name).expanduser()
+    if path.exists():
+        return path
+    looks_like_path = (
+        path.suffix in WEIGHT_SUFFIXES
+        or path.is_absolute()
+        or (path.parent != Path(".") and path.parent.is_dir())
+    )
+    if looks_like_path:
+        raise FileNotFoundError(f"CLIP weights {path} not found")
+    try:
+        from anomalyclip.hub import resolve_backbone
+    except ImportError:
+        raise FileNotFoundError(
+            f"CLIP weights {path_or_name} not found: no such file, and no backbone registry "
+            "(anomalyclip.hub) to resolve it as a name"
+        ) from None
+    return Path(resolve_backbone(str(path_or_name)))
+
+
+def read_weights(
+    path: str | os.PathLike, *, trust_torchscript: bool = False
+) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    """The state dict in a file or model folder, in its own layout, and its config if any."""
+    path = Path(path)
+    if path.is_dir():
+        return _read_folder(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CLIP weights {path} not found")
+    kind = sniff_file(path)
+    if kind == "torchscript":
+        state_dict = _read_torchscript(path, trust_torchscript)
+    elif kind == "safetensors":
+        state_dict = _read_safetensors(path)
+    else:
+        state_dict = _unwrap(_torch_load(path), path)
+    return state_dict, _sibling_config(path)
+
+
+def sniff_file(path: Path) -> FileKind:
+    """What a file is, from its bytes rather than its name."""
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile as error:
+            raise WeightsError(f"{path} is a damaged zip archive: {error}") from None
+        if any("/code/" in name for name in names) and any(
+            name.endswith("constants.pkl") for name in names
+        ):
+            return "torchscript"
+        if any(name.endswith("data.pkl") for name in names):
+            return "torch"
+        raise WeightsError(f"{path} is a zip archive but not a PyTorch file; expected: {FORMATS}")
+    with path.open("rb") as handle:
+        head = handle.read(9)
+    if len(head) == 9:
+        header_length = struct.unpack("<Q", head[:8])[0]
+        if head[8:9] == b"{" and header_length <= path.stat().st_size - 8:
+            return "safetensors"
+    if head[:1] == b"\x80":  # pickle protocol 2+: torch.save's legacy format
+        return "torch"
+    size = path.stat().st_size
+    detail = "it is empty" if size == 0 else f"its first bytes are {head[:8]!r}"
+    raise WeightsError(f"{path} is not a recognised weights file ({detail}); expected: {FORMATS}")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_registered_file(path: Path) -> bool:
+    """Whether a file's SHA-256 is that of a registered backbone."""
+    try:
+        from anomalyclip.hub import is_registered_file as registered
+    except ImportError:
+        return file_sha256(path) in OPENAI_ARCHIVE_SHA256.values()
+    return registered(path)
+
+
+def _read_torchscript(path: Path, trust: bool) -> dict[str, Tensor]:
+    """Only a registered file or an explicitly trusted one: TorchScript can run code."""
+    if not trust and not is_registered_file(path):
+        raise UntrustedFileError(
+            f"refusing to load {path}: it is a TorchScript archive, which can run code when "
+            f"loaded, and its SHA-256 ({file_sha256(path)}) is not that of a registered "
+            "backbone. If you trust its source, pass trust_torchscript=True "
+            "(--trust-torchscript on the command line)"
+        )
+    try:
+        with warnings.catch_warnings():
+            # torch points users of jit.load to torch.export, which cannot read these files.
+            warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", DeprecationWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise WeightsError(f"{path} is a damaged TorchScript archive: {first_line}") from None
+    return dict(module.state_dict())
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as error:
+        raise WeightsError(f"{path} is not a readable safetensors file: {error}") from None
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` that refuses, with the file named, anything but tensors and containers."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        from anomalyclip.checkpoint import pickled_globals, unpickling_detail
+
+        suspicious = ", ".join(pickled_globals(path)) or unpickling_detail(error)
+        raise UntrustedFileError(
+            f"refusing to load {path}: it holds Python objects that could run code "
+            f"({suspicious}); only tensors and plain containers are accepted"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise WeightsError(f"{path} is not a readable PyTorch file: {error}") from None
+
+
+def _unwrap(data: Any, path: Path) -> dict[str, Tensor]:
+    """The state dict itself, out of {"state_dict": ...}-style training checkpoints."""
+    while isinstance(data, Mapping) and not _is_state_dict(data):
+        inner = next((data[k] for k in WRAPPER_KEYS if isinstance(data.get(k), Mapping)), None)
+        if inner is None:
+            keys = ", ".join(sorted(map(str, data))[:8]) or "none"
+            hint = PROMPT_CHECKPOINT_HINT if "prompt_learner" in data else ""
+            raise WeightsError(f"{path} holds no CLIP state dict: a dict with keys {keys}{hint}")
+        data = inner
+    if not isinstance(data, Mapping):
+        raise WeightsError(f"{path} holds a {type(data).__name__}, not a state dict")
+    return dict(data)
+
+
+def _is_state_dict(data: Mapping) -> bool:
+    return bool(data) and all(isinstance(v, Tensor) for v in data.values())
+
+
+def _read_folder(folder: Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    """A Hugging Face model folder (possibly sharded) or an open_clip one from the Hub."""
+    for config_name, weight_names in (
+        ("config.json", HF_WEIGHT_FILES),
+        ("open_clip_config.json", OPEN_CLIP_WEIGHT_FILES),
+    ):
+        config_path = folder / config_name
+        if not config_path.is_file():
+            continue
+        for name in weight_names:
+            if (folder / name).is_file():
+                return read_weights(folder / name)[0], _read_json(config_path)
+            index = folder / f"{name}.index.json"
+            if index.is_file():
+                return _read_shards(index), _read_json(config_path)
+    found = ", ".join(sorted(p.name for p in folder.iterdir())[:10]) or "nothing"
+    raise WeightsError(
+        f"{folder} is a folder without recognised weights (found {found}); expected: {FORMATS}"
+    )
+
+
+def _read_shards(index_path: Path) -> dict[str, Tensor]:
+    weight_map = _read_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise WeightsError(f"{index_path} has no weight_map")
+    state_dict: dict[str, Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        state_dict.update(read_weights(index_path.parent / shard)[0])
+    return state_dict
+
+
+def _sibling_config(path: Path) -> dict[str, Any] | None:
+    """The config.json of a Hugging Face or open_clip folder when given its weights file."""
+    for config_name, weight_names in (
+        ("config.json", HF_WEIGHT_FILES),
+        ("open_clip_config.json", OPEN_CLIP_WEIGHT_FILES),
+    ):
+        config_path = path.parent / config_name
+        if path.name in weight_names and config_path.is_file():
+            return _read_json(config_path)
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise WeightsError(f"{path} is not readable JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path} holds a JSON {type(data).__name__}, not a model config")
+    return data
