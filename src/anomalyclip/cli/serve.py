@@ -1,0 +1,96 @@
+"""``anomalyclip serve``: the HTTP service and its browser page."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+from typing import TYPE_CHECKING
+
+from anomalyclip.cli.predict import add_model_arguments, build_model
+
+if TYPE_CHECKING:
+    from anomalyclip.serving import ServiceSettings
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the HTTP service and its browser page",
+        description="Serve AnomalyCLIP over HTTP: a JSON API (/docs describes it) and an "
+        "inspection page at /. The model is loaded once and shared by all requests.",
+    )
+    add_model_arguments(parser)
+    service = parser.add_argument_group("service")
+    service.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    service.add_argument("--port", type=int, default=8000)
+    service.add_argument(
+        "--max-upload-mb", type=float, default=20.0, help="largest image file accepted (MB)"
+    )
+    service.add_argument(
+        "--max-megapixels", type=float, default=40.0, help="largest image accepted (megapixels)"
+    )
+    service.add_argument("--max-batch", type=int, default=16, help="most files per batch request")
+    service.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds before a request gives up (504)"
+    )
+    service.add_argument(
+        "--max-pending", type=int, default=32, help="requests allowed to wait (then 503)"
+    )
+    service.add_argument(
+        "--image-threshold", type=float, help="verdict threshold (default: calibrated, or 0.5)"
+    )
+    service.add_argument(
+        "--pixel-threshold", type=float, help="mask threshold (default: calibrated, or layers/2)"
+    )
+    service.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    parser.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
+    from anomalyclip.serving import ServiceSettings
+
+    return ServiceSettings(
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_pixels=int(args.max_megapixels * 1_000_000),
+        max_batch_size=args.max_batch,
+        request_timeout_s=args.timeout,
+        max_pending=args.max_pending,
+        image_threshold=args.image_threshold,
+        pixel_threshold=args.pixel_threshold,
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from anomalyclip.serving import create_app
+    except ImportError as error:
+        raise RuntimeError(
+            f"anomalyclip serve needs the 'serve' extra ({error}): pip install 'anomalyclip[serve]'"
+        ) from None
+
+    settings = settings_from_args(args)
+    model = build_model(args)
+    app = create_app(model, settings)
+    if not is_loopback(args.host):
+        logger.warning(
+            "listening on %s: the service has no authentication; put it behind a proxy "
+            "that adds it before exposing it to a network",
+            args.host,
+        )
+    logger.info("serving on http://%s:%d (API description at /docs)", args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,302 @@
+// The inspection page: uploads images one by one, then thresholds the returned anomaly
+// maps on canvases, so moving a slider never sends anything to the server again.
+"use strict";
+
+const UPLOAD_CONCURRENCY = 2;
+const BUSY_RETRIES = 4; // a busy service (503) is asked again after 1, 2, 3 s
+const MASK_COLOUR = [230, 40, 40, 150];
+
+const state = {
+  items: [],
+  nextId: 0,
+  imageThreshold: 0.5,
+  pixelThreshold: 2,
+  defaults: { image: 0.5, pixel: 2 },
+  mapRange: [0, 4],
+  queue: [],
+  active: 0,
+  redrawPending: false,
+};
+
+const $ = (selector) => document.querySelector(selector);
+
+function formatNumber(value, digits = 3) {
+  return Number(value).toFixed(digits);
+}
+
+function decodeMap(map) {
+  const binary = atob(map.data);
+  const bytes = new Uint8Array(binary.length);
+  for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+  const view = new DataView(bytes.buffer);
+  const count = map.width * map.height;
+  const values = new Float32Array(count);
+  const step = (map.max - map.min) / 65535;
+  for (let i = 0; i < count; i++) values[i] = map.min + view.getUint16(2 * i, true) * step;
+  return values;
+}
+
+async function loadModelInfo() {
+  try {
+    const response = await fetch("/v1/model");
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    const info = await response.json();
+    state.defaults = { image: info.image_threshold, pixel: info.pixel_threshold };
+    state.mapRange = info.map_range;
+    $("#model-info").textContent =
+      `Backbone ${info.backbone} at ${info.image_size} px on ${info.device}; ` +
+      `image threshold ${formatNumber(info.image_threshold)} (${info.image_threshold_source}), ` +
+      `mask threshold ${formatNumber(info.pixel_threshold)} (${info.pixel_threshold_source}); ` +
+      `uploads up to ${(info.limits.max_upload_bytes / 1048576).toFixed(0)} MB.`;
+    updatePixelSliderRange();
+    setThresholds(state.defaults.image, state.defaults.pixel);
+  } catch (error) {
+    $("#model-info").textContent = `Model information unavailable: ${error.message}`;
+  }
+}
+
+function setThresholds(image, pixel) {
+  $("#image-threshold").value = image;
+  $("#pixel-threshold").value = pixel;
+  readThresholds();
+}
+
+function readThresholds() {
+  state.imageThreshold = Number($("#image-threshold").value);
+  state.pixelThreshold = Number($("#pixel-threshold").value);
+  $("#image-threshold-value").textContent = formatNumber(state.imageThreshold);
+  $("#pixel-threshold-value").textContent = formatNumber(state.pixelThreshold);
+  scheduleRedraw();
+}
+
+function updatePixelSliderRange() {
+  const slider = $("#pixel-threshold");
+  let low = Math.min(state.defaults.pixel, state.pixelThreshold);
+  let high = Math.max(state.defaults.pixel, state.pixelThreshold);
+  const maps = state.items.filter((item) => item.result).map((item) => item.result.map);
+  if (maps.length === 0) {
+    [low, high] = [Math.min(low, state.mapRange[0]), Math.max(high, state.mapRange[1])];
+  }
+  for (const map of maps) {
+    low = Math.min(low, map.min);
+    high = Math.max(high, map.max);
+  }
+  const margin = Math.max((high - low) * 0.02, 1e-3);
+  const value = slider.value;
+  slider.min = low - margin;
+  slider.max = high + margin;
+  slider.step = (high - low + 2 * margin) / 1000;
+  slider.value = value;
+  if (Number(slider.value) !== state.pixelThreshold) readThresholds();
+}
+
+function addFiles(fileList) {
+  const files = Array.from(fileList);
+  for (const file of files) {
+    const card = $("#card-template").content.firstElementChild.cloneNode(true);
+    const item = { id: state.nextId++, file, card, result: null, values: null, layer: null };
+    card.dataset.id = item.id;
+    card.querySelector(".filename").textContent = file.name;
+    const original = card.querySelector("img.original");
+    item.objectUrl = URL.createObjectURL(file);
+    original.addEventListener("load", () => drawMask(item));
+    original.addEventListener("error", () => {
+      original.replaceWith(Object.assign(document.createElement("p"), {
+        className: "no-preview",
+        textContent: "This browser cannot show this format.",
+      }));
+    });
+    original.src = item.objectUrl;
+    state.items.push(item);
+    $("#results").append(card);
+    state.queue.push(item);
+  }
+  updateSummary();
+  pumpQueue();
+}
+
+function pumpQueue() {
+  while (state.active < UPLOAD_CONCURRENCY && state.queue.length > 0) {
+    const item = state.queue.shift();
+    state.active += 1;
+    analyse(item).finally(() => {
+      state.active -= 1;
+      pumpQueue();
+    });
+  }
+}
+
+async function postImage(file) {
+  const body = new FormData();
+  body.append("file", file, file.name);
+  for (let attempt = 1; ; attempt++) {
+    const response = await fetch("/v1/predict", { method: "POST", body });
+    if (response.status !== 503 || attempt === BUSY_RETRIES) return response;
+    await new Promise((resolve) => setTimeout(resolve, 1000 * attempt));
+  }
+}
+
+async function analyse(item) {
+  try {
+    const response = await postImage(item.file);
+    const payload = await response.json().catch(() => ({ detail: response.statusText }));
+    if (!response.ok) {
+      throw new Error(`${payload.detail || response.statusText} (HTTP ${response.status})`);
+    }
+    if (!state.items.includes(item)) return;
+    item.result = payload;
+    item.values = decodeMap(payload.map);
+    item.card.querySelector("img.overlay").src = `data:image/png;base64,${payload.overlay_png}`;
+    item.card.querySelector(".score").textContent = `score ${formatNumber(payload.score)}`;
+    item.card.dataset.score = payload.score;
+    item.card.dataset.state = "done";
+    updatePixelSliderRange();
+    updateCard(item);
+    if ($("#sort-by-score").checked) sortCards();
+  } catch (error) {
+    item.card.dataset.state = "error";
+    item.card.querySelector(".verdict").textContent = "failed";
+    item.card.querySelector(".panels").hidden = true;
+    const message = item.card.querySelector(".error");
+    message.textContent = error.message;
+    message.hidden = false;
+  }
+  updateSummary();
+}
+
+function maskLayer(item) {
+  const { map } = item.result;
+  if (!item.layer) {
+    item.layer = document.createElement("canvas");
+    item.layer.width = map.width;
+    item.layer.height = map.height;
+  }
+  const context = item.layer.getContext("2d");
+  const pixels = context.createImageData(map.width, map.height);
+  let above = 0;
+  for (let i = 0; i < item.values.length; i++) {
+    if (item.values[i] >= state.pixelThreshold) {
+      pixels.data.set(MASK_COLOUR, 4 * i);
+      above += 1;
+    }
+  }
+  context.putImageData(pixels, 0, 0);
+  return above / item.values.length;
+}
+
+function drawMask(item) {
+  if (!item.result) return null;
+  const canvas = item.card.querySelector("canvas.mask");
+  const { width, height } = item.result.overlay_size;
+  if (canvas.width !== width || canvas.height !== height) {
+    canvas.width = width;
+    canvas.height = height;
+  }
+  const context = canvas.getContext("2d");
+  context.fillStyle = "#222";
+  context.fillRect(0, 0, width, height);
+  const original = item.card.querySelector("img.original");
+  if (original && original.complete && original.naturalWidth > 0) {
+    context.globalAlpha = 0.6;
+    context.drawImage(original, 0, 0, width, height);
+    context.globalAlpha = 1;
+  }
+  const fraction = maskLayer(item);
+  context.imageSmoothingEnabled = true;
+  context.drawImage(item.layer, 0, 0, width, height);
+  return fraction;
+}
+
+function updateCard(item) {
+  if (!item.result) return;
+  const anomalous = item.result.score >= state.imageThreshold;
+  const card = item.card;
+  card.dataset.verdict = anomalous ? "anomalous" : "normal";
+  card.querySelector(".verdict").textContent = anomalous ? "Anomalous" : "Normal";
+  const fraction = drawMask(item);
+  card.dataset.anomalousFraction = fraction.toFixed(4);
+  card.querySelector(".area").textContent = `${(100 * fraction).toFixed(1)} % of the image`;
+}
+
+function scheduleRedraw() {
+  if (state.redrawPending) return;
+  state.redrawPending = true;
+  requestAnimationFrame(() => {
+    state.redrawPending = false;
+    for (const item of state.items) updateCard(item);
+    updateSummary();
+  });
+}
+
+function updateSummary() {
+  const done = state.items.filter((item) => item.result);
+  const failed = state.items.filter((item) => item.card.dataset.state === "error").length;
+  const waiting = state.items.length - done.length - failed;
+  if (state.items.length === 0) {
+    $("#summary").textContent = "No images yet.";
+    return;
+  }
+  const anomalous = done.filter((item) => item.result.score >= state.imageThreshold).length;
+  const parts = [
+    `${done.length} scored`,
+    `${anomalous} anomalous at threshold ${formatNumber(state.imageThreshold)}`,
+  ];
+  if (failed) parts.push(`${failed} failed`);
+  if (waiting) parts.push(`${waiting} waiting`);
+  $("#summary").textContent = parts.join(", ") + ".";
+}
+
+function sortCards() {
+  const ordered = [...state.items];
+  if ($("#sort-by-score").checked) {
+    ordered.sort((a, b) => (b.result ? b.result.score : -1) - (a.result ? a.result.score : -1));
+  }
+  $("#results").append(...ordered.map((item) => item.card));
+}
+
+function clearResults() {
+  for (const item of state.items) URL.revokeObjectURL(item.objectUrl);
+  state.items = [];
+  state.queue = [];
+  $("#results").replaceChildren();
+  updatePixelSliderRange();
+  updateSummary();
+}
+
+function setUpDropZone() {
+  const zone = $("#drop-zone");
+  const input = $("#file-input");
+  zone.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    zone.classList.add("dragging");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("dragging"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("dragging");
+    addFiles(event.dataTransfer.files);
+  });
+  zone.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") {
+      event.preventDefault();
+      input.click();
+    }
+  });
+  input.addEventListener("change", () => {
+    addFiles(input.files);
+    input.value = "";
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  setUpDropZone();
+  $("#image-threshold").addEventListener("input", readThresholds);
+  $("#pixel-threshold").addEventListener("input", readThresholds);
+  $("#reset-thresholds").addEventListener("click", () => {
+    setThresholds(state.defaults.image, state.defaults.pixel);
+  });
+  $("#clear-results").addEventListener("click", clearResults);
+  $("#sort-by-score").addEventListener("change", sortCards);
+  readThresholds();
+  loadModelInfo();
+});
