@@ -1,0 +1,58 @@
+"""Files that matter are complete or absent: an interrupted write never leaves half a file."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from anomalyclip.utils.atomic import atomic_open, atomic_torch_save, atomic_write_json
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    target = tmp_path / "results.json"
+    atomic_write_json(target, {"version": 1})
+    with pytest.raises(RuntimeError), atomic_open(target, "w") as handle:
+        handle.write('{"version": 2, "trunc')
+        raise RuntimeError("disk full")
+    assert json.loads(target.read_text()) == {"version": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_torch_save_round_trip(tmp_path):
+    target = tmp_path / "deep" / "folder" / "ckpt.pt"
+    atomic_torch_save({"w": torch.arange(3)}, target)
+    assert torch.load(target, weights_only=True)["w"].tolist() == [0, 1, 2]
+
+
+WRITER = """
+import sys, time
+from anomalyclip.utils.atomic import atomic_open
+with atomic_open(sys.argv[1], "wb") as handle:
+    for _ in range(10_000):
+        handle.write(b"x" * 65536)
+        handle.flush()
+        print("writing", flush=True)
+        time.sleep(0.01)
+"""
+
+
+def test_killed_writer_leaves_the_previous_file_intact(tmp_path):
+    target = tmp_path / "checkpoint.bin"
+    target.write_bytes(b"complete old checkpoint")
+    process = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True
+    )
+    for _ in range(5):
+        assert process.stdout.readline().strip() == "writing"
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    time.sleep(0.05)
+    assert target.read_bytes() == b"complete old checkpoint"
+    leftovers = [p for p in tmp_path.iterdir() if p != target]
+    assert all(p.name.startswith(".checkpoint.bin.") for p in leftovers)
