@@ -1,0 +1,320 @@
+"""Benchmark evaluation: per-class image and pixel metrics, as the paper's tables report them.
+
+Every image is encoded once (through a :class:`~anomalyclip.feature_cache.FeatureCache`,
+which can also keep the embeddings on disk for later evaluations of other prompts). Maps
+are evaluated at model resolution (S x S), against masks resized as the original does
+(binary, bilinear, > 0.5). Pixel metrics use only images whose pixels are known (normal
+images and anomalous ones with a mask) and only in datasets that have masks; a metric
+that is undefined or not applicable is NaN, written "-" in Markdown, empty in CSV and
+null in JSON, never a number. The mean row averages each metric over the classes where
+it is defined, as the paper averages over classes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from anomalyclip import metrics
+from anomalyclip.data.core import AnomalyDataset, Sample
+from anomalyclip.feature_cache import FeatureCache
+from anomalyclip.model import AnomalyCLIP
+from anomalyclip.preprocess import load_image, load_mask
+from anomalyclip.training import object_name
+from anomalyclip.utils.atomic import atomic_open, atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1_max")
+PIXEL_METRICS = ("pixel_auroc", "pixel_aupro", "pixel_ap", "pixel_f1_max")
+METRICS = IMAGE_METRICS + PIXEL_METRICS
+METRIC_TITLES = {
+    "image_auroc": "I-AUROC",
+    "image_ap": "I-AP",
+    "image_f1_max": "I-F1max",
+    "pixel_auroc": "P-AUROC",
+    "pixel_aupro": "P-AUPRO",
+    "pixel_ap": "P-AP",
+    "pixel_f1_max": "P-F1max",
+}
+MEAN_ROW = "mean"
+
+
+@dataclass
+class ClassResult:
+    """One class (category) of one dataset; metrics in [0, 1], NaN where undefined."""
+
+    category: str
+    normal: int
+    anomalous: int
+    metrics: dict[str, float]
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "category": self.category,
+            "normal": self.normal,
+            "anomalous": self.anomalous,
+            **{name: _json_number(self.metrics.get(name, math.nan)) for name in METRICS},
+        }
+
+
+@dataclass
+class EvaluationResult:
+    """The per-class table of one dataset and its mean row."""
+
+    dataset: str
+    classes: list[ClassResult]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> dict[str, float]:
+        return {name: nan_mean([c.metrics[name] for c in self.classes]) for name in METRICS}
+
+    def rows(self) -> list[ClassResult]:
+        """The class rows followed by the mean row."""
+        normal = sum(c.normal for c in self.classes)
+        anomalous = sum(c.anomalous for c in self.classes)
+        return [*self.classes, ClassResult(MEAN_ROW, normal, anomalous, self.mean)]
+
+    def to_markdown(self) -> str:
+        return markdown_table(
+            [(row.category, row.normal, row.anomalous, row.metrics) for row in self.rows()],
+            first_column="class",
+            title=self.dataset,
+        )
+
+    def to_csv(self) -> str:
+        return records_to_csv([row.to_record() for row in self.rows()])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "settings": self.settings,
+            "classes": [c.to_record() for c in self.classes],
+            "mean": {name: _json_number(value) for name, value in self.mean.items()},
+        }
+
+    def write(self, directory: str | Path) -> dict[str, Path]:
+        """``results.md``, ``results.csv`` and ``results.json`` in ``directory``."""
+        directory = Path(directory)
+        paths = {
+            "markdown": directory / "results.md",
+            "csv": directory / "results.csv",
+            "json": directory / "results.json",
+        }
+        atomic_write_text(paths["markdown"], self.to_markdown() + "\n")
+        atomic_write_text(paths["csv"], self.to_csv())
+        atomic_write_json(paths["json"], self.to_dict())
+        return paths
+
+
+def nan_mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def _json_number(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
+def format_metric(value: float | None) -> str:
+    """Percent with one decimal, as the paper prints; "-" where undefined."""
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{100 * value:.1f}"
+
+
+def markdown_table(
+    rows: Sequence[tuple[str, int, int, dict[str, float]]], first_column: str, title: str = ""
+) -> str:
+    header = [first_column, "normal", "anomalous", *(METRIC_TITLES[m] for m in METRICS)]
+    lines = [f"**{title}**", ""] if title else []
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |")
+    for name, normal, anomalous, values in rows:
+        cells = [name, str(normal), str(anomalous)]
+        cells += [format_metric(values.get(m, math.nan)) for m in METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def records_to_csv(records: Sequence[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(records[0]), lineterminator="\n")
+    writer.writeheader()
+    for record in records:
+        writer.writerow({k: "" if v is None else v for k, v in record.items()})
+    return buffer.getvalue()
+
+
+def summary_table(results: Sequence[EvaluationResult]) -> str:
+    """One row per dataset (its class mean): the layout of the paper's Tables 1 and 2."""
+    rows = []
+    for result in results:
+        mean = result.rows()[-1]
+        rows.append((result.dataset, mean.normal, mean.anomalous, mean.metrics))
+    return markdown_table(rows, first_column="dataset", title="mean over classes")
+
+
+def write_summary(results: Sequence[EvaluationResult], directory: str | Path) -> dict[str, Path]:
+    """``summary.md``, ``summary.csv``, ``summary.json``: every dataset's mean row."""
+    directory = Path(directory)
+    records = []
+    for result in results:
+        mean = result.rows()[-1].to_record()
+        del mean["category"]
+        records.append({"dataset": result.dataset, **mean})
+    paths = {
+        "markdown": directory / "summary.md",
+        "csv": directory / "summary.csv",
+        "json": directory / "summary.json",
+    }
+    atomic_write_text(paths["markdown"], summary_table(results) + "\n")
+    atomic_write_text(paths["csv"], records_to_csv(records))
+    atomic_write_json(paths["json"], records)
+    return paths
+
+
+# computing ----------------------------------------------------------------------------
+
+
+def class_metrics(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    masks: np.ndarray | None,
+    maps: np.ndarray | None,
+    aupro_method: str = "original",
+) -> dict[str, float]:
+    """Every metric of one class; pixel ones NaN when ``masks`` is None."""
+    functions: dict[str, Callable[[], float]] = {
+        "image_auroc": lambda: metrics.image_auroc(labels, scores),
+        "image_ap": lambda: metrics.image_ap(labels, scores),
+        "image_f1_max": lambda: metrics.image_f1_max(labels, scores),
+    }
+    if masks is not None and maps is not None and masks.size:
+        functions.update(
+            pixel_auroc=lambda: metrics.pixel_auroc(masks, maps),
+            pixel_aupro=lambda: metrics.aupro(masks, maps, method=aupro_method),
+            pixel_ap=lambda: metrics.pixel_ap(masks, maps),
+            pixel_f1_max=lambda: metrics.pixel_f1_max(masks, maps),
+        )
+    return {name: float(functions[name]()) if name in functions else math.nan for name in METRICS}
+
+
+def load_masks(samples: Sequence[Sample], size: int) -> np.ndarray:
+    """(N, size, size) bool masks at model resolution; normal images are all False."""
+    masks = np.zeros((len(samples), size, size), dtype=bool)
+    for index, sample in enumerate(samples):
+        if sample.label and sample.mask is not None:
+            masks[index] = load_mask(sample.mask, size).numpy() > 0.5
+    return masks
+
+
+def map_path(directory: Path, sample: Sample, suffix: str) -> Path:
+    """``<category>/<defect>/<stem><suffix>`` under ``directory``."""
+    return directory / (sample.category or "all") / sample.defect / f"{sample.image.stem}{suffix}"
+
+
+def save_outputs(sample: Sample, anomaly_map: np.ndarray, maps_dir: Path, vmax: float) -> None:
+    """The map at model resolution (``maps/…npy``) and an overlay on the original image."""
+    from anomalyclip.visualize import overlay
+
+    with atomic_open(map_path(maps_dir / "maps", sample, ".npy"), "wb") as handle:
+        np.save(handle, anomaly_map.astype(np.float32))
+    picture = overlay(load_image(sample.image), anomaly_map, vmin=0.0, vmax=vmax)
+    with atomic_open(map_path(maps_dir / "overlays", sample, ".png"), "wb") as handle:
+        picture.save(handle, format="PNG")
+
+
+def _score_class(
+    model: AnomalyCLIP,
+    samples: Sequence[Sample],
+    cache: FeatureCache,
+    batch_size: int,
+    keep_maps: bool,
+    maps_dir: Path | None,
+    bar: Any,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Image scores (N,) and, if kept, maps (N, S, S) of one class's images."""
+    size = model.config.image_size
+    scores = np.empty(len(samples), dtype=np.float64)
+    maps = np.empty((len(samples), size, size), dtype=np.float32) if keep_maps else None
+    vmax = float(len(model.config.features))
+    with torch.no_grad():
+        text = model.text_features(object_name(samples[0], model.config))
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            output = model.score(cache.embeddings([s.image for s in chunk], len(chunk)), text)
+            scores[start : start + len(chunk)] = output.image_scores.double().cpu().numpy()
+            chunk_maps = output.anomaly_maps.float().cpu().numpy()
+            if maps is not None:
+                maps[start : start + len(chunk)] = chunk_maps
+            if maps_dir is not None:
+                for sample, anomaly_map in zip(chunk, chunk_maps, strict=True):
+                    save_outputs(sample, anomaly_map, maps_dir, vmax)
+            bar.update(len(chunk))
+    return scores, maps
+
+
+def evaluate(
+    model: AnomalyCLIP,
+    dataset: AnomalyDataset,
+    *,
+    batch_size: int = 8,
+    cache: FeatureCache | None = None,
+    aupro_method: str = "original",
+    maps_dir: str | Path | None = None,
+    name: str | None = None,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Score every image of ``dataset`` and compute the metrics of every class.
+
+    With object-aware prompts each class is scored with its own name. ``maps_dir``
+    receives ``maps/<class>/<defect>/<stem>.npy`` and ``overlays/…png``. ``name`` titles
+    the table (default: the dataset's reader name).
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    cache = cache if cache is not None else FeatureCache(model, memory=False)
+    size = model.config.image_size
+    title = name or dataset.name
+    pixel_level = dataset.has_masks
+    if not pixel_level:
+        logger.info("%s has no masks: pixel-level metrics are not applicable", title)
+    maps_dir = Path(maps_dir) if maps_dir is not None else None
+    bar = tqdm(total=len(dataset), desc=f"test {title}", unit="img", disable=not progress)
+    classes = []
+    model.eval()
+    for category, samples in dataset.by_category().items():
+        if not samples:
+            continue
+        scores, maps = _score_class(model, samples, cache, batch_size, pixel_level, maps_dir, bar)
+        labels = np.array([s.label for s in samples], dtype=np.int64)
+        masks = None
+        if maps is not None:
+            known = [i for i, s in enumerate(samples) if dataset.has_pixel_truth(s)]
+            masks = load_masks([samples[i] for i in known], size)
+            maps = maps[known]
+        values = class_metrics(labels, scores, masks, maps, aupro_method)
+        normal = int((labels == 0).sum())
+        classes.append(ClassResult(category or title, normal, len(labels) - normal, values))
+    bar.close()
+    settings = {
+        "root": str(dataset.root),
+        "split": dataset.split,
+        "config": model.config.to_dict(),
+        "aupro": aupro_method,
+        "map_resolution": size,
+    }
+    return EvaluationResult(title, classes, settings)

@@ -1,0 +1,312 @@
+"""Image embeddings computed once per image and reused: the frozen backbone makes it exact.
+
+AnomalyCLIP trains only the text prompts and uses no augmentation, so what the visual
+encoder makes of an image never changes during training (nor between evaluations of
+different prompts). :class:`FeatureCache` keeps each image's embeddings in memory and,
+optionally, on disk, in float32, so a cached epoch computes exactly what an uncached one
+does.
+
+An entry is found by the SHA-1 of the image file's bytes, inside a namespace whose key
+is everything else the embeddings depend on: the backbone's architecture and a
+fingerprint of its weights, the model dtype, the image size, the feature layers, the DPAM
+settings and the global head. Entries from another backbone, size, layer set or file
+content are therefore never used. Disk entries are written atomically and checked when
+read; a damaged one is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import weakref
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from anomalyclip.backbone.clip import CLIP
+from anomalyclip.model import AnomalyCLIP, ImageEmbeddings
+from anomalyclip.preprocess import image_to_tensor, load_image
+from anomalyclip.utils.atomic import atomic_torch_save, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+ENTRY_FORMAT = "anomalyclip-features"
+ENTRY_VERSION = 1
+DEFAULT_MEMORY_LIMIT = 4 * 2**30
+LOADER_THREADS = min(8, os.cpu_count() or 1)
+
+_weights_fingerprints: weakref.WeakKeyDictionary[CLIP, str] = weakref.WeakKeyDictionary()
+_file_hashes: dict[tuple[str, int, int], str] = {}
+
+
+def weights_fingerprint(clip: CLIP) -> str:
+    """SHA-256 over the visual tower's tensors (names, dtypes, shapes, bytes); memoised."""
+    if clip not in _weights_fingerprints:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(clip.visual.state_dict().items()):
+            data = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        _weights_fingerprints[clip] = digest.hexdigest()
+    return _weights_fingerprints[clip]
+
+
+def file_sha1(path: str | Path) -> str:
+    """SHA-1 of a file's bytes, memoised while its size and modification time hold."""
+    path = Path(path)
+    stat = path.stat()
+    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo not in _file_hashes:
+        digest = hashlib.sha1(usedforsecurity=False)
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _file_hashes[memo] = digest.hexdigest()
+    return _file_hashes[memo]
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything besides the image's bytes that its embeddings depend on."""
+
+    architecture: str  # JSON of the CLIPArchitecture
+    weights: str
+    dtype: str
+    image_size: int
+    layers: tuple[int, ...]
+    dpam_layers: int
+    dpam_mode: str
+    global_head: str
+    storage: str  # dtype entries are stored in
+
+    @classmethod
+    def for_model(
+        cls, model: AnomalyCLIP, weights: str | None = None, storage: torch.dtype = torch.float32
+    ) -> CacheKey:
+        config = model.config
+        return cls(
+            architecture=json.dumps(model.clip.arch.to_dict(), sort_keys=True),
+            weights=weights or weights_fingerprint(model.clip),
+            dtype=str(model.dtype),
+            image_size=config.image_size,
+            layers=tuple(sorted(config.features)),
+            dpam_layers=config.dpam_layers,
+            dpam_mode=config.dpam_mode if config.dpam_layers else "-",
+            global_head=config.global_head,
+            storage=str(storage),
+        )
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class CacheStats:
+    memory_hits: int = 0
+    disk_hits: int = 0
+    computed: int = 0
+
+
+class FeatureCache:
+    """Per-image embeddings for one model configuration, in memory and/or on disk.
+
+    ``memory_limit`` bounds the in-memory part (bytes; None: unbounded); beyond it,
+    images are read from disk or recomputed. ``directory`` None keeps nothing on disk.
+    ``storage_dtype`` float16 halves memory and disk at the cost of exactness; it is off
+    by default. In-memory entries live on ``memory_device`` (default: the model's, so a
+    GPU run does not copy them back every epoch). With ``memory=False`` and no directory
+    the cache only loads and encodes, which is what an uncached run does.
+    """
+
+    def __init__(
+        self,
+        model: AnomalyCLIP,
+        directory: str | Path | None = None,
+        *,
+        memory: bool = True,
+        memory_limit: int | None = DEFAULT_MEMORY_LIMIT,
+        weights: str | None = None,
+        storage_dtype: torch.dtype = torch.float32,
+        memory_device: str | torch.device | None = None,
+    ) -> None:
+        if storage_dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"storage_dtype must be float32 or float16, got {storage_dtype}")
+        self.model = model
+        self.memory = memory
+        self.memory_limit = memory_limit
+        self.storage_dtype = storage_dtype
+        self.memory_device = torch.device(memory_device) if memory_device is not None else None
+        self.stats = CacheStats()
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._memory_bytes = 0
+        self._memory_full_logged = False
+        self.key: CacheKey | None = None
+        self.directory: Path | None = None
+        if directory is not None:
+            self.key = CacheKey.for_model(model, weights, storage_dtype)
+            self.directory = Path(directory) / self.key.digest[:20]
+            description = self.directory / "key.json"
+            if not description.is_file():
+                atomic_write_json(description, {**asdict(self.key), "digest": self.key.digest})
+
+    @property
+    def enabled(self) -> bool:
+        return self.memory or self.directory is not None
+
+    def _entry_path(self, content: str) -> Path:
+        assert self.directory is not None
+        return self.directory / content[:2] / f"{content}.pt"
+
+    # one entry ------------------------------------------------------------------------
+
+    def _read_disk(self, content: str) -> dict[str, Any] | None:
+        path = self._entry_path(content)
+        if not path.is_file():
+            return None
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            valid = (
+                isinstance(data, dict)
+                and data.get("format") == ENTRY_FORMAT
+                and data.get("key") == self.key.digest
+                and data.get("content") == content
+                and sorted(int(k) for k in data["patch"]) == list(self.key.layers)
+            )
+        except Exception as error:  # noqa: BLE001 - any unreadable entry is recomputed
+            logger.warning("feature cache entry %s is unreadable (%s); recomputing", path, error)
+            return None
+        if not valid:
+            logger.warning("feature cache entry %s does not match its key; recomputing", path)
+            return None
+        return data
+
+    def _write_disk(self, content: str, entry: dict[str, Any]) -> None:
+        record = {"format": ENTRY_FORMAT, "version": ENTRY_VERSION, "key": self.key.digest}
+        record.update(content=content, **_moved(entry, torch.device("cpu")))
+        try:
+            atomic_torch_save(record, self._entry_path(content))
+        except OSError as error:
+            logger.warning("cannot write feature cache entry for %s: %s", content, error)
+
+    def _remember(self, content: str, entry: dict[str, Any]) -> None:
+        if not self.memory:
+            return
+        size = sum(t.numel() * t.element_size() for t in _tensors(entry))
+        if self.memory_limit is not None and self._memory_bytes + size > self.memory_limit:
+            if not self._memory_full_logged:
+                logger.warning(
+                    "in-memory feature cache is full (%.1f GiB): further images are %s",
+                    self.memory_limit / 2**30,
+                    "read from disk" if self.directory else "recomputed every epoch",
+                )
+                self._memory_full_logged = True
+            return
+        self._entries[content] = _moved(entry, self.memory_device or self.model.device)
+        self._memory_bytes += size
+
+    # batches --------------------------------------------------------------------------
+
+    def embeddings(
+        self, images: Sequence[str | Path], encode_batch_size: int = 1
+    ) -> ImageEmbeddings:
+        """Embeddings of image files in order, computing only those not cached.
+
+        Missing images are encoded ``encode_batch_size`` at a time. The default of one
+        makes every image's embeddings independent of which images share its batch, so
+        cached, recomputed and resumed runs agree bit for bit (some kernels round
+        differently by batch size).
+        """
+        if encode_batch_size < 1:
+            raise ValueError(f"encode_batch_size must be >= 1, got {encode_batch_size}")
+        contents = [file_sha1(path) for path in images] if self.enabled else []
+        entries: list[dict[str, Any] | None] = [None] * len(images)
+        missing: list[int] = []
+        for index in range(len(images)):
+            content = contents[index] if self.enabled else None
+            entry = self._entries.get(content) if content is not None else None
+            if entry is not None:
+                self.stats.memory_hits += 1
+            elif self.directory is not None:
+                entry = self._read_disk(content)
+                if entry is not None:
+                    self.stats.disk_hits += 1
+                    self._remember(content, entry)
+            if entry is None:
+                missing.append(index)
+            entries[index] = entry
+        pixels = self._load([images[i] for i in missing])
+        for start in range(0, len(missing), encode_batch_size):
+            chunk = missing[start : start + encode_batch_size]
+            computed = self._encode(torch.stack(pixels[start : start + len(chunk)]))
+            self.stats.computed += len(chunk)
+            for index, entry in zip(chunk, computed, strict=True):
+                entries[index] = entry
+                if self.enabled:
+                    content = contents[index]
+                    if self.directory is not None:
+                        self._write_disk(content, entry)
+                    self._remember(content, entry)
+        return _stack(entries, self.model.device)
+
+    def _load(self, images: Sequence[str | Path]) -> list[Tensor]:
+        """Preprocessed images, decoded in threads (PIL releases the GIL while decoding)."""
+        size = self.model.config.image_size
+
+        def load(path: str | Path) -> Tensor:
+            return image_to_tensor(load_image(path), size)
+
+        if len(images) < 2:
+            return [load(path) for path in images]
+        with ThreadPoolExecutor(max_workers=min(len(images), LOADER_THREADS)) as pool:
+            return list(pool.map(load, images))
+
+    def _encode(self, batch: Tensor) -> list[dict[str, Any]]:
+        """One entry per image, on the model's device in the storage dtype."""
+        embeddings = self.model.encode_image(batch.to(self.model.device, self.model.dtype))
+        store = self.storage_dtype
+        return [
+            {
+                "global": embeddings.global_embedding[i].to(dtype=store).clone(),
+                "patch": {
+                    str(layer): tokens[i].to(dtype=store).clone()
+                    for layer, tokens in embeddings.patch_tokens.items()
+                },
+                "grid": list(embeddings.grid),
+            }
+            for i in range(batch.shape[0])
+        ]
+
+
+def _tensors(entry: dict[str, Any]) -> list[Tensor]:
+    return [entry["global"], *entry["patch"].values()]
+
+
+def _moved(entry: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        **entry,
+        "global": entry["global"].to(device),
+        "patch": {layer: tokens.to(device) for layer, tokens in entry["patch"].items()},
+    }
+
+
+def _stack(entries: Sequence[dict[str, Any] | None], device: torch.device) -> ImageEmbeddings:
+    """A batch in float32 on ``device`` from per-image entries (wherever they are kept)."""
+    assert all(entry is not None for entry in entries)
+    layers = sorted(int(layer) for layer in entries[0]["patch"])
+
+    def stacked(tensors: list[Tensor]) -> Tensor:
+        return torch.stack([t.to(device) for t in tensors]).to(torch.float32)
+
+    return ImageEmbeddings(
+        stacked([e["global"] for e in entries]),
+        {layer: stacked([e["patch"][str(layer)] for e in entries]) for layer in layers},
+        tuple(entries[0]["grid"]),
+    )

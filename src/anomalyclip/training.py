@@ -1,0 +1,519 @@
+"""Training AnomalyCLIP's prompts on an auxiliary dataset, as the paper does.
+
+Defaults are the paper's: Adam (lr 1e-3, betas (0.5, 0.999)), batch 8, 15 epochs, seed
+111, lambda 4, 518 px. Only the prompt learner has gradients; the CLIP backbone is frozen
+and checked to stay so.
+
+Reproducibility: the sample order of epoch ``e`` comes from a generator seeded with
+``seed + e``, and each epoch's checkpoint holds the optimiser state, so a run resumed
+from any epoch continues exactly as the uninterrupted run would: bit for bit on CPU, and
+on CUDA after :func:`make_deterministic`.
+Image embeddings come from a :class:`~anomalyclip.feature_cache.FeatureCache`, so they are
+computed once per image rather than once per epoch.
+
+Files in the output folder: ``epoch_<n>.pt`` after every epoch (a prompt checkpoint that
+``anomalyclip test --checkpoint`` and ``AnomalyCLIP.from_pretrained`` load, with the
+optimiser and RNG states in its ``extra``), ``train_log.csv`` and ``train_log.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from anomalyclip.checkpoint import apply_prompt_state, read_checkpoint, save_checkpoint
+from anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.data.core import AnomalyDataset, Sample
+from anomalyclip.feature_cache import FeatureCache
+from anomalyclip.losses import local_loss
+from anomalyclip.model import AnomalyCLIP, ImageEmbeddings
+from anomalyclip.preprocess import load_mask
+from anomalyclip.utils.atomic import atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+LOSSES = ("glocal", "global", "local")
+CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d+)\.pt$")
+LOG_FIELDS = ("epoch", "loss", "image_loss", "local_loss", "seconds", "images_encoded")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """The optimisation settings; all but ``epochs`` must match when a run is resumed."""
+
+    epochs: int = 15
+    batch_size: int = 8
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.5, 0.999)
+    lam: float = 4.0
+    seed: int = 111
+    loss: str = "glocal"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            problems.append(f"lr must be positive, got {self.lr}")
+        if self.loss not in LOSSES:
+            problems.append(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.lam < 0:
+            problems.append(f"lam must be >= 0, got {self.lam}")
+        if problems:
+            raise ValueError("invalid training options: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["betas"] = list(self.betas)
+        return data
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    loss: float
+    image_loss: float | None
+    local_loss: float | None
+    seconds: float
+    images_encoded: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    checkpoint: Path | None  # the last epoch's checkpoint
+    history: list[EpochLog] = field(default_factory=list)
+    resumed_from: int = 0  # epochs already done when this run started
+
+
+@dataclass
+class BatchLoss:
+    total: Tensor
+    image: Tensor | None
+    local: Tensor | None
+
+
+def make_deterministic() -> None:
+    """Deterministic CUDA kernels for this process, so GPU runs also repeat bit for bit.
+
+    CPU runs are deterministic anyway. On CUDA some kernels (cuBLAS, the attention
+    backward) otherwise accumulate in a varying order, so runs differ in the last bits;
+    an operation without a deterministic kernel then raises instead. Call it before the
+    first CUDA operation: cuBLAS reads its workspace setting at start-up.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
+def new_model(clip: Any, config: AnomalyCLIPConfig, seed: int = 111) -> AnomalyCLIP:
+    """A model with prompts initialised from ``seed``, so a run's start is reproducible."""
+    torch.manual_seed(seed)
+    return AnomalyCLIP(clip, config)
+
+
+def object_name(sample: Sample, config: AnomalyCLIPConfig) -> str:
+    """The class name object-aware prompts use for a sample (``metal_nut`` -> ``metal nut``)."""
+    return sample.category.replace("_", " ").strip() or config.object_name
+
+
+def dataset_fingerprint(samples: Sequence[Sample]) -> str:
+    """Identifies the training set (paths, labels, masks) so a resume cannot switch data."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        image = os.path.abspath(sample.image)
+        mask = os.path.abspath(sample.mask) if sample.mask else ""
+        digest.update(f"{image}|{sample.label}|{mask}|{sample.category}\n".encode())
+    return digest.hexdigest()
+
+
+def select_embeddings(embeddings: ImageEmbeddings, indices: Sequence[int]) -> ImageEmbeddings:
+    index = torch.as_tensor(list(indices), device=embeddings.global_embedding.device)
+    return ImageEmbeddings(
+        embeddings.global_embedding.index_select(0, index),
+        {k: v.index_select(0, index) for k, v in embeddings.patch_tokens.items()},
+        embeddings.grid,
+    )
+
+
+def batch_loss(
+    model: AnomalyCLIP,
+    embeddings: ImageEmbeddings,
+    labels: Tensor,
+    masks: Tensor,
+    pixel_truth: Sequence[bool],
+    names: Sequence[str] | None,
+    loss: str = "glocal",
+    lam: float = 4.0,
+) -> BatchLoss:
+    """The glocal loss of one batch, exactly as the original's where it applies.
+
+    Images whose pixels are unknown (no mask) count in the global term only; with
+    object-aware prompts (``names`` given) each class uses its own text features. Both
+    are weighted so that the result is the mean over the batch: with one class and masks
+    for every image it equals :func:`anomalyclip.losses.glocal_loss`.
+    """
+    batch = labels.shape[0]
+    groups: dict[str | None, list[int]] = {}
+    for index in range(batch):
+        groups.setdefault(names[index] if names is not None else None, []).append(index)
+    image_term: Tensor | None = None
+    local_term: Tensor | None = None
+    for name, indices in groups.items():
+        text = model.compute_text_features(name)
+        whole = len(indices) == batch
+        group = embeddings if whole else select_embeddings(embeddings, indices)
+        if loss in ("glocal", "global"):
+            logits = model.image_logits(group, text)
+            term = F.cross_entropy(logits, labels[indices].long())
+            term = term if whole else term * (len(indices) / batch)
+            image_term = term if image_term is None else image_term + term
+        known = [i for i in indices if pixel_truth[i]]
+        if loss in ("glocal", "local") and known and lam > 0:
+            subset = group if len(known) == len(indices) else select_embeddings(embeddings, known)
+            size = tuple(masks.shape[-2:])
+            probabilities = model.layer_probabilities(subset, text, size)
+            term = lam * local_loss(probabilities, masks[known].to(text.dtype))
+            term = term if len(known) == batch else term * (len(known) / batch)
+            local_term = term if local_term is None else local_term + term
+    parts = [t for t in (image_term, local_term) if t is not None]
+    if not parts:
+        raise ValueError(f"the {loss!r} loss has no term for this batch (no masks)")
+    total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    return BatchLoss(total, image_term, local_term)
+
+
+class MaskStore:
+    """Masks at model resolution, loaded once and kept as booleans when caching."""
+
+    def __init__(self, size: int, keep: bool) -> None:
+        self.size = size
+        self.keep = keep
+        self._masks: dict[Path, Tensor] = {}
+
+    def get(self, sample: Sample) -> Tensor:
+        if sample.label == 0 or sample.mask is None:
+            return torch.zeros(self.size, self.size)
+        mask = self._masks.get(sample.mask)
+        if mask is None:
+            mask = load_mask(sample.mask, self.size).bool()
+            if self.keep:
+                self._masks[sample.mask] = mask
+        return mask.float()
+
+
+def find_checkpoints(output_dir: Path) -> dict[int, Path]:
+    found = {}
+    if output_dir.is_dir():
+        for path in output_dir.iterdir():
+            match = CHECKPOINT_PATTERN.match(path.name)
+            if match:
+                found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def _differences(
+    recorded: dict[str, Any], current: dict[str, Any], ignore: Sequence[str] = ()
+) -> list[str]:
+    keys = sorted((set(recorded) | set(current)) - set(ignore))
+    return [
+        f"{k}: checkpoint {recorded.get(k)!r}, now {current.get(k)!r}"
+        for k in keys
+        if json.dumps(recorded.get(k)) != json.dumps(current.get(k))
+    ]
+
+
+def write_logs(output_dir: Path, history: Sequence[EpochLog], header: dict[str, Any]) -> None:
+    """``train_log.csv`` (one row per epoch) and ``train_log.json`` (with the settings)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LOG_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for entry in history:
+        writer.writerow(
+            {k: ("" if v is None else v) for k, v in entry.to_dict().items() if k in LOG_FIELDS}
+        )
+    atomic_write_text(output_dir / "train_log.csv", buffer.getvalue())
+    atomic_write_json(
+        output_dir / "train_log.json", {**header, "epochs": [e.to_dict() for e in history]}
+    )
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _format(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _trainable_parameters(model: AnomalyCLIP) -> list[Tensor]:
+    """The prompt parameters, after checking that nothing else can learn."""
+    if model.config.text_prompts != "learned":
+        raise ValueError(
+            f"text_prompts={model.config.text_prompts!r} is a hand-written baseline: "
+            "there is nothing to train"
+        )
+    trainable = [name for name, p in model.clip.named_parameters() if p.requires_grad]
+    if trainable:
+        raise RuntimeError(f"the CLIP backbone must be frozen; trainable: {trainable[:3]}")
+    parameters = [p for p in model.prompt_learner.parameters() if p.requires_grad]
+    if not parameters:
+        raise RuntimeError("the prompt learner has no trainable parameters")
+    return parameters
+
+
+def _check_pixel_truth(dataset: AnomalyDataset, pixel_truth: list[bool], loss: str) -> None:
+    """Say which loss images without masks get; refuse a local loss with no masks at all."""
+    known = sum(pixel_truth)
+    if known == 0 and loss == "local":
+        raise ValueError(
+            f"{dataset.name} has no pixel ground truth (masks): the local loss cannot be "
+            "trained on it"
+        )
+    if known == 0 and loss == "glocal":
+        logger.warning(
+            "%s has no masks: training on image-level labels only: global loss", dataset.name
+        )
+    elif 0 < known < len(pixel_truth):
+        logger.warning(
+            "%d of %d images have no pixel ground truth: they count in the global loss only",
+            len(pixel_truth) - known,
+            len(pixel_truth),
+        )
+
+
+def _resume(
+    model: AnomalyCLIP,
+    optimizer: torch.optim.Optimizer,
+    checkpoint_path: Path,
+    options: TrainOptions,
+    fingerprint: str,
+) -> list[EpochLog]:
+    """Load prompts, optimiser and RNG state of a run's checkpoint; its epoch history."""
+    checkpoint = read_checkpoint(checkpoint_path)
+    extra = checkpoint.extra
+    if checkpoint.config is None or "optimizer" not in extra:
+        raise ValueError(f"{checkpoint_path} is not a training checkpoint of anomalyclip train")
+    problems = _differences(
+        checkpoint.config.to_dict(), model.config.to_dict(), ignore=("backbone",)
+    )
+    problems += _differences(extra.get("options", {}), options.to_dict(), ignore=("epochs",))
+    if extra.get("dataset_fingerprint") != fingerprint:
+        problems.append("the training images differ from those of the checkpoint")
+    if problems:
+        raise ValueError(f"cannot resume from {checkpoint_path}: " + "; ".join(problems))
+    apply_prompt_state(model, checkpoint)
+    optimizer.load_state_dict(extra["optimizer"])
+    torch.set_rng_state(extra["rng"]["torch"])
+    return [EpochLog(**entry) for entry in extra.get("history", [])]
+
+
+@dataclass
+class _Epochs:
+    """What every epoch of one run uses."""
+
+    model: AnomalyCLIP
+    samples: list[Sample]
+    pixel_truth: list[bool]
+    names: list[str] | None  # object-aware prompts: each sample's class name
+    optimizer: torch.optim.Optimizer
+    cache: FeatureCache
+    masks: MaskStore
+    options: TrainOptions
+    encode_batch_size: int
+    progress: bool
+
+    def order(self, epoch: int) -> list[int]:
+        """The sample order of ``epoch``, from the seed alone, so a resume repeats it."""
+        generator = torch.Generator().manual_seed(self.options.seed + epoch)
+        return torch.randperm(len(self.samples), generator=generator).tolist()
+
+    def step(self, indices: list[int]) -> BatchLoss:
+        chosen = [self.samples[i] for i in indices]
+        device = self.model.device
+        losses = batch_loss(
+            self.model,
+            self.cache.embeddings([s.image for s in chosen], self.encode_batch_size),
+            torch.tensor([s.label for s in chosen], device=device),
+            torch.stack([self.masks.get(s) for s in chosen]).to(device),
+            [self.pixel_truth[i] for i in indices],
+            [self.names[i] for i in indices] if self.names is not None else None,
+            self.options.loss,
+            self.options.lam,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.total.backward()
+        self.optimizer.step()
+        return losses
+
+    def run(self, epoch: int) -> EpochLog:
+        from tqdm.auto import tqdm
+
+        options = self.options
+        started = time.perf_counter()
+        computed_before = self.cache.stats.computed
+        order = self.order(epoch)
+        totals: list[float] = []
+        image_losses: list[float] = []
+        local_losses: list[float] = []
+        bar = tqdm(
+            range(0, len(order), options.batch_size),
+            desc=f"epoch {epoch}/{options.epochs}",
+            unit="batch",
+            disable=not self.progress,
+        )
+        for start in bar:
+            indices = order[start : start + options.batch_size]
+            if options.loss == "local" and not any(self.pixel_truth[i] for i in indices):
+                continue  # nothing for the local loss to learn from in this batch
+            losses = self.step(indices)
+            totals.append(losses.total.item())
+            if losses.image is not None:
+                image_losses.append(losses.image.item())
+            if losses.local is not None:
+                local_losses.append(losses.local.item())
+            bar.set_postfix(loss=f"{totals[-1]:.4f}")
+        bar.close()
+        if any(p.grad is not None for p in self.model.clip.parameters()):
+            raise RuntimeError("a backbone parameter received a gradient")
+        if not math.isfinite(sum(totals)):
+            raise FloatingPointError(f"epoch {epoch}: the loss is not finite ({totals})")
+        return EpochLog(
+            epoch=epoch,
+            loss=sum(totals) / len(totals),
+            image_loss=_mean(image_losses),
+            local_loss=_mean(local_losses),
+            seconds=round(time.perf_counter() - started, 4),
+            images_encoded=self.cache.stats.computed - computed_before,
+        )
+
+
+def train(
+    model: AnomalyCLIP,
+    dataset: AnomalyDataset,
+    output_dir: str | Path,
+    options: TrainOptions | None = None,
+    *,
+    resume: bool = False,
+    cache: FeatureCache | None = None,
+    encode_batch_size: int = 1,
+    backbone_sha256: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the prompts of ``model`` on ``dataset``; checkpoints and logs go to ``output_dir``.
+
+    ``cache`` defaults to an in-memory feature cache; pass
+    ``FeatureCache(model, memory=False)`` to recompute the embeddings every epoch, or one
+    with a ``directory`` to keep them between runs. ``resume`` continues from the last
+    complete epoch in ``output_dir`` (the same model configuration, options and data are
+    required; ``epochs`` may grow). ``encode_batch_size`` images are encoded together
+    (see :meth:`FeatureCache.embeddings`).
+    """
+    options = options or TrainOptions()
+    output_dir = Path(output_dir)
+    samples = list(dataset.samples)
+    if not samples:
+        raise ValueError(f"{dataset.name}: no images to train on")
+    optimizer = torch.optim.Adam(_trainable_parameters(model), lr=options.lr, betas=options.betas)
+    pixel_truth = [dataset.has_pixel_truth(sample) for sample in samples]
+    _check_pixel_truth(dataset, pixel_truth, options.loss)
+    fingerprint = dataset_fingerprint(samples)
+
+    history: list[EpochLog] = []
+    existing = find_checkpoints(output_dir)
+    last_checkpoint = existing[max(existing)] if existing else None
+    if last_checkpoint is not None and not resume:
+        raise FileExistsError(
+            f"{output_dir} already holds checkpoints ({last_checkpoint.name}); resume the run "
+            "or choose another output folder"
+        )
+    if last_checkpoint is not None:
+        history = _resume(model, optimizer, last_checkpoint, options, fingerprint)
+        logger.info("resuming from %s (epoch %d done)", last_checkpoint, max(existing))
+    elif resume:
+        logger.info("nothing to resume in %s: starting from epoch 1", output_dir)
+    start_epoch = max(existing, default=0) + 1
+    result = TrainResult(output_dir, last_checkpoint, history, start_epoch - 1)
+    if start_epoch > options.epochs:
+        logger.info("all %d epochs are done already", options.epochs)
+        return result
+
+    cache = cache if cache is not None else FeatureCache(model)
+    aware = model.config.prompt_mode == "aware"
+    epochs = _Epochs(
+        model=model,
+        samples=samples,
+        pixel_truth=pixel_truth,
+        names=[object_name(s, model.config) for s in samples] if aware else None,
+        optimizer=optimizer,
+        cache=cache,
+        masks=MaskStore(model.config.image_size, keep=cache.memory),
+        options=options,
+        encode_batch_size=encode_batch_size,
+        progress=progress,
+    )
+    header = {
+        "dataset": {"name": dataset.name, "root": str(dataset.root), "split": dataset.split},
+        "dataset_fingerprint": fingerprint,
+        "images": len(samples),
+        "images_with_masks": sum(pixel_truth),
+        "config": model.config.to_dict(),
+        "options": options.to_dict(),
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    logger.info(
+        "training on %s: %d images (%d with pixel truth), %s loss, epochs %d..%d",
+        dataset.name,
+        len(samples),
+        sum(pixel_truth),
+        options.loss,
+        start_epoch,
+        options.epochs,
+    )
+    for epoch in range(start_epoch, options.epochs + 1):
+        entry = epochs.run(epoch)
+        history.append(entry)
+        extra = {
+            "epoch": epoch,
+            "options": options.to_dict(),
+            "dataset_fingerprint": fingerprint,
+            "optimizer": optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state()},
+            "history": [e.to_dict() for e in history],
+        }
+        result.checkpoint = save_checkpoint(
+            output_dir / f"epoch_{epoch}.pt", model, backbone_sha256=backbone_sha256, extra=extra
+        )
+        write_logs(output_dir, history, header)
+        logger.info(
+            "epoch %d/%d: loss %.4f (image %s, local %s) in %.1f s, %d images encoded",
+            epoch,
+            options.epochs,
+            entry.loss,
+            _format(entry.image_loss),
+            _format(entry.local_loss),
+            entry.seconds,
+            entry.images_encoded,
+        )
+    return result
