@@ -8,19 +8,23 @@ from anomalyclip.backbone.clip import CLIP, CLIPArchitecture
 
 
 def tiny_architecture(**overrides) -> CLIPArchitecture:
-    """A CLIP small enough for a test to run in well under a second."""
+    """A CLIP small enough for a test to run in well under a second.
+
+    Heads are width // 64, as loaders infer them from a state dict, so a model built here
+    equals the same model saved and loaded again.
+    """
     fields = dict(
         embed_dim=32,
         vision_width=64,
         vision_layers=4,
         vision_patch_size=8,
         vision_grid=4,
-        vision_heads=2,
+        vision_heads=1,
         context_length=77,
         vocab_size=49408,
         text_width=64,
         text_layers=4,
-        text_heads=2,
+        text_heads=1,
     )
     fields.update(overrides)
     return CLIPArchitecture(**fields)

@@ -68,6 +68,10 @@ class AnomalyCLIPConfig:
             problems.append(f"prompt_mode must be agnostic or aware, got {self.prompt_mode!r}")
         if self.n_ctx < 1 or self.prompt_depth < 1 or self.deep_prompt_length < 0:
             problems.append("n_ctx and prompt_depth must be >= 1, deep_prompt_length >= 0")
+        if self.text_prompts not in ("learned", "plain", "winclip"):
+            problems.append(
+                f"text_prompts must be learned, plain or winclip, got {self.text_prompts!r}"
+            )
         if self.sigma < 0:
             problems.append(f"sigma must be >= 0, got {self.sigma}")
         if problems:
