@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import TYPE_CHECKING
+
+from anomalyclip.visualize import COLORMAPS
+
+if TYPE_CHECKING:
+    from anomalyclip.model import AnomalyCLIP
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +45,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_model(args: argparse.Namespace):
+def build_model(args: argparse.Namespace) -> AnomalyCLIP:
+    """The one place a command turns its model options into a model."""
     from anomalyclip.model import AnomalyCLIP
 
     overrides = {
@@ -60,40 +67,76 @@ def build_model(args: argparse.Namespace):
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "predict",
-        help="score images and write anomaly maps",
-        description="Score images (files, folders, globs) with AnomalyCLIP.",
+        help="score images: verdicts, heatmaps, masks and a report",
+        description="Score images with AnomalyCLIP. Inputs are image files, folders "
+        "(searched recursively), glob patterns or CSV files with a column 'image' (paths "
+        "relative to the CSV). Unreadable files are skipped and listed at the end.",
     )
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     add_model_arguments(parser)
-    parser.add_argument("--output", default="predictions.jsonl", help="JSON Lines results file")
-    parser.add_argument("--save-maps", metavar="DIR", help="write <stem>.npy maps (model size)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    outputs = parser.add_argument_group("outputs")
+    outputs.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        help="write predictions.jsonl, predictions.csv, summary.json, overlays/, masks/, "
+        "thumbnails/ and report.html here",
+    )
+    outputs.add_argument(
+        "--output",
+        metavar="FILE.jsonl",
+        help="JSON Lines results (default: DIR/predictions.jsonl with --output-dir, "
+        "else predictions.jsonl)",
+    )
+    outputs.add_argument(
+        "--save-maps", metavar="DIR", help="write <name>.npy float32 maps at model resolution"
+    )
+    thresholds = parser.add_argument_group("thresholds")
+    thresholds.add_argument(
+        "--threshold",
+        "--image-threshold",
+        dest="image_threshold",
+        type=float,
+        metavar="SCORE",
+        help="verdict: anomalous when score >= this (default: the checkpoint's calibrated "
+        "threshold; without one, no verdicts)",
+    )
+    thresholds.add_argument(
+        "--pixel-threshold",
+        type=float,
+        metavar="VALUE",
+        help="defect mask: map >= this (default: calibrated, else half the map range)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    parser.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in overlays")
+    parser.add_argument("--colormap", default="jet", choices=COLORMAPS)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from anomalyclip.inference import (
-        SkippedImage,
-        gather_images,
-        predict_files,
-        save_map,
-        write_jsonl,
-    )
+    from anomalyclip.inference import gather_images, inspect
 
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
     paths = gather_images(args.inputs)
     model = build_model(args)
-    predictions, skipped = [], []
-    for result in predict_files(model, paths, batch_size=args.batch_size):
-        if isinstance(result, SkippedImage):
-            skipped.append(result)
-            continue
-        predictions.append(result)
-        if args.save_maps:
-            save_map(args.save_maps, result)
-    write_jsonl(args.output, predictions)
-    logger.info("scored %d images, wrote %s", len(predictions), args.output)
-    if skipped:
-        logger.warning("skipped %d unreadable files:", len(skipped))
-        for item in skipped:
-            logger.warning("  %s: %s", item.path, item.reason)
-    return 0 if predictions else 1
+    output = args.output
+    if output is None and args.output_dir is None:
+        output = "predictions.jsonl"
+    summary = inspect(
+        paths,
+        model,
+        args.output_dir,
+        image_threshold=args.image_threshold,
+        pixel_threshold=args.pixel_threshold,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        jsonl_path=output,
+        maps_dir=args.save_maps,
+        keep_maps=False,
+        alpha=args.alpha,
+        colormap=args.colormap,
+    )
+    return 0 if summary.results else 1

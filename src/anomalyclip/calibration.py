@@ -1,0 +1,277 @@
+"""Choosing the image and pixel thresholds from example images.
+
+The rules, in order of preference:
+
+* **Image threshold, with labelled anomalous images**: the F1-optimal threshold. Every
+  cut between two distinct scores is tried (verdict: ``score >= threshold``); the best F1
+  wins, ties going to the higher threshold (fewer false alarms), and the threshold is put
+  midway between the lowest score called anomalous and the highest called normal, so it
+  does not sit on a calibration image's score.
+* **Image threshold, from good images only**: the ``image_quantile`` (default 0.99)
+  quantile of their scores, numpy's linear interpolation. It is the threshold at which
+  about 1 - q of good images raise a false alarm. With n good images and q >= (n-1)/n this
+  is their maximum score; a new good image exceeds the maximum of n others with
+  probability 1/(n+1), so a handful of 10 images means roughly 9% false alarms, and the
+  rate falls only as more good images are given.
+* **Pixel threshold, with masks**: the F1-optimal threshold over pixels (at model
+  resolution) of the good images (all normal) and the anomalous images that have masks.
+* **Pixel threshold, otherwise**: the ``pixel_quantile`` (default 0.999) quantile of the
+  good images' map values: on a good image about 0.1% of the area is marked.
+
+Each image contributes at most :data:`PIXELS_PER_IMAGE` map values (a seeded random
+sample), so memory stays bounded over large sets.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anomalyclip.inference import (
+    Predictor,
+    SkippedImage,
+    calibration_settings,
+    expand_sources,
+    iter_predictions,
+    read_image_csv,
+)
+from anomalyclip.preprocess import ImageSource, load_mask
+
+logger = logging.getLogger(__name__)
+
+PIXELS_PER_IMAGE = 65_536
+GOOD_LABELS = frozenset({"good", "normal", "ok", "0", "false", "negative"})
+ANOMALOUS_LABELS = frozenset(
+    {"anomalous", "anomaly", "abnormal", "bad", "defect", "defective", "ng", "1", "true"}
+)
+
+
+@dataclass
+class Calibration:
+    """Chosen thresholds and how they were chosen."""
+
+    image_threshold: float
+    pixel_threshold: float
+    image_method: str  # "quantile" or "f1"
+    pixel_method: str  # "quantile" or "f1"
+    n_good: int
+    n_anomalous: int
+    n_masks: int
+    image_quantile: float
+    pixel_quantile: float
+    image_f1: float | None = None
+    pixel_f1: float | None = None
+    good_score_max: float | None = None
+    skipped: list[SkippedImage] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["skipped"] = [s.to_record() for s in self.skipped]
+        return data
+
+    def apply(self, model: Predictor) -> Predictor:
+        """Store the thresholds, and the settings they hold for, in the model's configuration
+        (saved with its checkpoint)."""
+        config = model.config
+        model.config = config.replace(
+            image_threshold=self.image_threshold,
+            pixel_threshold=self.pixel_threshold,
+            extra={**config.extra, "calibrated_with": calibration_settings(config)},
+        )
+        return model
+
+
+def parse_label(value: str | None, image: str | Path) -> bool:
+    """True for an anomalous label, False for a good one; anything else is an error."""
+    text = (value or "").strip().lower()
+    if text in GOOD_LABELS:
+        return False
+    if text in ANOMALOUS_LABELS:
+        return True
+    raise ValueError(
+        f"label {value!r} of {image} is neither good ({', '.join(sorted(GOOD_LABELS))}) "
+        f"nor anomalous ({', '.join(sorted(ANOMALOUS_LABELS))})"
+    )
+
+
+def read_labels(path: str | Path) -> tuple[list[Path], list[Path], dict[str, Path]]:
+    """(good images, anomalous images, masks by anomalous image) from a CSV with columns
+    ``image``, ``label`` and optionally ``mask``."""
+    good: list[Path] = []
+    anomalous: list[Path] = []
+    masks: dict[str, Path] = {}
+    for row in read_image_csv(path):
+        if row.label is None:
+            raise ValueError(f"{path}: {row.image} has no label (a 'label' column is needed)")
+        if parse_label(row.label, row.image):
+            anomalous.append(row.image)
+            if row.mask is not None:
+                masks[str(row.image)] = row.mask
+        else:
+            good.append(row.image)
+    return good, anomalous, masks
+
+
+def find_mask(image: Path, mask_root: Path) -> Path | None:
+    """The mask of an image in the MVTec AD layout: ``<root>/<defect>/<stem>_mask.png``
+    (``<stem>.png`` and the same directly under the root are accepted too)."""
+    for folder in (mask_root / image.parent.name, mask_root):
+        for name in (f"{image.stem}_mask.png", f"{image.stem}.png"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def quantile_threshold(values: np.ndarray, quantile: float) -> float:
+    """The ``quantile`` quantile of ``values`` (linear interpolation)."""
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"a quantile must be in (0, 1], got {quantile}")
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size == 0:
+        raise ValueError("no values to take a quantile of")
+    return float(np.quantile(values, quantile))
+
+
+def f1_optimal_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(threshold, F1) maximising F1 of ``score >= threshold`` against boolean labels."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels, dtype=bool).ravel()
+    if scores.shape != labels.shape:
+        raise ValueError(f"{scores.size} scores but {labels.size} labels")
+    positives = int(labels.sum())
+    if positives == 0:
+        raise ValueError("F1 needs at least one anomalous example")
+    order = np.argsort(-scores, kind="stable")
+    ranked, hits = scores[order], labels[order]
+    true_positives = np.cumsum(hits)
+    # Only cuts after the last of a run of tied scores: ties share a verdict.
+    cuts = np.flatnonzero(np.r_[ranked[1:] < ranked[:-1], True])
+    called = cuts + 1
+    f1 = 2.0 * true_positives[cuts] / (called + positives)
+    best = int(np.argmax(f1))  # first maximum: the highest threshold among ties
+    cut = cuts[best]
+    lowest_called = ranked[cut]
+    threshold = lowest_called if cut + 1 == ranked.size else 0.5 * (lowest_called + ranked[cut + 1])
+    return float(threshold), float(f1[best])
+
+
+def _sample(values: np.ndarray, seed: int) -> np.ndarray:
+    """At most PIXELS_PER_IMAGE indices into a flat array, the same for a given seed."""
+    if values.size <= PIXELS_PER_IMAGE:
+        return np.arange(values.size)
+    return np.random.default_rng(seed).choice(values.size, PIXELS_PER_IMAGE, replace=False)
+
+
+def calibrate(
+    model: Predictor,
+    good: Sequence[ImageSource],
+    anomalous: Sequence[ImageSource] = (),
+    masks: Mapping[str, str | Path] | None = None,
+    image_quantile: float = 0.99,
+    pixel_quantile: float = 0.999,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> Calibration:
+    """Score the examples and choose thresholds by the rules in this module's docstring.
+
+    ``good`` and ``anomalous`` may hold files, folders, globs or CSV lists; ``masks``
+    maps an anomalous image's path (as a string) to its mask file. Unreadable images are
+    skipped and listed in the result. The model is not changed: see
+    :meth:`Calibration.apply`.
+    """
+    for name, value in (("image_quantile", image_quantile), ("pixel_quantile", pixel_quantile)):
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"{name} must be in (0, 1], got {value}")
+    good_items, anomalous_items = expand_sources(good), expand_sources(anomalous)
+    if not good_items:
+        raise ValueError("calibration needs at least one known-good image")
+    masks = {str(k): Path(v) for k, v in (masks or {}).items()}
+    labels = [False] * len(good_items) + [True] * len(anomalous_items)
+    size = model.config.image_size
+    scores: list[float] = []
+    score_labels: list[bool] = []
+    pixel_values: list[np.ndarray] = []
+    pixel_labels: list[np.ndarray] = []
+    skipped: list[SkippedImage] = []
+    n_masks = 0
+    items = [*good_items, *anomalous_items]
+    outcomes = iter_predictions(model, items, batch_size, progress, description="calibrate")
+    for outcome in outcomes:
+        if isinstance(outcome, SkippedImage):
+            skipped.append(outcome)
+            continue
+        is_anomalous = labels[outcome.index]
+        scores.append(outcome.prediction.score)
+        score_labels.append(is_anomalous)
+        mask_path = masks.get(str(items[outcome.index])) if is_anomalous else None
+        if is_anomalous and mask_path is None:
+            continue
+        flat = outcome.prediction.anomaly_map.ravel()
+        chosen = _sample(flat, outcome.index)
+        pixel_values.append(flat[chosen])
+        if mask_path is not None:
+            pixel_labels.append(load_mask(mask_path, size).numpy().ravel()[chosen] > 0.5)
+            n_masks += 1
+        else:
+            pixel_labels.append(np.zeros(chosen.size, dtype=bool))
+    scores_array = np.array(scores)
+    labels_array = np.array(score_labels, dtype=bool)
+    n_good = int((~labels_array).sum())
+    n_anomalous = int(labels_array.sum())
+    if n_good == 0:
+        raise ValueError("none of the known-good images could be read")
+    if n_good < 1.0 / max(1.0 - image_quantile, 1e-12) and n_anomalous == 0:
+        logger.warning(
+            "%d good images: their %.3g quantile is close to their maximum score; expect "
+            "about 1 in %d good images flagged (give more good images to lower that)",
+            n_good,
+            image_quantile,
+            n_good + 1,
+        )
+    good_scores = scores_array[~labels_array]
+    if n_anomalous:
+        image_threshold, image_f1 = f1_optimal_threshold(scores_array, labels_array)
+        image_method = "f1"
+    else:
+        image_threshold, image_f1 = quantile_threshold(good_scores, image_quantile), None
+        image_method = "quantile"
+    values = np.concatenate(pixel_values)
+    pixel_truth = np.concatenate(pixel_labels)
+    if n_masks and pixel_truth.any():
+        pixel_threshold, pixel_f1 = f1_optimal_threshold(values, pixel_truth)
+        pixel_method = "f1"
+    else:
+        pixel_threshold, pixel_f1 = quantile_threshold(values[~pixel_truth], pixel_quantile), None
+        pixel_method = "quantile"
+    result = Calibration(
+        image_threshold=image_threshold,
+        pixel_threshold=pixel_threshold,
+        image_method=image_method,
+        pixel_method=pixel_method,
+        n_good=n_good,
+        n_anomalous=n_anomalous,
+        n_masks=n_masks,
+        image_quantile=image_quantile,
+        pixel_quantile=pixel_quantile,
+        image_f1=image_f1,
+        pixel_f1=pixel_f1,
+        good_score_max=float(good_scores.max()),
+        skipped=skipped,
+    )
+    logger.info(
+        "image threshold %.6g (%s), pixel threshold %.6g (%s) from %d good, %d anomalous "
+        "images, %d masks",
+        image_threshold,
+        image_method,
+        pixel_threshold,
+        pixel_method,
+        n_good,
+        n_anomalous,
+        n_masks,
+    )
+    return result

@@ -1,0 +1,156 @@
+"""``anomalyclip calibrate``: thresholds from example images, saved into a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from anomalyclip.cli.predict import add_model_arguments, build_model
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "calibrate",
+        help="set the image and pixel thresholds from example images",
+        description="Score known-good images (and, optionally, labelled anomalous ones) and "
+        "write a checkpoint whose configuration carries the chosen thresholds; predict and "
+        "serve then use them. Good images only: the image threshold is a high quantile of "
+        "their scores, the pixel threshold a high quantile of their map values. With "
+        "anomalous images: the F1-optimal image threshold, and with masks the F1-optimal "
+        "pixel threshold. The model options used here (image size, layers, ...) are saved "
+        "too, since the thresholds hold only for them.",
+    )
+    parser.add_argument(
+        "good",
+        nargs="*",
+        metavar="GOOD_IMAGE_OR_DIR",
+        help="known-good images: files, folders, globs or CSV lists",
+    )
+    examples = parser.add_argument_group("labelled examples")
+    examples.add_argument(
+        "--labels",
+        metavar="CSV",
+        help="CSV with columns image, label (good/normal/0 or anomalous/bad/defect/1) and "
+        "optionally mask; paths relative to the CSV",
+    )
+    examples.add_argument(
+        "--anomalous",
+        nargs="+",
+        default=[],
+        metavar="IMAGE_OR_DIR",
+        help="known-anomalous images: files, folders, globs or CSV lists",
+    )
+    examples.add_argument(
+        "--masks",
+        metavar="DIR",
+        help="ground-truth masks of the --anomalous images in the MVTec AD layout "
+        "(DIR/<defect>/<stem>_mask.png)",
+    )
+    add_model_arguments(parser)
+    rules = parser.add_argument_group("rules")
+    rules.add_argument(
+        "--image-quantile",
+        type=float,
+        default=0.99,
+        help="quantile of good scores used without anomalous examples (default 0.99)",
+    )
+    rules.add_argument(
+        "--pixel-quantile",
+        type=float,
+        default=0.999,
+        help="quantile of good map values used without masks (default 0.999)",
+    )
+    parser.add_argument(
+        "--output", required=True, metavar="FILE.pt", help="the calibrated checkpoint to write"
+    )
+    parser.add_argument(
+        "--summary", metavar="FILE.json", help="also write the calibration details as JSON"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def _examples(args: argparse.Namespace) -> tuple[list, list, dict[str, Path]]:
+    from anomalyclip.calibration import find_mask, read_labels
+    from anomalyclip.inference import gather_images
+
+    good = gather_images(args.good) if args.good else []
+    anomalous = gather_images(args.anomalous) if args.anomalous else []
+    masks: dict[str, Path] = {}
+    if args.masks:
+        root = Path(args.masks)
+        if not root.is_dir():
+            raise FileNotFoundError(f"mask folder {root} not found")
+        for image in anomalous:
+            mask = find_mask(image, root)
+            if mask is None:
+                logger.warning("no mask for %s under %s", image, root)
+            else:
+                masks[str(image)] = mask
+    if args.labels:
+        labelled_good, labelled_anomalous, labelled_masks = read_labels(args.labels)
+        good += labelled_good
+        anomalous += labelled_anomalous
+        masks.update(labelled_masks)
+    if not good:
+        raise ValueError("calibrate needs known-good images (arguments or 'good' rows of --labels)")
+    return good, anomalous, masks
+
+
+def _source_metadata(checkpoint: str | None) -> tuple[str | None, dict]:
+    """The backbone checksum and extra data of the checkpoint being calibrated, kept."""
+    if checkpoint is None:
+        return None, {}
+    from anomalyclip.checkpoint import read_checkpoint
+    from anomalyclip.hub import resolve_checkpoint
+
+    path, _ = resolve_checkpoint(checkpoint)
+    source = read_checkpoint(path)
+    return source.backbone.get("sha256"), dict(source.extra)
+
+
+def run(args: argparse.Namespace) -> int:
+    from anomalyclip.calibration import calibrate
+    from anomalyclip.checkpoint import save_checkpoint
+    from anomalyclip.utils.atomic import atomic_write_json
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    good, anomalous, masks = _examples(args)
+    model = build_model(args)
+    result = calibrate(
+        model,
+        good,
+        anomalous,
+        masks,
+        image_quantile=args.image_quantile,
+        pixel_quantile=args.pixel_quantile,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    result.apply(model)
+    backbone_sha256, extra = _source_metadata(args.checkpoint)
+    details = {**result.to_dict(), "calibrated_from": args.checkpoint}
+    save_checkpoint(
+        args.output,
+        model,
+        backbone_sha256=backbone_sha256,
+        extra={**extra, "calibration": details},
+    )
+    if args.summary:
+        atomic_write_json(args.summary, details)
+    logger.info(
+        "wrote %s: image threshold %.6g, pixel threshold %.6g",
+        args.output,
+        result.image_threshold,
+        result.pixel_threshold,
+    )
+    if result.skipped:
+        logger.warning("skipped %d unreadable images:", len(result.skipped))
+        for item in result.skipped:
+            logger.warning("  %s: %s", item.image, item.reason)
+    return 0

@@ -1,0 +1,175 @@
+"""Heatmap overlays and defect masks as images people can look at.
+
+Normalisation: an AnomalyCLIP map is the sum over the feature layers of a per-layer
+anomaly probability in [0, 1], so its values lie in [0, n_layers] (n_layers =
+``len(config.features)``, 4 in the paper). Overlays use that fixed range by default, so
+the same colour means the same value on every image and a clean image stays blue instead
+of having its noise stretched to red. ``vmax=None`` stretches each map to its own
+maximum instead (what the authors' visualisation does), which shows where a map peaks but
+makes colours incomparable between images.
+
+Colour maps are small piecewise-linear tables in numpy: no matplotlib needed.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from anomalyclip.config import PAPER_FEATURES, AnomalyCLIPConfig
+
+DEFAULT_MAP_MAX = float(len(PAPER_FEATURES))
+
+# (position in [0, 1], (r, g, b) in [0, 1]) anchors, interpolated linearly to 256 entries.
+_ANCHORS: dict[str, Sequence[tuple[float, tuple[float, float, float]]]] = {
+    # OpenCV's COLORMAP_JET, which the authors' visualisation uses.
+    "jet": (
+        (0.0, (0.0, 0.0, 0.5)),
+        (0.125, (0.0, 0.0, 1.0)),
+        (0.375, (0.0, 1.0, 1.0)),
+        (0.625, (1.0, 1.0, 0.0)),
+        (0.875, (1.0, 0.0, 0.0)),
+        (1.0, (0.5, 0.0, 0.0)),
+    ),
+    "hot": (
+        (0.0, (0.04, 0.0, 0.0)),
+        (0.365, (1.0, 0.0, 0.0)),
+        (0.746, (1.0, 1.0, 0.0)),
+        (1.0, (1.0, 1.0, 1.0)),
+    ),
+    # matplotlib's viridis sampled at nine points: perceptually uniform, colour-blind safe.
+    "viridis": (
+        (0.0, (0.267, 0.005, 0.329)),
+        (0.125, (0.283, 0.141, 0.458)),
+        (0.25, (0.254, 0.265, 0.530)),
+        (0.375, (0.207, 0.372, 0.553)),
+        (0.5, (0.164, 0.471, 0.558)),
+        (0.625, (0.128, 0.567, 0.551)),
+        (0.75, (0.135, 0.659, 0.518)),
+        (0.875, (0.478, 0.821, 0.318)),
+        (1.0, (0.993, 0.906, 0.144)),
+    ),
+    "gray": ((0.0, (0.0, 0.0, 0.0)), (1.0, (1.0, 1.0, 1.0))),
+}
+COLORMAPS = tuple(_ANCHORS)
+
+
+def colormap_table(name: str = "jet") -> np.ndarray:
+    """(256, 3) uint8 lookup table for a colour map name in :data:`COLORMAPS`."""
+    if name not in _ANCHORS:
+        raise ValueError(f"unknown colour map {name!r}; choose one of {', '.join(COLORMAPS)}")
+    positions = np.array([p for p, _ in _ANCHORS[name]])
+    colours = np.array([c for _, c in _ANCHORS[name]])
+    samples = np.linspace(0.0, 1.0, 256)
+    table = np.stack([np.interp(samples, positions, colours[:, i]) for i in range(3)], axis=1)
+    return np.round(table * 255.0).astype(np.uint8)
+
+
+def map_range(config: AnomalyCLIPConfig) -> tuple[float, float]:
+    """The (vmin, vmax) every map of this configuration lies in: (0, number of layers)."""
+    return 0.0, float(len(config.features))
+
+
+def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(height, width) float32 from a 2-D map, bilinear as ``map_at_original_size``.
+
+    ``size`` is (width, height) as PIL gives it.
+    """
+    array = _as_map(anomaly_map)
+    width, height = size
+    if array.shape == (height, width):
+        return array
+    import torch
+
+    from anomalyclip.maps import upsample
+
+    return upsample(torch.from_numpy(array)[None], (height, width))[0].numpy()
+
+
+def normalise(
+    anomaly_map: np.ndarray, vmin: float | None = 0.0, vmax: float | None = DEFAULT_MAP_MAX
+) -> np.ndarray:
+    """Map values to [0, 1] over [vmin, vmax]; None takes that end from the map itself."""
+    array = _as_map(anomaly_map)
+    low = float(array.min()) if vmin is None else float(vmin)
+    high = float(array.max()) if vmax is None else float(vmax)
+    if high < low:
+        raise ValueError(f"vmax {high} is below vmin {low}")
+    span = high - low
+    if span <= 0.0:
+        return np.zeros_like(array)
+    return np.clip((array - low) / span, 0.0, 1.0)
+
+
+def colorize(
+    anomaly_map: np.ndarray,
+    vmin: float | None = 0.0,
+    vmax: float | None = DEFAULT_MAP_MAX,
+    colormap: str = "jet",
+) -> Image.Image:
+    """The map alone as an RGB image at the map's own resolution."""
+    indices = np.round(normalise(anomaly_map, vmin, vmax) * 255.0).astype(np.uint8)
+    return Image.fromarray(colormap_table(colormap)[indices], "RGB")
+
+
+def overlay(
+    image: Image.Image,
+    anomaly_map: np.ndarray,
+    alpha: float = 0.5,
+    vmin: float | None = 0.0,
+    vmax: float | None = DEFAULT_MAP_MAX,
+    colormap: str = "jet",
+) -> Image.Image:
+    """The colour-mapped anomaly map blended on the image, at the image's own resolution.
+
+    ``alpha`` is the heatmap's weight (0: the image only, 1: the heatmap only). The map
+    may be at model resolution; it is resized bilinearly to the image. Use
+    ``vmax=len(config.features)`` (see :func:`map_range`) when the model does not use four
+    feature layers; ``vmax=None`` stretches this map to its own maximum.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    base = image.convert("RGB")
+    heat = colorize(resize_map(anomaly_map, base.size), vmin, vmax, colormap)
+    return Image.blend(base, heat, alpha)
+
+
+def defect_mask(
+    anomaly_map: np.ndarray, threshold: float, size: tuple[int, int] | None = None
+) -> Image.Image:
+    """Binary "L" image: 255 where the map is at or above ``threshold``, else 0.
+
+    ``size`` (width, height) resizes the map before thresholding, so mask edges follow the
+    smooth map rather than blocky upscaled pixels.
+    """
+    array = _as_map(anomaly_map)
+    if size is not None:
+        array = resize_map(array, size)
+    return Image.fromarray(np.where(array >= threshold, 255, 0).astype(np.uint8), "L")
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """PNG bytes of an image, for HTTP responses and data URIs."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def colorbar(width: int = 256, height: int = 12, colormap: str = "jet") -> Image.Image:
+    """A horizontal legend strip, low values on the left."""
+    if width < 1 or height < 1:
+        raise ValueError(f"colorbar size must be positive, got {width}x{height}")
+    row = colormap_table(colormap)[np.round(np.linspace(0, 255, width)).astype(int)]
+    return Image.fromarray(np.repeat(row[None], height, axis=0), "RGB")
+
+
+def _as_map(anomaly_map: np.ndarray) -> np.ndarray:
+    array = np.asarray(anomaly_map, dtype=np.float32)
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2:
+        raise ValueError(f"an anomaly map must be 2-D (H, W), got shape {array.shape}")
+    return np.nan_to_num(array, nan=0.0)

@@ -1,0 +1,335 @@
+"""``anomalyclip predict`` and ``inference.inspect`` on real files with a tiny random model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anomalyclip.checkpoint import save_checkpoint
+from anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.inference import (
+    CSV_FIELDS,
+    default_pixel_threshold,
+    gather_images,
+    inspect,
+    iter_predictions,
+    output_names,
+    read_image_csv,
+)
+from anomalyclip.model import AnomalyCLIP
+from tests.factories import tiny_clip
+
+IMAGE_SIZE = 64
+TILE = Path("datasets") / "magnetic_tile"
+
+
+def tiny_config(clip_path: Path | str = "tiny", **changes) -> AnomalyCLIPConfig:
+    """A configuration the 4-layer test CLIP supports, at 64 px."""
+    fields = dict(
+        backbone=str(clip_path),
+        image_size=IMAGE_SIZE,
+        features=(1, 2, 3, 4),
+        dpam_layers=2,
+        n_ctx=4,
+        prompt_depth=2,
+        deep_prompt_length=2,
+    )
+    fields.update(changes)
+    return AnomalyCLIPConfig(**fields)
+
+
+def write_tiny_model(folder: Path) -> tuple[Path, Path, AnomalyCLIP]:
+    """(CLIP state-dict file, prompt checkpoint, the model): the files the CLI loads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    clip = tiny_clip()
+    clip_path = folder / "tiny_clip.pt"
+    torch.save(clip.state_dict(), clip_path)
+    model = AnomalyCLIP(clip, tiny_config(clip_path)).eval()
+    checkpoint = save_checkpoint(folder / "prompts.pt", model)
+    return clip_path, checkpoint, model
+
+
+def copy_tiles(shared_dir: Path, target: Path, per_folder: dict[str, int]) -> list[Path]:
+    """The first images of some magnetic_tile test folders, copied into ``target``."""
+    copied = []
+    for folder, count in per_folder.items():
+        sources = sorted((shared_dir / TILE / "test" / folder).iterdir())[:count]
+        (target / folder).mkdir(parents=True, exist_ok=True)
+        for source in sources:
+            copied.append(Path(shutil.copy(source, target / folder / source.name)))
+    return copied
+
+
+@pytest.fixture(scope="module")
+def tiny_model_files(tmp_path_factory) -> tuple[Path, Path, AnomalyCLIP]:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture
+def tile_folder(tmp_path, shared_dir) -> Path:
+    """8 good and 2 cracked tiles, a good tile's twin with the same name in another
+    folder, and a corrupt JPEG."""
+    root = tmp_path / "inputs"
+    copy_tiles(shared_dir, root, {"good": 8, "crack": 2})
+    first_good = sorted((root / "good").iterdir())[0]
+    (root / "line2").mkdir()
+    shutil.copy(first_good, root / "line2" / first_good.name)
+    (root / "good" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    return root
+
+
+def cli(*arguments: str) -> int:
+    from anomalyclip.cli import main
+
+    return main([str(a) for a in arguments])
+
+
+def model_arguments(files: tuple[Path, Path, AnomalyCLIP]) -> list[str]:
+    clip_path, checkpoint, _ = files
+    return ["--clip-weights", clip_path, "--checkpoint", checkpoint, "--image-size", IMAGE_SIZE]
+
+
+def test_predict_writes_every_output_and_skips_the_corrupt_file(
+    tmp_path, tile_folder, tiny_model_files, caplog
+):
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO):
+        code = cli(
+            "predict",
+            tile_folder,
+            *model_arguments(tiny_model_files),
+            "--output-dir",
+            out,
+            "--save-maps",
+            out / "maps",
+            "--threshold",
+            "0.5",
+            "--pixel-threshold",
+            "2.0",
+            "--batch-size",
+            "4",
+            "--no-progress",
+        )
+    assert code == 0
+    corrupt = str(tile_folder / "good" / "corrupt.jpg")
+    assert "skipped 1 unreadable inputs" in caplog.text
+    assert f"{corrupt}: corrupt or truncated image (Truncated File Read)" in caplog.text
+
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 11
+    assert corrupt not in {r["image"] for r in records}
+    for item in records:
+        assert 0.0 <= item["score"] <= 1.0
+        assert item["anomalous"] == (item["score"] >= 0.5)
+        assert item["image_threshold"] == 0.5
+
+    with (out / "predictions.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0]) == CSV_FIELDS
+    assert [r["image"] for r in rows] == [r["image"] for r in records]
+    assert [float(r["score"]) for r in rows] == pytest.approx([r["score"] for r in records])
+    assert {r["anomalous"] for r in rows} <= {"true", "false"}
+
+    # Overlays and masks at each original's resolution; the twin files do not collide.
+    overlays = sorted(p.relative_to(out).as_posix() for p in (out / "overlays").iterdir())
+    assert len(overlays) == 11 and len(set(overlays)) == 11
+    twin = sorted((tile_folder / "line2").iterdir())[0].stem
+    assert f"overlays/good__{twin}.png" in overlays and f"overlays/line2__{twin}.png" in overlays
+    for item in records:
+        with Image.open(item["image"]) as original:
+            size = original.size
+        with Image.open(out / item["overlay"]) as shown:
+            assert shown.size == size and shown.mode == "RGB"
+        with Image.open(out / item["mask"]) as mask:
+            assert mask.size == size and mask.mode == "L"
+            values = np.asarray(mask)
+        assert set(np.unique(values)) <= {0, 255}
+        assert (values == 255).mean() == pytest.approx(item["defect_fraction"])
+        saved = np.load(out / item["map"])
+        assert saved.dtype == np.float32 and saved.shape == (IMAGE_SIZE, IMAGE_SIZE)
+        assert float(saved.max()) == pytest.approx(item["map_max"])
+        assert (out / item["thumbnail"]).is_file()
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["inputs"] == 12 and summary["scored"] == 11
+    assert summary["skipped"] == [
+        {"image": corrupt, "reason": "corrupt or truncated image (Truncated File Read)"}
+    ]
+    assert summary["image_threshold"] == 0.5 and summary["image_threshold_source"] == "given"
+    assert summary["pixel_threshold"] == 2.0 and summary["pixel_threshold_source"] == "given"
+    assert summary["anomalous"] == sum(r["anomalous"] for r in records)
+
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert report.count('<figure class="card') == 11
+    assert "corrupt.jpg</code>: corrupt or truncated image" in report
+    for item in records:
+        assert f'src="{item["thumbnail"]}"' in report
+
+
+def test_predict_scores_equal_the_model_in_any_batching(tmp_path, tile_folder, tiny_model_files):
+    *_, model = tiny_model_files
+    output = tmp_path / "scores.jsonl"
+    code = cli(
+        "predict",
+        tile_folder / "good",
+        *model_arguments(tiny_model_files),
+        "--output",
+        output,
+        "--batch-size",
+        "3",
+        "--no-progress",
+    )
+    assert code == 0
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    images = sorted(p for p in (tile_folder / "good").iterdir() if p.name != "corrupt.jpg")
+    assert [r["image"] for r in records] == [str(p) for p in images]
+    expected = model.predict(images, batch_size=len(images))
+    np.testing.assert_allclose(
+        [r["score"] for r in records], [p.score for p in expected], atol=1e-5
+    )
+    # No threshold anywhere: no verdicts, and --output alone writes nothing else.
+    assert all(r["anomalous"] is None for r in records)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs", "scores.jsonl"]
+
+
+def test_predict_reads_a_csv_list_and_reports_missing_files(
+    tmp_path, tile_folder, tiny_model_files
+):
+    listing = tile_folder / "list.csv"
+    good = sorted((tile_folder / "good").glob("exp*.jpg"))[:2]
+    rows = [f"good/{p.name}" for p in good] + ["good/not_there.png"]
+    listing.write_text("image,comment\n" + "\n".join(f"{r},x" for r in rows) + "\n")
+    out = tmp_path / "out"
+    code = cli(
+        "predict", listing, *model_arguments(tiny_model_files), "--output-dir", out, "--no-progress"
+    )
+    assert code == 0
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [Path(r["image"]).name for r in records] == [p.name for p in good]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped"] == [
+        {"image": str(tile_folder / "good" / "not_there.png"), "reason": "no such file"}
+    ]
+    assert summary["pixel_threshold"] == default_pixel_threshold(tiny_config()) == 2.0
+    assert summary["pixel_threshold_source"] == "default"
+    assert summary["image_threshold"] is None and summary["anomalous"] is None
+
+
+def test_predict_with_nothing_readable_fails(tmp_path, tiny_model_files):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"")
+    code = cli("predict", bad, *model_arguments(tiny_model_files), "--output", tmp_path / "p.jsonl")
+    assert code == 1
+    assert (tmp_path / "p.jsonl").read_text() == ""
+
+
+def test_predict_names_an_input_that_matches_nothing(tmp_path, tiny_model_files, caplog):
+    code = cli("predict", tmp_path / "nothing*.png", *model_arguments(tiny_model_files))
+    assert code == 2
+    assert f"no images found at {tmp_path / 'nothing*.png'}" in caplog.text
+
+
+def test_gather_images_recurses_globs_and_skips_hidden_and_other_files(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / ".cache").mkdir()
+    for name in ["a/one.png", "a/b/two.JPG", "a/notes.txt", "a/.hidden.png", ".cache/x.png"]:
+        (tmp_path / name).write_bytes(b"x")
+    found = gather_images([tmp_path])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/b/two.JPG", "a/one.png"]
+    assert gather_images([str(tmp_path / "a" / "*.png"), tmp_path / "a" / "one.png"]) == [
+        tmp_path / "a" / "one.png"
+    ]
+    assert gather_images([tmp_path / "a" / "notes.txt"]) == [tmp_path / "a" / "notes.txt"]
+    with pytest.raises(FileNotFoundError, match="no images found at .*missing"):
+        gather_images([tmp_path / "missing"])
+
+
+def test_csv_lists_need_an_image_column(tmp_path):
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,label\na.png,good\n")
+    with pytest.raises(ValueError, match=r"list.csv: an image list needs a column 'image' "):
+        read_image_csv(listing)
+    listing.write_text("image,label,mask\nsub/a.png,bad,m/a.png\n,good,\n")
+    with pytest.raises(ValueError, match="list.csv, line 3: the 'image' cell is empty"):
+        read_image_csv(listing)
+    listing.write_text("\ufeffimage,label,mask\nsub/a.png,bad,m/a.png\nb.png,good,\n")
+    rows = read_image_csv(listing)
+    assert [(r.image, r.label, r.mask) for r in rows] == [
+        (tmp_path / "sub/a.png", "bad", tmp_path / "m/a.png"),
+        (tmp_path / "b.png", "good", None),
+    ]
+
+
+def test_output_names_keep_stems_and_tell_twins_apart():
+    names = output_names(
+        [
+            "/data/line1/good/a.png",
+            "/data/line2/good/a.png",
+            "/data/line1/good/b.png",
+            "/data/line1/good/b.jpg",
+            "/data/c.png",
+            Image.new("RGB", (2, 2)),
+        ]
+    )
+    assert names == [
+        "line1__good__a",
+        "line2__good__a",
+        "b_png",
+        "b_jpg",
+        "c",
+        "image_00006",
+    ]
+    assert len(set(output_names([f"/x/{i % 2}/{i % 3}/s.png" for i in range(6)]))) == 6
+
+
+def test_inspect_from_python_uses_the_calibrated_threshold(tmp_path, shared_dir):
+    images = copy_tiles(shared_dir, tmp_path / "in", {"good": 3, "blowhole": 2})
+    model = AnomalyCLIP(tiny_clip(), tiny_config(image_threshold=0.45, pixel_threshold=2.5))
+    in_memory = Image.open(images[0]).convert("RGB")
+    summary = inspect([tmp_path / "in", in_memory], model, progress=False)
+    assert summary.image_threshold == 0.45 and summary.image_threshold_source == "calibrated"
+    assert summary.pixel_threshold == 2.5 and summary.pixel_threshold_source == "calibrated"
+    assert len(summary.results) == 6 and summary.skipped == [] and summary.files == {}
+    assert summary.results[-1].image == "<Image>"
+    assert summary.results[-1].score == pytest.approx(summary.results[2].score, abs=1e-6)
+    for result in summary.results:
+        assert result.anomalous == (result.score >= 0.45)
+        assert result.prediction is not None and result.prediction.is_anomalous == result.anomalous
+        full = result.prediction.map_at_original_size()
+        assert full.shape == (result.height, result.width)
+        assert float((full >= 2.5).mean()) == pytest.approx(result.defect_fraction)
+    assert [r.image for r in summary.anomalous] == [
+        r.image for r in summary.results if r.score >= 0.45
+    ]
+
+
+def test_inspect_can_drop_maps_and_iter_predictions_reports_skips(tmp_path, shared_dir):
+    images = copy_tiles(shared_dir, tmp_path, {"good": 2})
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    model = AnomalyCLIP(tiny_clip(), tiny_config())
+    summary = inspect([*images, broken], model, progress=False, keep_maps=False)
+    assert [r.prediction for r in summary.results] == [None, None]
+    assert [s.image for s in summary.skipped] == [str(broken)]
+    assert summary.skipped[0].reason == "corrupt or truncated image (Truncated File Read)"
+    outcomes = list(iter_predictions(model, [broken, *images], batch_size=1, progress=False))
+    assert [type(o).__name__ for o in outcomes] == ["SkippedImage", "ScoredImage", "ScoredImage"]
+    assert [o.index for o in outcomes[1:]] == [1, 2]
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        list(iter_predictions(model, images, batch_size=0))
+    # Bad display options fail before any image is scored.
+    with pytest.raises(ValueError, match="unknown colour map 'plasma'"):
+        inspect(images, model, tmp_path / "out", colormap="plasma")
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], got 2"):
+        inspect(images, model, tmp_path / "out", alpha=2)
+    assert not (tmp_path / "out").exists()
+    single = inspect(Image.open(images[0]), model, progress=False)
+    assert [r.image for r in single.results] == ["<JpegImageFile>"]
