@@ -244,7 +244,8 @@ def load_model(
             base = AnomalyCLIPConfig.from_dict({**base.to_dict(), **info.config})
         base = config_for(prompt_checkpoint, base)
     if clip_weights is not None:
-        overrides.setdefault("backbone", str(clip_weights))
+        local = Path(clip_weights).expanduser()
+        overrides.setdefault("backbone", str(local.resolve() if local.exists() else clip_weights))
     config = base.replace(**overrides)
     clip = load_clip(config.backbone, trust_torchscript=trust_torchscript)
     model = AnomalyCLIP(clip, config)
