@@ -35,8 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 from common import (
+    cpu_counters,
     machine_info,
     markdown_table,
+    others_cpu_share,
     peak_rss_mb,
     random_model,
     shapes,
@@ -152,11 +154,13 @@ def worker(spec_path: str) -> None:
             run(batch)
         synchronize(device)
         times = []
+        counters = cpu_counters()
         for _ in range(spec["repeats"]):
             started = time.perf_counter()
             run(batch)
             synchronize(device)
             times.append(time.perf_counter() - started)
+        others = others_cpu_share(counters, cpu_counters(), sum(times))
         seconds = statistics.median(times)
         entry = {
             "batch_size": batch_size,
@@ -165,6 +169,7 @@ def worker(spec_path: str) -> None:
             "images_per_second": batch_size / seconds,
             "all_seconds": times,
             "peak_rss_mb": peak_rss_mb(),
+            "others_cpu_share": others,
         }
         if device.startswith("cuda"):
             entry["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -237,7 +242,9 @@ def report(results: list[dict[str, Any]]) -> str:
                     dev.get("max_abs_score_difference"),
                     dev.get("max_abs_map_difference"),
                     f"{dev['map_correlation']:.6f}" if dev else None,
-                    f"{result['load_average_at_start']:.1f}-{result['load_average_at_end']:.1f}",
+                    None
+                    if entry["others_cpu_share"] is None
+                    else f"{entry['others_cpu_share']:.0%}",
                 ]
             )
     headers = [
@@ -251,7 +258,7 @@ def report(results: list[dict[str, Any]]) -> str:
         "max |d score|",
         "max |d map|",
         "map corr.",
-        "load avg.",
+        "others' CPU",
     ]
     return markdown_table(headers, rows)
 

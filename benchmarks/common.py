@@ -87,6 +87,31 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+def cpu_counters() -> tuple[float, float] | None:
+    """(CPU seconds the whole machine has been busy, of them this process's), or None
+    where there is no /proc. Their difference over a timed run is what other processes
+    took: a benchmark on a shared machine says how much it was disturbed."""
+    try:
+        fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    busy = user + nice + system + irq + softirq + steal
+    return busy / ticks, (int(own[11]) + int(own[12])) / ticks
+
+
+def others_cpu_share(
+    before: tuple[float, float] | None, after: tuple[float, float] | None, seconds: float
+) -> float | None:
+    """Fraction of the machine's CPU capacity other processes used between two counters."""
+    if before is None or after is None or seconds <= 0:
+        return None
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return max(0.0, others / (seconds * (os.cpu_count() or 1)))
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -203,6 +203,15 @@ def test_cli_export_writes_a_model_that_predict_can_use(tmp_path, caplog):
     )
     assert OnnxAnomalyModel(tmp_path / "x.onnx").config == onnx_model.config
 
+    image = tmp_path / "part.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (40, 50, 3), np.uint8)).save(image)
+    results = tmp_path / "onnx.jsonl"
+    assert main(["predict", str(image), "--onnx", str(output), "--output", str(results)]) == 0
+    record = json.loads(results.read_text())
+    expected_score = model.predict([image])[0].score
+    assert record["image"] == str(image)
+    assert abs(record["score"] - expected_score) < ATOL
+
 
 def test_the_inspection_workflow_runs_on_the_onnx_model(exported, tmp_path):
     from anomalyclip.inference import inspect

@@ -222,6 +222,12 @@ class OnnxAnomalyModel:
 
     ``providers`` defaults to :func:`default_providers`;
     ``threads`` caps intra-op threads (default: ONNX Runtime's choice, all cores).
+
+    Memory: with glibc, freed activation buffers of this graph are mostly not reused, so
+    the peak grows with the number of layers; ``MALLOC_MMAP_THRESHOLD_=131072`` in the
+    environment brings ViT-L at 518 px in float32 from 2.7 to 1.9 GB. The int8 graph
+    needs more still (peak 4.5 GB at batch 1, 7.8 GB at batch 2); prefer
+    :mod:`anomalyclip.quantize` where memory is tight.
     """
 
     def __init__(

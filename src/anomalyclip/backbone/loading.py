@@ -96,7 +96,8 @@ def load_clip(
         arch.text_layers,
         arch.activation,
     )
-    model = CLIP.from_state_dict(converted, arch, dtype=dtype or torch.float32)
+    del state_dict
+    model = CLIP.from_state_dict(converted, arch, dtype=dtype or torch.float32, consume=True)
     return model.to(device)
 
 

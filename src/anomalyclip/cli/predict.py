@@ -107,6 +107,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="defect mask: map >= this (default: calibrated, else half the map range)",
     )
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    parser.add_argument(
+        "--onnx",
+        metavar="FILE.onnx",
+        help="score with a model from `anomalyclip export` in ONNX Runtime "
+        "(the model options above are then ignored)",
+    )
     parser.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in overlays")
     parser.add_argument("--colormap", default="jet", choices=COLORMAPS)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -121,7 +127,12 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
     paths = gather_images(args.inputs)
-    model = build_model(args)
+    if args.onnx:
+        from anomalyclip.export import OnnxAnomalyModel
+
+        model = OnnxAnomalyModel(args.onnx)
+    else:
+        model = build_model(args)
     output = args.output
     if output is None and args.output_dir is None:
         output = "predictions.jsonl"
