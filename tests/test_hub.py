@@ -196,3 +196,66 @@ def test_download_and_info_commands(host, monkeypatch, capsys):
     assert "| demo | backbone | ok |" in output
     assert "| ViT-L/14@336px | backbone | missing |" in output
     assert main(["download", "no-such-model"]) == 2
+
+
+def test_predict_with_no_flags_from_a_hand_filled_cache(tmp_path, monkeypatch):
+    """The README's main job, offline, with the default files put in the cache by hand."""
+    import torch
+    from PIL import Image
+
+    from anomalyclip.checkpoint import save_checkpoint
+    from anomalyclip.config import AnomalyCLIPConfig
+    from anomalyclip.model import AnomalyCLIP
+    from tests.factories import tiny_clip
+
+    monkeypatch.setenv("ANOMALYCLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ANOMALYCLIP_OFFLINE", "1")
+    monkeypatch.setenv("ANOMALYCLIP_REGISTRY", str(tmp_path / "none.json"))
+    clip = tiny_clip()
+    model = AnomalyCLIP(
+        clip,
+        AnomalyCLIPConfig(
+            image_size=32,
+            features=(2, 4),
+            dpam_layers=3,
+            n_ctx=4,
+            prompt_depth=3,
+            deep_prompt_length=2,
+        ),
+    )
+    clip_file = tmp_path / "clip.pt"
+    torch.save(clip.state_dict(), clip_file)
+    prompts_file = save_checkpoint(tmp_path / "epoch_15.pth", model, layout="authors")
+
+    backbone = hub.RemoteFile(
+        hub.DEFAULT_BACKBONE,
+        "http://127.0.0.1:9/b.pt",
+        "ViT-L-14-336px.pt",
+        sha256=hub.sha256_file(clip_file),
+    )
+    prompts = hub.RemoteFile(
+        "mvtec",
+        "http://127.0.0.1:9/e.pth",
+        "epoch_15.pth",
+        git_blob=hub.git_blob_sha1_file(prompts_file),
+    )
+    settings = {**hub.PAPER_SETTINGS, "image_size": 32, "features": [2, 4], "dpam_layers": 3}
+    monkeypatch.setitem(hub.BACKBONES, hub.DEFAULT_BACKBONE, backbone)
+    monkeypatch.setitem(
+        hub.CHECKPOINTS,
+        "mvtec",
+        hub.CheckpointInfo("mvtec", prompts, hub.DEFAULT_BACKBONE, settings),
+    )
+    for file, source in ((backbone, clip_file), (prompts, prompts_file)):
+        file.cache_path().parent.mkdir(parents=True, exist_ok=True)
+        file.cache_path().write_bytes(source.read_bytes())
+
+    image = tmp_path / "part.png"
+    Image.new("RGB", (40, 30), (120, 10, 10)).save(image)
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", str(image)]) == 0
+    record = json.loads((tmp_path / "predictions.jsonl").read_text())
+    with torch.no_grad():
+        expected = model.predict([image])[0].score
+    assert record["image"] == str(image)
+    assert abs(record["score"] - expected) < 1e-5
