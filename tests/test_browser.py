@@ -7,8 +7,6 @@ them the test skips, except under CI, where it fails so that CI never passes by 
 from __future__ import annotations
 
 import base64
-import os
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -16,36 +14,9 @@ import pytest
 from PIL import Image
 
 from benchmarks.load_test import ServerProcess, free_port, random_server_command
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, require_browser
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-def require_browser() -> None:
-    problem = None
-    if not CHROMIUM.is_file():
-        problem = f"Chromium not found at {CHROMIUM} (apt-get install chromium)"
-    else:
-        try:
-            import playwright.sync_api  # noqa: F401
-        except ImportError:
-            problem = "Playwright is not installed (pip install playwright)"
-    if problem is None:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(problem + "; CI must not skip the browser test")
-    pytest.skip(problem)
 
 
 @pytest.fixture(scope="module")

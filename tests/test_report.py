@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -11,8 +10,7 @@ import pytest
 from PIL import Image
 
 from anomalyclip.report import render_report, write_report
-
-CHROMIUM = Path("/usr/bin/chromium")
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, require_browser
 
 
 class Collector(HTMLParser):
@@ -127,22 +125,6 @@ def test_legend_is_inline_and_the_report_needs_no_network(tmp_path):
     assert "map 0<img" in page and ">4</span>" in page
 
 
-def require_browser() -> None:
-    problem = None
-    if not CHROMIUM.is_file():
-        problem = f"Chromium not found at {CHROMIUM} (apt-get install chromium)"
-    else:
-        try:
-            import playwright.sync_api  # noqa: F401
-        except ImportError:
-            problem = "Playwright is not installed (pip install playwright)"
-    if problem is None:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(problem + "; CI must not skip the browser test")
-    pytest.skip(problem)
-
-
 @pytest.mark.browser
 def test_report_sorts_filters_and_relabels_in_chromium(tmp_path):
     require_browser()
@@ -158,9 +140,7 @@ def test_report_sorts_filters_and_relabels_in_chromium(tmp_path):
             Image.new("RGB", (8, 8), colour).save(target)
     path = write_report(tmp_path / "report.html", records, {**SUMMARY, "anomalous": 2})
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"]
-        )
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             errors: list[str] = []
