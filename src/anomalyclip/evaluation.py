@@ -8,6 +8,12 @@ images and anomalous ones with a mask) and only in datasets that have masks; a m
 that is undefined or not applicable is NaN, written "-" in Markdown, empty in CSV and
 null in JSON, never a number. The mean row averages each metric over the classes where
 it is defined, as the paper averages over classes.
+
+Under ``torchrun`` the work is shared: each class is cut into batches as in a single
+process, and batch ``k`` (counted over the whole dataset) is scored by rank ``k mod
+world``. Scores and maps go to rank 0 one round of batches at a time, rank 0 computes the
+metrics in the original order, and every rank returns the same result. As every batch
+holds the same images as in a single process, the numbers are identical to the last bit.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import csv
 import io
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomalyclip import metrics
+from anomalyclip import distributed, metrics
 from anomalyclip.data.core import AnomalyDataset, Sample
 from anomalyclip.feature_cache import FeatureCache
 from anomalyclip.model import AnomalyCLIP
@@ -235,34 +241,101 @@ def save_outputs(sample: Sample, anomaly_map: np.ndarray, maps_dir: Path, vmax: 
         picture.save(handle, format="PNG")
 
 
-def _score_class(
+@dataclass
+class _ClassPlan:
+    """One class's images cut into batches, and which rank scores each batch."""
+
+    category: str
+    samples: list[Sample]
+    batches: list[range]
+    owners: list[int]
+
+    def batches_of(self, rank: int) -> list[range]:
+        return [b for b, owner in zip(self.batches, self.owners, strict=True) if owner == rank]
+
+    @property
+    def rounds(self) -> int:
+        """Gathers per class: the most batches any rank has."""
+        return max((self.owners.count(r) for r in set(self.owners)), default=0)
+
+
+def _plan_batches(dataset: AnomalyDataset, batch_size: int, world: int = 1) -> list[_ClassPlan]:
+    """Each class's batches as one process makes them; batch ``k`` (counted over the
+    dataset) belongs to rank ``k mod world``."""
+    plans = []
+    counter = 0
+    for category, samples in dataset.by_category().items():
+        if not samples:
+            continue
+        batches = [
+            range(start, min(start + batch_size, len(samples)))
+            for start in range(0, len(samples), batch_size)
+        ]
+        owners = [distributed.owner(counter + k, world) for k in range(len(batches))]
+        counter += len(batches)
+        plans.append(_ClassPlan(category, samples, batches, owners))
+    return plans
+
+
+def _score_batches(
     model: AnomalyCLIP,
-    samples: Sequence[Sample],
+    plan: _ClassPlan,
+    batches: Sequence[range],
     cache: FeatureCache,
-    batch_size: int,
     keep_maps: bool,
     maps_dir: Path | None,
     bar: Any,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Image scores (N,) and, if kept, maps (N, S, S) of one class's images."""
-    size = model.config.image_size
-    scores = np.empty(len(samples), dtype=np.float64)
-    maps = np.empty((len(samples), size, size), dtype=np.float32) if keep_maps else None
+) -> Iterator[tuple[range, np.ndarray, np.ndarray | None]]:
+    """Per batch: its positions in the class, image scores and, if kept, maps (B, S, S)."""
+    if not batches:
+        return
     vmax = float(len(model.config.features))
     with torch.no_grad():
-        text = model.text_features(object_name(samples[0], model.config))
-        for start in range(0, len(samples), batch_size):
-            chunk = samples[start : start + batch_size]
+        text = model.text_features(object_name(plan.samples[0], model.config))
+    for positions in batches:
+        chunk = [plan.samples[i] for i in positions]
+        with torch.no_grad():
             output = model.score(cache.embeddings([s.image for s in chunk], len(chunk)), text)
-            scores[start : start + len(chunk)] = output.image_scores.double().cpu().numpy()
-            chunk_maps = output.anomaly_maps.float().cpu().numpy()
+        scores = output.image_scores.double().cpu().numpy()
+        chunk_maps = output.anomaly_maps.float().cpu().numpy()
+        if maps_dir is not None:
+            for sample, anomaly_map in zip(chunk, chunk_maps, strict=True):
+                save_outputs(sample, anomaly_map, maps_dir, vmax)
+        bar.update(len(chunk))
+        yield positions, scores, chunk_maps if keep_maps else None
+
+
+def _score_class(
+    model: AnomalyCLIP,
+    plan: _ClassPlan,
+    cache: FeatureCache,
+    keep_maps: bool,
+    maps_dir: Path | None,
+    bar: Any,
+) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """Image scores (N,) and, if kept, maps (N, S, S) of one class: on rank 0 only.
+
+    Other ranks score their batches and send them to rank 0 a round at a time, so rank 0
+    never holds more than one batch per rank besides the class's arrays.
+    """
+    size = model.config.image_size
+    count = len(plan.samples)
+    main = distributed.is_main_process()
+    scores = np.empty(count, dtype=np.float64) if main else None
+    maps = np.empty((count, size, size), dtype=np.float32) if main and keep_maps else None
+    mine = _score_batches(
+        model, plan, plan.batches_of(distributed.rank()), cache, keep_maps, maps_dir, bar
+    )
+    for _ in range(plan.rounds):
+        gathered = distributed.gather_to_main(next(mine, None))
+        for part in gathered or ():
+            if part is None:
+                continue
+            positions, part_scores, part_maps = part
+            scores[positions.start : positions.stop] = part_scores
             if maps is not None:
-                maps[start : start + len(chunk)] = chunk_maps
-            if maps_dir is not None:
-                for sample, anomaly_map in zip(chunk, chunk_maps, strict=True):
-                    save_outputs(sample, anomaly_map, maps_dir, vmax)
-            bar.update(len(chunk))
-    return scores, maps
+                maps[positions.start : positions.stop] = part_maps
+    return (scores, maps) if main else None
 
 
 def evaluate(
@@ -293,13 +366,23 @@ def evaluate(
     if not pixel_level:
         logger.info("%s has no masks: pixel-level metrics are not applicable", title)
     maps_dir = Path(maps_dir) if maps_dir is not None else None
-    bar = tqdm(total=len(dataset), desc=f"test {title}", unit="img", disable=not progress)
+    plans = _plan_batches(dataset, batch_size, distributed.world_size())
+    rank = distributed.rank()
+    mine = sum(len(b) for plan in plans for b in plan.batches_of(rank))
+    bar = tqdm(
+        total=mine,
+        desc=f"test {title}",
+        unit="img",
+        disable=not (progress and distributed.is_main_process()),
+    )
     classes = []
     model.eval()
-    for category, samples in dataset.by_category().items():
-        if not samples:
-            continue
-        scores, maps = _score_class(model, samples, cache, batch_size, pixel_level, maps_dir, bar)
+    for plan in plans:
+        scored = _score_class(model, plan, cache, pixel_level, maps_dir, bar)
+        if scored is None:
+            continue  # another rank than 0: rank 0 computes the metrics
+        scores, maps = scored
+        samples = plan.samples
         labels = np.array([s.label for s in samples], dtype=np.int64)
         masks = None
         if maps is not None:
@@ -308,8 +391,9 @@ def evaluate(
             maps = maps[known]
         values = class_metrics(labels, scores, masks, maps, aupro_method)
         normal = int((labels == 0).sum())
-        classes.append(ClassResult(category or title, normal, len(labels) - normal, values))
+        classes.append(ClassResult(plan.category or title, normal, len(labels) - normal, values))
     bar.close()
+    classes = distributed.broadcast_from_main(classes)
     settings = {
         "root": str(dataset.root),
         "split": dataset.split,

@@ -11,6 +11,14 @@ on CUDA after :func:`make_deterministic`.
 Image embeddings come from a :class:`~anomalyclip.feature_cache.FeatureCache`, so they are
 computed once per image rather than once per epoch.
 
+Under ``torchrun`` (an initialised process group, see :mod:`anomalyclip.distributed`) the
+same call trains with several processes and gives the single-process result to float
+tolerance. Every rank draws the same batches; image ``i`` belongs to rank ``i mod
+world``, which encodes and caches only its own images and computes their part of each
+batch's loss, weighted so that DistributedDataParallel's gradient average is the gradient
+of the whole batch's mean. Adam then takes the same step on every rank. Only rank 0
+writes checkpoints and logs; every rank resumes from the same checkpoint file.
+
 Files in the output folder: ``epoch_<n>.pt`` after every epoch (a prompt checkpoint that
 ``anomalyclip test --checkpoint`` and ``AnomalyCLIP.from_pretrained`` load, with the
 optimiser and RNG states in its ``extra``), ``train_log.csv`` and ``train_log.json``.
@@ -35,8 +43,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from anomalyclip import distributed
 from anomalyclip.checkpoint import apply_prompt_state, read_checkpoint, save_checkpoint
 from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.data.core import AnomalyDataset, Sample
@@ -329,6 +338,39 @@ def _resume(
     return [EpochLog(**entry) for entry in extra.get("history", [])]
 
 
+class _PromptGradients(nn.Module):
+    """What DistributedDataParallel wraps: the prompts and one rank's part of a batch.
+
+    The backbone stays outside this module, so DDP neither broadcasts nor watches its
+    frozen weights; only the prompt parameters' gradients are averaged.
+    """
+
+    def __init__(self, epochs: _Epochs) -> None:
+        super().__init__()
+        self.prompt_learner = epochs.model.prompt_learner
+        self.epochs = epochs
+
+    def forward(self, mine: list[int], batch_size: int) -> tuple[Tensor, list[float]]:
+        """The loss to back-propagate and this rank's share of the logged terms.
+
+        ``batch_loss`` is the mean over this rank's images; scaled by ``len(mine) * world
+        / batch_size``, its average over ranks is the mean over the whole batch. A rank
+        with nothing to learn from in this batch still takes part, with a zero loss.
+        """
+        epochs = self.epochs
+        if not mine or (
+            epochs.options.loss == "local" and not any(epochs.pixel_truth[i] for i in mine)
+        ):
+            zero = sum(p.sum() for p in self.prompt_learner.parameters()) * 0.0
+            return zero, [0.0] * 5
+        losses = epochs.losses(mine)
+        share = len(mine) / batch_size
+        terms = [losses.total, losses.image, losses.local]
+        values = [0.0 if t is None else t.item() * share for t in terms]
+        present = [float(losses.image is not None), float(losses.local is not None)]
+        return losses.total * (share * distributed.world_size()), values + present
+
+
 @dataclass
 class _Epochs:
     """What every epoch of one run uses."""
@@ -343,16 +385,18 @@ class _Epochs:
     options: TrainOptions
     encode_batch_size: int
     progress: bool
+    parallel: nn.Module | None = None  # DDP around _PromptGradients, in a distributed run
 
     def order(self, epoch: int) -> list[int]:
         """The sample order of ``epoch``, from the seed alone, so a resume repeats it."""
         generator = torch.Generator().manual_seed(self.options.seed + epoch)
         return torch.randperm(len(self.samples), generator=generator).tolist()
 
-    def step(self, indices: list[int]) -> BatchLoss:
+    def losses(self, indices: list[int]) -> BatchLoss:
+        """The loss of the samples ``indices``, as one batch."""
         chosen = [self.samples[i] for i in indices]
         device = self.model.device
-        losses = batch_loss(
+        return batch_loss(
             self.model,
             self.cache.embeddings([s.image for s in chosen], self.encode_batch_size),
             torch.tensor([s.label for s in chosen], device=device),
@@ -362,10 +406,30 @@ class _Epochs:
             self.options.loss,
             self.options.lam,
         )
+
+    def step(self, indices: list[int]) -> BatchLoss:
+        if self.parallel is not None:
+            return self.distributed_step(indices)
+        losses = self.losses(indices)
         self.optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
         self.optimizer.step()
         return losses
+
+    def distributed_step(self, indices: list[int]) -> BatchLoss:
+        """This rank's images of the batch; the batch's loss terms summed over ranks."""
+        assert self.parallel is not None
+        mine = [i for i in indices if distributed.owner(i) == distributed.rank()]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, shares = self.parallel(mine, len(indices))
+        loss.backward()
+        self.optimizer.step()
+        total, image, local, has_image, has_local = distributed.sum_across_ranks(shares)
+        return BatchLoss(
+            torch.tensor(total, dtype=torch.float64),
+            torch.tensor(image, dtype=torch.float64) if has_image else None,
+            torch.tensor(local, dtype=torch.float64) if has_local else None,
+        )
 
     def run(self, epoch: int) -> EpochLog:
         from tqdm.auto import tqdm
@@ -381,7 +445,7 @@ class _Epochs:
             range(0, len(order), options.batch_size),
             desc=f"epoch {epoch}/{options.epochs}",
             unit="batch",
-            disable=not self.progress,
+            disable=not (self.progress and distributed.is_main_process()),
         )
         for start in bar:
             indices = order[start : start + options.batch_size]
@@ -397,15 +461,18 @@ class _Epochs:
         bar.close()
         if any(p.grad is not None for p in self.model.clip.parameters()):
             raise RuntimeError("a backbone parameter received a gradient")
+        if self.parallel is not None:
+            _check_ranks_agree(self.model, epoch)
         if not math.isfinite(sum(totals)):
             raise FloatingPointError(f"epoch {epoch}: the loss is not finite ({totals})")
+        (encoded,) = distributed.sum_across_ranks([self.cache.stats.computed - computed_before])
         return EpochLog(
             epoch=epoch,
             loss=sum(totals) / len(totals),
             image_loss=_mean(image_losses),
             local_loss=_mean(local_losses),
             seconds=round(time.perf_counter() - started, 4),
-            images_encoded=self.cache.stats.computed - computed_before,
+            images_encoded=int(encoded),
         )
 
 
@@ -429,6 +496,9 @@ def train(
     complete epoch in ``output_dir`` (the same model configuration, options and data are
     required; ``epochs`` may grow). ``encode_batch_size`` images are encoded together
     (see :meth:`FeatureCache.embeddings`).
+
+    In a process group of several ranks (``torchrun``), each rank trains on its share of
+    every batch and only rank 0 writes; call it on every rank with the same arguments.
     """
     options = options or TrainOptions()
     output_dir = Path(output_dir)
@@ -441,7 +511,7 @@ def train(
     fingerprint = dataset_fingerprint(samples)
 
     history: list[EpochLog] = []
-    existing = find_checkpoints(output_dir)
+    existing = distributed.broadcast_from_main(find_checkpoints(output_dir))
     last_checkpoint = existing[max(existing)] if existing else None
     if last_checkpoint is not None and not resume:
         raise FileExistsError(
@@ -473,6 +543,8 @@ def train(
         encode_batch_size=encode_batch_size,
         progress=progress,
     )
+    if distributed.is_distributed():
+        epochs.parallel = _data_parallel(epochs)
     header = {
         "dataset": {"name": dataset.name, "root": str(dataset.root), "split": dataset.split},
         "dataset_fingerprint": fingerprint,
@@ -481,7 +553,9 @@ def train(
         "config": model.config.to_dict(),
         "options": options.to_dict(),
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main_process()
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
     logger.info(
         "training on %s: %d images (%d with pixel truth), %s loss, epochs %d..%d",
         dataset.name,
@@ -491,29 +565,68 @@ def train(
         start_epoch,
         options.epochs,
     )
-    for epoch in range(start_epoch, options.epochs + 1):
-        entry = epochs.run(epoch)
-        history.append(entry)
-        extra = {
-            "epoch": epoch,
-            "options": options.to_dict(),
-            "dataset_fingerprint": fingerprint,
-            "optimizer": optimizer.state_dict(),
-            "rng": {"torch": torch.get_rng_state()},
-            "history": [e.to_dict() for e in history],
-        }
-        result.checkpoint = save_checkpoint(
-            output_dir / f"epoch_{epoch}.pt", model, backbone_sha256=backbone_sha256, extra=extra
-        )
-        write_logs(output_dir, history, header)
-        logger.info(
-            "epoch %d/%d: loss %.4f (image %s, local %s) in %.1f s, %d images encoded",
-            epoch,
-            options.epochs,
-            entry.loss,
-            _format(entry.image_loss),
-            _format(entry.local_loss),
-            entry.seconds,
-            entry.images_encoded,
-        )
+    try:
+        for epoch in range(start_epoch, options.epochs + 1):
+            entry = epochs.run(epoch)
+            history.append(entry)
+            result.checkpoint = output_dir / f"epoch_{epoch}.pt"
+            if main:
+                extra = {
+                    "epoch": epoch,
+                    "options": options.to_dict(),
+                    "dataset_fingerprint": fingerprint,
+                    "optimizer": optimizer.state_dict(),
+                    "rng": {"torch": torch.get_rng_state()},
+                    "history": [e.to_dict() for e in history],
+                }
+                save_checkpoint(
+                    result.checkpoint, model, backbone_sha256=backbone_sha256, extra=extra
+                )
+                write_logs(output_dir, history, header)
+            _log_epoch(entry, options.epochs)
+    finally:
+        epochs.parallel = None  # releases DDP's hooks on the prompt parameters
+    distributed.barrier()  # every rank returns once the last checkpoint is written
     return result
+
+
+def prompt_digest(model: AnomalyCLIP) -> str:
+    """SHA-256 of the prompt parameters' bytes: equal digests, bit-identical prompts."""
+    digest = hashlib.sha256()
+    for name, parameter in model.prompt_learner.named_parameters():
+        data = parameter.detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_ranks_agree(model: AnomalyCLIP, epoch: int) -> None:
+    """Every rank must hold the very prompts rank 0 saves; anything else is a bug."""
+    digests = distributed.all_gather(prompt_digest(model))
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"epoch {epoch}: the ranks' prompts have diverged ({digests})")
+
+
+def _data_parallel(epochs: _Epochs) -> nn.Module:
+    """DDP around the prompts; building it copies rank 0's prompts to every rank."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = epochs.model.device
+    return DistributedDataParallel(
+        _PromptGradients(epochs),
+        device_ids=[device] if device.type == "cuda" else None,
+        broadcast_buffers=False,  # the prompt buffers are constant token embeddings
+    )
+
+
+def _log_epoch(entry: EpochLog, epochs: int) -> None:
+    logger.info(
+        "epoch %d/%d: loss %.4f (image %s, local %s) in %.1f s, %d images encoded",
+        entry.epoch,
+        epochs,
+        entry.loss,
+        _format(entry.image_loss),
+        _format(entry.local_loss),
+        entry.seconds,
+        entry.images_encoded,
+    )

@@ -38,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "table with its mean (image AUROC, AP, F1-max; pixel AUROC, AUPRO, AP, F1-max "
         "where masks exist) is printed as Markdown and written to "
         "OUTPUT_DIR/<dataset>/results.{md,csv,json}; OUTPUT_DIR/summary.{md,csv,json} "
-        "holds one row per dataset.",
+        "holds one row per dataset. Under torchrun (torchrun --nproc_per_node N -m "
+        "anomalyclip.cli test ...) the processes share the images; rank 0 writes the "
+        "identical tables.",
     )
     add_data_arguments(parser, many=True)
     parser.add_argument(
@@ -128,6 +130,16 @@ def build_on_backbone(
 
 
 def run(args: argparse.Namespace) -> int:
+    from anomalyclip import distributed
+
+    with distributed.process_group(args.device) as device:
+        distributed.configure_logging()
+        return evaluate_on(argparse.Namespace(**{**vars(args), "device": str(device)}))
+
+
+def evaluate_on(args: argparse.Namespace) -> int:
+    """The evaluation of one process (of several under torchrun); rank 0 writes."""
+    from anomalyclip import distributed
     from anomalyclip.evaluation import evaluate, summary_table, write_summary
 
     if args.batch_size < 1:
@@ -141,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
             "evaluate them in separate runs with different --output-dir"
         )
     datasets = [open_spec(spec, args) for spec in specs]
-    model = build_model(args)
+    with distributed.main_process_first():  # one download of registered weights
+        model = build_model(args)
     weights = backbone_identity(args.clip_weights) if args.clip_weights and args.cache_dir else None
     cache = make_cache(model, args, memory=False, weights=weights)
     output_dir = Path(args.output_dir)
@@ -158,11 +171,13 @@ def run(args: argparse.Namespace) -> int:
             name=spec.name,
             progress=not args.no_progress,
         )
-        paths = result.write(directory)
-        sys.stdout.write(result.to_markdown() + "\n\n")
-        logger.info("%s: tables in %s", spec.name, paths["markdown"].parent)
         results.append(result)
-    write_summary(results, output_dir)
-    if len(results) > 1:
-        sys.stdout.write(summary_table(results) + "\n")
+        if distributed.is_main_process():
+            paths = result.write(directory)
+            sys.stdout.write(result.to_markdown() + "\n\n")
+            logger.info("%s: tables in %s", spec.name, paths["markdown"].parent)
+    if distributed.is_main_process():
+        write_summary(results, output_dir)
+        if len(results) > 1:
+            sys.stdout.write(summary_table(results) + "\n")
     return 0

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
+
     from anomalyclip.data.core import AnomalyDataset
     from anomalyclip.feature_cache import FeatureCache
     from anomalyclip.model import AnomalyCLIP
@@ -142,7 +144,12 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         help="CLIP weights: a file or folder (OpenAI, open_clip, Hugging Face) or a "
         "registered name",
     )
-    group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    group.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device, e.g. cpu or cuda; under torchrun, cuda means each process's "
+        "GPU (its LOCAL_RANK)",
+    )
     group.add_argument(
         "--trust-torchscript",
         action="store_true",
@@ -205,7 +212,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train the object-agnostic prompts on a dataset with the paper's "
         "settings (Adam lr 1e-3, betas 0.5/0.999, batch 8, 15 epochs, 518 px, seed 111, "
         "lambda 4). Writes epoch_<n>.pt checkpoints, train_log.csv and train_log.json to "
-        "the output folder. Images without masks are trained with the global loss only.",
+        "the output folder. Images without masks are trained with the global loss only. "
+        "Under torchrun (torchrun --nproc_per_node N -m anomalyclip.cli train ...) the "
+        "processes share the work and give the single-process result.",
     )
     add_data_arguments(parser, many=False)
     parser.add_argument("--output-dir", "-o", required=True, metavar="DIR")
@@ -256,15 +265,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from anomalyclip import distributed
 
+    if args.deterministic:
+        from anomalyclip.training import make_deterministic
+
+        make_deterministic()
+    with distributed.process_group(args.device) as device:
+        distributed.configure_logging()
+        return train_on(args, device)
+
+
+def train_on(args: argparse.Namespace, device: torch.device) -> int:
+    """The training run of one process (of several under torchrun) on ``device``."""
+    from anomalyclip import distributed
     from anomalyclip.backbone.loading import load_clip
     from anomalyclip.baselines import get_preset
     from anomalyclip.config import AnomalyCLIPConfig
-    from anomalyclip.training import TrainOptions, make_deterministic, new_model, train
+    from anomalyclip.training import TrainOptions, new_model, train
 
-    if args.deterministic:
-        make_deterministic()
     preset = get_preset(args.preset) if args.preset else None
     if preset is not None and not preset.trained:
         raise ValueError(
@@ -283,12 +302,13 @@ def run(args: argparse.Namespace) -> int:
     dataset = open_spec(DatasetSpec.parse(args.data), args)
     base = AnomalyCLIPConfig()
     clip_weights = args.clip_weights or base.backbone
-    clip = load_clip(clip_weights, trust_torchscript=args.trust_torchscript)
+    with distributed.main_process_first():  # one download of registered weights
+        clip = load_clip(clip_weights, trust_torchscript=args.trust_torchscript)
     overrides = dict(preset.config) if preset else {}
     overrides.update(config_overrides(args, MODEL_OPTIONS))
     overrides = resolve_features(overrides, clip.visual.num_layers)
     config = base.replace(backbone=str(clip_weights), **overrides)
-    model = new_model(clip, config, options.seed).to(torch.device(args.device))
+    model = new_model(clip, config, options.seed).to(device)
     sha256 = backbone_identity(clip_weights)
     result = train(
         model,

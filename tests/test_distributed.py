@@ -1,0 +1,218 @@
+"""Several processes: torchrun's environment, sharding helpers, and training and evaluation
+with 2 CPU processes on gloo giving the numbers of one process."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from anomalyclip import distributed
+from anomalyclip.cli import main
+from anomalyclip.data import open_dataset
+from anomalyclip.distributed import LaunchEnvironment, RankFilter
+from tests.factories import tiny_clip
+
+WORLD = 2
+TINY_FLAGS = [
+    *("--image-size", "32", "--features", "2", "4", "--dpam-layers", "3"),
+    *("--prompt-depth", "2", "--n-ctx", "4", "--deep-prompt-length", "2"),
+    "--no-progress",
+]
+TORCHRUN_SECONDS = 180
+
+
+def torchrun(arguments: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc_per_node 2 -m anomalyclip.cli ARGUMENTS``."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", str(WORLD), "-m", "anomalyclip.cli", *arguments]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        environment.pop(name, None)
+    done = subprocess.run(
+        command,
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=TORCHRUN_SECONDS,
+    )
+    assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stderr[-6000:]}"
+    return done
+
+
+def write_manifest(path: Path, rows: list[tuple[Path, int, Path | None, str]]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "label", "mask", "category"])
+        for image, label, mask, category in rows:
+            writer.writerow([image, label, mask or "", category])
+    return path
+
+
+def shared_rows(shared: Path, name: str, normal: int, masked: int, unmasked: int = 0):
+    """First images of a shared dataset; ``unmasked`` anomalous ones lose their mask."""
+    dataset = open_dataset(shared / "datasets" / name)
+    good = [s for s in dataset if s.label == 0][:normal]
+    bad = [s for s in dataset if s.label == 1][: masked + unmasked]
+    rows = [(s.image, 0, None, name) for s in good]
+    rows += [(s.image, 1, s.mask if i < masked else None, name) for i, s in enumerate(bad)]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("clip") / "tiny_clip.pt"
+    torch.save(tiny_clip().state_dict(), path)
+    return path
+
+
+# the launch environment and the helpers in one process ---------------------------------
+
+
+def test_launch_environment_is_read_from_torchruns_variables():
+    assert LaunchEnvironment.from_env({}) == LaunchEnvironment(0, 1, 0)
+    launch = LaunchEnvironment.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (launch.rank, launch.world_size, launch.local_rank, launch.distributed) == (
+        3,
+        4,
+        1,
+        True,
+    )
+    with pytest.raises(ValueError, match="WORLD_SIZE='two' is not an integer"):
+        LaunchEnvironment.from_env({"WORLD_SIZE": "two"})
+    with pytest.raises(ValueError, match="RANK=2, WORLD_SIZE=2"):
+        LaunchEnvironment.from_env({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+def test_devices_and_backends_follow_the_local_rank():
+    launch = LaunchEnvironment(rank=5, world_size=8, local_rank=1)
+    assert distributed.device_for("cuda", launch) == torch.device("cuda", 1)
+    assert distributed.device_for("cpu", launch) == torch.device("cpu")
+    assert distributed.device_for("cuda:3", LaunchEnvironment()) == torch.device("cuda", 3)
+    with pytest.raises(ValueError, match="names one GPU for all 8 processes; use --device cuda"):
+        distributed.device_for("cuda:0", launch)
+    assert distributed.backend_for("cpu") == "gloo"
+    assert distributed.backend_for("cuda:1") == "nccl"
+    with pytest.raises(ValueError, match="'meta' cannot run distributed"):
+        distributed.backend_for("meta")
+
+
+def test_shards_partition_the_items():
+    assert distributed.shard(10, of_rank=1, world=3) == [1, 4, 7]
+    shards = [distributed.shard(10, of_rank=r, world=3) for r in range(3)]
+    assert sorted(i for s in shards for i in s) == list(range(10))
+    assert [distributed.owner(i, world=3) for i in (0, 4, 8)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="rank 3 is not in a world of 3"):
+        distributed.shard(10, of_rank=3, world=3)
+
+
+def test_one_process_is_a_world_of_one(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.init_from_env("cpu") == torch.device("cpu")
+    assert not distributed.is_distributed()
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main_process()) == (
+        0,
+        1,
+        True,
+    )
+    assert distributed.shard(3) == [0, 1, 2]
+    assert distributed.gather_to_main({"a": 1}) == [{"a": 1}]
+    assert distributed.all_gather(2.5) == [2.5]
+    assert distributed.broadcast_from_main("x") == "x"
+    assert distributed.sum_across_ranks([1, 2.5]) == [1.0, 2.5]
+    distributed.barrier()
+
+
+def test_other_ranks_log_only_warnings_with_their_rank():
+    def record(level: int, message: str) -> logging.LogRecord:
+        return logging.LogRecord("anomalyclip", level, __file__, 1, message, (3,), None)
+
+    assert not RankFilter(1).filter(record(logging.INFO, "epoch %d"))
+    warning = record(logging.WARNING, "cache entry %d unreadable")
+    assert RankFilter(1).filter(warning) and RankFilter(1).filter(warning)
+    assert warning.getMessage() == "[rank 1] cache entry 3 unreadable"
+    assert RankFilter(0).filter(record(logging.INFO, "epoch %d"))
+
+
+# two processes against one ---------------------------------------------------------------
+
+
+def prompts(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["prompt_learner"]
+
+
+def test_torchrun_training_gives_the_single_process_prompts(shared_dir, clip_file, tmp_path):
+    """Object-aware prompts for two classes, images without masks (global loss only) and a
+    last batch of one image (one rank has nothing): 2 processes, trained for one epoch
+    and resumed for a second, end where one process does, and write only rank 0's files."""
+    rows = shared_rows(shared_dir, "glass", 2, 2, unmasked=1)
+    rows += shared_rows(shared_dir, "metal_plate", 2, 2)
+    manifest = write_manifest(tmp_path / "train.csv", rows)
+    common = [f"csv={manifest}", "--clip-weights", str(clip_file), *TINY_FLAGS]
+    common += ["--prompt-mode", "aware", "--allow-missing-masks", "--batch-size", "4"]
+    assert len(rows) == 9  # batches of 4, 4 and 1
+
+    single = tmp_path / "single"
+    assert main(["train", *common, "-o", str(single), "--epochs", "2"]) == 0
+    split = tmp_path / "split"
+    first = torchrun(["train", *common, "-o", str(split), "--epochs", "1"], tmp_path)
+    assert first.stderr.count("epoch 1/1: loss") == 1  # logged by rank 0 only
+    assert sorted(p.name for p in split.iterdir()) == [
+        "epoch_1.pt",
+        "train_log.csv",
+        "train_log.json",
+    ]
+    torchrun(["train", *common, "-o", str(split), "--epochs", "2", "--resume"], tmp_path)
+
+    differences = []
+    for epoch in (1, 2):
+        expected = prompts(single / f"epoch_{epoch}.pt")
+        got = prompts(split / f"epoch_{epoch}.pt")
+        assert set(got) == set(expected)
+        differences += [(got[k] - expected[k]).abs().max().item() for k in expected]
+    assert max(differences) < 1e-6
+    moved = prompts(split / "epoch_2.pt")["ctx_pos"] - prompts(split / "epoch_1.pt")["ctx_pos"]
+    assert moved.abs().max() > 1e-4
+
+    expected_log = json.loads((single / "train_log.json").read_text())["epochs"]
+    got_log = json.loads((split / "train_log.json").read_text())["epochs"]
+    for want, got in zip(expected_log, got_log, strict=True):
+        for term in ("loss", "image_loss", "local_loss"):
+            assert got[term] == pytest.approx(want[term], rel=1e-6), term
+    # each image is encoded by one rank only; the resumed launch starts with empty caches
+    assert [e["images_encoded"] for e in expected_log] == [9, 0]
+    assert [e["images_encoded"] for e in got_log] == [9, 9]
+
+
+def test_torchrun_evaluation_gives_the_single_process_metrics(shared_dir, clip_file, tmp_path):
+    """Two classes in batches of 3, spread over 2 ranks: the same tables to the last bit,
+    every map saved by the rank that scored it."""
+    rows = shared_rows(shared_dir, "glass", 4, 3) + shared_rows(shared_dir, "metal_plate", 3, 4)
+    manifest = write_manifest(tmp_path / "test.csv", rows)
+    common = [f"csv={manifest}", "--clip-weights", str(clip_file), *TINY_FLAGS]
+    common += ["--checkpoint", "none", "--batch-size", "3", "--save-maps"]
+
+    assert main(["test", *common, "-o", str(tmp_path / "single")]) == 0
+    done = torchrun(["test", *common, "-o", str(tmp_path / "split")], tmp_path)
+    assert done.stdout.count("| glass |") == 1  # rank 0 prints the table once
+
+    single = json.loads((tmp_path / "single" / "test" / "results.json").read_text())
+    split = json.loads((tmp_path / "split" / "test" / "results.json").read_text())
+    assert split["classes"] == single["classes"] and split["mean"] == single["mean"]
+    assert [c["category"] for c in split["classes"]] == ["glass", "metal_plate"]
+    assert all(isinstance(split["mean"][m], float) for m in ("image_auroc", "pixel_aupro"))
+    single_maps = sorted((tmp_path / "single" / "test" / "maps").rglob("*.npy"))
+    split_maps = sorted((tmp_path / "split" / "test" / "maps").rglob("*.npy"))
+    assert len(split_maps) == len(rows) == len(single_maps)
+    for want, got in zip(single_maps, split_maps, strict=True):
+        assert np.array_equal(np.load(want), np.load(got)), got.name
