@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.factories import tiny_clip
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -33,3 +35,11 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def reference_dir(shared_dir: Path) -> Path:
     return shared_dir / "reference" / "paper"
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory) -> Path:
+    """A tiny random CLIP saved as an OpenAI-layout state dict."""
+    path = tmp_path_factory.mktemp("clip") / "tiny_clip.pt"
+    torch.save(tiny_clip().state_dict(), path)
+    return path

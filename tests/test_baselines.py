@@ -155,13 +155,6 @@ def glass_sample(shared_dir, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def clip_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("clip") / "tiny_clip.pt"
-    torch.save(tiny_clip().state_dict(), path)
-    return path
-
-
 def test_cli_evaluates_a_baseline_preset_without_a_checkpoint(glass_sample, clip_file, tmp_path):
     code = main(
         [

@@ -3,10 +3,10 @@ with 2 CPU processes on gloo giving the numbers of one process."""
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +17,8 @@ import torch
 
 from anomalyclip import distributed
 from anomalyclip.cli import main
-from anomalyclip.data import open_dataset
 from anomalyclip.distributed import LaunchEnvironment, RankFilter
-from tests.factories import tiny_clip
+from tests.factories import shared_rows, write_manifest
 
 WORLD = 2
 TINY_FLAGS = [
@@ -31,9 +30,9 @@ TORCHRUN_SECONDS = 180
 
 
 def torchrun(arguments: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``torchrun --standalone --nproc_per_node 2 -m anomalyclip.cli ARGUMENTS``."""
+    """``torchrun --standalone --nproc_per_node 2 -m anomalyclip ARGUMENTS``."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node", str(WORLD), "-m", "anomalyclip.cli", *arguments]
+    command += ["--nproc_per_node", str(WORLD), "-m", "anomalyclip", *arguments]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         environment.pop(name, None)
@@ -47,32 +46,6 @@ def torchrun(arguments: list[str], cwd: Path) -> subprocess.CompletedProcess[str
     )
     assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stderr[-6000:]}"
     return done
-
-
-def write_manifest(path: Path, rows: list[tuple[Path, int, Path | None, str]]) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "label", "mask", "category"])
-        for image, label, mask, category in rows:
-            writer.writerow([image, label, mask or "", category])
-    return path
-
-
-def shared_rows(shared: Path, name: str, normal: int, masked: int, unmasked: int = 0):
-    """First images of a shared dataset; ``unmasked`` anomalous ones lose their mask."""
-    dataset = open_dataset(shared / "datasets" / name)
-    good = [s for s in dataset if s.label == 0][:normal]
-    bad = [s for s in dataset if s.label == 1][: masked + unmasked]
-    rows = [(s.image, 0, None, name) for s in good]
-    rows += [(s.image, 1, s.mask if i < masked else None, name) for i, s in enumerate(bad)]
-    return rows
-
-
-@pytest.fixture(scope="module")
-def clip_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("clip") / "tiny_clip.pt"
-    torch.save(tiny_clip().state_dict(), path)
-    return path
 
 
 # the launch environment and the helpers in one process ---------------------------------
@@ -154,7 +127,8 @@ def prompts(path: Path) -> dict[str, torch.Tensor]:
 def test_torchrun_training_gives_the_single_process_prompts(shared_dir, clip_file, tmp_path):
     """Object-aware prompts for two classes, images without masks (global loss only) and a
     last batch of one image (one rank has nothing): 2 processes, trained for one epoch
-    and resumed for a second, end where one process does, and write only rank 0's files."""
+    and resumed for a second, end where one process does, and write only rank 0's files;
+    so do 2 processes resuming one process's checkpoint."""
     rows = shared_rows(shared_dir, "glass", 2, 2, unmasked=1)
     rows += shared_rows(shared_dir, "metal_plate", 2, 2)
     manifest = write_manifest(tmp_path / "train.csv", rows)
@@ -173,11 +147,17 @@ def test_torchrun_training_gives_the_single_process_prompts(shared_dir, clip_fil
         "train_log.json",
     ]
     torchrun(["train", *common, "-o", str(split), "--epochs", "2", "--resume"], tmp_path)
+    # one process's first epoch, resumed by two processes
+    handed_over = tmp_path / "handed-over"
+    handed_over.mkdir()
+    shutil.copy(single / "epoch_1.pt", handed_over / "epoch_1.pt")
+    resume = ["train", *common, "-o", str(handed_over), "--epochs", "2", "--resume"]
+    torchrun(resume, tmp_path)
 
     differences = []
-    for epoch in (1, 2):
+    for epoch, run in ((1, split), (2, split), (2, handed_over)):
         expected = prompts(single / f"epoch_{epoch}.pt")
-        got = prompts(split / f"epoch_{epoch}.pt")
+        got = prompts(run / f"epoch_{epoch}.pt")
         assert set(got) == set(expected)
         differences += [(got[k] - expected[k]).abs().max().item() for k in expected]
     assert max(differences) < 1e-6

@@ -11,7 +11,7 @@ import time
 import torch
 
 from anomalyclip.cli import main
-from tests.test_training import TINY_FLAGS, clip_file, glass_manifest  # noqa: F401
+from tests.test_training import TINY_FLAGS, glass_manifest  # noqa: F401
 
 EPOCHS = "8"
 LAUNCH = "import sys; from anomalyclip.cli import main; sys.exit(main(sys.argv[1:]))"

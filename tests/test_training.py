@@ -23,7 +23,7 @@ from anomalyclip.training import (
     select_embeddings,
     train,
 )
-from tests.factories import tiny_clip
+from tests.factories import shared_rows, tiny_clip, write_manifest
 
 TINY = dict(
     image_size=32, features=(2, 4), dpam_layers=3, prompt_depth=2, n_ctx=4, deep_prompt_length=2
@@ -39,23 +39,6 @@ def tiny_model(seed: int = 111, **overrides) -> AnomalyCLIP:
     return new_model(tiny_clip(), AnomalyCLIPConfig(**{**TINY, **overrides}), seed)
 
 
-def write_manifest(path: Path, rows: list[tuple[Path, int, Path | None, str]]) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "label", "mask", "category"])
-        for image, label, mask, category in rows:
-            writer.writerow([image, label, mask or "", category])
-    return path
-
-
-def shared_rows(shared: Path, name: str, normal: int, anomalous: int):
-    """The first images of a shared MVTec-layout dataset, with their masks."""
-    dataset = open_dataset(shared / "datasets" / name)
-    good = [s for s in dataset if s.label == 0][:normal]
-    bad = [s for s in dataset if s.label == 1][:anomalous]
-    return [(s.image, s.label, s.mask, name) for s in good + bad]
-
-
 @pytest.fixture(scope="module")
 def glass_manifest(shared_dir: Path, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("glass")
@@ -69,13 +52,6 @@ def headct_manifest(shared_dir: Path, tmp_path_factory) -> Path:
     rows = [(p, 0, None, "headct") for p in sorted((root / "good").iterdir())[:4]]
     rows += [(p, 1, None, "headct") for p in sorted((root / "anomaly").iterdir())[:4]]
     return write_manifest(folder / "headct.csv", rows)
-
-
-@pytest.fixture(scope="module")
-def clip_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("clip") / "tiny_clip.pt"
-    torch.save(tiny_clip().state_dict(), path)
-    return path
 
 
 def random_batch(model: AnomalyCLIP, batch: int = 4):

@@ -95,7 +95,10 @@ def quantize_onnx(source: str | Path, target: str | Path) -> Path:
     """ONNX Runtime's dynamic int8 quantisation of an exported model's weight MatMuls.
 
     Weights per output channel, activations per tensor at run time, as the torch path
-    (:mod:`anomalyclip.quantize`); the metadata is kept.
+    (:mod:`anomalyclip.quantize`); the metadata is kept. Weights use 7 bits of range, as
+    torch's fbgemm does: on CPUs without VNNI (AVX2 only) ONNX Runtime's u8 x s8 products
+    saturate in 16 bits with 8-bit weights, which made scores differ by 0.03 instead of
+    0.006 on the test model.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -107,7 +110,13 @@ def quantize_onnx(source: str | Path, target: str | Path) -> Path:
     try:
         with tempfile.TemporaryDirectory(dir=target.parent) as folder:
             quantized = Path(folder) / "quantized.onnx"
-            quantize_dynamic(source, quantized, weight_type=QuantType.QInt8, per_channel=True)
+            quantize_dynamic(
+                source,
+                quantized,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                reduce_range=True,
+            )
             os.replace(quantized, target)  # same folder: complete or absent
     finally:
         logging.getLogger().removeFilter(advice)

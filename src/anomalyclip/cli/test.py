@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "where masks exist) is printed as Markdown and written to "
         "OUTPUT_DIR/<dataset>/results.{md,csv,json}; OUTPUT_DIR/summary.{md,csv,json} "
         "holds one row per dataset. Under torchrun (torchrun --nproc_per_node N -m "
-        "anomalyclip.cli test ...) the processes share the images; rank 0 writes the "
+        "anomalyclip test ...) the processes share the images; rank 0 writes the "
         "identical tables.",
     )
     add_data_arguments(parser, many=True)

@@ -213,7 +213,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "settings (Adam lr 1e-3, betas 0.5/0.999, batch 8, 15 epochs, 518 px, seed 111, "
         "lambda 4). Writes epoch_<n>.pt checkpoints, train_log.csv and train_log.json to "
         "the output folder. Images without masks are trained with the global loss only. "
-        "Under torchrun (torchrun --nproc_per_node N -m anomalyclip.cli train ...) the "
+        "Under torchrun (torchrun --nproc_per_node N -m anomalyclip train ...) the "
         "processes share the work and give the single-process result.",
     )
     add_data_arguments(parser, many=False)
