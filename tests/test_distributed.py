@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,39 @@ def test_one_process_is_a_world_of_one(monkeypatch):
     assert distributed.broadcast_from_main("x") == "x"
     assert distributed.sum_across_ranks([1, 2.5]) == [1.0, 2.5]
     distributed.barrier()
+
+
+def _helpers_on_two_ranks(rank: int, folder: str) -> None:
+    """One of two gloo processes: what each helper gives, written to ``rank<r>.json``."""
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)})
+    with distributed.process_group("cpu"):
+        seen = {
+            "rank": distributed.rank(),
+            "gathered": distributed.gather_to_main(rank * 10),
+            "all": distributed.all_gather(f"r{rank}"),
+            "sums": distributed.sum_across_ranks([rank, 0.5]),
+            "main": distributed.run_on_main(lambda: f"read by rank {rank}"),
+        }
+        try:
+            distributed.run_on_main(lambda: Path(folder, "missing.pt").read_bytes())
+        except FileNotFoundError as error:
+            seen["error"] = f"{type(error).__name__}: {Path(error.filename).name}"
+    Path(folder, f"rank{rank}.json").write_text(json.dumps(seen))
+
+
+def test_helpers_agree_across_two_processes(tmp_path, monkeypatch):
+    """Gathers, sums and rank 0's reads (its errors too) reach the ranks they should."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(probe.getsockname()[1]))
+    torch.multiprocessing.spawn(_helpers_on_two_ranks, args=(str(tmp_path),), nprocs=WORLD)
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert [s["rank"] for s in seen] == [0, 1]
+    assert [s["gathered"] for s in seen] == [[0, 10], None]
+    assert all(s["all"] == ["r0", "r1"] and s["sums"] == [1.0, 1.0] for s in seen)
+    assert all(s["main"] == "read by rank 0" for s in seen)
+    assert all(s["error"] == "FileNotFoundError: missing.pt" for s in seen)
 
 
 def test_other_ranks_log_only_warnings_with_their_rank():

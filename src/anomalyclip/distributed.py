@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -235,6 +235,27 @@ def broadcast_from_main(value: T) -> T:
     holder = [value if is_main_process() else None]
     dist.broadcast_object_list(holder, src=MAIN_RANK)
     return holder[0]
+
+
+def run_on_main(function: Callable[[], T]) -> T:
+    """``function()`` on rank 0 only, its result (or its exception) on every rank.
+
+    For files that only rank 0 is sure to see (a checkpoint on its machine's disk, in a
+    launch over several machines): the other ranks neither read them nor hang when
+    rank 0 fails, but raise the same error.
+    """
+    if not is_distributed():
+        return function()
+    outcome: tuple[bool, Any] = (True, None)
+    if is_main_process():
+        try:
+            outcome = (True, function())
+        except Exception as error:  # sent to every rank, raised there
+            outcome = (False, error)
+    succeeded, value = broadcast_from_main(outcome)
+    if not succeeded:
+        raise value
+    return value
 
 
 def sum_across_ranks(values: Sequence[float]) -> list[float]:

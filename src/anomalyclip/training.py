@@ -17,7 +17,8 @@ tolerance. Every rank draws the same batches; image ``i`` belongs to rank ``i mo
 world``, which encodes and caches only its own images and computes their part of each
 batch's loss, weighted so that DistributedDataParallel's gradient average is the gradient
 of the whole batch's mean. Adam then takes the same step on every rank. Only rank 0
-writes checkpoints and logs; every rank resumes from the same checkpoint file.
+writes checkpoints and logs; a resumed run reads the checkpoint on rank 0 and sends it
+to the others, so only rank 0's machine needs the output folder.
 
 Files in the output folder: ``epoch_<n>.pt`` after every epoch (a prompt checkpoint that
 ``anomalyclip test --checkpoint`` and ``AnomalyCLIP.from_pretrained`` load, with the
@@ -320,7 +321,7 @@ def _resume(
     fingerprint: str,
 ) -> list[EpochLog]:
     """Load prompts, optimiser and RNG state of a run's checkpoint; its epoch history."""
-    checkpoint = read_checkpoint(checkpoint_path)
+    checkpoint = distributed.run_on_main(lambda: read_checkpoint(checkpoint_path))
     extra = checkpoint.extra
     if checkpoint.config is None or "optimizer" not in extra:
         raise ValueError(f"{checkpoint_path} is not a training checkpoint of anomalyclip train")
@@ -511,7 +512,7 @@ def train(
     fingerprint = dataset_fingerprint(samples)
 
     history: list[EpochLog] = []
-    existing = distributed.broadcast_from_main(find_checkpoints(output_dir))
+    existing = distributed.run_on_main(lambda: find_checkpoints(output_dir))
     last_checkpoint = existing[max(existing)] if existing else None
     if last_checkpoint is not None and not resume:
         raise FileExistsError(
