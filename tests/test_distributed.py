@@ -80,13 +80,8 @@ def test_devices_and_backends_follow_the_local_rank():
         distributed.backend_for("meta")
 
 
-def test_shards_partition_the_items():
-    assert distributed.shard(10, of_rank=1, world=3) == [1, 4, 7]
-    shards = [distributed.shard(10, of_rank=r, world=3) for r in range(3)]
-    assert sorted(i for s in shards for i in s) == list(range(10))
-    assert [distributed.owner(i, world=3) for i in (0, 4, 8)] == [0, 1, 2]
-    with pytest.raises(ValueError, match="rank 3 is not in a world of 3"):
-        distributed.shard(10, of_rank=3, world=3)
+def test_items_go_round_the_ranks():
+    assert [distributed.owner(i, world=3) for i in range(7)] == [0, 1, 2, 0, 1, 2, 0]
 
 
 def test_one_process_is_a_world_of_one(monkeypatch):
@@ -99,7 +94,7 @@ def test_one_process_is_a_world_of_one(monkeypatch):
         1,
         True,
     )
-    assert distributed.shard(3) == [0, 1, 2]
+    assert distributed.owner(5) == 0
     assert distributed.gather_to_main({"a": 1}) == [{"a": 1}]
     assert distributed.all_gather(2.5) == [2.5]
     assert distributed.broadcast_from_main("x") == "x"

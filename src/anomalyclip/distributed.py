@@ -192,17 +192,8 @@ def main_process_first() -> Iterator[None]:
         barrier()
 
 
-def shard(count: int, of_rank: int | None = None, world: int | None = None) -> list[int]:
-    """The indices of ``count`` items that belong to a rank: ``i`` with ``i mod world == rank``."""
-    of_rank = rank() if of_rank is None else of_rank
-    world = world_size() if world is None else world
-    if not 0 <= of_rank < world:
-        raise ValueError(f"rank {of_rank} is not in a world of {world}")
-    return list(range(of_rank, count, world))
-
-
 def owner(index: int, world: int | None = None) -> int:
-    """The rank that item ``index`` belongs to (see :func:`shard`)."""
+    """The rank that item ``index`` belongs to: ``index mod world``."""
     return index % (world_size() if world is None else world)
 
 
