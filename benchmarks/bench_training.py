@@ -35,7 +35,8 @@ from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.data.core import AnomalyDataset, Sample
 from anomalyclip.data.industrial import read_mvtec
 from anomalyclip.feature_cache import FeatureCache
-from anomalyclip.training import TrainOptions, make_deterministic, new_model, train
+from anomalyclip.factory import create_model
+from anomalyclip.training import TrainOptions, make_deterministic, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,7 +101,7 @@ def run(
     encode_batch_size: int,
     output: Path,
 ) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    model = new_model(clip, AnomalyCLIPConfig(), options.seed).to(device)
+    model = create_model(clip_weights=clip, config=AnomalyCLIPConfig(), seed=options.seed).to(device)
     cache = FeatureCache(model, memory=cached)
     result = train(
         model,

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from anomalyclip.preprocess import ImageLoadError, image_to_tensor, load_image, load_mask_array
+from anomalyclip.preprocess import ImageLoadError, PreProcessor, load_image, load_mask_array
 
 
 def png_bytes(image: Image.Image, format: str = "PNG", **kwargs) -> bytes:
@@ -99,7 +99,7 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_tiny_and_large_images(tmp_path):
     one = tmp_path / "one.png"
     Image.new("L", (1, 1), 128).save(one)
-    assert image_to_tensor(load_image(one), 32).shape == (3, 32, 32)
+    assert PreProcessor(32).tensor(load_image(one)).shape == (3, 32, 32)
     large = tmp_path / "large.png"
     Image.new("RGB", (4000, 3000), (9, 9, 9)).save(large)
     assert load_image(large).size == (4000, 3000)

@@ -59,7 +59,7 @@ def test_checkpoint_for_another_backbone_is_refused(tmp_path):
     model = AnomalyCLIP(tiny_clip(), AnomalyCLIPConfig(**SMALL))
     path = save_checkpoint(tmp_path / "prompts.pt", model)
     other = AnomalyCLIP(tiny_clip(vision_layers=5), AnomalyCLIPConfig(**SMALL))
-    with pytest.raises(ValueError, match="vision_layers: checkpoint 4 vs backbone 5"):
+    with pytest.raises(ValueError, match="vision_layers 4 recorded, 5 given"):
         apply_prompt_state(other, read_checkpoint(path))
     authors = save_checkpoint(tmp_path / "authors.pth", model, layout="authors")
     reseeded = AnomalyCLIP(tiny_clip(seed=9), AnomalyCLIPConfig(**SMALL))

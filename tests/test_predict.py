@@ -17,7 +17,6 @@ from anomalyclip.checkpoint import save_checkpoint
 from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.inference import (
     CSV_FIELDS,
-    default_pixel_threshold,
     gather_images,
     inspect,
     iter_predictions,
@@ -218,9 +217,11 @@ def test_predict_reads_a_csv_list_and_reports_missing_files(
     assert summary["skipped"] == [
         {"image": str(tile_folder / "good" / "not_there.png"), "reason": "no such file"}
     ]
-    assert summary["pixel_threshold"] == default_pixel_threshold(tiny_config()) == 2.0
-    assert summary["pixel_threshold_source"] == "default"
+    # No threshold given or calibrated: no verdicts, no masks (none is invented).
+    assert summary["pixel_threshold"] is None and summary["pixel_threshold_source"] is None
     assert summary["image_threshold"] is None and summary["anomalous"] is None
+    assert not (out / "masks").exists()
+    assert all(r["mask"] is None and r["defect_fraction"] is None for r in records)
 
 
 def test_predict_with_nothing_readable_fails(tmp_path, tiny_model_files):

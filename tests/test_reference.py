@@ -13,7 +13,7 @@ from anomalyclip.checkpoint import apply_prompt_state, read_checkpoint
 from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.losses import glocal_loss
 from anomalyclip.model import AnomalyCLIP
-from anomalyclip.preprocess import load_mask, preprocess
+from anomalyclip.preprocess import PreProcessor
 
 ATOL = 1e-4
 
@@ -71,10 +71,11 @@ def test_plain_text_tower(reference_model, reference):
 
 def test_preprocessing_and_masks(shared_dir, reference):
     expected, meta = reference
-    images = preprocess([shared_dir / item["image"] for item in meta["images"]], 518)
+    preprocessor = PreProcessor(518)
+    images = preprocessor([shared_dir / item["image"] for item in meta["images"]])
     np.testing.assert_allclose(images.numpy(), expected["image"], atol=ATOL)
     for index, item in enumerate(meta["images"]):
-        mask = load_mask(shared_dir / item["mask"] if item["mask"] else None, 518)
+        mask = preprocessor.load_mask(shared_dir / item["mask"] if item["mask"] else None)
         np.testing.assert_array_equal(mask.numpy(), expected["mask"][index])
 
 

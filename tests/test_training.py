@@ -16,10 +16,10 @@ from anomalyclip.data import open_dataset
 from anomalyclip.feature_cache import CacheKey, FeatureCache
 from anomalyclip.losses import glocal_loss, local_loss
 from anomalyclip.model import AnomalyCLIP
+from anomalyclip.factory import create_model
 from anomalyclip.training import (
     TrainOptions,
     batch_loss,
-    new_model,
     select_embeddings,
     train,
 )
@@ -36,7 +36,7 @@ TINY_FLAGS = [
 
 
 def tiny_model(seed: int = 111, **overrides) -> AnomalyCLIP:
-    return new_model(tiny_clip(), AnomalyCLIPConfig(**{**TINY, **overrides}), seed)
+    return create_model(clip_weights=tiny_clip(), config=AnomalyCLIPConfig(**{**TINY, **overrides}), seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,11 @@ from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.model import AnomalyPrediction
 from anomalyclip.visualize import (
     COLORMAPS,
-    DEFAULT_MAP_MAX,
     colorbar,
     colorize,
     colormap_table,
     defect_mask,
     encode_png,
-    map_range,
     normalise,
     overlay,
     resize_map,
@@ -56,9 +54,9 @@ def test_fixed_range_gives_the_same_colour_for_the_same_value_on_every_image():
     quiet = np.full((4, 4), 1.0, np.float32)
     loud = quiet.copy()
     loud[0, 0] = 4.0
-    assert pixel(colorize(quiet), 1, 1) == pixel(colorize(loud), 1, 1)
-    expected = tuple(colormap_table("jet")[round(1.0 / DEFAULT_MAP_MAX * 255)])
-    assert pixel(colorize(quiet), 1, 1) == expected
+    assert pixel(colorize(quiet, 0.0, 4.0), 1, 1) == pixel(colorize(loud, 0.0, 4.0), 1, 1)
+    expected = tuple(colormap_table("jet")[round(1.0 / 4.0 * 255)])
+    assert pixel(colorize(quiet, 0.0, 4.0), 1, 1) == expected
     # Per-image stretching paints the same value differently.
     assert pixel(colorize(quiet, vmin=None, vmax=None), 1, 1) == (0, 0, 128)
     assert pixel(colorize(loud, vmax=None), 1, 1) != pixel(colorize(quiet, vmax=None), 1, 1)
@@ -66,15 +64,32 @@ def test_fixed_range_gives_the_same_colour_for_the_same_value_on_every_image():
 
 def test_normalise_clips_to_the_range_and_handles_flat_and_nan_maps():
     values = np.array([[-1.0, 0.0, 2.0, 4.0, 9.0, np.nan]], np.float32)
-    np.testing.assert_allclose(normalise(values), [[0.0, 0.0, 0.5, 1.0, 1.0, 0.0]])
+    np.testing.assert_allclose(normalise(values, 0.0, 4.0), [[0.0, 0.0, 0.5, 1.0, 1.0, 0.0]])
     np.testing.assert_array_equal(normalise(np.full((2, 2), 3.0), None, None), np.zeros((2, 2)))
     with pytest.raises(ValueError, match="vmax 1.0 is below vmin 2.0"):
         normalise(values, vmin=2.0, vmax=1.0)
 
 
 def test_map_range_is_zero_to_the_number_of_layers():
-    assert map_range(AnomalyCLIPConfig()) == (0.0, 4.0)
-    assert map_range(AnomalyCLIPConfig(features=(3, 6, 9))) == (0.0, 3.0)
+    assert AnomalyCLIPConfig().map_range == (0.0, 4.0)
+    assert AnomalyCLIPConfig(features=(3, 6, 9)).postprocessor().map_range == (0.0, 3.0)
+
+
+def test_default_overlay_of_a_prediction_uses_the_models_map_range():
+    """Bug: overlays of the registered one-layer checkpoints were painted over [0, 4]."""
+    config = AnomalyCLIPConfig(features=(24,))  # the registered mvtec/visa setting
+    image = Image.new("RGB", (8, 8), (0, 0, 0))
+    prediction = AnomalyPrediction(
+        "x", 0.9, np.full((8, 8), 1.0, np.float32), (8, 8), config.preprocessor(),
+        config.postprocessor(),
+    )
+    top = tuple(colormap_table("jet")[255])
+    assert pixel(overlay(image, prediction, alpha=1.0), 3, 3) == top
+    # The same map under a four-layer model sits at a quarter of the range.
+    four = AnomalyCLIPConfig().postprocessor()
+    prediction.postprocessor = four
+    quarter = tuple(colormap_table("jet")[round(255 / 4)])
+    assert pixel(overlay(image, prediction, alpha=1.0), 3, 3) == quarter
 
 
 def test_overlay_is_at_the_image_resolution_and_blends_by_alpha():

@@ -32,15 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from anomalyclip.inference import (
-    Predictor,
-    SkippedImage,
-    calibration_settings,
-    expand_sources,
-    iter_predictions,
-    read_image_csv,
-)
-from anomalyclip.preprocess import ImageSource, load_mask
+from anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.inference import expand_sources, iter_predictions, read_image_csv
+from anomalyclip.model import AnomalyCLIP
+from anomalyclip.predictor import Predictor, SkippedImage
+from anomalyclip.preprocess import ImageSource
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +45,23 @@ GOOD_LABELS = frozenset({"good", "normal", "ok", "0", "false", "negative"})
 ANOMALOUS_LABELS = frozenset(
     {"anomalous", "anomaly", "abnormal", "bad", "defect", "defective", "ng", "1", "true"}
 )
+
+
+# Settings that change scores and maps: thresholds calibrated under others do not carry over.
+CALIBRATION_SETTINGS = (
+    "image_size",
+    "features",
+    "dpam_layers",
+    "dpam_mode",
+    "global_head",
+    "sigma",
+)
+
+
+def calibration_settings(config: AnomalyCLIPConfig) -> dict[str, Any]:
+    """The settings thresholds are calibrated under, as JSON-ready values."""
+    data = config.to_dict()
+    return {name: data[name] for name in CALIBRATION_SETTINGS}
 
 
 @dataclass
@@ -74,7 +87,7 @@ class Calibration:
         data["skipped"] = [s.to_record() for s in self.skipped]
         return data
 
-    def apply(self, model: Predictor) -> Predictor:
+    def apply(self, model: AnomalyCLIP) -> AnomalyCLIP:
         """Store the thresholds, and the settings they hold for, in the model's configuration
         (saved with its checkpoint)."""
         config = model.config
@@ -192,7 +205,7 @@ def calibrate(
         raise ValueError("calibration needs at least one known-good image")
     masks = {str(k): Path(v) for k, v in (masks or {}).items()}
     labels = [False] * len(good_items) + [True] * len(anomalous_items)
-    size = model.config.image_size
+    preprocessor = model.preprocessor
     scores: list[float] = []
     score_labels: list[bool] = []
     pixel_values: list[np.ndarray] = []
@@ -215,7 +228,8 @@ def calibrate(
         chosen = _sample(flat, outcome.index)
         pixel_values.append(flat[chosen])
         if mask_path is not None:
-            pixel_labels.append(load_mask(mask_path, size).numpy().ravel()[chosen] > 0.5)
+            mask = preprocessor.load_mask(mask_path).numpy().ravel()
+            pixel_labels.append(mask[chosen] > 0.5)
             n_masks += 1
         else:
             pixel_labels.append(np.zeros(chosen.size, dtype=bool))

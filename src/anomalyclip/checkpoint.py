@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from anomalyclip.backbone.identity import BackboneIdentity
 from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.model import AnomalyCLIP
 from anomalyclip.prompts import PromptShape
@@ -145,17 +146,13 @@ def config_for(checkpoint: PromptCheckpoint, base: AnomalyCLIPConfig) -> Anomaly
 
 def apply_prompt_state(model: AnomalyCLIP, checkpoint: PromptCheckpoint) -> None:
     """Load the prompts, refusing a checkpoint made for another backbone or shape."""
-    arch = model.clip.arch.to_dict()
-    recorded = checkpoint.backbone.get("architecture")
-    if recorded and recorded != arch:
-        differences = ", ".join(
-            f"{k}: checkpoint {recorded.get(k)} vs backbone {arch.get(k)}"
-            for k in sorted(set(arch) | set(recorded))
-            if recorded.get(k) != arch.get(k)
-        )
+    recorded = BackboneIdentity.from_dict(checkpoint.backbone)
+    differences = recorded.differences(model.backbone)
+    if differences:
         raise ValueError(
-            f"{checkpoint.path} was trained on another backbone "
-            f"({checkpoint.backbone.get('name')}): {differences}"
+            f"{checkpoint.path} was trained on another backbone than the one given "
+            f"({recorded.name}): {'; '.join(differences)}; pass the weights it was trained "
+            "on with --clip-weights"
         )
     shape = checkpoint.shape
     expected = PromptShape(
@@ -196,10 +193,13 @@ def save_checkpoint(
     path: str | Path,
     model: AnomalyCLIP,
     layout: Layout = "anomalyclip",
-    backbone_sha256: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write atomically; "authors" writes the layout the authors' code loads."""
+    """Write atomically; "authors" writes the layout the authors' code loads.
+
+    Ours record the backbone by identity (name, SHA-256, architecture; never a path), so
+    the file loads on any machine that has the same weights anywhere.
+    """
     prompt_state = {
         k: v.detach().float().cpu() for k, v in model.prompt_learner.state_dict().items()
     }
@@ -212,45 +212,8 @@ def save_checkpoint(
             "format_version": FORMAT_VERSION,
             "config": model.config.to_dict(),
             "prompt_learner": prompt_state,
-            "backbone": {
-                "name": model.config.backbone,
-                "sha256": backbone_sha256,
-                "architecture": model.clip.arch.to_dict(),
-            },
+            "backbone": model.backbone.to_dict(),
             "extra": extra or {},
         }
     atomic_torch_save(data, path)
     return Path(path)
-
-
-def load_model(
-    checkpoint: str | Path | None,
-    clip_weights: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    trust_torchscript: bool = False,
-    **overrides: Any,
-) -> AnomalyCLIP:
-    """Resolve names, load the backbone and the prompts, apply configuration overrides."""
-    from anomalyclip.backbone.loading import load_clip
-    from anomalyclip.hub import resolve_checkpoint
-
-    base = AnomalyCLIPConfig()
-    prompt_checkpoint = None
-    if checkpoint is not None:
-        path, info = resolve_checkpoint(checkpoint)
-        prompt_checkpoint = read_checkpoint(path)
-        if info is not None and prompt_checkpoint.config is None:
-            base = AnomalyCLIPConfig.from_dict({**base.to_dict(), **info.config})
-        base = config_for(prompt_checkpoint, base)
-    if clip_weights is not None:
-        local = Path(clip_weights).expanduser()
-        overrides.setdefault("backbone", str(local.resolve() if local.exists() else clip_weights))
-    config = base.replace(**overrides)
-    clip = load_clip(config.backbone, trust_torchscript=trust_torchscript)
-    model = AnomalyCLIP(clip, config)
-    if prompt_checkpoint is not None:
-        apply_prompt_state(model, prompt_checkpoint)
-    else:
-        logger.warning("no prompt checkpoint given: the prompts are untrained")
-    return model.to(device=device, dtype=dtype).eval()

@@ -5,11 +5,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
+
+from anomalyclip.postprocess import PostProcessor
+from anomalyclip.preprocess import CLIP_MEAN, CLIP_STD, RESIZE_MODES, PreProcessor, ResizeMode
 
 logger = logging.getLogger(__name__)
 
 PAPER_FEATURES = (6, 12, 18, 24)
+
+# Each choice list once: validation here and the CLI's ``choices`` read these.
+DpamMode = Literal["vv", "qq", "kk"]
+GlobalHead = Literal["original", "clip"]
+PromptMode = Literal["agnostic", "aware"]
+TextPrompts = Literal["learned", "plain", "winclip"]
+DPAM_MODES: tuple[str, ...] = get_args(DpamMode)
+GLOBAL_HEADS: tuple[str, ...] = get_args(GlobalHead)
+PROMPT_MODES: tuple[str, ...] = get_args(PromptMode)
+TEXT_PROMPTS: tuple[str, ...] = get_args(TextPrompts)
 
 
 @dataclass
@@ -26,22 +39,28 @@ class AnomalyCLIPConfig:
     :mod:`anomalyclip.baselines` ("plain": one normal/abnormal sentence pair as in plain
     CLIP; "winclip": WinCLIP-style state words times templates).
     image_threshold / pixel_threshold: verdict thresholds set by calibration, or None.
+    backbone: the backbone's registered name or its weights file's name, never a path
+    (checkpoints identify the file by its SHA-256 beside this).
+    resize, mean, std: the preprocessing (see :class:`~anomalyclip.preprocess.PreProcessor`).
     """
 
     backbone: str = "ViT-L/14@336px"
     image_size: int = 518
+    resize: ResizeMode = "squash"
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
     features: tuple[int, ...] = PAPER_FEATURES
     dpam_layers: int = 19
-    dpam_mode: str = "vv"
-    global_head: str = "original"
-    prompt_mode: str = "agnostic"
+    dpam_mode: DpamMode = "vv"
+    global_head: GlobalHead = "original"
+    prompt_mode: PromptMode = "agnostic"
     object_name: str = "object"
     n_ctx: int = 12
     prompt_depth: int = 9
     deep_prompt_length: int = 4
     normal_template: str = "{}"
     abnormal_template: str = "damaged {}"
-    text_prompts: str = "learned"
+    text_prompts: TextPrompts = "learned"
     temperature: float = 0.07
     sigma: float = 4.0
     image_threshold: float | None = None
@@ -50,6 +69,8 @@ class AnomalyCLIPConfig:
 
     def __post_init__(self) -> None:
         self.features = tuple(int(layer) for layer in self.features)
+        self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
+        self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
         self.validate()
 
     def validate(self) -> None:
@@ -60,26 +81,43 @@ class AnomalyCLIPConfig:
             problems.append(f"features must be 1-based layer numbers, got {self.features}")
         if self.dpam_layers < 0:
             problems.append(f"dpam_layers must be >= 0, got {self.dpam_layers}")
-        if self.dpam_mode not in ("vv", "qq", "kk"):
-            problems.append(f"dpam_mode must be vv, qq or kk, got {self.dpam_mode!r}")
-        if self.global_head not in ("original", "clip"):
-            problems.append(f"global_head must be 'original' or 'clip', got {self.global_head!r}")
-        if self.prompt_mode not in ("agnostic", "aware"):
-            problems.append(f"prompt_mode must be agnostic or aware, got {self.prompt_mode!r}")
+        for name, choices in (
+            ("dpam_mode", DPAM_MODES),
+            ("global_head", GLOBAL_HEADS),
+            ("prompt_mode", PROMPT_MODES),
+            ("text_prompts", TEXT_PROMPTS),
+            ("resize", RESIZE_MODES),
+        ):
+            if getattr(self, name) not in choices:
+                problems.append(
+                    f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
+                )
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            problems.append(f"mean and std need 3 values, std > 0; got {self.mean}, {self.std}")
         if self.n_ctx < 1 or self.prompt_depth < 1 or self.deep_prompt_length < 0:
             problems.append("n_ctx and prompt_depth must be >= 1, deep_prompt_length >= 0")
-        if self.text_prompts not in ("learned", "plain", "winclip"):
-            problems.append(
-                f"text_prompts must be learned, plain or winclip, got {self.text_prompts!r}"
-            )
         if self.sigma < 0:
             problems.append(f"sigma must be >= 0, got {self.sigma}")
         if problems:
             raise ValueError("invalid AnomalyCLIP configuration: " + "; ".join(problems))
 
+    @property
+    def map_range(self) -> tuple[float, float]:
+        """Every map lies in [0, number of feature layers]: a sum of per-layer values in [0, 1]."""
+        return 0.0, float(len(self.features))
+
+    def preprocessor(self) -> PreProcessor:
+        return PreProcessor(self.image_size, self.resize, self.mean, self.std)
+
+    def postprocessor(self) -> PostProcessor:
+        """The map range and the calibrated thresholds (given ones are applied on top)."""
+        return PostProcessor.calibrated(self.map_range, self.image_threshold, self.pixel_threshold)
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["features"] = list(self.features)
+        data["mean"] = list(self.mean)
+        data["std"] = list(self.std)
         return data
 
     @classmethod
@@ -91,4 +129,5 @@ class AnomalyCLIPConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def replace(self, **changes: Any) -> AnomalyCLIPConfig:
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """A copy with ``changes``; None is a value (``image_threshold=None`` clears it)."""
+        return dataclasses.replace(self, **changes)

@@ -34,7 +34,8 @@ from anomalyclip import distributed, metrics
 from anomalyclip.data.core import AnomalyDataset, Sample
 from anomalyclip.feature_cache import FeatureCache
 from anomalyclip.model import AnomalyCLIP
-from anomalyclip.preprocess import load_image, load_mask
+from anomalyclip.predictor import AnomalyPrediction, Predictor
+from anomalyclip.preprocess import PreProcessor, load_image
 from anomalyclip.training import object_name
 from anomalyclip.utils.atomic import atomic_open, atomic_write_json, atomic_write_text
 
@@ -216,12 +217,14 @@ def class_metrics(
     return {name: float(functions[name]()) if name in functions else math.nan for name in METRICS}
 
 
-def load_masks(samples: Sequence[Sample], size: int) -> np.ndarray:
-    """(N, size, size) bool masks at model resolution; normal images are all False."""
+def load_masks(samples: Sequence[Sample], preprocessor: PreProcessor) -> np.ndarray:
+    """(N, S, S) bool masks at model resolution, placed as the model's preprocessing
+    places the images; normal images are all False."""
+    size = preprocessor.size
     masks = np.zeros((len(samples), size, size), dtype=bool)
     for index, sample in enumerate(samples):
         if sample.label and sample.mask is not None:
-            masks[index] = load_mask(sample.mask, size).numpy() > 0.5
+            masks[index] = preprocessor.load_mask(sample.mask).numpy() > 0.5
     return masks
 
 
@@ -230,13 +233,19 @@ def map_path(directory: Path, sample: Sample, suffix: str) -> Path:
     return directory / (sample.category or "all") / sample.defect / f"{sample.image.stem}{suffix}"
 
 
-def save_outputs(sample: Sample, anomaly_map: np.ndarray, maps_dir: Path, vmax: float) -> None:
+def save_outputs(
+    sample: Sample, score: float, anomaly_map: np.ndarray, model: Predictor, maps_dir: Path
+) -> None:
     """The map at model resolution (``maps/…npy``) and an overlay on the original image."""
     from anomalyclip.visualize import overlay
 
     with atomic_open(map_path(maps_dir / "maps", sample, ".npy"), "wb") as handle:
         np.save(handle, anomaly_map.astype(np.float32))
-    picture = overlay(load_image(sample.image), anomaly_map, vmin=0.0, vmax=vmax)
+    image = load_image(sample.image)
+    prediction = AnomalyPrediction(
+        str(sample.image), score, anomaly_map, image.size, model.preprocessor, model.postprocessor
+    )
+    picture = overlay(image, prediction)
     with atomic_open(map_path(maps_dir / "overlays", sample, ".png"), "wb") as handle:
         picture.save(handle, format="PNG")
 
@@ -289,7 +298,6 @@ def _score_batches(
     """Per batch: its positions in the class, image scores and, if kept, maps (B, S, S)."""
     if not batches:
         return
-    vmax = float(len(model.config.features))
     with torch.no_grad():
         text = model.text_features(object_name(plan.samples[0], model.config))
     for positions in batches:
@@ -299,8 +307,8 @@ def _score_batches(
         scores = output.image_scores.double().cpu().numpy()
         chunk_maps = output.anomaly_maps.float().cpu().numpy()
         if maps_dir is not None:
-            for sample, anomaly_map in zip(chunk, chunk_maps, strict=True):
-                save_outputs(sample, anomaly_map, maps_dir, vmax)
+            for sample, anomaly_map, score in zip(chunk, chunk_maps, scores, strict=True):
+                save_outputs(sample, float(score), anomaly_map, model, maps_dir)
         bar.update(len(chunk))
         yield positions, scores, chunk_maps if keep_maps else None
 
@@ -387,7 +395,7 @@ def evaluate(
         masks = None
         if maps is not None:
             known = [i for i, s in enumerate(samples) if dataset.has_pixel_truth(s)]
-            masks = load_masks([samples[i] for i in known], size)
+            masks = load_masks([samples[i] for i in known], model.preprocessor)
             maps = maps[known]
         values = class_metrics(labels, scores, masks, maps, aupro_method)
         normal = int((labels == 0).sum())

@@ -17,18 +17,19 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from anomalyclip.config import AnomalyCLIPConfig
-from anomalyclip.maps import gaussian_smooth, layer_map, patch_probabilities, upsample
-from anomalyclip.model import AnomalyCLIP, AnomalyPrediction
-from anomalyclip.preprocess import ImageSource, describe, image_to_tensor, load_image
+from anomalyclip.model import AnomalyCLIP
+from anomalyclip.postprocess import PostProcessor
+from anomalyclip.predictor import Predictor
+from anomalyclip.preprocess import PreProcessor
 from anomalyclip.utils.atomic import atomic_open
 
 logger = logging.getLogger(__name__)
@@ -57,21 +58,14 @@ class ImagePath(nn.Module):
         self.register_buffer("text_features", text)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        config = self.model.config
         embeddings = self.model.encode_image(images)
-        scores = self.model.image_logits(embeddings, self.text_features).softmax(dim=-1)[:, 1]
-        summed = sum(
-            layer_map(
-                patch_probabilities(tokens, self.text_features, embeddings.grid, config.temperature)
-            )
-            for tokens in embeddings.patch_tokens.values()
-        )
-        raw = upsample(summed, (config.image_size, config.image_size))
-        return scores, gaussian_smooth(raw, config.sigma, compute_dtype=torch.float32)
+        output = self.model.score(embeddings, self.text_features, smoothing_dtype=torch.float32)
+        return output.image_scores, output.anomaly_maps
 
 
-def _metadata_suffix(config: AnomalyCLIPConfig, object_name: str | None) -> bytes:
-    """A serialised ModelProto holding only our metadata.
+def _metadata_suffix(model: AnomalyCLIP, object_name: str | None) -> bytes:
+    """A serialised ModelProto holding only our metadata: configuration, backbone
+    identity and post-processing (map range, calibrated thresholds).
 
     Protocol buffers merge concatenated messages (repeated fields append), so writing
     this after the exported graph adds the metadata without loading and re-serialising
@@ -82,8 +76,10 @@ def _metadata_suffix(config: AnomalyCLIPConfig, object_name: str | None) -> byte
     entries = {
         "anomalyclip_format": FORMAT,
         "anomalyclip_format_version": str(FORMAT_VERSION),
-        "anomalyclip_config": json.dumps(config.to_dict(), default=str),
-        "anomalyclip_object_name": object_name or config.object_name,
+        "anomalyclip_config": json.dumps(model.config.to_dict(), default=str),
+        "anomalyclip_backbone": json.dumps(model.backbone.to_dict(), default=str),
+        "anomalyclip_postprocessor": json.dumps(model.postprocessor.to_dict()),
+        "anomalyclip_object_name": object_name or model.config.object_name,
     }
     proto = onnx.ModelProto()
     for key, value in entries.items():
@@ -177,7 +173,7 @@ def export_onnx(
                 dynamic_axes=dynamic_axes,
                 opset_version=opset,
             )
-            handle.write(_metadata_suffix(model.config, object_name))
+            handle.write(_metadata_suffix(model, object_name))
     if quantize == "int8":
         try:
             quantize_onnx(float_path, path)
@@ -226,8 +222,8 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-class OnnxAnomalyModel:
-    """An exported model run by ONNX Runtime; ``predict`` as :class:`AnomalyCLIP`'s.
+class OnnxAnomalyModel(Predictor):
+    """An exported model run by ONNX Runtime: the same :class:`Predictor` as the torch model.
 
     ``providers`` defaults to :func:`default_providers`;
     ``threads`` caps intra-op threads (default: ONNX Runtime's choice, all cores).
@@ -238,6 +234,8 @@ class OnnxAnomalyModel:
     needs more still (peak 4.5 GB at batch 1, 7.8 GB at batch 2); prefer
     :mod:`anomalyclip.quantize` where memory is tight.
     """
+
+    method = "anomalyclip"
 
     def __init__(
         self,
@@ -273,11 +271,24 @@ class OnnxAnomalyModel:
         if int(metadata.get("anomalyclip_format_version", 0)) > FORMAT_VERSION:
             raise ValueError(f"{self.path} was written by a newer anomalyclip; upgrade it")
         self.config = AnomalyCLIPConfig.from_dict(json.loads(metadata["anomalyclip_config"]))
+        self.backbone = json.loads(metadata.get("anomalyclip_backbone", "{}"))
         self.object_name = metadata.get("anomalyclip_object_name", self.config.object_name)
 
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
+
+    @property
+    def preprocessor(self) -> PreProcessor:
+        return self.config.preprocessor()
+
+    @property
+    def postprocessor(self) -> PostProcessor:
+        """Map range and calibrated thresholds, from the configuration exported with it."""
+        return self.config.postprocessor()
+
+    def settings(self) -> dict[str, Any]:
+        return {**self.config.to_dict(), "backbone_identity": self.backbone, "engine": "onnx"}
 
     def __call__(self, images: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scores (B,) and smoothed maps (B, S, S) for preprocessed images (B, 3, S, S)."""
@@ -293,39 +304,5 @@ class OnnxAnomalyModel:
         )
         return scores, maps
 
-    def predict(
-        self,
-        sources: Iterable[ImageSource],
-        batch_size: int = 8,
-        progress: bool = False,
-    ) -> list[AnomalyPrediction]:
-        """Score images given as paths, bytes, PIL images or arrays.
-
-        An unreadable image raises :class:`~anomalyclip.preprocess.ImageLoadError` naming it.
-        """
-        from tqdm.auto import tqdm
-
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        sources = list(sources)
-        results: list[AnomalyPrediction] = []
-        with tqdm(total=len(sources), desc="predict", unit="img", disable=not progress) as bar:
-            for start in range(0, len(sources), batch_size):
-                chunk = sources[start : start + batch_size]
-                images = [load_image(source) for source in chunk]
-                batch = np.stack(
-                    [image_to_tensor(image, self.config.image_size).numpy() for image in images]
-                )
-                scores, maps = self(batch)
-                for index, (source, image) in enumerate(zip(chunk, images, strict=True)):
-                    results.append(
-                        AnomalyPrediction(
-                            source=describe(source),
-                            score=float(scores[index]),
-                            anomaly_map=maps[index],
-                            original_size=image.size,
-                            threshold=self.config.image_threshold,
-                        )
-                    )
-                bar.update(len(chunk))
-        return results
+    def score_tensors(self, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        return self(images)

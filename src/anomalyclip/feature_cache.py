@@ -32,7 +32,7 @@ from torch import Tensor
 
 from anomalyclip.backbone.clip import CLIP
 from anomalyclip.model import AnomalyCLIP, ImageEmbeddings
-from anomalyclip.preprocess import image_to_tensor, load_image
+from anomalyclip.preprocess import load_image
 from anomalyclip.utils.atomic import atomic_torch_save, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -258,10 +258,10 @@ class FeatureCache:
 
     def _load(self, images: Sequence[str | Path]) -> list[Tensor]:
         """Preprocessed images, decoded in threads (PIL releases the GIL while decoding)."""
-        size = self.model.config.image_size
+        preprocessor = self.model.preprocessor
 
         def load(path: str | Path) -> Tensor:
-            return image_to_tensor(load_image(path), size)
+            return preprocessor.tensor(load_image(path))
 
         if len(images) < 2:
             return [load(path) for path in images]

@@ -6,14 +6,14 @@
     summary = inspect("images/", model, output_dir="out")
     [r.image for r in summary.anomalous]
 
-It needs only ``model.config`` and ``model.predict(list_of_PIL_images, batch_size=...)``
-returning :class:`~anomalyclip.model.AnomalyPrediction` objects, so any engine with that
-interface can stand in for the torch model.
+It is written against the scoring-method seam (:class:`~anomalyclip.predictor.Predictor`)
+only, so every method (the torch model, its ONNX export, MuSc) gets it unchanged.
 
-Thresholds: the image verdict is ``score >= image_threshold``, taken from the argument or
-else the checkpoint's calibrated ``config.image_threshold``; with neither there is no
-verdict. The defect mask is ``map >= pixel_threshold``, from the argument, the calibrated
-``config.pixel_threshold`` or else :func:`default_pixel_threshold`.
+Thresholds come from the model's :class:`~anomalyclip.postprocess.PostProcessor`, given >
+calibrated > none: the image verdict is ``score >= image_threshold`` and the defect mask
+``map >= pixel_threshold``. Without an image threshold there are no verdicts; without a
+pixel threshold no masks are written (and the log says why): a threshold guessed from the
+map's range would mark 100 % of one dataset and 0 % of the next as defect.
 """
 
 from __future__ import annotations
@@ -28,20 +28,26 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from anomalyclip.config import AnomalyCLIPConfig
-from anomalyclip.model import AnomalyPrediction
-from anomalyclip.preprocess import ImageLoadError, ImageSource, describe, load_image
+from anomalyclip.postprocess import PostProcessor
+from anomalyclip.predictor import AnomalyPrediction, Predictor, SkippedImage
+from anomalyclip.preprocess import (
+    IMAGE_EXTENSIONS,
+    ImageLoadError,
+    ImageSource,
+    describe,
+    load_image,
+)
 from anomalyclip.utils.atomic import atomic_open, atomic_write_json
-from anomalyclip.visualize import colormap_table, defect_mask, map_range, overlay, resize_map
+from anomalyclip.visualize import colormap_table, defect_mask, overlay
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+__all__ = ["SkippedImage", "inspect", "gather_images", "iter_predictions"]
 THUMBNAIL_SIDE = 256
 CSV_FIELDS = (
     "image",
@@ -58,50 +64,13 @@ CSV_FIELDS = (
 )
 
 
-class Predictor(Protocol):
-    """What the workflow needs of a model: its configuration and batched prediction."""
-
-    config: AnomalyCLIPConfig
-
-    def predict(
-        self, sources: Iterable[ImageSource], batch_size: int = 8, progress: bool = False
-    ) -> list[AnomalyPrediction]: ...
-
-
-def default_pixel_threshold(config: AnomalyCLIPConfig) -> float:
-    """Half the map's range: where the layers' mean anomaly probability reaches 0.5.
-
-    The uncalibrated choice: above it the model finds "abnormal" likelier than "normal"
-    on average over its feature layers. Calibrate for a threshold that fits the data.
-    """
-    return 0.5 * len(config.features)
-
-
-# Settings that change scores and maps: thresholds calibrated under others do not carry over.
-CALIBRATION_SETTINGS = (
-    "image_size",
-    "features",
-    "dpam_layers",
-    "dpam_mode",
-    "global_head",
-    "sigma",
-)
-
-
-def calibration_settings(config: AnomalyCLIPConfig) -> dict[str, Any]:
-    """The settings thresholds are calibrated under, as JSON-ready values."""
-    data = config.to_dict()
-    return {name: data[name] for name in CALIBRATION_SETTINGS}
-
-
-def calibration_mismatches(config: AnomalyCLIPConfig) -> list[str]:
-    """How this configuration differs from the one its thresholds were calibrated under."""
-    recorded = config.extra.get("calibrated_with") or {}
-    current = calibration_settings(config)
+def calibration_mismatches(settings: dict[str, Any]) -> list[str]:
+    """How a model's settings differ from those its thresholds were calibrated under."""
+    recorded = (settings.get("extra") or {}).get("calibrated_with") or {}
     return [
-        f"{name} {recorded[name]} at calibration, {current[name]} now"
-        for name in CALIBRATION_SETTINGS
-        if name in recorded and recorded[name] != current[name]
+        f"{name} {value} at calibration, {settings.get(name)} now"
+        for name, value in recorded.items()
+        if name in settings and settings[name] != value
     ]
 
 
@@ -235,17 +204,6 @@ def output_names(sources: Sequence[ImageSource]) -> list[str]:
 
 
 @dataclass
-class SkippedImage:
-    """An input that could not be read, and why."""
-
-    image: str
-    reason: str
-
-    def to_record(self) -> dict[str, str]:
-        return {"image": self.image, "reason": self.reason}
-
-
-@dataclass
 class ScoredImage:
     """A prediction together with the decoded image it came from."""
 
@@ -264,7 +222,8 @@ def iter_predictions(
     """Results in input order, one batch in memory at a time.
 
     Every image is decoded once; an unreadable one yields a :class:`SkippedImage` (and a
-    warning) and the run goes on.
+    warning) and the run goes on. A method that scores sets (``model.scores_sets``) gets
+    every readable image in one call.
     """
     from tqdm.auto import tqdm
 
@@ -274,7 +233,7 @@ def iter_predictions(
     pending: list[tuple[int, Image.Image]] = []
 
     def flush() -> Iterator[ScoredImage]:
-        predictions = model.predict([image for _, image in pending], batch_size=len(pending))
+        predictions = model.predict_images([image for _, image in pending])
         for (index, image), prediction in zip(pending, predictions, strict=True):
             prediction.source = describe(sources[index])
             yield ScoredImage(index, image, prediction)
@@ -291,7 +250,7 @@ def iter_predictions(
                 yield SkippedImage(error.source, error.reason)
                 continue
             pending.append((index, image))
-            if len(pending) == batch_size:
+            if len(pending) == batch_size and not model.scores_sets:
                 yield from flush()
         if pending:
             yield from flush()
@@ -313,7 +272,7 @@ class InspectionResult:
     width: int
     height: int
     map_max: float
-    defect_fraction: float
+    defect_fraction: float | None
     overlay: str | None = None
     mask: str | None = None
     thumbnail: str | None = None
@@ -345,8 +304,8 @@ class InspectionSummary:
     skipped: list[SkippedImage] = field(default_factory=list)
     image_threshold: float | None = None
     image_threshold_source: str | None = None
-    pixel_threshold: float = 0.0
-    pixel_threshold_source: str = "default"
+    pixel_threshold: float | None = None
+    pixel_threshold_source: str | None = None
     map_range: tuple[float, float] = (0.0, 1.0)
     output_dir: str | None = None
     files: dict[str, str] = field(default_factory=dict)
@@ -371,28 +330,6 @@ class InspectionSummary:
             "files": self.files,
             "seconds": round(self.seconds, 3),
         }
-
-
-def resolve_thresholds(
-    config: AnomalyCLIPConfig,
-    image_threshold: float | None = None,
-    pixel_threshold: float | None = None,
-) -> tuple[tuple[float | None, str | None], tuple[float, str]]:
-    """((image threshold, source), (pixel threshold, source)); sources: given, calibrated,
-    default (pixel only), or None when there is no image threshold."""
-    if image_threshold is not None:
-        image = (float(image_threshold), "given")
-    elif config.image_threshold is not None:
-        image = (float(config.image_threshold), "calibrated")
-    else:
-        image = (None, None)
-    if pixel_threshold is not None:
-        pixel = (float(pixel_threshold), "given")
-    elif config.pixel_threshold is not None:
-        pixel = (float(config.pixel_threshold), "calibrated")
-    else:
-        pixel = (default_pixel_threshold(config), "default")
-    return image, pixel
 
 
 def inspect(
@@ -428,50 +365,37 @@ def inspect(
         sources = [sources]
     items = expand_sources(sources)
     names = output_names(items)
-    config = model.config
-    (image_t, image_source), (pixel_t, pixel_source) = resolve_thresholds(
-        config, image_threshold, pixel_threshold
-    )
-    value_range = map_range(config)
+    post = model.postprocessor.with_given(image_threshold, pixel_threshold)
     out = Path(output_dir) if output_dir is not None else None
     summary = InspectionSummary(
-        image_threshold=image_t,
-        image_threshold_source=image_source,
-        pixel_threshold=pixel_t,
-        pixel_threshold_source=pixel_source,
-        map_range=value_range,
+        image_threshold=post.image_threshold,
+        image_threshold_source=post.image_threshold_source,
+        pixel_threshold=post.pixel_threshold,
+        pixel_threshold_source=post.pixel_threshold_source,
+        map_range=post.map_range,
         output_dir=str(out) if out is not None else None,
     )
-    if image_t is None:
-        logger.info("no image threshold (none given, none calibrated): scores without verdicts")
-    mismatches = calibration_mismatches(config)
-    if "calibrated" in (image_source, pixel_source) and mismatches:
-        logger.warning(
-            "the calibrated thresholds do not fit these settings (%s): recalibrate",
-            "; ".join(mismatches),
-        )
+    _log_thresholds(post, model.settings(), writes_masks=out is not None)
     for outcome in iter_predictions(model, items, batch_size=batch_size, progress=progress):
         if isinstance(outcome, SkippedImage):
             summary.skipped.append(outcome)
             continue
         prediction = outcome.prediction
-        prediction.threshold = image_t
-        full_map = resize_map(prediction.anomaly_map, outcome.image.size)
+        prediction.postprocessor = post
+        full_map = prediction.map_at_original_size()
         result = InspectionResult(
             image=prediction.source,
             name=names[outcome.index],
             score=float(prediction.score),
-            anomalous=None if image_t is None else bool(prediction.score >= image_t),
+            anomalous=post.verdict(prediction.score),
             width=outcome.image.width,
             height=outcome.image.height,
             map_max=float(prediction.anomaly_map.max()),
-            defect_fraction=float((full_map >= pixel_t).mean()),
+            defect_fraction=post.defect_fraction(full_map),
             prediction=prediction,
         )
         if out is not None:
-            _write_images(
-                out, result, outcome.image, full_map, pixel_t, value_range, alpha, colormap
-            )
+            _write_images(out, result, outcome.image, prediction, full_map, alpha, colormap)
         if maps_dir is not None:
             result.map = _relative(save_map(maps_dir, prediction, result.name), out)
         if not keep_maps:
@@ -481,6 +405,23 @@ def inspect(
     _write_outputs(summary, out, jsonl_path, title)
     _log_outcome(summary)
     return summary
+
+
+def _log_thresholds(post: PostProcessor, settings: dict[str, Any], writes_masks: bool) -> None:
+    if post.image_threshold is None:
+        logger.info("no image threshold (none given, none calibrated): scores without verdicts")
+    if post.pixel_threshold is None and writes_masks:
+        logger.info(
+            "no pixel threshold (none given, none calibrated): no defect masks written; "
+            "pass --pixel-threshold or calibrate with masks (anomalyclip calibrate --masks)"
+        )
+    mismatches = calibration_mismatches(settings)
+    calibrated = "calibrated" in (post.image_threshold_source, post.pixel_threshold_source)
+    if calibrated and mismatches:
+        logger.warning(
+            "the calibrated thresholds do not fit these settings (%s): recalibrate",
+            "; ".join(mismatches),
+        )
 
 
 def expand_sources(sources: Sequence[ImageSource]) -> list[ImageSource]:
@@ -520,17 +461,19 @@ def _write_images(
     out: Path,
     result: InspectionResult,
     image: Image.Image,
+    prediction: AnomalyPrediction,
     full_map: np.ndarray,
-    pixel_threshold: float,
-    value_range: tuple[float, float],
     alpha: float,
     colormap: str,
 ) -> None:
-    blended = overlay(image, full_map, alpha, *value_range, colormap=colormap)
+    low, high = prediction.map_range
+    blended = overlay(image, full_map, alpha, low, high, colormap=colormap)
     result.overlay = f"overlays/{result.name}.png"
     _save_image(blended, out / result.overlay, "PNG", compress_level=1)  # 2x faster, ~10% larger
-    result.mask = f"masks/{result.name}.png"
-    _save_image(defect_mask(full_map, pixel_threshold), out / result.mask, "PNG")
+    threshold = prediction.postprocessor.pixel_threshold
+    if threshold is not None:
+        result.mask = f"masks/{result.name}.png"
+        _save_image(defect_mask(full_map, threshold), out / result.mask, "PNG")
     blended.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BILINEAR)
     result.thumbnail = f"thumbnails/{result.name}.jpg"
     _save_image(blended, out / result.thumbnail, "JPEG", quality=85)

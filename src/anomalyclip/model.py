@@ -8,9 +8,10 @@ the text features only on the prompts (so they are computed once per prompt stat
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,10 +19,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anomalyclip.backbone.clip import CLIP
+from anomalyclip.backbone.identity import BackboneIdentity
 from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.maps import gaussian_smooth, layer_map, patch_probabilities, upsample
-from anomalyclip.preprocess import ImageSource, describe, image_to_tensor, load_image
+from anomalyclip.postprocess import PostProcessor
+from anomalyclip.predictor import AnomalyPrediction, Predictor
+from anomalyclip.preprocess import ImageSource, PreProcessor
 from anomalyclip.prompts import PromptLearner
+
+__all__ = ["AnomalyCLIP", "AnomalyOutput", "AnomalyPrediction", "ImageEmbeddings"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,39 +58,28 @@ class AnomalyOutput:
     layer_maps: dict[int, Tensor] = field(default_factory=dict)  # only when asked for
 
 
-@dataclass
-class AnomalyPrediction:
-    """One image's result, with what is needed to map it back onto the original."""
+class AnomalyCLIP(nn.Module, Predictor):
+    """A frozen CLIP plus the learnable prompts; only ``prompt_learner`` has gradients.
 
-    source: str
-    score: float
-    anomaly_map: np.ndarray  # (S, S) float32 at model resolution
-    original_size: tuple[int, int]  # (width, height)
-    threshold: float | None = None
+    Build one with :func:`anomalyclip.factory.create_model` (or ``from_pretrained``),
+    which also records the backbone's identity for checkpoints.
+    """
 
-    @property
-    def is_anomalous(self) -> bool | None:
-        return None if self.threshold is None else self.score >= self.threshold
-
-    def map_at_original_size(self) -> np.ndarray:
-        """(height, width) float32: the map resized bilinearly to the input image."""
-        width, height = self.original_size
-        tensor = torch.from_numpy(self.anomaly_map)[None]
-        return upsample(tensor, (height, width))[0].numpy()
-
-
-class AnomalyCLIP(nn.Module):
-    """A frozen CLIP plus the learnable prompts; only ``prompt_learner`` has gradients."""
+    method = "anomalyclip"
 
     def __init__(
         self,
         clip: CLIP,
         config: AnomalyCLIPConfig | None = None,
         prompt_learner: PromptLearner | None = None,
+        backbone: BackboneIdentity | None = None,
     ) -> None:
         super().__init__()
         self.config = config or AnomalyCLIPConfig()
         self.clip = clip.requires_grad_(False).eval()
+        self.backbone = backbone or BackboneIdentity(
+            self.config.backbone, None, clip.arch.to_dict()
+        )
         self._check_config_fits_backbone()
         self.prompt_learner = prompt_learner or PromptLearner(
             clip,
@@ -120,24 +115,48 @@ class AnomalyCLIP(nn.Module):
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         trust_torchscript: bool = False,
-        **overrides,
+        **overrides: Any,
     ) -> AnomalyCLIP:
-        """Backbone and prompts from names or paths; the checkpoint's configuration is used.
+        """Backbone and prompts from names or paths: :func:`anomalyclip.factory.create_model`.
 
         ``checkpoint`` is a registered name ("mvtec", "visa"), a file of ours or the
         authors', or None for untrained prompts. ``clip_weights`` defaults to the backbone
         the checkpoint names. Keyword overrides change configuration fields (image_size,
         features, dpam_layers, sigma, ...).
         """
-        from anomalyclip.checkpoint import load_model
+        from anomalyclip.factory import create_model
 
-        return load_model(
+        return create_model(
             checkpoint,
             clip_weights=clip_weights,
             device=device,
             dtype=dtype,
             trust_torchscript=trust_torchscript,
-            **overrides,
+            overrides=overrides,
+        )
+
+    # the scoring-method interface ----------------------------------------------------------
+
+    @property
+    def preprocessor(self) -> PreProcessor:
+        return self.config.preprocessor()
+
+    @property
+    def postprocessor(self) -> PostProcessor:
+        return self.config.postprocessor()
+
+    def settings(self) -> dict[str, Any]:
+        return {**self.config.to_dict(), "backbone_identity": self.backbone.to_dict()}
+
+    def preprocess(self, images: Sequence[ImageSource] | ImageSource) -> Tensor:
+        """Images of any kind to the model's input batch: the one place this happens."""
+        return self.preprocessor(images)
+
+    def score_tensors(self, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        output = self(images.to(self.device))
+        return (
+            output.image_scores.float().cpu().numpy(),
+            output.anomaly_maps.float().cpu().numpy(),
         )
 
     @property
@@ -216,13 +235,18 @@ class AnomalyCLIP(nn.Module):
         }
 
     def score(
-        self, embeddings: ImageEmbeddings, text: Tensor, keep_layer_maps: bool = False
+        self,
+        embeddings: ImageEmbeddings,
+        text: Tensor,
+        keep_layer_maps: bool = False,
+        smoothing_dtype: torch.dtype = torch.float64,
     ) -> AnomalyOutput:
-        """Image scores and pixel maps from embeddings.
+        """Image scores and pixel maps from embeddings: the one score head.
 
         The layer maps are summed at patch resolution and upsampled once: bilinear
         interpolation is linear, so this equals upsampling every layer, at a fraction of
-        the cost.
+        the cost. ``smoothing_dtype`` float32 serves ONNX export (no float64 MatMul in
+        ONNX Runtime's CPU provider), within 1e-6 of the default.
         """
         size = (self.config.image_size, self.config.image_size)
         scores = self.image_logits(embeddings, text).softmax(dim=-1)[:, 1]
@@ -234,45 +258,9 @@ class AnomalyCLIP(nn.Module):
         }
         raw = upsample(torch.stack(list(coarse.values())).sum(dim=0), size)
         layer_maps = {k: upsample(v, size) for k, v in coarse.items()} if keep_layer_maps else {}
-        return AnomalyOutput(scores, gaussian_smooth(raw, self.config.sigma), raw, layer_maps)
+        smoothed = gaussian_smooth(raw, self.config.sigma, compute_dtype=smoothing_dtype)
+        return AnomalyOutput(scores, smoothed, raw, layer_maps)
 
     def forward(self, images: Tensor, keep_layer_maps: bool = False) -> AnomalyOutput:
         with torch.no_grad():
             return self.score(self.encode_image(images), self.text_features(), keep_layer_maps)
-
-    # convenience -------------------------------------------------------------------------
-
-    def predict(
-        self,
-        sources: Iterable[ImageSource],
-        batch_size: int = 8,
-        progress: bool = False,
-    ) -> list[AnomalyPrediction]:
-        """Score images given as paths, bytes, PIL images or arrays.
-
-        An unreadable image raises :class:`~anomalyclip.preprocess.ImageLoadError` naming it.
-        """
-        from tqdm.auto import tqdm
-
-        sources = list(sources)
-        results: list[AnomalyPrediction] = []
-        bar = tqdm(total=len(sources), desc="predict", unit="img", disable=not progress)
-        for start in range(0, len(sources), batch_size):
-            chunk = sources[start : start + batch_size]
-            images = [load_image(source) for source in chunk]
-            batch = torch.stack([image_to_tensor(im, self.config.image_size) for im in images])
-            output = self(batch.to(self.device))
-            maps = output.anomaly_maps.float().cpu().numpy()
-            for index, (source, image) in enumerate(zip(chunk, images, strict=True)):
-                results.append(
-                    AnomalyPrediction(
-                        source=describe(source),
-                        score=float(output.image_scores[index]),
-                        anomaly_map=maps[index],
-                        original_size=image.size,
-                        threshold=self.config.image_threshold,
-                    )
-                )
-            bar.update(len(chunk))
-        bar.close()
-        return results

@@ -1,14 +1,25 @@
-"""Reading images and masks, and turning them into CLIP's input tensors.
+"""Reading images and masks, and turning them into a model's input tensors.
 
-Preprocessing is the original's: bicubic resize of the whole image to S x S (no crop),
-RGB, [0, 1], CLIP's mean and std. Masks: > 0, bilinear resize, > 0.5.
+:class:`PreProcessor` is the one place images become tensors; it travels with every model
+(built from the configuration) and knows the geometry both ways: image to input, mask to
+model resolution, map back onto the original image. Two resize modes exist:
+
+* ``squash`` (AnomalyCLIP's): bicubic resize of the whole image to S x S, no crop.
+* ``center-crop`` (open_clip's evaluation transform, which MuSc uses): bicubic resize of
+  the shorter side to S, centre crop S x S. A map covers the crop only; outside it the
+  map placed on the original holds the map range's low end ("nothing seen here").
+
+Both then take RGB in [0, 1] and normalise with the mean and std. Masks: > 0, bilinear
+resize, > 0.5.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -19,6 +30,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MAX_PIXELS = 178_956_970  # twice PIL's warning limit: beyond it a file is a bomb
 
 ImageSource = str | Path | bytes | Image.Image | np.ndarray
+# The one list of what counts as an image file when folders are searched.
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+ResizeMode = Literal["squash", "center-crop"]
+RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
 
 
 class ImageLoadError(ValueError):
@@ -122,23 +137,6 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         raise ImageLoadError(name, f"corrupt or truncated image ({error})") from None
 
 
-def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """(3, size, size) float32: bicubic resize, [0, 1], CLIP normalisation."""
-    resized = image.resize((size, size), Image.Resampling.BICUBIC)
-    array = np.asarray(resized, dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(array).permute(2, 0, 1)
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (tensor - mean) / std
-
-
-def preprocess(images: Sequence[ImageSource] | ImageSource, size: int) -> torch.Tensor:
-    """A batch (B, 3, size, size) from any image sources."""
-    if not isinstance(images, (list, tuple)):
-        images = [images]
-    return torch.stack([image_to_tensor(load_image(item), size) for item in images])
-
-
 def load_mask_array(path: str | Path) -> np.ndarray:
     """Binary mask (H, W) bool at its own resolution: any non-zero pixel is anomalous."""
     try:
@@ -157,8 +155,90 @@ def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
     return torch.from_numpy((resized / 255.0 > 0.5).astype(np.float32))
 
 
-def load_mask(path: str | Path | None, size: int) -> torch.Tensor:
-    """A mask at model resolution; None (a normal image) gives all zeros."""
-    if path is None:
-        return torch.zeros(size, size)
-    return resize_mask(load_mask_array(path), size)
+@dataclass(frozen=True)
+class PreProcessor:
+    """Images to input tensors and back, for one input size, resize mode and normalisation."""
+
+    size: int
+    resize: ResizeMode = "squash"
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(
+                f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}"
+            )
+        if self.size <= 0:
+            raise ValueError(f"size must be positive, got {self.size}")
+
+    def resized_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) of the image after resizing, before any crop."""
+        if self.resize == "squash":
+            return self.size, self.size
+        width, height = size
+        if width <= height:
+            return self.size, int(self.size * height / width)
+        return int(self.size * width / height), self.size
+
+    def crop_box(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(left, top) of the S x S crop in the resized image (open_clip's rounding)."""
+        width, height = self.resized_size(size)
+        return int(round((width - self.size) / 2.0)), int(round((height - self.size) / 2.0))
+
+    def tensor(self, image: Image.Image) -> torch.Tensor:
+        """(3, S, S) float32 for one RGB image."""
+        resized = image.resize(self.resized_size(image.size), Image.Resampling.BICUBIC)
+        if self.resize == "center-crop":
+            left, top = self.crop_box(image.size)
+            resized = resized.crop((left, top, left + self.size, top + self.size))
+        array = np.asarray(resized, dtype=np.float32) / 255.0
+        tensor = torch.from_numpy(array).permute(2, 0, 1)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (tensor - mean) / std
+
+    def __call__(self, images: Sequence[ImageSource] | ImageSource) -> torch.Tensor:
+        """A batch (B, 3, S, S) from any image sources."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        return torch.stack([self.tensor(load_image(item)) for item in images])
+
+    def mask(self, mask: np.ndarray) -> torch.Tensor:
+        """(S, S) float32 in {0, 1}: a boolean mask of the original image at model resolution."""
+        if self.resize == "squash":
+            return resize_mask(mask, self.size)
+        height, width = mask.shape
+        as_image = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+        resized = as_image.resize(self.resized_size((width, height)), Image.Resampling.BILINEAR)
+        left, top = self.crop_box((width, height))
+        cropped = np.asarray(resized.crop((left, top, left + self.size, top + self.size)))
+        return torch.from_numpy((cropped.astype(np.float32) / 255.0 > 0.5).astype(np.float32))
+
+    def load_mask(self, path: str | Path | None) -> torch.Tensor:
+        """A mask file at model resolution; None (a normal image) gives all zeros."""
+        if path is None:
+            return torch.zeros(self.size, self.size)
+        return self.mask(load_mask_array(path))
+
+    def map_to_original(
+        self, anomaly_map: np.ndarray, size: tuple[int, int], fill: float = 0.0
+    ) -> np.ndarray:
+        """(height, width) float32: a model-resolution map placed on the original image.
+
+        ``size`` is the original (width, height). Bilinear throughout; with a centre crop
+        the area outside the crop holds ``fill``.
+        """
+        from anomalyclip.maps import upsample
+
+        array = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))
+        width, height = size
+        if self.resize == "center-crop":
+            resized_width, resized_height = self.resized_size(size)
+            left, top = self.crop_box(size)
+            canvas = torch.full((resized_height, resized_width), float(fill))
+            canvas[top : top + self.size, left : left + self.size] = array
+            array = canvas
+        if tuple(array.shape) == (height, width):
+            return array.numpy()
+        return upsample(array[None], (height, width))[0].numpy()

@@ -53,7 +53,7 @@ from anomalyclip.data.core import AnomalyDataset, Sample
 from anomalyclip.feature_cache import FeatureCache
 from anomalyclip.losses import local_loss
 from anomalyclip.model import AnomalyCLIP, ImageEmbeddings
-from anomalyclip.preprocess import load_mask
+from anomalyclip.preprocess import PreProcessor
 from anomalyclip.utils.atomic import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -137,12 +137,6 @@ def make_deterministic() -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def new_model(clip: Any, config: AnomalyCLIPConfig, seed: int = 111) -> AnomalyCLIP:
-    """A model with prompts initialised from ``seed``, so a run's start is reproducible."""
-    torch.manual_seed(seed)
-    return AnomalyCLIP(clip, config)
-
-
 def object_name(sample: Sample, config: AnomalyCLIPConfig) -> str:
     """The class name object-aware prompts use for a sample (``metal_nut`` -> ``metal nut``)."""
     return sample.category.replace("_", " ").strip() or config.object_name
@@ -217,8 +211,9 @@ def batch_loss(
 class MaskStore:
     """Masks at model resolution, loaded once and kept as booleans when caching."""
 
-    def __init__(self, size: int, keep: bool) -> None:
-        self.size = size
+    def __init__(self, preprocessor: PreProcessor, keep: bool) -> None:
+        self.preprocessor = preprocessor
+        self.size = preprocessor.size
         self.keep = keep
         self._masks: dict[Path, Tensor] = {}
 
@@ -227,7 +222,7 @@ class MaskStore:
             return torch.zeros(self.size, self.size)
         mask = self._masks.get(sample.mask)
         if mask is None:
-            mask = load_mask(sample.mask, self.size).bool()
+            mask = self.preprocessor.load_mask(sample.mask).bool()
             if self.keep:
                 self._masks[sample.mask] = mask
         return mask.float()
@@ -486,7 +481,6 @@ def train(
     resume: bool = False,
     cache: FeatureCache | None = None,
     encode_batch_size: int = 1,
-    backbone_sha256: str | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train the prompts of ``model`` on ``dataset``; checkpoints and logs go to ``output_dir``.
@@ -539,7 +533,7 @@ def train(
         names=[object_name(s, model.config) for s in samples] if aware else None,
         optimizer=optimizer,
         cache=cache,
-        masks=MaskStore(model.config.image_size, keep=cache.memory),
+        masks=MaskStore(model.preprocessor, keep=cache.memory),
         options=options,
         encode_batch_size=encode_batch_size,
         progress=progress,
@@ -580,9 +574,7 @@ def train(
                     "rng": {"torch": torch.get_rng_state()},
                     "history": [e.to_dict() for e in history],
                 }
-                save_checkpoint(
-                    result.checkpoint, model, backbone_sha256=backbone_sha256, extra=extra
-                )
+                save_checkpoint(result.checkpoint, model, extra=extra)
                 write_logs(output_dir, history, header)
             _log_epoch(entry, options.epochs)
     finally:

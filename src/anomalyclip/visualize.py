@@ -1,12 +1,12 @@
 """Heatmap overlays and defect masks as images people can look at.
 
-Normalisation: an AnomalyCLIP map is the sum over the feature layers of a per-layer
-anomaly probability in [0, 1], so its values lie in [0, n_layers] (n_layers =
-``len(config.features)``, 4 in the paper). Overlays use that fixed range by default, so
-the same colour means the same value on every image and a clean image stays blue instead
-of having its noise stretched to red. ``vmax=None`` stretches each map to its own
-maximum instead (what the authors' visualisation does), which shows where a map peaks but
-makes colours incomparable between images.
+Normalisation: every model knows the range its maps lie in (an AnomalyCLIP map is a sum
+of per-layer values in [0, 1], so [0, number of layers]; see
+:class:`~anomalyclip.postprocess.PostProcessor`). Given a prediction, overlays use that
+fixed range, so the same colour means the same value on every image and a clean image
+stays blue instead of having its noise stretched to red. A bare array without ``vmax`` is
+stretched to its own maximum (what the authors' visualisation does), which shows where a
+map peaks but makes colours incomparable between images.
 
 Colour maps are small piecewise-linear tables in numpy: no matplotlib needed.
 """
@@ -19,9 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from anomalyclip.config import PAPER_FEATURES, AnomalyCLIPConfig
-
-DEFAULT_MAP_MAX = float(len(PAPER_FEATURES))
+from anomalyclip.predictor import AnomalyPrediction
 
 # (position in [0, 1], (r, g, b) in [0, 1]) anchors, interpolated linearly to 256 entries.
 _ANCHORS: dict[str, Sequence[tuple[float, tuple[float, float, float]]]] = {
@@ -68,11 +66,6 @@ def colormap_table(name: str = "jet") -> np.ndarray:
     return np.round(table * 255.0).astype(np.uint8)
 
 
-def map_range(config: AnomalyCLIPConfig) -> tuple[float, float]:
-    """The (vmin, vmax) every map of this configuration lies in: (0, number of layers)."""
-    return 0.0, float(len(config.features))
-
-
 def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(height, width) float32 from a 2-D map, bilinear as ``map_at_original_size``.
 
@@ -90,7 +83,7 @@ def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def normalise(
-    anomaly_map: np.ndarray, vmin: float | None = 0.0, vmax: float | None = DEFAULT_MAP_MAX
+    anomaly_map: np.ndarray, vmin: float | None = 0.0, vmax: float | None = None
 ) -> np.ndarray:
     """Map values to [0, 1] over [vmin, vmax]; None takes that end from the map itself."""
     array = _as_map(anomaly_map)
@@ -107,7 +100,7 @@ def normalise(
 def colorize(
     anomaly_map: np.ndarray,
     vmin: float | None = 0.0,
-    vmax: float | None = DEFAULT_MAP_MAX,
+    vmax: float | None = None,
     colormap: str = "jet",
 ) -> Image.Image:
     """The map alone as an RGB image at the map's own resolution."""
@@ -117,23 +110,31 @@ def colorize(
 
 def overlay(
     image: Image.Image,
-    anomaly_map: np.ndarray,
+    anomaly_map: np.ndarray | AnomalyPrediction,
     alpha: float = 0.5,
-    vmin: float | None = 0.0,
-    vmax: float | None = DEFAULT_MAP_MAX,
+    vmin: float | None = None,
+    vmax: float | None = None,
     colormap: str = "jet",
 ) -> Image.Image:
     """The colour-mapped anomaly map blended on the image, at the image's own resolution.
 
-    ``alpha`` is the heatmap's weight (0: the image only, 1: the heatmap only). The map
-    may be at model resolution; it is resized bilinearly to the image. Use
-    ``vmax=len(config.features)`` (see :func:`map_range`) when the model does not use four
-    feature layers; ``vmax=None`` stretches this map to its own maximum.
+    ``alpha`` is the heatmap's weight (0: the image only, 1: the heatmap only). Given a
+    prediction, its map is placed on the image as the model's preprocessing saw it and
+    coloured over the model's map range. A bare map may be at model resolution (it is
+    resized bilinearly to the image); without ``vmin``/``vmax`` it spans 0 to its own
+    maximum.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     base = image.convert("RGB")
-    heat = colorize(resize_map(anomaly_map, base.size), vmin, vmax, colormap)
+    if isinstance(anomaly_map, AnomalyPrediction):
+        low, high = anomaly_map.map_range
+        vmin = low if vmin is None else vmin
+        vmax = high if vmax is None else vmax
+        array = anomaly_map.map_at_original_size()
+    else:
+        array = anomaly_map
+    heat = colorize(resize_map(array, base.size), 0.0 if vmin is None else vmin, vmax, colormap)
     return Image.blend(base, heat, alpha)
 
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from anomalyclip.cli.predict import add_model_arguments, build_model
+from anomalyclip.cli.options import add_model_arguments, build_model
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="quantile of good map values used without masks (default 0.999)",
     )
     parser.add_argument(
-        "--output", required=True, metavar="FILE.pt", help="the calibrated checkpoint to write"
+        "--output",
+        "-o",
+        required=True,
+        metavar="FILE.pt",
+        help="the calibrated checkpoint to write",
     )
     parser.add_argument(
         "--summary", metavar="FILE.json", help="also write the calibration details as JSON"
@@ -101,16 +105,15 @@ def _examples(args: argparse.Namespace) -> tuple[list, list, dict[str, Path]]:
     return good, anomalous, masks
 
 
-def _source_metadata(checkpoint: str | None) -> tuple[str | None, dict]:
-    """The backbone checksum and extra data of the checkpoint being calibrated, kept."""
+def _source_extra(checkpoint: str | None) -> dict:
+    """The extra data of the checkpoint being calibrated, kept in the calibrated one."""
     if checkpoint is None:
-        return None, {}
+        return {}
     from anomalyclip.checkpoint import read_checkpoint
     from anomalyclip.hub import resolve_checkpoint
 
     path, _ = resolve_checkpoint(checkpoint)
-    source = read_checkpoint(path)
-    return source.backbone.get("sha256"), dict(source.extra)
+    return dict(read_checkpoint(path).extra)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,14 +136,9 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     result.apply(model)
-    backbone_sha256, extra = _source_metadata(args.checkpoint)
     details = {**result.to_dict(), "calibrated_from": args.checkpoint}
-    save_checkpoint(
-        args.output,
-        model,
-        backbone_sha256=backbone_sha256,
-        extra={**extra, "calibration": details},
-    )
+    extra = {**_source_extra(args.checkpoint), "calibration": details}
+    save_checkpoint(args.output, model, extra=extra)
     if args.summary:
         atomic_write_json(args.summary, details)
     logger.info(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from anomalyclip.cli.predict import add_model_arguments, build_model
+from anomalyclip.cli.options import add_model_arguments, build_model
 
 logger = logging.getLogger(__name__)
 

@@ -6,62 +6,13 @@ import argparse
 import logging
 from typing import TYPE_CHECKING
 
+from anomalyclip.cli.options import add_model_arguments, build_model
 from anomalyclip.visualize import COLORMAPS
 
 if TYPE_CHECKING:
-    from anomalyclip.model import AnomalyCLIP
+    from anomalyclip.predictor import Predictor
 
 logger = logging.getLogger(__name__)
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every command that builds a model."""
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--clip-weights",
-        metavar="PATH_OR_NAME",
-        help="CLIP weights: a file (OpenAI, open_clip, Hugging Face) or a registered name; "
-        "default: the backbone the checkpoint names",
-    )
-    group.add_argument(
-        "--checkpoint",
-        default="mvtec",
-        metavar="NAME_OR_PATH",
-        help="prompt checkpoint: 'mvtec', 'visa', a registered name or a file (default: mvtec)",
-    )
-    group.add_argument("--image-size", type=int, help="input size in pixels (default 518)")
-    group.add_argument(
-        "--features", type=int, nargs="+", metavar="L", help="1-based visual layers for the map"
-    )
-    group.add_argument(
-        "--dpam-layers", type=int, help="how many final visual layers use DPAM (paper: 19)"
-    )
-    group.add_argument("--sigma", type=float, help="Gaussian smoothing of the map (paper: 4)")
-    group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    group.add_argument(
-        "--trust-torchscript",
-        action="store_true",
-        help="load a TorchScript CLIP archive that is not a registered, checksummed file",
-    )
-
-
-def build_model(args: argparse.Namespace) -> AnomalyCLIP:
-    """The one place a command turns its model options into a model."""
-    from anomalyclip.model import AnomalyCLIP
-
-    overrides = {
-        "image_size": args.image_size,
-        "features": tuple(args.features) if args.features else None,
-        "dpam_layers": args.dpam_layers,
-        "sigma": args.sigma,
-    }
-    return AnomalyCLIP.from_pretrained(
-        checkpoint=args.checkpoint,
-        clip_weights=args.clip_weights,
-        device=args.device,
-        trust_torchscript=args.trust_torchscript,
-        **overrides,
-    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -104,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--pixel-threshold",
         type=float,
         metavar="VALUE",
-        help="defect mask: map >= this (default: calibrated, else half the map range)",
+        help="defect mask: map >= this (default: the calibrated one; without either no masks "
+        "are written)",
     )
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument(
@@ -127,12 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
     paths = gather_images(args.inputs)
-    if args.onnx:
-        from anomalyclip.export import OnnxAnomalyModel
-
-        model = OnnxAnomalyModel(args.onnx)
-    else:
-        model = build_model(args)
+    model = build_predictor(args)
     output = args.output
     if output is None and args.output_dir is None:
         output = "predictions.jsonl"
@@ -151,3 +98,12 @@ def run(args: argparse.Namespace) -> int:
         colormap=args.colormap,
     )
     return 0 if summary.results else 1
+
+
+def build_predictor(args: argparse.Namespace) -> Predictor:
+    """The scoring method the options name: an exported ONNX model or the torch model."""
+    if getattr(args, "onnx", None):
+        from anomalyclip.export import OnnxAnomalyModel
+
+        return OnnxAnomalyModel(args.onnx)
+    return build_model(args)

@@ -7,7 +7,7 @@ import ipaddress
 import logging
 from typing import TYPE_CHECKING
 
-from anomalyclip.cli.predict import add_model_arguments, build_model
+from anomalyclip.cli.options import add_model_arguments, build_model
 
 if TYPE_CHECKING:
     from anomalyclip.serving import ServiceSettings

@@ -6,28 +6,19 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from anomalyclip.cli.train import (
-    MODEL_OPTIONS,
+from anomalyclip.cli.options import (
     DatasetSpec,
-    add_ablation_arguments,
+    add_cache_argument,
     add_data_arguments,
-    add_runtime_arguments,
-    backbone_identity,
-    config_overrides,
+    add_model_arguments,
+    add_progress_argument,
+    build_model,
     make_cache,
     open_spec,
-    resolve_features,
 )
 
-if TYPE_CHECKING:
-    from anomalyclip.checkpoint import PromptCheckpoint
-    from anomalyclip.model import AnomalyCLIP
-
 logger = logging.getLogger(__name__)
-
-NO_CHECKPOINT = "none"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,13 +34,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "identical tables.",
     )
     add_data_arguments(parser, many=True)
-    parser.add_argument(
-        "--checkpoint",
-        default=None,
-        metavar="NAME_OR_PATH",
-        help="prompt checkpoint: 'mvtec', 'visa', a file, or 'none' (hand-written "
-        "baselines, untrained prompts); default: mvtec, or none with a baseline preset",
-    )
     parser.add_argument("--output-dir", "-o", default="results", metavar="DIR")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
@@ -65,68 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="AUPRO as the original evaluation computes it (200 thresholds; default, "
         "comparable with the paper) or threshold-free",
     )
-    add_ablation_arguments(parser, training=False)
-    add_runtime_arguments(parser)
+    add_model_arguments(parser, checkpoint=None, ablations=True)
+    add_cache_argument(parser)
+    add_progress_argument(parser)
     parser.set_defaults(func=run)
-
-
-def build_model(args: argparse.Namespace) -> AnomalyCLIP:
-    """The model a test run evaluates: checkpoint, then preset, then explicit options."""
-    from anomalyclip.baselines import LAST_LAYER, get_preset
-    from anomalyclip.checkpoint import load_model, read_checkpoint
-
-    preset = get_preset(args.preset) if args.preset else None
-    overrides = dict(preset.config) if preset else {}
-    overrides.update(config_overrides(args, (*MODEL_OPTIONS, "text_prompts")))
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        checkpoint = NO_CHECKPOINT if preset is not None and not preset.trained else "mvtec"
-    if checkpoint.lower() == NO_CHECKPOINT:
-        return build_on_backbone(None, args, overrides)
-    if Path(checkpoint).expanduser().is_file():
-        return build_on_backbone(read_checkpoint(Path(checkpoint).expanduser()), args, overrides)
-    last_layer_only = overrides.get("features") == LAST_LAYER
-    if last_layer_only:
-        del overrides["features"]
-    model = load_model(
-        checkpoint,
-        clip_weights=args.clip_weights,
-        device=args.device,
-        trust_torchscript=args.trust_torchscript,
-        **overrides,
-    )
-    if last_layer_only:
-        model.config = model.config.replace(features=(model.clip.visual.num_layers,))
-    return model.eval()
-
-
-def build_on_backbone(
-    checkpoint: PromptCheckpoint | None, args: argparse.Namespace, overrides: dict[str, Any]
-) -> AnomalyCLIP:
-    """The prompts of a checkpoint file (its configuration, or the paper's for the
-    authors' layout), or untrained/hand-written ones, on the backbone the configuration
-    names or ``--clip-weights``."""
-    import torch
-
-    from anomalyclip.backbone.loading import load_clip
-    from anomalyclip.checkpoint import apply_prompt_state, config_for
-    from anomalyclip.config import AnomalyCLIPConfig
-    from anomalyclip.model import AnomalyCLIP
-
-    config = AnomalyCLIPConfig()
-    if checkpoint is not None:
-        config = config_for(checkpoint, config)
-    if args.clip_weights:
-        config = config.replace(backbone=str(args.clip_weights))
-    clip = load_clip(config.backbone, trust_torchscript=args.trust_torchscript)
-    config = config.replace(**resolve_features(overrides, clip.visual.num_layers))
-    torch.manual_seed(0)  # untrained prompts are the same in every run
-    model = AnomalyCLIP(clip, config)
-    if checkpoint is not None:
-        apply_prompt_state(model, checkpoint)
-    elif config.text_prompts == "learned":
-        logger.warning("no prompt checkpoint: evaluating untrained prompts")
-    return model.to(torch.device(args.device)).eval()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,8 +81,7 @@ def evaluate_on(args: argparse.Namespace) -> int:
     datasets = [open_spec(spec, args) for spec in specs]
     with distributed.main_process_first():  # one download of registered weights
         model = build_model(args)
-    weights = backbone_identity(args.clip_weights) if args.clip_weights and args.cache_dir else None
-    cache = make_cache(model, args, memory=False, weights=weights)
+    cache = make_cache(model, args, memory=False)
     output_dir = Path(args.output_dir)
     results = []
     for spec, dataset in zip(specs, datasets, strict=True):

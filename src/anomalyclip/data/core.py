@@ -30,11 +30,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from anomalyclip.preprocess import ImageLoadError, load_image, load_mask_array
+from anomalyclip.preprocess import IMAGE_EXTENSIONS, ImageLoadError, load_image, load_mask_array
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 NORMAL_DEFECT = "good"
 UNKNOWN_DEFECT = "anomaly"
 MAX_LISTED_PROBLEMS = 20

@@ -1,0 +1,235 @@
+"""Options every command shares, and the one place they become a model.
+
+``predict``, ``calibrate``, ``export``, ``serve``, ``test`` and ``train`` all take the
+same model options (weights, checkpoint, configuration overrides, device); ``test`` and
+``train`` add the ablation knobs and the dataset arguments. :func:`build_model` hands
+them to :func:`anomalyclip.factory.create_model`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from anomalyclip.config import DPAM_MODES, GLOBAL_HEADS, PROMPT_MODES, TEXT_PROMPTS
+
+if TYPE_CHECKING:
+    from anomalyclip.data.core import AnomalyDataset
+    from anomalyclip.feature_cache import FeatureCache
+    from anomalyclip.model import AnomalyCLIP
+
+logger = logging.getLogger(__name__)
+
+# Configuration fields set from options of the same name.
+BASIC_OPTIONS = ("image_size", "features", "dpam_layers", "sigma")
+ABLATION_OPTIONS = (
+    "dpam_mode",
+    "global_head",
+    "prompt_mode",
+    "n_ctx",
+    "prompt_depth",
+    "deep_prompt_length",
+    "text_prompts",
+)
+
+
+def add_model_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    checkpoint: str | None = "mvtec",
+    with_checkpoint: bool = True,
+    ablations: bool = False,
+    training: bool = False,
+) -> None:
+    """The model options; ``ablations`` adds the knobs of the paper's tables."""
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--clip-weights",
+        metavar="PATH_OR_NAME",
+        help="CLIP weights: a file or folder (OpenAI, open_clip, Hugging Face) or a "
+        "registered name; default: the backbone the checkpoint records",
+    )
+    if with_checkpoint:
+        default = (
+            f"default: {checkpoint}"
+            if checkpoint
+            else "default: mvtec, or none with a baseline preset"
+        )
+        group.add_argument(
+            "--checkpoint",
+            default=checkpoint,
+            metavar="NAME_OR_PATH",
+            help=f"prompt checkpoint: 'mvtec', 'visa', a registered name, a file, or 'none' "
+            f"(untrained or hand-written prompts); {default}",
+        )
+    group.add_argument("--image-size", type=int, help="input size in pixels (paper: 518)")
+    group.add_argument(
+        "--features", type=int, nargs="+", metavar="L", help="1-based visual layers for the map"
+    )
+    group.add_argument(
+        "--dpam-layers", type=int, help="final visual layers with DPAM; 0 disables it (paper: 19)"
+    )
+    group.add_argument("--sigma", type=float, help="Gaussian smoothing of the map (paper: 4)")
+    group.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device, e.g. cpu or cuda; under torchrun, cuda means each process's "
+        "GPU (its LOCAL_RANK)",
+    )
+    group.add_argument(
+        "--trust-torchscript",
+        action="store_true",
+        help="load a TorchScript CLIP archive that is not a registered, checksummed file",
+    )
+    if ablations:
+        _add_ablation_arguments(parser, training)
+
+
+def _add_ablation_arguments(parser: argparse.ArgumentParser, training: bool) -> None:
+    from anomalyclip.baselines import PRESETS
+
+    group = parser.add_argument_group("method and ablations (defaults: the paper's)")
+    group.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="a row of the paper's comparison/ablation tables: "
+        + "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()),
+    )
+    group.add_argument("--dpam-mode", choices=DPAM_MODES, help="DPAM attention (vv)")
+    group.add_argument(
+        "--global-head",
+        choices=GLOBAL_HEADS,
+        help="image embedding: the original's class token without ln_post, or CLIP's head",
+    )
+    group.add_argument(
+        "--prompt-mode",
+        choices=PROMPT_MODES,
+        help="object-agnostic prompts ('object') or object-aware (the class name)",
+    )
+    group.add_argument("--n-ctx", type=int, help="learnable context tokens (paper: 12)")
+    group.add_argument(
+        "--prompt-depth",
+        type=int,
+        help="text layers reached by prompts; 1 = no deep prompts (paper: 9)",
+    )
+    group.add_argument("--deep-prompt-length", type=int, help="tokens per deep prompt (paper: 4)")
+    if not training:
+        group.add_argument(
+            "--text-prompts",
+            choices=TEXT_PROMPTS,
+            help="learned prompts or a hand-written baseline",
+        )
+
+
+def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The configuration fields given on the command line."""
+    values = {}
+    for name in (*BASIC_OPTIONS, *ABLATION_OPTIONS):
+        value = getattr(args, name, None)
+        if value is not None:
+            values[name] = tuple(value) if isinstance(value, list) else value
+    return values
+
+
+def build_model(args: argparse.Namespace, seed: int = 0) -> AnomalyCLIP:
+    """The one place a command turns its options into a model."""
+    from anomalyclip.baselines import get_preset
+    from anomalyclip.factory import NO_CHECKPOINT, create_model
+
+    preset = get_preset(args.preset) if getattr(args, "preset", None) else None
+    checkpoint = getattr(args, "checkpoint", NO_CHECKPOINT)
+    if checkpoint is None:
+        checkpoint = NO_CHECKPOINT if preset is not None and not preset.trained else "mvtec"
+    return create_model(
+        checkpoint,
+        clip_weights=args.clip_weights,
+        preset=preset,
+        overrides=model_overrides(args),
+        device=args.device,
+        trust_torchscript=args.trust_torchscript,
+        seed=seed,
+    )
+
+
+def add_progress_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_cache_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="keep image embeddings on disk here, reused by later runs with the same "
+        "backbone, size, layers and images",
+    )
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """``[KIND=]PATH`` from the command line; the kind is recognised when not given."""
+
+    path: Path
+    kind: str | None
+
+    @property
+    def name(self) -> str:
+        """What results are filed under: the folder's name (a file's stem)."""
+        resolved = self.path.resolve()
+        return resolved.stem if resolved.is_file() else resolved.name
+
+    @classmethod
+    def parse(cls, text: str) -> DatasetSpec:
+        kind, separator, path = text.partition("=")
+        if separator and kind and "/" not in kind and "\\" not in kind:
+            return cls(Path(path), kind)
+        return cls(Path(text), None)
+
+
+def open_spec(spec: DatasetSpec, args: argparse.Namespace) -> AnomalyDataset:
+    from anomalyclip.data import open_dataset
+
+    options: dict[str, Any] = {}
+    if args.categories:
+        options["categories"] = args.categories
+    if args.allow_missing_masks:
+        options["allow_missing_masks"] = True
+    dataset = open_dataset(spec.path, spec.kind, split=args.split, **options)
+    logger.info("%s: %s", spec.path, dataset.summary())
+    return dataset
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, many: bool) -> None:
+    from anomalyclip.data import READERS
+
+    parser.add_argument(
+        "data",
+        nargs="+" if many else None,
+        metavar="[KIND=]PATH",
+        help=f"dataset folder or file, optionally with its kind ({', '.join(READERS)}); "
+        "the layout is recognised when no kind is given",
+    )
+    group = parser.add_argument_group("data")
+    group.add_argument("--split", default="test", help="split to use (default: test, as the paper)")
+    group.add_argument("--categories", nargs="+", metavar="NAME", help="only these classes")
+    group.add_argument(
+        "--allow-missing-masks",
+        action="store_true",
+        help="keep anomalous images without a mask (image-level only)",
+    )
+
+
+def make_cache(model: AnomalyCLIP, args: argparse.Namespace, memory: bool) -> FeatureCache:
+    """The embedding cache, keyed by the backbone's checksum when it has one."""
+    from anomalyclip.feature_cache import DEFAULT_MEMORY_LIMIT, FeatureCache
+
+    limit = getattr(args, "cache_memory_gb", None)
+    return FeatureCache(
+        model,
+        getattr(args, "cache_dir", None),
+        memory=memory,
+        memory_limit=int(limit * 2**30) if limit is not None else DEFAULT_MEMORY_LIMIT,
+        weights=model.backbone.sha256,
+    )

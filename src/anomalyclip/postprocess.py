@@ -1,0 +1,94 @@
+"""What turns a score and a map into decisions: thresholds and the range maps lie in.
+
+One :class:`PostProcessor` travels with every model (and inside every ONNX export). It
+resolves each threshold as *given > calibrated > none*: an explicit value wins, else the
+one calibration stored in the checkpoint, else there is no threshold and hence no verdict
+(image) or no mask (pixel). Inventing a threshold from the map's range would give a
+defect area of 100 % on one dataset and 0 % on the next, so none is invented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+ThresholdSource = Literal["given", "calibrated"]
+
+
+@dataclass(frozen=True)
+class PostProcessor:
+    """Thresholds and the map range of one model; immutable, so it can be shared.
+
+    ``map_range`` is the (low, high) interval every map of the model lies in (AnomalyCLIP:
+    0 to the number of feature layers): overlays colour that range, so the same colour
+    means the same value on every image.
+    """
+
+    map_range: tuple[float, float] = (0.0, 1.0)
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
+    image_threshold_source: ThresholdSource | None = None
+    pixel_threshold_source: ThresholdSource | None = None
+
+    def __post_init__(self) -> None:
+        low, high = (float(v) for v in self.map_range)
+        if not low < high:
+            raise ValueError(f"map_range must be (low, high) with low < high, got {self.map_range}")
+        object.__setattr__(self, "map_range", (low, high))
+
+    @classmethod
+    def calibrated(
+        cls,
+        map_range: tuple[float, float],
+        image_threshold: float | None,
+        pixel_threshold: float | None,
+    ) -> PostProcessor:
+        """The post-processor a checkpoint's stored calibration implies."""
+        return cls(
+            map_range,
+            None if image_threshold is None else float(image_threshold),
+            None if pixel_threshold is None else float(pixel_threshold),
+            None if image_threshold is None else "calibrated",
+            None if pixel_threshold is None else "calibrated",
+        )
+
+    def with_given(
+        self, image_threshold: float | None = None, pixel_threshold: float | None = None
+    ) -> PostProcessor:
+        """Given values take precedence over calibrated ones; None keeps what is there."""
+        changes: dict[str, Any] = {}
+        if image_threshold is not None:
+            changes.update(image_threshold=float(image_threshold), image_threshold_source="given")
+        if pixel_threshold is not None:
+            changes.update(pixel_threshold=float(pixel_threshold), pixel_threshold_source="given")
+        return dataclasses.replace(self, **changes)
+
+    def verdict(self, score: float) -> bool | None:
+        """Anomalous when ``score >= image_threshold``; None without a threshold."""
+        return None if self.image_threshold is None else bool(score >= self.image_threshold)
+
+    def mask(self, anomaly_map: np.ndarray) -> np.ndarray | None:
+        """Boolean defect mask ``map >= pixel_threshold``; None without a threshold."""
+        if self.pixel_threshold is None:
+            return None
+        return np.asarray(anomaly_map) >= self.pixel_threshold
+
+    def defect_fraction(self, anomaly_map: np.ndarray) -> float | None:
+        mask = self.mask(anomaly_map)
+        return None if mask is None else float(mask.mean())
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["map_range"] = list(self.map_range)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PostProcessor:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "map_range" in values:
+            values["map_range"] = tuple(values["map_range"])
+        return cls(**values)

@@ -1,0 +1,180 @@
+"""The scoring-method seam: what every method offers and every workflow relies on.
+
+A scoring method (AnomalyCLIP's prompts in torch, the same model in ONNX Runtime, MuSc's
+mutual scoring, ...) is a :class:`Predictor`: it owns a
+:class:`~anomalyclip.preprocess.PreProcessor` (images to tensors and maps back) and a
+:class:`~anomalyclip.postprocess.PostProcessor` (map range and thresholds), and turns a
+batch of preprocessed images into scores and maps with :meth:`Predictor.score_tensors`.
+Everything else (decoding, batching, skipping unreadable files, building
+:class:`AnomalyPrediction` objects) is this one loop, shared by all methods. A method that
+needs the whole set at once (its images score each other) sets ``scores_sets``; the loop
+then hands it every image in one call.
+
+The workflows (``inspect``, evaluation, calibration), the CLI and the service are written
+against this interface only.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from anomalyclip.postprocess import PostProcessor
+from anomalyclip.preprocess import ImageLoadError, ImageSource, PreProcessor, describe, load_image
+
+ErrorPolicy = Literal["raise", "skip"]
+
+
+@dataclass
+class SkippedImage:
+    """An input that could not be scored, and why."""
+
+    image: str
+    reason: str
+
+    def to_record(self) -> dict[str, str]:
+        return {"image": self.image, "reason": self.reason}
+
+
+@dataclass
+class AnomalyPrediction:
+    """One image's result, with what is needed to map it back onto the original.
+
+    ``preprocessor`` knows the geometry between the original and the model's input;
+    ``postprocessor`` the map range and the thresholds in force.
+    """
+
+    source: str
+    score: float
+    anomaly_map: np.ndarray  # (S, S) float32 at model resolution
+    original_size: tuple[int, int]  # (width, height)
+    preprocessor: PreProcessor | None = None
+    postprocessor: PostProcessor = field(default_factory=PostProcessor)
+
+    @property
+    def threshold(self) -> float | None:
+        return self.postprocessor.image_threshold
+
+    @property
+    def map_range(self) -> tuple[float, float]:
+        return self.postprocessor.map_range
+
+    @property
+    def is_anomalous(self) -> bool | None:
+        return self.postprocessor.verdict(self.score)
+
+    def map_at_original_size(self) -> np.ndarray:
+        """(height, width) float32: the map placed on the input image, bilinearly."""
+        preprocessor = self.preprocessor or PreProcessor(self.anomaly_map.shape[-1])
+        return preprocessor.map_to_original(
+            self.anomaly_map, self.original_size, fill=self.map_range[0]
+        )
+
+    def mask_at_original_size(self) -> np.ndarray | None:
+        """(height, width) bool defect mask, or None without a pixel threshold."""
+        return self.postprocessor.mask(self.map_at_original_size())
+
+
+class Predictor(ABC):
+    """A scoring method: preprocessed images in, image scores and pixel maps out."""
+
+    method: ClassVar[str] = "unnamed"
+    scores_sets: ClassVar[bool] = False  # True: the images of a call score each other
+
+    @property
+    @abstractmethod
+    def preprocessor(self) -> PreProcessor: ...
+
+    @property
+    @abstractmethod
+    def postprocessor(self) -> PostProcessor: ...
+
+    @abstractmethod
+    def settings(self) -> dict[str, Any]:
+        """The configuration recorded with every result (JSON-ready)."""
+
+    @abstractmethod
+    def score_tensors(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Scores (B,) and maps (B, S, S), float32 numpy, for preprocessed (B, 3, S, S)."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the service and reports show about the model."""
+        return {
+            "method": self.method,
+            "image_size": self.preprocessor.size,
+            "map_range": list(self.postprocessor.map_range),
+            "settings": self.settings(),
+        }
+
+    def predict_images(self, images: Sequence[Image.Image]) -> list[AnomalyPrediction]:
+        """Score decoded RGB images (one batch, or the whole set for ``scores_sets``)."""
+        if not images:
+            return []
+        preprocessor, postprocessor = self.preprocessor, self.postprocessor
+        batch = torch.stack([preprocessor.tensor(image) for image in images])
+        scores, maps = self.score_tensors(batch)
+        results = []
+        for index, image in enumerate(images):
+            score = float(scores[index])
+            if not math.isfinite(score) or not np.isfinite(maps[index]).all():
+                raise ValueError(
+                    f"{self.method} produced a non-finite score or map for image {index + 1} "
+                    "of the batch; the model's weights are damaged"
+                )
+            results.append(
+                AnomalyPrediction(
+                    describe(image), score, maps[index], image.size, preprocessor, postprocessor
+                )
+            )
+        return results
+
+    def predict(
+        self,
+        sources: Iterable[ImageSource],
+        batch_size: int = 8,
+        progress: bool = False,
+        errors: ErrorPolicy = "raise",
+    ) -> list[AnomalyPrediction | SkippedImage]:
+        """Score images given as paths, bytes, PIL images or arrays, in input order.
+
+        An unreadable image raises :class:`~anomalyclip.preprocess.ImageLoadError` naming
+        it, or with ``errors="skip"`` becomes a :class:`SkippedImage` in its place.
+        """
+        from tqdm.auto import tqdm
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        sources = list(sources)
+        results: list[AnomalyPrediction | SkippedImage | None] = [None] * len(sources)
+        pending: list[tuple[int, Image.Image]] = []
+        bar = tqdm(total=len(sources), desc=self.method, unit="img", disable=not progress)
+
+        def flush() -> None:
+            predictions = self.predict_images([image for _, image in pending])
+            for (index, _), prediction in zip(pending, predictions, strict=True):
+                prediction.source = describe(sources[index])
+                results[index] = prediction
+            bar.update(len(pending))
+            pending.clear()
+
+        with bar:
+            for index, source in enumerate(sources):
+                try:
+                    pending.append((index, load_image(source)))
+                except ImageLoadError as error:
+                    if errors == "raise":
+                        raise
+                    results[index] = SkippedImage(error.source, error.reason)
+                    bar.update(1)
+                if len(pending) == batch_size and not self.scores_sets:
+                    flush()
+            if pending:
+                flush()
+        return [result for result in results if result is not None]
