@@ -56,3 +56,31 @@ def test_killed_writer_leaves_the_previous_file_intact(tmp_path):
     assert target.read_bytes() == b"complete old checkpoint"
     leftovers = [p for p in tmp_path.iterdir() if p != target]
     assert all(p.name.startswith(".checkpoint.bin.") for p in leftovers)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_new_files_get_the_mode_the_umask_gives(tmp_path, umask):
+    """Bug: every written file was 0600 whatever the umask."""
+    import os
+
+    previous = os.umask(umask)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        atomic_write_json(tmp_path / "atomic.json", {})
+        atomic_torch_save({}, tmp_path / "atomic.pt")
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~umask
+    assert plain.stat().st_mode & 0o777 == expected
+    assert (tmp_path / "atomic.json").stat().st_mode & 0o777 == expected
+    assert (tmp_path / "atomic.pt").stat().st_mode & 0o777 == expected
+
+
+def test_replacing_a_file_keeps_its_mode(tmp_path):
+    target = tmp_path / "report.html"
+    target.write_text("old")
+    target.chmod(0o640)
+    atomic_write_json(target, {"new": True})
+    assert target.stat().st_mode & 0o777 == 0o640
+    assert json.loads(target.read_text()) == {"new": True}

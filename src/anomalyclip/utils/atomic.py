@@ -1,4 +1,9 @@
-"""Writes that are either complete or absent: a temporary file beside the target, then rename."""
+"""Writes that are either complete or absent: a temporary file beside the target, then rename.
+
+The file ends with the permissions a plain ``open()`` would have given it (0666 less the
+umask), or the mode of the file it replaces: ``mkstemp`` creates 0600 files, which would
+lock colleagues, web servers and shared caches out of every result.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, _mode_for(target))
         with os.fdopen(fd, mode, **kwargs) as handle:
             yield handle
             handle.flush()
@@ -30,6 +36,29 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask.
+
+    Linux reports it in /proc without changing it; elsewhere reading it means setting it
+    and straight back, which another thread creating a file at that instant could see.
+    """
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text()
+        line = next(line for line in status.splitlines() if line.startswith("Umask:"))
+        return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(target: Path) -> int:
+    """An existing file's permission bits, else what ``open()`` would create."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
