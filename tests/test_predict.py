@@ -253,6 +253,27 @@ def test_gather_images_recurses_globs_and_skips_hidden_and_other_files(tmp_path)
         gather_images([tmp_path / "missing"])
 
 
+def test_gather_images_skips_annotation_folders_follows_links_and_keeps_odd_files(tmp_path, caplog):
+    """Bugs: masks/ and ground_truth/ were scored as products; linked folders, broken
+    links and files without an extension were silently missing."""
+    for name in ["good/a.png", "ground_truth/crack/a_mask.png", "Masks/b.png", "other/c.png"]:
+        (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / name).write_bytes(b"x")
+    (tmp_path / "data" / "good" / "raw_frame").write_bytes(b"x")  # no extension
+    (tmp_path / "data" / "good" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "data" / "linked").symlink_to(tmp_path / "data" / "other", target_is_directory=True)
+    (tmp_path / "data" / "other" / "loop").symlink_to(tmp_path / "data", target_is_directory=True)
+    with caplog.at_level(logging.INFO):
+        found = gather_images([tmp_path / "data"])
+    names = [p.relative_to(tmp_path / "data").as_posix() for p in found]
+    # The linked folder is walked once (under its first name), the loop not at all.
+    assert names == ["good/a.png", "good/gone.png", "good/raw_frame", "linked/c.png"]
+    assert caplog.text.count("not scoring annotation folders") == 1
+    assert "--include-annotations" in caplog.text
+    everything = gather_images([tmp_path / "data"], include_annotations=True)
+    assert len(everything) == len(found) + 2
+
+
 def test_csv_lists_need_an_image_column(tmp_path):
     listing = tmp_path / "list.csv"
     listing.write_text("path,label\na.png,good\n")

@@ -129,22 +129,28 @@ def read_image_csv(path: str | Path) -> list[ImageRow]:
     return rows
 
 
-def gather_images(inputs: Sequence[str | Path]) -> list[Path]:
+# Folders that dataset layouts use for annotations, not product images (MVTec AD's
+# ground_truth/, VisA's Masks/, the masks/ of folder datasets), compared case-insensitively.
+ANNOTATION_FOLDERS = frozenset({"ground_truth", "groundtruth", "masks", "mask", "gt"})
+
+
+def gather_images(inputs: Sequence[str | Path], include_annotations: bool = False) -> list[Path]:
     """Files as given, folders searched recursively, glob patterns expanded, CSV lists read.
 
-    Folders and globs keep image files only (by extension, case-insensitive) and skip
-    hidden names; matches are sorted per input and duplicates dropped. An input that
-    matches nothing raises FileNotFoundError naming it.
+    Folders are walked following symbolic links (each real folder once) and keep image
+    files (by extension, case-insensitive), skipping hidden names and, unless
+    ``include_annotations``, the annotation folders of :data:`ANNOTATION_FOLDERS` (the
+    skip is logged once). Files without an extension and broken links are kept, so that
+    reading them reports them (decoded if they are images, else listed as skipped).
+    Matches are sorted per input and duplicates dropped. An input that matches nothing
+    raises FileNotFoundError naming it.
     """
     found: list[Path] = []
+    skipped_annotations: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            matches = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file() and is_image_file(p) and not _hidden(p.relative_to(path))
-            )
+            matches = _walk(path, include_annotations, skipped_annotations)
         elif path.is_file() and path.suffix.lower() == ".csv":
             matches = [row.image for row in read_image_csv(path)]
         elif path.is_file():
@@ -159,11 +165,42 @@ def gather_images(inputs: Sequence[str | Path]) -> list[Path]:
             raise FileNotFoundError(f"no images found at {item}")
         logger.debug("%s: %d images", item, len(matches))
         found.extend(matches)
+    if skipped_annotations:
+        folders = sorted({str(p) for p in skipped_annotations})
+        logger.info(
+            "not scoring annotation folders (%s%s); pass --include-annotations to score them",
+            ", ".join(folders[:3]),
+            f" and {len(folders) - 3} more" if len(folders) > 3 else "",
+        )
     return list(dict.fromkeys(found))
 
 
-def _hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
+def _walk(root: Path, include_annotations: bool, skipped: list[Path]) -> list[Path]:
+    matches: list[Path] = []
+    seen: set[str] = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree: walked already
+            subfolders.clear()
+            continue
+        seen.add(real)
+        here = Path(folder)
+        kept = []
+        for name in sorted(subfolders):
+            if name.startswith("."):
+                continue
+            if not include_annotations and name.lower() in ANNOTATION_FOLDERS:
+                skipped.append(here / name)
+                continue
+            kept.append(name)
+        subfolders[:] = kept
+        for name in files:
+            candidate = here / name
+            if name.startswith("."):
+                continue
+            if is_image_file(candidate) or not candidate.suffix:
+                matches.append(candidate)
+    return sorted(matches)
 
 
 def output_names(sources: Sequence[ImageSource]) -> list[str]:

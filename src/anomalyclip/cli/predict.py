@@ -24,6 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "relative to the CSV). Unreadable files are skipped and listed at the end.",
     )
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    parser.add_argument(
+        "--include-annotations",
+        action="store_true",
+        help="also score images inside annotation folders (ground_truth/, masks/, gt/), "
+        "which are skipped by default",
+    )
     add_model_arguments(parser)
     outputs = parser.add_argument_group("outputs")
     outputs.add_argument(
@@ -78,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
-    paths = gather_images(args.inputs)
+    paths = gather_images(args.inputs, include_annotations=args.include_annotations)
     model = build_predictor(args)
     output = args.output
     if output is None and args.output_dir is None:
