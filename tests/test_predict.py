@@ -355,3 +355,25 @@ def test_inspect_can_drop_maps_and_iter_predictions_reports_skips(tmp_path, shar
     assert not (tmp_path / "out").exists()
     single = inspect(Image.open(images[0]), model, progress=False)
     assert [r.image for r in single.results] == ["<JpegImageFile>"]
+
+
+def test_a_reused_output_dir_is_refused_unless_overwrite_removes_only_that_run(
+    tmp_path, tile_folder, tiny_model_files, caplog
+):
+    """Bug: stale overlays of an earlier run stayed beside a report listing others."""
+    out = tmp_path / "out"
+    flags = [*model_arguments(tiny_model_files), "--output-dir", out, "--no-progress"]
+    assert cli("predict", tile_folder / "good", *flags, "--pixel-threshold", "1.0") == 0
+    first = sorted(p.name for p in (out / "overlays").iterdir())
+    (out / "notes.txt").write_text("mine")
+    (out / "overlays" / "keep_me.png").write_bytes(b"x")
+    with caplog.at_level(logging.ERROR):
+        assert cli("predict", tile_folder / "crack", *flags) == 2
+    assert "holds the results of an earlier run" in caplog.text and "--overwrite" in caplog.text
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == sorted([*first, "keep_me.png"])
+    assert cli("predict", tile_folder / "crack", *flags, "--overwrite") == 0
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    overlays = sorted(p.name for p in (out / "overlays").iterdir())
+    assert overlays == sorted([Path(r["overlay"]).name for r in records] + ["keep_me.png"])
+    assert not (out / "masks").exists()  # the old masks went, the new run writes none
+    assert (out / "notes.txt").read_text() == "mine"

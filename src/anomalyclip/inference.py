@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from anomalyclip.outputs import claim_output_dir
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, Predictor, SkippedImage
 from anomalyclip.preprocess import (
@@ -384,6 +385,7 @@ def inspect(
     alpha: float = 0.5,
     colormap: str = "jet",
     title: str = "AnomalyCLIP inspection",
+    overwrite: bool = False,
 ) -> InspectionSummary:
     """Score images and write what people need to review them.
 
@@ -392,7 +394,9 @@ def inspect(
     masks/, thumbnails/ and report.html there; ``jsonl_path`` and ``maps_dir``
     (``<name>.npy`` float32 maps at model resolution) work with or without it.
     ``keep_maps=False`` drops each map once written, so memory stays flat over large
-    collections. Unreadable inputs are skipped and listed in the summary.
+    collections. Unreadable inputs are skipped and listed in the summary. An
+    ``output_dir`` with another run's results is refused unless ``overwrite``, which
+    removes that run's files (:mod:`anomalyclip.outputs`).
     """
     started = time.perf_counter()
     if not 0.0 <= alpha <= 1.0:
@@ -404,6 +408,8 @@ def inspect(
     names = output_names(items)
     post = model.postprocessor.with_given(image_threshold, pixel_threshold)
     out = Path(output_dir) if output_dir is not None else None
+    if out is not None:
+        claim_output_dir(out, overwrite)
     summary = InspectionSummary(
         image_threshold=post.image_threshold,
         image_threshold_source=post.image_threshold_source,

@@ -45,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "else predictions.jsonl)",
     )
     outputs.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="reuse an --output-dir that holds an earlier run's results, removing that "
+        "run's files (and only them)",
+    )
+    outputs.add_argument(
         "--save-maps", metavar="DIR", help="write <name>.npy float32 maps at model resolution"
     )
     thresholds = parser.add_argument_group("thresholds")
@@ -102,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         keep_maps=False,
         alpha=args.alpha,
         colormap=args.colormap,
+        overwrite=args.overwrite,
     )
     return 0 if summary.results else 1
 
