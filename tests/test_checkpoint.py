@@ -109,3 +109,50 @@ def test_wrong_content_is_explained(tmp_path):
         read_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         read_checkpoint(tmp_path / "missing.pth")
+
+
+def saved(tmp_path, change) -> str:
+    """A valid checkpoint of ours, changed by ``change(data)`` and written again."""
+    model = AnomalyCLIP(tiny_clip(), AnomalyCLIPConfig(**SMALL))
+    path = save_checkpoint(tmp_path / "good.pt", model)
+    data = torch.load(path, weights_only=True)
+    change(data)
+    target = tmp_path / "changed.pt"
+    torch.save(data, target)
+    return str(target)
+
+
+def test_non_finite_prompts_are_refused_naming_the_tensor(tmp_path):
+    """Bug: a checkpoint with NaN prompts loaded and its NaN scores read as "normal"."""
+
+    def poison(data):
+        data["prompt_learner"]["ctx_pos"].view(-1)[0] = float("nan")
+
+    with pytest.raises(ValueError, match=r"prompt_learner\.ctx_pos holds 1 non-finite values"):
+        read_checkpoint(saved(tmp_path, poison))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.update(format_version="2"), "format_version must be an integer, got '2'"),
+        (lambda d: d.pop("prompt_learner"), "'prompt_learner' must be a dictionary, it is missing"),
+        (lambda d: d.update(config="garbage"), "'config' must be a dictionary, it is a str"),
+        (
+            lambda d: d["config"].update(image_size="huge"),
+            "configuration field 'image_size' must be an integer, got 'huge'",
+        ),
+        (
+            lambda d: d["config"].update(features=["a"]),
+            "configuration field 'features' must be a list of numbers",
+        ),
+        (
+            lambda d: d["prompt_learner"].update(ctx_pos="not a tensor"),
+            r"prompt_learner\.ctx_pos is a str, not a tensor",
+        ),
+    ],
+)
+def test_malformed_checkpoints_get_one_line_naming_the_field(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message) as caught:
+        read_checkpoint(saved(tmp_path, change))
+    assert "\n" not in str(caught.value) and "changed.pt" in str(caught.value)

@@ -104,19 +104,7 @@ def read_checkpoint(path: str | Path) -> PromptCheckpoint:
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a {type(data).__name__}, not a prompt checkpoint")
     if data.get("format") == FORMAT:
-        if data.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(
-                f"{path} was written by a newer anomalyclip (format version "
-                f"{data['format_version']}); upgrade the package"
-            )
-        checkpoint = PromptCheckpoint(
-            str(path),
-            "anomalyclip",
-            dict(data["prompt_learner"]),
-            AnomalyCLIPConfig.from_dict(data["config"]),
-            dict(data.get("backbone") or {}),
-            dict(data.get("extra") or {}),
-        )
+        checkpoint = _ours(path, data)
     elif "prompt_learner" in data and isinstance(data["prompt_learner"], dict):
         checkpoint = PromptCheckpoint(str(path), "authors", dict(data["prompt_learner"]))
     else:
@@ -125,11 +113,62 @@ def read_checkpoint(path: str | Path) -> PromptCheckpoint:
             f"{path} is not an AnomalyCLIP prompt checkpoint (top-level keys: {keys}); "
             "expected {'prompt_learner': ...}"
         )
+    _check_tensors(path, checkpoint.prompt_state)
     try:
         checkpoint.shape  # noqa: B018 - validates the tensors
     except (ValueError, KeyError) as error:
         raise ValueError(f"{path}: {error}") from None
     return checkpoint
+
+
+def _ours(path: Path, data: dict[str, Any]) -> PromptCheckpoint:
+    """Our layout, its structure checked field by field: one line names what is wrong."""
+    version = data.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"{path}: format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} was written by a newer anomalyclip (format version {version}); "
+            "upgrade the package"
+        )
+    for key, required in (
+        ("prompt_learner", True),
+        ("config", True),
+        ("backbone", False),
+        ("extra", False),
+    ):
+        value = data.get(key)
+        if (value is None and required) or (value is not None and not isinstance(value, dict)):
+            kind = "missing" if value is None else f"a {type(value).__name__}"
+            raise ValueError(f"{path}: '{key}' must be a dictionary, it is {kind}")
+    try:
+        config = AnomalyCLIPConfig.from_dict(data["config"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from None
+    return PromptCheckpoint(
+        str(path),
+        "anomalyclip",
+        dict(data["prompt_learner"]),
+        config,
+        dict(data.get("backbone") or {}),
+        dict(data.get("extra") or {}),
+    )
+
+
+def _check_tensors(path: Path, state: dict[str, Any]) -> None:
+    """Every prompt entry is a finite tensor: NaN prompts would give NaN scores, and a
+    NaN compares as "normal" against any threshold."""
+    for name, value in state.items():
+        if not isinstance(value, Tensor):
+            raise ValueError(
+                f"{path}: prompt_learner.{name} is a {type(value).__name__}, not a tensor"
+            )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(
+                f"{path}: prompt_learner.{name} holds {bad} non-finite values (NaN or inf); "
+                "the checkpoint is damaged"
+            )
 
 
 def config_for(checkpoint: PromptCheckpoint, base: AnomalyCLIPConfig) -> AnomalyCLIPConfig:

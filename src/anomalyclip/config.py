@@ -122,12 +122,52 @@ class AnomalyCLIPConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AnomalyCLIPConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        """A configuration read from a file: every value's type is checked, so a damaged
+        file gives one line naming the field instead of a traceback."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
         if unknown:
             logger.warning("ignoring unknown configuration keys: %s", ", ".join(unknown))
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {}
+        for name, value in data.items():
+            if name in fields:
+                values[name] = _checked(name, value, _default_of(fields[name]))
+        return cls(**values)
 
     def replace(self, **changes: Any) -> AnomalyCLIPConfig:
         """A copy with ``changes``; None is a value (``image_threshold=None`` clears it)."""
         return dataclasses.replace(self, **changes)
+
+
+def _default_of(spec: dataclasses.Field) -> Any:
+    if spec.default_factory is not dataclasses.MISSING:
+        return spec.default_factory()
+    return spec.default
+
+
+def _checked(name: str, value: Any, default: Any) -> Any:
+    """``value`` if it has the kind of the field's default, else ValueError naming it."""
+
+    def number(item: Any) -> bool:
+        return isinstance(item, (int, float)) and not isinstance(item, bool)
+
+    if default is None:  # the optional thresholds
+        ok = value is None or number(value)
+        expected = "a number or null"
+    elif isinstance(default, bool):
+        ok, expected = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        expected = "an integer"
+    elif isinstance(default, float):
+        ok, expected = number(value), "a number"
+    elif isinstance(default, str):
+        ok, expected = isinstance(value, str), "a string"
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (list, tuple)) and all(number(item) for item in value)
+        expected = "a list of numbers"
+    else:
+        ok, expected = isinstance(value, dict), "a dictionary"
+    if not ok:
+        raise ValueError(f"configuration field {name!r} must be {expected}, got {value!r}")
+    return value
