@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 import pytest
@@ -141,3 +142,113 @@ def test_truncated_real_files_fail_cleanly(cut, format):
     except ImageLoadError:
         return
     assert image.size == (32, 32)
+
+
+def seed_files() -> dict[str, bytes]:
+    """A small valid file of every format Pillow writes here, as mutation seeds."""
+    image = Image.new("RGB", (24, 16), (30, 140, 220))
+    seeds = {}
+    for format in (
+        "PNG",
+        "JPEG",
+        "BMP",
+        "TIFF",
+        "GIF",
+        "WEBP",
+        "DDS",
+        "PPM",
+        "TGA",
+        "ICO",
+        "PCX",
+        "SGI",
+        "IM",
+        "QOI",
+        "EPS",
+    ):
+        buffer = io.BytesIO()
+        try:
+            image.save(buffer, format=format)
+        except (KeyError, OSError, ValueError):
+            continue  # a writer this Pillow build lacks
+        seeds[format] = buffer.getvalue()
+    return seeds
+
+
+def mutate(data: bytes, rng: np.random.Generator) -> bytes:
+    """Byte flips, overwrites with extreme values, cuts and duplicated runs."""
+    array = bytearray(data)
+    for _ in range(int(rng.integers(1, 9))):
+        kind = int(rng.integers(0, 4))
+        at = int(rng.integers(0, max(1, len(array))))
+        if kind == 0 and array:
+            array[at] ^= 1 << int(rng.integers(0, 8))
+        elif kind == 1 and array:
+            array[at : at + 4] = bytes(rng.choice([0x00, 0xFF, 0x7F, 0x80], 4).tolist())
+        elif kind == 2:
+            del array[at:]
+        else:
+            array[at:at] = array[at : at + int(rng.integers(1, 64))]
+    return bytes(array)
+
+
+def test_mutated_files_of_every_format_raise_only_image_load_errors():
+    """Bug: mutated DDS and TIFF files escaped as NotImplementedError and TypeError."""
+    seeds = seed_files()
+    assert {"PNG", "JPEG", "TIFF", "DDS"} <= set(seeds)
+    rng = np.random.default_rng(1234)
+    outcomes = {"decoded": 0, "refused": 0}
+    for _ in range(1500):
+        format = str(rng.choice(sorted(seeds)))
+        content = mutate(seeds[format], rng)
+        try:
+            image = load_image(content, max_pixels=4_000_000)
+        except ImageLoadError as error:
+            assert error.reason and "\n" not in error.reason
+            outcomes["refused"] += 1
+        else:
+            assert image.mode == "RGB"
+            outcomes["decoded"] += 1
+    assert outcomes["refused"] > 100 and outcomes["decoded"] > 100
+
+
+def test_any_decoder_exception_becomes_the_files_error(monkeypatch):
+    def broken(self):
+        raise TypeError("'IFDRational' object cannot be interpreted as an integer")
+
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", broken)
+    with pytest.raises(ImageLoadError, match=r"cannot decode \(TypeError: 'IFDRational'"):
+        load_image(png_bytes(Image.new("RGB", (4, 4))))
+
+
+@pytest.mark.parametrize(
+    ("peak", "bits"), [(255, 8), (1023, 10), (4095, 12), (4096, 14), (65535, 16)]
+)
+def test_bit_depth_is_read_off_the_data(peak, bits):
+    from anomalyclip.preprocess import used_bit_depth
+
+    assert used_bit_depth(peak) == bits
+
+
+def test_twelve_bit_data_in_a_sixteen_bit_file_is_not_scored_near_black(tmp_path, caplog):
+    """Bug: 12-bit camera data was divided by 65535 and became a near-black image."""
+    ramp = np.linspace(0, 4095, 64, dtype=np.uint16).reshape(8, 8)
+    path = tmp_path / "camera.png"
+    Image.fromarray(ramp).save(path)
+    with caplog.at_level(logging.WARNING):
+        array = np.asarray(load_image(path))[..., 0]
+    assert array.max() == 255 and array.min() == 0
+    assert "12-bit image data in a 16-bit file" in caplog.text
+
+
+def test_pillows_bomb_warning_does_not_leak(tmp_path, recwarn):
+    path = tmp_path / "big.png"
+    Image.new("L", (4000, 3000)).save(path)
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 10_000_000  # so this image is above Pillow's warning level
+    try:
+        load_image(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]

@@ -16,14 +16,18 @@ resize, > 0.5.
 from __future__ import annotations
 
 import io
+import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import IO, Literal, get_args
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -55,11 +59,35 @@ def describe(source: ImageSource) -> str:
     return f"<{type(source).__name__}>"
 
 
+def used_bit_depth(peak: float) -> int:
+    """The bit depth a 16-bit container's data uses, from its largest value.
+
+    Industrial cameras write 10-, 12- or 14-bit data into 16-bit files; dividing 12-bit
+    data by 65535 scores a near-black image. The depth is the smallest even number of
+    bits (at least 8) that holds the peak: 4095 is 12-bit, 4096 is 14-bit.
+    """
+    bits = max(8, int(np.ceil(np.log2(peak + 1.0))))
+    return min(16, bits + bits % 2)
+
+
 def _to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit and float images scaled to 8 bits instead of clipped, as PIL's convert would."""
+    """16-bit and float images scaled to 8 bits instead of clipped, as PIL's convert would.
+
+    Integer images are scaled by the bit depth their data uses (:func:`used_bit_depth`),
+    with a warning when that is not 16 so the choice is never silent.
+    """
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if array.max(initial=0) > 255 or image.mode.startswith("I;16") else 255.0
+        top = float(array.max(initial=0))
+        bits = used_bit_depth(top)
+        if bits < 16 and (image.mode.startswith("I;16") or top > 255):
+            logger.warning(
+                "%d-bit image data in a 16-bit file (largest value %d): scaled as %d-bit",
+                bits,
+                int(top),
+                bits,
+            )
+        peak = float(2**bits - 1)
         return Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if image.mode == "F":
         array = np.nan_to_num(np.asarray(image, dtype=np.float64))
@@ -90,43 +118,18 @@ def _from_array(array: np.ndarray) -> Image.Image:
 def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """An RGB PIL image from a path, bytes, PIL image or array; EXIF orientation applied.
 
-    Raises :class:`ImageLoadError` naming the source for anything unreadable.
+    Raises :class:`ImageLoadError` naming the source for anything unreadable: whatever a
+    decoder raises on a damaged file (Pillow's plugins raise ``TypeError``,
+    ``NotImplementedError`` and more) is that file's error, never the caller's crash.
+    Pillow's own warnings are silenced (its decompression-bomb warning: ``max_pixels`` is
+    the limit; "corrupt EXIF" and the like: the file decoded, or its error says why).
     """
     name = describe(source)
     try:
-        if isinstance(source, np.ndarray):
-            image = _from_array(source)
-        elif isinstance(source, Image.Image):
-            image = source
-        else:
-            if isinstance(source, (str, Path)):
-                path = Path(source)
-                if not path.is_file():
-                    raise ImageLoadError(name, "no such file")
-                if path.stat().st_size == 0:
-                    raise ImageLoadError(name, "the file is empty (0 bytes)")
-                handle = path.open("rb")
-            else:
-                handle = io.BytesIO(source)
-            with handle:
-                image = Image.open(handle)
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise ImageLoadError(
-                        name, f"{width}x{height} pixels exceeds the limit of {max_pixels}"
-                    )
-                image.load()
-        image = ImageOps.exif_transpose(image)
-        image = _to_8bit(image)
-        if image.mode != "RGB":
-            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                image = image.convert("RGBA")
-                background = Image.new("RGBA", image.size, (0, 0, 0, 255))
-                image = Image.alpha_composite(background, image)
-            image = image.convert("RGB")
-        if min(image.size) < 1:
-            raise ImageLoadError(name, f"image has no pixels ({image.size})")
-        return image
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", module=r"PIL\.")
+            return _load(source, name, max_pixels)
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
@@ -135,6 +138,46 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         raise ImageLoadError(name, f"decompression bomb refused ({error})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as error:
         raise ImageLoadError(name, f"corrupt or truncated image ({error})") from None
+    except MemoryError:
+        raise ImageLoadError(name, "too large to decode in the memory available") from None
+    except Exception as error:  # noqa: BLE001 - any decoder failure is this file's error
+        raise ImageLoadError(name, f"cannot decode ({type(error).__name__}: {error})") from None
+
+
+def _load(source: ImageSource, name: str, max_pixels: int) -> Image.Image:
+    if isinstance(source, np.ndarray):
+        image = _from_array(source)
+    elif isinstance(source, Image.Image):
+        image = source
+    else:
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            if not path.is_file():
+                raise ImageLoadError(name, "no such file")
+            if path.stat().st_size == 0:
+                raise ImageLoadError(name, "the file is empty (0 bytes)")
+            handle: IO[bytes] = path.open("rb")
+        else:
+            handle = io.BytesIO(source)
+        with handle:
+            image = Image.open(handle)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageLoadError(
+                    name, f"{width}x{height} pixels exceeds the limit of {max_pixels}"
+                )
+            image.load()
+    image = ImageOps.exif_transpose(image)
+    image = _to_8bit(image)
+    if image.mode != "RGB":
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+            image = Image.alpha_composite(background, image)
+        image = image.convert("RGB")
+    if min(image.size) < 1:
+        raise ImageLoadError(name, f"image has no pixels ({image.size})")
+    return image
 
 
 def load_mask_array(path: str | Path) -> np.ndarray:
