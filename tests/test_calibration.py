@@ -89,6 +89,34 @@ def test_labels_are_parsed_strictly():
         parse_label("maybe", "a.png")
 
 
+@pytest.mark.parametrize(
+    ("text", "label"),
+    [
+        ("0.0", 0),
+        ("1.0", 1),
+        ("0.333", 0),
+        ("0.5", 1),
+        ("0.667", 1),
+        ("ok", 0),
+        ("NG", 1),
+        ("1.5", None),
+        ("nan", None),
+        ("-0.1", None),
+        ("maybe", None),
+    ],
+)
+def test_one_label_rule_for_manifests_and_calibration(text, label):
+    """Bug: 0.0/1.0 and probabilities were refused in CSV manifests."""
+    from anomalyclip.data.core import parse_label as dataset_label
+
+    assert dataset_label(text) == label
+    if label is None:
+        with pytest.raises(ValueError, match="nor a probability in"):
+            parse_label(text, "x.png")
+    else:
+        assert parse_label(text, "x.png") is bool(label)
+
+
 def test_read_labels_splits_good_and_anomalous_with_masks(tmp_path):
     listing = tmp_path / "labels.csv"
     listing.write_text("image,label,mask\ng.png,good,\nd.png,defect,gt/d_mask.png\ne.png,1,\n")

@@ -408,6 +408,26 @@ def test_folder_dataset_matches_masks_by_stem_and_suffix(tmp_path):
         read_folder(root, anomalous=["missing"])
 
 
+def test_folder_dataset_takes_normal_like_detection_does_or_the_named_folder(tmp_path):
+    """Bug: folder= demanded good/ while auto-detection accepted normal/."""
+    root = build_folder(tmp_path / "parts")
+    (root / "good").rename(root / "normal")
+    assert read_folder(root).counts() == {"parts": (2, 2)}
+    (root / "normal").rename(root / "accepted")
+    with pytest.raises(DatasetError, match="no normal folder .*--normal-folder NAME"):
+        read_folder(root)
+    assert read_folder(root, normal="accepted").counts() == {"parts": (2, 2)}
+
+
+def test_csv_manifest_takes_numeric_labels_and_probabilities(tmp_path):
+    root = build_folder(tmp_path / "parts")
+    manifest = root / "list.csv"
+    manifest.write_text(
+        "image,label\ngood/a.png,0.0\ngood/b.png,0.333\nscratch/c.png,1.0\ndent/d.png,0.667\n"
+    )
+    assert [s.label for s in read_csv_manifest(manifest)] == [0, 0, 1, 1]
+
+
 def test_csv_manifest_with_relative_paths_and_label_words(tmp_path):
     root = build_folder(tmp_path / "parts")
     manifest = root / "list.csv"
@@ -635,7 +655,7 @@ def test_subset_and_summary(tmp_path):
 
 def test_torch_dataset_yields_image_mask_label_index(tmp_path):
     dataset = read_folder(build_folder(tmp_path / "parts"), masks="masks")
-    wrapped = AnomalyTorchDataset(dataset, image_size=16)
+    wrapped = AnomalyTorchDataset(dataset, 16)
     image_tensor, mask_tensor, label, index = wrapped[3]
     assert image_tensor.shape == (3, 16, 16) and image_tensor.dtype == torch.float32
     assert (label, index) == (1, 3)

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 
 from anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.data.core import ANOMALOUS_LABELS, NORMAL_LABELS
+from anomalyclip.data.core import parse_label as parse_dataset_label
 from anomalyclip.inference import expand_sources, iter_predictions, read_image_csv
 from anomalyclip.model import AnomalyCLIP
 from anomalyclip.predictor import Predictor, SkippedImage
@@ -41,10 +43,6 @@ from anomalyclip.preprocess import ImageSource
 logger = logging.getLogger(__name__)
 
 PIXELS_PER_IMAGE = 65_536
-GOOD_LABELS = frozenset({"good", "normal", "ok", "0", "false", "negative"})
-ANOMALOUS_LABELS = frozenset(
-    {"anomalous", "anomaly", "abnormal", "bad", "defect", "defective", "ng", "1", "true"}
-)
 
 
 # Settings that change scores and maps: thresholds calibrated under others do not carry over.
@@ -100,16 +98,15 @@ class Calibration:
 
 
 def parse_label(value: str | None, image: str | Path) -> bool:
-    """True for an anomalous label, False for a good one; anything else is an error."""
-    text = (value or "").strip().lower()
-    if text in GOOD_LABELS:
-        return False
-    if text in ANOMALOUS_LABELS:
-        return True
-    raise ValueError(
-        f"label {value!r} of {image} is neither good ({', '.join(sorted(GOOD_LABELS))}) "
-        f"nor anomalous ({', '.join(sorted(ANOMALOUS_LABELS))})"
-    )
+    """True for an anomalous label, False for a good one (the datasets' rule,
+    :func:`anomalyclip.data.core.parse_label`); anything else is an error."""
+    label = parse_dataset_label(value or "")
+    if label is None:
+        raise ValueError(
+            f"label {value!r} of {image} is neither good ({', '.join(sorted(NORMAL_LABELS))}) "
+            f"nor anomalous ({', '.join(sorted(ANOMALOUS_LABELS))}) nor a probability in [0, 1]"
+        )
+    return bool(label)
 
 
 def read_labels(path: str | Path) -> tuple[list[Path], list[Path], dict[str, Path]]:

@@ -196,6 +196,8 @@ def open_spec(spec: DatasetSpec, args: argparse.Namespace) -> AnomalyDataset:
         options["categories"] = args.categories
     if args.allow_missing_masks:
         options["allow_missing_masks"] = True
+    if getattr(args, "normal_folder", None):
+        options["normal"] = args.normal_folder
     dataset = open_dataset(spec.path, spec.kind, split=args.split, **options)
     logger.info("%s: %s", spec.path, dataset.summary())
     return dataset
@@ -218,6 +220,12 @@ def add_data_arguments(parser: argparse.ArgumentParser, many: bool) -> None:
         "--allow-missing-masks",
         action="store_true",
         help="keep anomalous images without a mask (image-level only)",
+    )
+    group.add_argument(
+        "--normal-folder",
+        metavar="NAME",
+        help="the normal images' folder of a folder dataset (default: the first of good/, "
+        "normal/, ok/)",
     )
 
 

@@ -246,6 +246,38 @@ def verify_files(dataset: AnomalyDataset) -> list[str]:
     return problems
 
 
+# Labels ------------------------------------------------------------------------------
+
+# One rule for every place a label is written by hand (CSV manifests, calibration lists).
+NORMAL_LABELS = frozenset({"0", "normal", "good", "ok", "false", "negative"})
+ANOMALOUS_LABELS = frozenset(
+    {"1", "anomalous", "anomaly", "abnormal", "bad", "defect", "defective", "ng", "true"}
+)
+# A number in [0, 1] is a probability of being anomalous (elpv's defect probabilities,
+# 0.0/1.0 from pandas): anomalous at or above this.
+PROBABILITY_THRESHOLD = 0.5
+
+
+def parse_label(value: str) -> int | None:
+    """0 (normal) or 1 (anomalous) from a label cell; None when it is neither.
+
+    Words of :data:`NORMAL_LABELS` / :data:`ANOMALOUS_LABELS` (any case), or a number in
+    [0, 1] read as a probability: 1 when at least :data:`PROBABILITY_THRESHOLD`.
+    """
+    word = value.strip().lower()
+    if word in NORMAL_LABELS:
+        return 0
+    if word in ANOMALOUS_LABELS:
+        return 1
+    try:
+        number = float(word)
+    except ValueError:
+        return None
+    if not 0.0 <= number <= 1.0:  # also refuses nan
+        return None
+    return int(number >= PROBABILITY_THRESHOLD)
+
+
 # Helpers for readers ------------------------------------------------------------------
 
 

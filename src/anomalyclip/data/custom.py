@@ -13,9 +13,11 @@ CSV manifest (header required; paths relative to the CSV file, or absolute)::
     good/001.png,0,,bottle,
     bad/002.png,1,masks/002.png,bottle,scratch
 
-``label`` is 0/1 or a word (normal, good, ok / anomalous, anomaly, abnormal, bad,
-defect, ng); ``mask``, ``category`` and ``defect`` may be left out. Masks make the
-dataset pixel-level.
+``label`` is 0/1, a word (normal, good, ok / anomalous, anomaly, abnormal, bad, defect,
+ng) or a number in [0, 1] read as a probability of a defect, anomalous from 0.5 on
+(:func:`~anomalyclip.data.core.parse_label`; 0.0/1.0 included); ``mask``, ``category``
+and ``defect`` may be left out. Masks make the dataset pixel-level. The normal folder,
+when not named, is the first of good/, normal/, ok/ that exists (as detection decides).
 """
 
 from __future__ import annotations
@@ -36,24 +38,13 @@ from anomalyclip.data.core import (
     find_child,
     list_dirs,
     list_images,
+    parse_label,
 )
 
 MASK_DIR_NAMES = ("masks", "mask", "ground_truth", "groundtruth", "gt")
-NORMAL_LABELS = frozenset({"0", "normal", "good", "ok", "false", "negative"})
-ANOMALOUS_LABELS = frozenset(
-    {"1", "anomalous", "anomaly", "abnormal", "bad", "defect", "defective", "ng", "true"}
-)
+# The normal folder when none is named, in this order: for read_folder and detection alike.
+NORMAL_FOLDER_NAMES = ("good", "normal", "ok")
 MANIFEST_COLUMNS = ("image", "label", "mask", "category", "defect")
-
-
-def parse_label(value: str) -> int | None:
-    """0 or 1 from a manifest's label cell; None when it is neither."""
-    word = value.strip().lower()
-    if word in NORMAL_LABELS:
-        return 0
-    if word in ANOMALOUS_LABELS:
-        return 1
-    return None
 
 
 def find_mask_dir(root: Path) -> Path | None:
@@ -68,7 +59,7 @@ def find_mask_dir(root: Path) -> Path | None:
 def read_folder(
     root: str | Path,
     *,
-    normal: str | Path | None = "good",
+    normal: str | Path | None = None,
     anomalous: Sequence[str | Path] | None = None,
     masks: str | Path | None = None,
     mask_suffix: str = "_mask",
@@ -80,7 +71,8 @@ def read_folder(
 ) -> AnomalyDataset:
     """Images sorted into a normal folder and anomalous folders; one category.
 
-    Folders are relative to ``root`` unless absolute. ``anomalous`` defaults to every
+    ``normal`` defaults to the first of :data:`NORMAL_FOLDER_NAMES` present. Folders are
+    relative to ``root`` unless absolute. ``anomalous`` defaults to every
     other sub-folder of ``root`` except mask folders. A mask for ``scratch/a.png`` is
     ``<masks>/scratch/a<mask_suffix>.*`` or ``<masks>/a<mask_suffix>.*`` (an image
     extension, any case), falling back to the bare stem ``a.*``.
@@ -88,6 +80,14 @@ def read_folder(
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder")
+    if normal is None:
+        found = next((d for d in list_dirs(root) if d.name.lower() in NORMAL_FOLDER_NAMES), None)
+        if found is None and anomalous is None:
+            raise DatasetError(
+                f"{root}: no normal folder ({', '.join(NORMAL_FOLDER_NAMES)}); name yours with "
+                "--normal-folder NAME"
+            )
+        normal = found
     normal_dir = root / normal if normal is not None else None
     mask_dir = root / masks if masks is not None else None
     if anomalous is None:

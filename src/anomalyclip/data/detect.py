@@ -9,7 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from anomalyclip.data.core import AnomalyDataset, DatasetError, find_child, list_dirs, list_images
-from anomalyclip.data.custom import find_mask_dir, read_csv_manifest, read_folder
+from anomalyclip.data.custom import (
+    NORMAL_FOLDER_NAMES,
+    find_mask_dir,
+    read_csv_manifest,
+    read_folder,
+)
 from anomalyclip.data.industrial import (
     dagm_category_dirs,
     mvtec_category_dirs,
@@ -63,7 +68,6 @@ READERS: dict[str, Callable[..., AnomalyDataset]] = {
     "csv": read_csv_manifest,
     "meta": read_meta_json,
 }
-NORMAL_FOLDER_NAMES = ("good", "normal", "ok")
 
 
 def _has_subdirs(folder: Path) -> bool:
