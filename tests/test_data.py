@@ -248,7 +248,7 @@ def test_mvtec_anomalous_image_without_mask_is_an_error_unless_allowed(tmp_path,
     orphan = root / "cable/test/broken/001.png"
     with pytest.raises(DatasetError, match="anomalous image has no mask") as error:
         read_mvtec(root)
-    assert str(orphan) in str(error.value) and "allow_missing_masks=True" in str(error.value)
+    assert str(orphan) in str(error.value) and "--allow-missing-masks" in str(error.value)
 
     with caplog.at_level(logging.WARNING):
         dataset = read_mvtec(root, allow_missing_masks=True)
@@ -463,7 +463,9 @@ def test_csv_manifest_reports_every_bad_row_by_line(tmp_path):
         read_csv_manifest(manifest)
     message = str(error.value)
     assert "5 problems" in message
-    assert "list.csv, line 3: label 'maybe' is not 0/1 or normal/anomalous" in message
+    assert (
+        "list.csv, line 3: label 'maybe' is not 0/1, normal/anomalous or a probability" in message
+    )
     assert f"list.csv, line 4: image {root / 'good/zzz.png'} not found" in message
     assert "list.csv, line 5: image" in message and "already listed on line 2" in message
     assert "list.csv, line 6: empty image path" in message
@@ -672,3 +674,16 @@ def test_sample_defect_defaults_follow_the_label(tmp_path):
     assert Sample(tmp_path / "a.png", 0).defect == "good"
     assert Sample(tmp_path / "a.png", 1).defect == "anomaly"
     assert Sample(tmp_path / "a.png", 1, defect="crack").defect == "crack"
+
+
+def test_cli_lists_dataset_problems_with_files_and_lines_and_no_traceback(tmp_path, caplog):
+    """Problems are listed with file and line always; a traceback only with --debug."""
+    from anomalyclip.cli import main
+
+    (tmp_path / "m.csv").write_text("image,label\na.png,0\nb.png,2\n")
+    assert main(["test", f"csv={tmp_path / 'm.csv'}", "--checkpoint", "none"]) == 2
+    assert "m.csv, line 2: image" in caplog.text and "m.csv, line 3: label '2'" in caplog.text
+    assert not any(record.exc_info for record in caplog.records)
+    caplog.clear()
+    assert main(["--debug", "test", f"csv={tmp_path / 'm.csv'}", "--checkpoint", "none"]) == 2
+    assert any(record.exc_info for record in caplog.records)

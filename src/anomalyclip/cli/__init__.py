@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Zero-shot anomaly detection and segmentation with AnomalyCLIP.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback when a command fails"
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{__name__}.{module_info.name}")
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("interrupted")
         return 130
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as error:
-        if args.verbose:
+        if args.debug:
             logger.exception("failed")
         else:
             logger.error("%s", error)

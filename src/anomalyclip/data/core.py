@@ -208,8 +208,8 @@ def check(dataset: AnomalyDataset, problems: list[str], allow_missing_masks: boo
             )
         else:
             problems.extend(
-                f"{image}: anomalous image has no mask (pass allow_missing_masks=True "
-                "to keep it for image-level metrics only)"
+                f"{image}: anomalous image has no mask (pass --allow-missing-masks, in "
+                "Python allow_missing_masks=True, to keep it for image-level metrics only)"
                 for image in missing_masks
             )
     labels_per_category: dict[str, Counter] = {c: Counter() for c in dataset.categories}
