@@ -183,7 +183,8 @@ def read_csv_manifest(
         label = parse_label(cells["label"])
         if label is None:
             problems.append(
-                f"{path}, line {line}: label {cells['label']!r} is not 0/1, normal/anomalous or a probability in [0, 1]"
+                f"{path}, line {line}: label {cells['label']!r} is not 0/1, "
+                "normal/anomalous or a probability in [0, 1]"
             )
             continue
         if not cells["image"]:
