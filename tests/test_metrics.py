@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 
+from anomalyclip import metrics
 from anomalyclip.metrics import (
     aupro,
     image_ap,
@@ -80,12 +81,14 @@ def regions_of(mask: np.ndarray) -> list[np.ndarray]:
     return [np.argwhere(labelled == region) for region in range(1, count + 1)]
 
 
-def slow_aupro_original(masks: np.ndarray, maps: np.ndarray) -> float:
+def slow_aupro_original(
+    masks: np.ndarray, maps: np.ndarray, num_thresholds: int = 200, fpr_limit: float = 0.3
+) -> float:
     """AnomalyCLIP's ``cal_pro_score``, loop for loop (scipy's labelling for scikit-image's)."""
     binary_maps = np.zeros_like(maps, dtype=bool)
     lowest, highest = maps.min(), maps.max()
     pros, fprs = [], []
-    for threshold in np.arange(lowest, highest, (highest - lowest) / 200):
+    for threshold in np.arange(lowest, highest, (highest - lowest) / num_thresholds):
         binary_maps[maps <= threshold], binary_maps[maps > threshold] = 0, 1
         overlaps = []
         for binary_map, mask in zip(binary_maps, masks, strict=True):
@@ -95,7 +98,7 @@ def slow_aupro_original(masks: np.ndarray, maps: np.ndarray) -> float:
         fprs.append(np.logical_and(inverse_masks, binary_maps).sum() / inverse_masks.sum())
         pros.append(np.mean(overlaps))
     fprs_array, pros_array = np.array(fprs), np.array(pros)
-    kept = fprs_array < 0.3
+    kept = fprs_array < fpr_limit
     kept_fprs = fprs_array[kept]
     if len(set(kept_fprs.tolist())) < 2:
         return math.nan
@@ -252,6 +255,150 @@ def test_aupro_perfect_map() -> None:
     assert math.isnan(aupro(masks, masks.astype(float)))
 
 
+# the 200-threshold grid, binned: against the loop over thresholds ------------------------------
+
+DTYPES = [np.float32, np.float64]
+
+
+def blob_masks(rng: np.random.Generator, shape: tuple[int, int, int]) -> np.ndarray:
+    """Irregular blobs (several regions per image, touching diagonally at times), a third
+    of the images normal."""
+    field = ndimage.gaussian_filter(rng.normal(size=shape), sigma=(0, 2, 2))
+    masks = field > np.quantile(field, 0.85)
+    masks[rng.random(shape[0]) < 1 / 3] = False
+    masks[0, :2, :2] = True  # never all normal
+    return masks.astype(np.uint8)
+
+
+def grid_of(maps: np.ndarray, num_thresholds: int = 200) -> np.ndarray:
+    lowest, highest = maps.min(), maps.max()
+    return np.arange(lowest, highest, (highest - lowest) / num_thresholds)
+
+
+def values_at_thresholds(thresholds: np.ndarray, dtype: type) -> np.ndarray:
+    """Each threshold as the map's dtype can hold it, and the numbers of that dtype next to
+    it on both sides: where ``map > threshold`` flips. For float32 maps the float64
+    thresholds mostly fall between two float32 numbers, and both are here."""
+    nearest = thresholds.astype(dtype)
+    return np.concatenate(
+        [
+            nearest,
+            np.nextafter(nearest, dtype(-np.inf)),
+            np.nextafter(nearest, dtype(np.inf)),
+        ]
+    )
+
+
+def tied_maps(rng: np.random.Generator, masks: np.ndarray, dtype: type) -> np.ndarray:
+    """Every pixel exactly at a grid threshold or one float away from it, anomalous pixels
+    more often high: the ties are where a binning by arithmetic alone would slip."""
+    lowest, highest = dtype(-0.3), dtype(1.7)
+    thresholds = np.arange(lowest, highest, (highest - lowest) / 200)
+    candidates = np.unique(values_at_thresholds(thresholds, dtype))
+    candidates = candidates[(candidates >= lowest) & (candidates <= highest)]
+    low_choice = rng.choice(candidates, size=masks.shape)
+    high_choice = rng.choice(candidates[candidates.size // 3 :], size=masks.shape)
+    maps = np.where(masks == 1, high_choice, low_choice).astype(dtype)
+    maps.flat[0], maps.flat[-1] = lowest, highest  # the grid the candidates came from
+    assert np.array_equal(grid_of(maps), thresholds)
+    return maps
+
+
+def random_maps(rng: np.random.Generator, masks: np.ndarray, kind: str, dtype: type) -> np.ndarray:
+    smooth = ndimage.gaussian_filter(masks * 0.8 + rng.normal(size=masks.shape), sigma=(0, 1, 1))
+    if kind == "smooth":
+        return smooth.astype(dtype)
+    if kind == "quantised":  # a few levels, each shared by many pixels
+        return (np.round(smooth * 3) / 3).astype(dtype)
+    if kind == "at thresholds":
+        return tied_maps(rng, masks, dtype)
+    if kind == "constant images":  # some images one value: the lowest, a threshold, another
+        maps = smooth.astype(dtype)
+        thresholds = grid_of(maps)
+        maps[1] = maps.min()
+        maps[2] = thresholds[77]
+        maps[3] = np.median(maps)
+        return maps
+    if kind == "only constant images":  # each image its own level k / 16, 0 and 1 included
+        inner = rng.choice(np.arange(1, 16), masks.shape[0] - 2, replace=False)
+        values = rng.permutation(np.r_[0, 16, inner]) / 16  # 1/8 = 25 steps: a tie
+        return np.broadcast_to(values[:, None, None], masks.shape).astype(dtype)
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "kind", ["smooth", "quantised", "at thresholds", "constant images", "only constant images"]
+)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_binned_aupro_equals_the_threshold_loop(seed: int, kind: str, dtype: type) -> None:
+    rng = np.random.default_rng(seed)
+    masks = blob_masks(rng, (12, 20, 24))
+    maps = random_maps(rng, masks, kind, dtype)
+    expected = slow_aupro_original(masks, maps)
+    assert not math.isnan(expected)  # a comparison of numbers, not of two NaNs
+    assert aupro(masks, maps) == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("num_thresholds", "fpr_limit"), [(2, 1.0), (7, 0.5), (333, 0.3)])
+def test_binned_aupro_on_other_grids_and_limits(
+    dtype: type, num_thresholds: int, fpr_limit: float
+) -> None:
+    rng = np.random.default_rng(num_thresholds)
+    masks = blob_masks(rng, (4, 18, 18))
+    maps = random_maps(rng, masks, "smooth", dtype)
+    expected = slow_aupro_original(masks, maps, num_thresholds, fpr_limit)
+    measured = aupro(masks, maps, num_thresholds=num_thresholds, fpr_limit=fpr_limit)
+    assert measured == pytest.approx(expected, abs=1e-9, nan_ok=True)
+
+
+@pytest.mark.parametrize("block", [7, 64, 1 << 17])
+def test_binned_aupro_does_not_depend_on_blocks_or_memory_layout(monkeypatch, block) -> None:
+    rng = np.random.default_rng(11)
+    masks = blob_masks(rng, (3, 30, 26))
+    maps = random_maps(rng, masks, "smooth", np.float32)
+    expected = slow_aupro_original(masks, maps)
+    monkeypatch.setattr(metrics, "_BLOCK", block)
+    assert aupro(masks, maps) == pytest.approx(expected, abs=1e-9)
+    # a transposed stack is binned image by image, not copied whole
+    transposed_masks = np.ascontiguousarray(masks.transpose(0, 2, 1)).transpose(0, 2, 1)
+    transposed_maps = np.ascontiguousarray(maps.transpose(0, 2, 1)).transpose(0, 2, 1)
+    assert not transposed_maps.flags.c_contiguous
+    assert aupro(transposed_masks, transposed_maps) == aupro(masks, maps)
+
+
+def test_binned_aupro_of_integer_maps_equals_the_loop() -> None:
+    rng = np.random.default_rng(5)
+    masks = blob_masks(rng, (4, 16, 16))
+    maps = np.clip(random_maps(rng, masks, "smooth", np.float64) * 60 + 120, 0, 255)
+    maps = maps.astype(np.uint8)
+    assert aupro(masks, maps) == pytest.approx(slow_aupro_original(masks, maps), abs=1e-9)
+
+
+def test_binned_aupro_searches_where_float_rounding_squeezes_the_grid(caplog) -> None:
+    # float32 maps spanning 1e-38: the grid's step is subnormal, its inverse overflows
+    rng = np.random.default_rng(3)
+    masks = blob_masks(rng, (3, 16, 16))
+    smooth = random_maps(rng, masks, "smooth", np.float64)
+    tiny = ((smooth - smooth.min()) / np.ptp(smooth) * 1e-38).astype(np.float32)
+    with caplog.at_level(logging.DEBUG, logger="anomalyclip.metrics"):
+        assert aupro(masks, tiny) == pytest.approx(slow_aupro_original(masks, tiny), abs=1e-9)
+    assert "searching instead" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="anomalyclip.metrics"):
+        aupro(masks, smooth)
+    assert "searching instead" not in caplog.text
+
+
+def test_binned_aupro_of_constant_maps_is_undefined(caplog) -> None:
+    masks = blob_masks(np.random.default_rng(0), (3, 8, 8))
+    for dtype in DTYPES:
+        with caplog.at_level(logging.WARNING, logger="anomalyclip.metrics"):
+            assert math.isnan(aupro(masks, np.full(masks.shape, 0.75, dtype)))
+        assert "every map value equals 0.75" in caplog.text
+
+
 # undefined and malformed input -------------------------------------------------------------
 
 
@@ -339,7 +486,8 @@ def test_image_metrics_match_slow_loops(data) -> None:
 @given(masks_and_maps())
 def test_aupro_matches_slow_loops(data) -> None:
     masks, maps = data
-    assert aupro(masks, maps) == pytest.approx(slow_aupro_original(masks, maps), nan_ok=True)
+    expected = slow_aupro_original(masks, maps)
+    assert aupro(masks, maps) == pytest.approx(expected, abs=1e-9, nan_ok=True)
     assert aupro(masks, maps, method="exact") == pytest.approx(slow_aupro_exact(masks, maps))
 
 

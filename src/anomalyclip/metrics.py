@@ -18,6 +18,7 @@ non-binary labels, NaN or infinite scores) raises ``ValueError``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -284,7 +285,9 @@ def aupro(
     over all maps, binary = map > threshold, keep thresholds with FPR < ``fpr_limit``,
     rescale the kept FPRs to [0, 1] by their own min and max, trapezoidal area under PRO.
     That number depends on the threshold grid: the rescaling stretches whatever FPR span
-    the grid happens to reach below the limit to the full [0, 1].
+    the grid happens to reach below the limit to the full [0, 1]. It is computed in time
+    linear in the pixels, without sorting them: each pixel is binned among the thresholds
+    once, and counts per bin give every threshold's PRO and FPR.
 
     ``method="exact"`` is threshold-free: the PRO curve through every distinct map value,
     from FPR 0 to exactly ``fpr_limit`` (the last segment interpolated linearly), area
@@ -307,24 +310,149 @@ def aupro(
         return _undefined("AUPRO", "the masks contain no anomalous region")
     if anomalous_values.size == maps_array.size:
         return _undefined("AUPRO", "the masks contain no normal pixel")
-    overlap = _RegionOverlap(anomalous_values, regions)
     if method == "original":
-        return _aupro_on_grid(maps_array, overlap, num_thresholds, fpr_limit)
+        return _aupro_on_grid(maps_array, anomalous_values, regions, num_thresholds, fpr_limit)
+    overlap = _RegionOverlap(anomalous_values, regions)
     return _aupro_exact(maps_array[~masks_array], overlap, fpr_limit)
 
 
-def _count_at_or_below(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """How many values lie at or below each threshold: sorting cache-sized blocks and
-    searching the thresholds in each beats searching every value among the thresholds."""
-    block = 1 << 16
-    counts = np.zeros(thresholds.size, dtype=np.int64)
-    for start in range(0, values.size, block):
-        counts += np.searchsorted(np.sort(values[start : start + block]), thresholds, "right")
-    return counts
+_BLOCK = 1 << 17  # values per pass of the binning: its work arrays stay in cache
+
+
+def _blocks(values: np.ndarray) -> Iterator[np.ndarray]:
+    """1-D runs of at most ``_BLOCK`` values that together cover ``values``, views of it
+    where it is contiguous: a short run goes through the binning's passes while in cache,
+    and no copy of the whole stack is made."""
+    if values.ndim > 1 and not values.flags.c_contiguous:
+        for part in values:
+            yield from _blocks(part)
+        return
+    flat = np.ascontiguousarray(values).reshape(-1)
+    for start in range(0, flat.size, _BLOCK):
+        yield flat[start : start + _BLOCK]
+
+
+def _floor_to(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The largest number of ``dtype`` at or below each of ``values``.
+
+    For ``x`` of that dtype, ``x > value`` (compared in the wider type, as NumPy compares a
+    float32 map with a float64 threshold) exactly when ``x > floor``: no number of the
+    dtype lies strictly between the floor and the value. So the binning compares in the
+    map's own dtype and gets the same answer.
+    """
+    rounded = values.astype(dtype)
+    return np.where(rounded > values, np.nextafter(rounded, dtype.type(-np.inf)), rounded)
+
+
+class _GridBins:
+    """Each value's bin on a threshold grid: the number of thresholds strictly below it.
+
+    A value lies above threshold ``k`` (``value > threshold``, the original's binarisation)
+    exactly when its bin exceeds ``k``, so a histogram of bins gives, by cumulative sums,
+    how many values lie above every threshold at once.
+
+    The grid is (almost) uniform, so arithmetic estimates the bin: ``(x - origin) * scale``
+    truncated, the origin half a step below the lowest threshold. That estimate is either
+    the bin or one below it, and one comparison with the threshold at the estimate settles
+    which, ties included. The claim is checked, not assumed: the estimate is a
+    non-decreasing function of ``x`` (subtraction and multiplication by constants round
+    monotonically), so checking it at the thresholds and the values just above them
+    bounds it at every value in between. Where the check fails (a grid whose thresholds
+    float rounding has squeezed together) each value is searched among the thresholds.
+    """
+
+    def __init__(
+        self, thresholds: np.ndarray, dtype: np.dtype, step: float, highest: float
+    ) -> None:
+        self.dtype = np.dtype(dtype)
+        self.bounds = _floor_to(thresholds, self.dtype)
+        self.count = self.bounds.size + 1
+        self._table = np.r_[self.bounds, np.array([np.inf], self.dtype)]
+        typed_step = self.dtype.type(step)
+        with np.errstate(all="ignore"):
+            self._origin = self.dtype.type(thresholds[0]) - typed_step / self.dtype.type(2)
+            self._scale = self.dtype.type(1) / typed_step
+        self._estimates_hold = self._estimate_is_within_one(highest)
+        if not self._estimates_hold:
+            logger.debug("AUPRO grid too uneven for arithmetic binning; searching instead")
+
+    def _estimate(self, values: np.ndarray) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            return (values - self._origin) * self._scale
+
+    def _estimate_is_within_one(self, highest: float) -> bool:
+        """Whether every value from the lowest threshold to ``highest`` gets an estimate
+        in {bin - 1, bin}, from the estimates at the ends of every bin."""
+        bounds, size = self.bounds, self.bounds.size
+        if not (np.all(bounds[1:] >= bounds[:-1]) and np.isfinite(self._scale)):
+            return False
+        # the lowest value of each bin above the first: just above the threshold below it
+        just_above = np.nextafter(bounds, self.dtype.type(np.inf))
+        reached = just_above <= highest
+        points = np.r_[bounds, just_above[reached], np.array([highest], self.dtype)]
+        estimates = self._estimate(points.astype(self.dtype))
+        if not (np.all(np.isfinite(estimates)) and estimates.min() >= 0):
+            return False
+        if estimates.max() >= self.count:
+            return False
+        estimates = estimates.astype(np.intp)
+        thresholds_below = np.arange(size)
+        at_bounds, above_bounds = estimates[:size], estimates[size:-1]
+        return bool(
+            np.all(at_bounds <= thresholds_below)  # bound k is in bin k
+            and np.all(above_bounds >= thresholds_below[reached])  # just above: bin k + 1
+            and estimates[-1] <= size
+        )
+
+    def histogram(self, values: np.ndarray) -> np.ndarray:
+        """How many of ``values`` lie in each bin (``count`` bins)."""
+        counts = np.zeros(self.count, dtype=np.int64)
+        buffers = _BinBuffers(min(values.size, _BLOCK), self.dtype)
+        for block in _blocks(values):
+            counts += np.bincount(self._bins_of_block(block, buffers), minlength=self.count)
+        return counts
+
+    def bins(self, values: np.ndarray) -> np.ndarray:
+        """The bin of every one of ``values`` (1-D), for grouping them further."""
+        flat = np.ascontiguousarray(values).reshape(-1)
+        result = np.empty(flat.size, dtype=np.intp)
+        buffers = _BinBuffers(min(flat.size, _BLOCK), self.dtype)
+        for start in range(0, flat.size, _BLOCK):
+            block = flat[start : start + _BLOCK]
+            result[start : start + block.size] = self._bins_of_block(block, buffers)
+        return result
+
+    def _bins_of_block(self, block: np.ndarray, buffers: _BinBuffers) -> np.ndarray:
+        if not self._estimates_hold:
+            return np.searchsorted(self.bounds, block, side="left")
+        size = block.size
+        estimate, bins = buffers.estimate[:size], buffers.bins[:size]
+        bound, above = buffers.bound[:size], buffers.above[:size]
+        np.subtract(block, self._origin, out=estimate)
+        np.multiply(estimate, self._scale, out=estimate)
+        np.copyto(bins, estimate, casting="unsafe")  # truncation; the estimates are >= 0
+        np.take(self._table, bins, out=bound, mode="clip")
+        np.less(bound, block, out=above)
+        bins += above
+        return bins
+
+
+class _BinBuffers:
+    """Work arrays of one block, reused from block to block rather than allocated anew."""
+
+    def __init__(self, size: int, dtype: np.dtype) -> None:
+        self.estimate = np.empty(size, dtype)
+        self.bound = np.empty(size, dtype)
+        self.bins = np.empty(size, np.intp)
+        self.above = np.empty(size, bool)
 
 
 def _aupro_on_grid(
-    maps: np.ndarray, overlap: _RegionOverlap, num_thresholds: int, fpr_limit: float
+    maps: np.ndarray,
+    anomalous_values: np.ndarray,
+    regions: np.ndarray,
+    num_thresholds: int,
+    fpr_limit: float,
 ) -> float:
     lowest, highest = maps.min(), maps.max()
     if lowest == highest:
@@ -332,13 +460,24 @@ def _aupro_on_grid(
     step = (highest - lowest) / num_thresholds
     if not 0 < step < np.inf:
         return _undefined("AUPRO", f"no threshold grid fits the map range {lowest}..{highest}")
-    thresholds = np.arange(lowest, highest, step)
+    # arange with a positive step is non-decreasing already; sorting states what the
+    # binning relies on, at no cost to the order of the curve
+    thresholds = np.sort(np.arange(lowest, highest, step))
 
-    all_above = maps.size - _count_at_or_below(maps.ravel(), thresholds)
-    anomalous_above = overlap.values.size - np.searchsorted(overlap.values, thresholds, "right")
-    normal_pixels = maps.size - overlap.values.size
+    grid = _GridBins(thresholds, maps.dtype, step, highest)
+    # pixels in bin b lie above thresholds 0..b-1: above threshold k are bins k+1 and up
+    all_above = np.cumsum(grid.histogram(maps)[::-1])[::-1][1:]
+    num_regions = int(regions.max()) + 1
+    per_region_and_bin = np.bincount(
+        regions * grid.count + grid.bins(anomalous_values), minlength=num_regions * grid.count
+    ).reshape(num_regions, grid.count)
+    areas = per_region_and_bin.sum(axis=1)
+    anomalous_above = np.cumsum(per_region_and_bin.sum(axis=0)[::-1])[::-1][1:]
+    # summed over regions first, bin by bin, so no regions x thresholds array of hits
+    overlap_per_bin = (per_region_and_bin / areas[:, None]).sum(axis=0) / num_regions
+    pro = np.cumsum(overlap_per_bin[::-1])[::-1][1:]
+    normal_pixels = maps.size - anomalous_values.size
     fpr = (all_above - anomalous_above) / normal_pixels
-    pro = overlap.above(thresholds)
 
     kept = fpr < fpr_limit
     kept_fpr, kept_pro = fpr[kept], pro[kept]
