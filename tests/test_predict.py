@@ -377,3 +377,18 @@ def test_a_reused_output_dir_is_refused_unless_overwrite_removes_only_that_run(
     assert overlays == sorted([Path(r["overlay"]).name for r in records] + ["keep_me.png"])
     assert not (out / "masks").exists()  # the old masks went, the new run writes none
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_predict_prints_a_short_summary(tmp_path, tile_folder, tiny_model_files, capsys):
+    out = tmp_path / "out"
+    flags = [*model_arguments(tiny_model_files), "--output-dir", out, "--no-progress"]
+    assert cli("predict", tile_folder, *flags, "--threshold", "0.0") == 0
+    text = capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    top = max(records, key=lambda r: r["score"])
+    assert text.splitlines()[0] == (
+        f"{len(records)} images scored, 1 skipped, {len(records)} anomalous at threshold 0 (given)"
+    )
+    assert f"  {top['score']:.4f}  anomalous  {top['image']}" in text
+    assert text.count("  anomalous  ") == 5
+    assert f"report: {out / 'report.html'}" in text

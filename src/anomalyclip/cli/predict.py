@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import TYPE_CHECKING
 
 from anomalyclip.cli.options import add_model_arguments, build_model
 from anomalyclip.visualize import COLORMAPS
 
 if TYPE_CHECKING:
+    from anomalyclip.inference import InspectionSummary
     from anomalyclip.predictor import Predictor
 
 logger = logging.getLogger(__name__)
@@ -110,7 +112,34 @@ def run(args: argparse.Namespace) -> int:
         colormap=args.colormap,
         overwrite=args.overwrite,
     )
+    sys.stdout.write(summary_text(summary) + "\n")
     return 0 if summary.results else 1
+
+
+TOP_SHOWN = 5
+
+
+def summary_text(summary: InspectionSummary) -> str:
+    """What a person reads first: counts, what was flagged, the highest scores, the report."""
+    lines = [f"{len(summary.results)} images scored, {len(summary.skipped)} skipped"]
+    if summary.image_threshold is not None:
+        lines[0] += (
+            f", {len(summary.anomalous)} anomalous at threshold {summary.image_threshold:.4g} "
+            f"({summary.image_threshold_source})"
+        )
+    else:
+        lines[0] += " (no image threshold: scores only; calibrate or pass --threshold)"
+    ranked = sorted(summary.results, key=lambda r: r.score, reverse=True)[:TOP_SHOWN]
+    if ranked:
+        lines.append("highest scores:")
+        lines += [
+            f"  {r.score:.4f}{'  anomalous' if r.anomalous else ''}  {r.image}" for r in ranked
+        ]
+    if "report" in summary.files:
+        lines.append(f"report: {summary.files['report']}")
+    elif "jsonl" in summary.files:
+        lines.append(f"results: {summary.files['jsonl']}")
+    return "\n".join(lines)
 
 
 def build_predictor(args: argparse.Namespace) -> Predictor:
