@@ -34,8 +34,8 @@ from anomalyclip.backbone.clip import CLIP, CLIPArchitecture
 from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.data.core import AnomalyDataset, Sample
 from anomalyclip.data.industrial import read_mvtec
-from anomalyclip.feature_cache import FeatureCache
 from anomalyclip.factory import create_model
+from anomalyclip.feature_cache import FeatureCache
 from anomalyclip.training import TrainOptions, make_deterministic, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +101,9 @@ def run(
     encode_batch_size: int,
     output: Path,
 ) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    model = create_model(clip_weights=clip, config=AnomalyCLIPConfig(), seed=options.seed).to(device)
+    model = create_model(clip_weights=clip, config=AnomalyCLIPConfig(), seed=options.seed).to(
+        device
+    )
     cache = FeatureCache(model, memory=cached)
     result = train(
         model,

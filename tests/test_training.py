@@ -13,10 +13,10 @@ import torch
 from anomalyclip.cli import main
 from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.data import open_dataset
+from anomalyclip.factory import create_model
 from anomalyclip.feature_cache import CacheKey, FeatureCache
 from anomalyclip.losses import glocal_loss, local_loss
 from anomalyclip.model import AnomalyCLIP
-from anomalyclip.factory import create_model
 from anomalyclip.training import (
     TrainOptions,
     batch_loss,
@@ -36,7 +36,9 @@ TINY_FLAGS = [
 
 
 def tiny_model(seed: int = 111, **overrides) -> AnomalyCLIP:
-    return create_model(clip_weights=tiny_clip(), config=AnomalyCLIPConfig(**{**TINY, **overrides}), seed=seed)
+    return create_model(
+        clip_weights=tiny_clip(), config=AnomalyCLIPConfig(**{**TINY, **overrides}), seed=seed
+    )
 
 
 @pytest.fixture(scope="module")
@@ -291,3 +293,49 @@ def test_cli_refuses_to_train_a_hand_written_baseline(glass_manifest, clip_file,
             ]
         )
     assert code == 2 and "nothing to train" in caplog.text
+
+
+def test_cli_init_starts_from_earlier_prompts(glass_manifest, clip_file, tmp_path):
+    """Fine-tuning: --init takes a checkpoint's prompts (and settings) as the start."""
+    common = [f"csv={glass_manifest}", "--clip-weights", str(clip_file), *TINY_FLAGS]
+    assert main(["train", *common, "-o", str(tmp_path / "first"), "--epochs", "1"]) == 0
+    start = tmp_path / "first" / "epoch_1.pt"
+    assert (
+        main(
+            ["train", *common, "-o", str(tmp_path / "tuned"), "--epochs", "1", "--init", str(start)]
+        )
+        == 0
+    )
+    first = torch.load(start, weights_only=True)
+    tuned = torch.load(tmp_path / "tuned" / "epoch_1.pt", weights_only=True)
+    # One more epoch from the first run's prompts: the loss starts where the first ended.
+    assert tuned["extra"]["history"][0]["loss"] < first["extra"]["history"][0]["loss"]
+    assert not torch.equal(tuned["prompt_learner"]["ctx_pos"], first["prompt_learner"]["ctx_pos"])
+
+
+def test_training_without_masks_says_global_loss_throughout(clip_file, tmp_path, caplog):
+    """Bug: the log said "global loss" and then "glocal loss" for a set without masks."""
+    from PIL import Image
+
+    rows = []
+    for index in range(4):
+        path = tmp_path / f"{index}.png"
+        Image.new("RGB", (32, 32), (index * 50, 100, 30)).save(path)
+        rows.append((path, index % 2, None, "parts"))
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    with caplog.at_level(logging.INFO):
+        code = main(
+            [
+                "train",
+                f"csv={manifest}",
+                "--clip-weights",
+                str(clip_file),
+                *TINY_FLAGS,
+                "-o",
+                str(tmp_path / "run"),
+                "--epochs",
+                "1",
+            ]
+        )
+    assert code == 0
+    assert "global loss" in caplog.text and "glocal loss" not in caplog.text

@@ -288,6 +288,11 @@ def _trainable_parameters(model: AnomalyCLIP) -> list[Tensor]:
     return parameters
 
 
+def effective_loss(loss: str, pixel_truth: Sequence[bool]) -> str:
+    """The loss that is actually trained: glocal without any mask is the global loss."""
+    return "global" if loss == "glocal" and not any(pixel_truth) else loss
+
+
 def _check_pixel_truth(dataset: AnomalyDataset, pixel_truth: list[bool], loss: str) -> None:
     """Say which loss images without masks get; refuse a local loss with no masks at all."""
     known = sum(pixel_truth)
@@ -556,7 +561,7 @@ def train(
         dataset.name,
         len(samples),
         sum(pixel_truth),
-        options.loss,
+        effective_loss(options.loss, pixel_truth),
         start_epoch,
         options.epochs,
     )

@@ -84,6 +84,13 @@ def add_model_arguments(
         action="store_true",
         help="load a TorchScript CLIP archive that is not a registered, checksummed file",
     )
+    if training:
+        group.add_argument(
+            "--init",
+            metavar="NAME_OR_PATH",
+            help="start from these prompts ('mvtec', 'visa', a registered name or a "
+            "checkpoint file) instead of fresh ones: fine-tuning on your own images",
+        )
     if ablations:
         _add_ablation_arguments(parser, training)
 
@@ -140,7 +147,10 @@ def build_model(args: argparse.Namespace, seed: int = 0) -> AnomalyCLIP:
     from anomalyclip.factory import NO_CHECKPOINT, create_model
 
     preset = get_preset(args.preset) if getattr(args, "preset", None) else None
-    checkpoint = getattr(args, "checkpoint", NO_CHECKPOINT)
+    if hasattr(args, "init"):  # training: fresh prompts unless --init names some
+        checkpoint = args.init or NO_CHECKPOINT
+    else:
+        checkpoint = getattr(args, "checkpoint", NO_CHECKPOINT)
     if checkpoint is None:
         checkpoint = NO_CHECKPOINT if preset is not None and not preset.trained else "mvtec"
     return create_model(
