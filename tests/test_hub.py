@@ -24,7 +24,10 @@ from anomalyclip import hub
 from anomalyclip.checkpoint import read_checkpoint, save_checkpoint
 from anomalyclip.cli import main
 from anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.hub import entries, transfer
 from anomalyclip.model import AnomalyCLIP
+from anomalyclip.utils import hashing
+from anomalyclip.utils.hashing import file_digest
 from tests.factories import tiny_clip
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
@@ -92,7 +95,7 @@ def host(tmp_path, monkeypatch):
     monkeypatch.setenv("ANOMALYCLIP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("ANOMALYCLIP_REGISTRY", str(tmp_path / "registry.json"))
     monkeypatch.delenv("ANOMALYCLIP_OFFLINE", raising=False)
-    monkeypatch.setattr(hub, "RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(transfer, "RETRY_DELAY_S", 0.0)
     Host.files = {"/demo.bin": PAYLOAD, "/epoch_15.pth": PAYLOAD}
     Host.plan, Host.requests, Host.delay_s = [], [], 0.0
     server = QuietServer(("127.0.0.1", 0), Host)
@@ -139,10 +142,10 @@ def test_cache_hit_reads_the_recorded_verification_instead_of_hashing(host, monk
     entry = sha256_entry(host)
     path = hub.fetch(entry, progress=False)
 
-    def no_hashing(_):
+    def no_hashing(*_):
         raise AssertionError("a verified cached file was hashed again")
 
-    monkeypatch.setattr(hub, "sha256_file", no_hashing)
+    monkeypatch.setattr(entries, "file_digest", no_hashing)
     assert hub.fetch(entry, progress=False) == path
     assert hub.resolve_backbone(path) == path
     assert len(Host.requests) == 1
@@ -163,8 +166,30 @@ def test_git_blob_id_is_gits(tmp_path):
     path = tmp_path / "hello.txt"
     path.write_bytes(b"hello\n")
     # `printf 'hello\n' | git hash-object --stdin`
-    assert hub.git_blob_sha1_file(path) == "ce013625030ba8dba906f756967f9e9ca394464a"
-    assert hub.sha256_file(path) == hashlib.sha256(b"hello\n").hexdigest()
+    assert file_digest(path, "git-blob") == "ce013625030ba8dba906f756967f9e9ca394464a"
+    assert file_digest(path) == hashlib.sha256(b"hello\n").hexdigest()
+    assert file_digest(path, "sha1") == hashlib.sha1(b"hello\n").hexdigest()
+    with pytest.raises(ValueError, match="unknown hash algorithm 'md5'"):
+        file_digest(path, "md5")
+
+
+def test_file_digest_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"one")
+    reads: list[Path] = []
+    read = hashing._hash_file
+    monkeypatch.setattr(hashing, "_hash_file", lambda *args: reads.append(args[0]) or read(*args))
+    assert file_digest(path) == file_digest(tmp_path / "." / "weights.bin")
+    assert len(reads) == 1
+    path.write_bytes(b"three")
+    assert file_digest(path) == hashlib.sha256(b"three").hexdigest()
+    stat = path.stat()
+    replacement = tmp_path / "replacement.bin"
+    replacement.write_bytes(b"THREE")  # same size, same mtime: only the inode tells
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(replacement, path)
+    assert file_digest(path) == hashlib.sha256(b"THREE").hexdigest()
+    assert len(reads) == 3
 
 
 def test_file_addresses_work_too(tmp_path, monkeypatch):
@@ -261,7 +286,7 @@ def test_git_lfs_pointer_is_recognised(host):
 
 def test_not_enough_disk_space_is_said_before_downloading(host, monkeypatch):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(hub.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(hub.DownloadError, match=r"needs 1 MB, 0 MB are free"):
         hub.fetch(sha256_entry(host), progress=False)
 
@@ -547,13 +572,13 @@ def register_tiny_defaults(tmp_path: Path, monkeypatch) -> tuple[hub.RemoteFile,
         "ViT-L/14@336px",
         nowhere + "clip.pt",
         "ViT-L-14-336px.pt",
-        sha256=hub.sha256_file(clip_file),
+        sha256=file_digest(clip_file),
     )
     prompts = hub.RemoteFile(
         "mvtec",
         nowhere + "epoch_15.pth",
         "epoch_15.pth",
-        git_blob=hub.git_blob_sha1_file(prompts_file),
+        git_blob=file_digest(prompts_file, "git-blob"),
     )
     monkeypatch.setitem(hub.BACKBONES, "ViT-L/14@336px", backbone)
     info = hub.CheckpointInfo("mvtec", prompts, "ViT-L/14@336px", settings, "tiny")

@@ -10,8 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
-import types
 import warnings
 from pathlib import Path
 
@@ -23,12 +21,9 @@ from safetensors.torch import save_file
 from anomalyclip.backbone import loading
 from anomalyclip.backbone.clip import CLIP
 from anomalyclip.backbone.layouts import LayoutError, detect_layout, to_openai_layout
-from anomalyclip.backbone.loading import (
-    UntrustedFileError,
-    WeightsError,
-    file_sha256,
-    load_clip,
-)
+from anomalyclip.backbone.loading import UntrustedFileError, WeightsError, load_clip
+from anomalyclip.hub import BACKBONES, RemoteFile
+from anomalyclip.utils.hashing import file_digest
 from tests.factories import tiny_clip
 
 WIDTH, HEADS, EMBED, PATCH, GRID, LAYERS, VOCAB, CONTEXT = 128, 2, 32, 8, 4, 2, 1000, 16
@@ -260,20 +255,24 @@ def test_hf_folder_is_split_into_shards(files):
     assert len(set(index["weight_map"].values())) > 1
 
 
-def test_torchscript_archive_refused_unless_trusted_or_registered(files, expected, monkeypatch):
+def test_torchscript_archive_refused_unless_trusted_or_registered(
+    files, expected, tmp_path, monkeypatch
+):
     archive = files["torchscript.pt"]
-    monkeypatch.setitem(sys.modules, "anomalyclip.hub", None)  # the local registry decides
+    monkeypatch.setenv("ANOMALYCLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ANOMALYCLIP_REGISTRY", str(tmp_path / "registry.json"))
     with pytest.raises(UntrustedFileError) as refusal:
         load_clip(archive)
     message = str(refusal.value)
-    assert str(archive) in message and file_sha256(archive) in message
+    assert str(archive) in message and file_digest(archive) in message
     assert "TorchScript" in message and "trust_torchscript=True" in message
 
     trusted = load_clip(archive, trust_torchscript=True)
     assert {p.dtype for p in trusted.parameters()} == {torch.float32}
     assert_same_features(trusted, expected)
 
-    monkeypatch.setitem(loading.OPENAI_ARCHIVE_SHA256, "test", file_sha256(archive))
+    registered = RemoteFile("test", "https://h/t.pt", "t.pt", sha256=file_digest(archive))
+    monkeypatch.setitem(BACKBONES, "test", registered)
     assert_same_features(load_clip(archive), expected)
 
 
@@ -286,8 +285,7 @@ def test_torchscript_registration_is_asked_of_the_hub(files, expected, monkeypat
         asked.append(Path(path))
         return registered["answer"]
 
-    hub = types.SimpleNamespace(is_registered_file=is_registered_file)
-    monkeypatch.setitem(sys.modules, "anomalyclip.hub", hub)
+    monkeypatch.setattr(loading, "is_registered_file", is_registered_file)
     with pytest.raises(UntrustedFileError):
         load_clip(archive)
     registered["answer"] = True
@@ -295,18 +293,16 @@ def test_torchscript_registration_is_asked_of_the_hub(files, expected, monkeypat
     assert asked == [archive, archive]
 
 
-def test_registered_name_resolves_through_the_hub(files, expected, monkeypatch):
+def test_registered_name_resolves_through_the_hub(files, expected, tmp_path, monkeypatch):
+    monkeypatch.setenv("ANOMALYCLIP_REGISTRY", str(tmp_path / "registry.json"))
+    with pytest.raises(FileNotFoundError, match="'ViT-H-14': no such file, and not a registered"):
+        load_clip("ViT-H-14")
     asked = []
-    hub = types.SimpleNamespace(
-        resolve_backbone=lambda name: asked.append(name) or files["openai.pt"]
+    monkeypatch.setattr(
+        loading, "resolve_backbone", lambda name: asked.append(name) or files["openai.pt"]
     )
-    monkeypatch.setitem(sys.modules, "anomalyclip.hub", hub)
     assert_same_features(load_clip("ViT-L/14@336px"), expected)
     assert asked == ["ViT-L/14@336px"]
-
-    monkeypatch.setitem(sys.modules, "anomalyclip.hub", None)
-    with pytest.raises(FileNotFoundError, match="ViT-L/14@336px not found"):
-        load_clip("ViT-L/14@336px")
 
 
 class CodeRunningPayload:

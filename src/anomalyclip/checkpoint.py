@@ -10,9 +10,6 @@ runs.
 from __future__ import annotations
 
 import logging
-import pickle
-import pickletools
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +22,7 @@ from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.model import AnomalyCLIP
 from anomalyclip.prompts import PromptShape
 from anomalyclip.utils.atomic import atomic_torch_save
+from anomalyclip.utils.safe_load import safe_torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -49,58 +47,12 @@ class PromptCheckpoint:
         return PromptShape.from_state_dict(self.prompt_state)
 
 
-def unpickling_detail(error: Exception) -> str:
-    """The one informative line of torch's long weights-only refusal."""
-    text = str(error)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        tail = text.split(marker, 1)[1].strip()
-        return tail.splitlines()[0] if tail else text
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def pickled_globals(path: Path) -> list[str]:
-    """Names a pickle would import, read with pickletools (which executes nothing)."""
-    data = path.read_bytes()
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            members = [n for n in archive.namelist() if n.endswith("data.pkl")]
-            data = archive.read(members[0]) if members else b""
-    names: list[str] = []
-    strings: list[str] = []
-    try:
-        for opcode, argument, _ in pickletools.genops(data):
-            if opcode.name == "GLOBAL":
-                names.append(str(argument).replace(" ", "."))
-            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                names.append(f"{strings[-2]}.{strings[-1]}")
-            elif isinstance(argument, str):
-                strings.append(argument)
-    except Exception:  # noqa: BLE001 - a malformed stream simply ends the scan
-        pass
-    allowed = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set")
-    return sorted({n for n in names if not n.startswith(allowed)})
-
-
 def read_checkpoint(path: str | Path) -> PromptCheckpoint:
     """Read either layout safely; errors name the file and what was found instead."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt checkpoint {path} not found")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        detail = unpickling_detail(error)
-        suspicious = pickled_globals(path)
-        if suspicious or "Unsupported global" in detail:
-            names = ", ".join(suspicious) or detail
-            raise ValueError(
-                f"refusing to load {path}: it holds Python objects that could run code "
-                f"({names}); only tensors and plain containers are accepted"
-            ) from None
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {detail}") from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {error}") from None
+    data = safe_torch_load(path, "PyTorch checkpoint")
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a {type(data).__name__}, not a prompt checkpoint")
     if data.get("format") == FORMAT:

@@ -34,6 +34,7 @@ from anomalyclip.backbone.clip import CLIP
 from anomalyclip.model import AnomalyCLIP, ImageEmbeddings
 from anomalyclip.preprocess import load_image
 from anomalyclip.utils.atomic import atomic_torch_save, atomic_write_json
+from anomalyclip.utils.hashing import file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ DEFAULT_MEMORY_LIMIT = 4 * 2**30
 LOADER_THREADS = min(8, os.cpu_count() or 1)
 
 _weights_fingerprints: weakref.WeakKeyDictionary[CLIP, str] = weakref.WeakKeyDictionary()
-_file_hashes: dict[tuple[str, int, int], str] = {}
 
 
 def weights_fingerprint(clip: CLIP) -> str:
@@ -56,20 +56,6 @@ def weights_fingerprint(clip: CLIP) -> str:
             digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
         _weights_fingerprints[clip] = digest.hexdigest()
     return _weights_fingerprints[clip]
-
-
-def file_sha1(path: str | Path) -> str:
-    """SHA-1 of a file's bytes, memoised while its size and modification time hold."""
-    path = Path(path)
-    stat = path.stat()
-    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if memo not in _file_hashes:
-        digest = hashlib.sha1(usedforsecurity=False)
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        _file_hashes[memo] = digest.hexdigest()
-    return _file_hashes[memo]
 
 
 @dataclass(frozen=True)
@@ -226,7 +212,7 @@ class FeatureCache:
         """
         if encode_batch_size < 1:
             raise ValueError(f"encode_batch_size must be >= 1, got {encode_batch_size}")
-        contents = [file_sha1(path) for path in images] if self.enabled else []
+        contents = [file_digest(path, "sha1") for path in images] if self.enabled else []
         entries: list[dict[str, Any] | None] = [None] * len(images)
         missing: list[int] = []
         for index in range(len(images)):

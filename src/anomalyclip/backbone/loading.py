@@ -4,16 +4,15 @@ Reads OpenAI's TorchScript archives and plain state dicts, safetensors files, Hu
 Face ``CLIPModel`` folders and open_clip checkpoints. Pickles are only ever read with
 ``torch.load(weights_only=True)``, so no file can run code by being loaded; TorchScript
 archives can, so they are opened only when their SHA-256 is that of a registered
-backbone or the caller says it trusts the file.
+backbone or the caller says it trusts the file. Names and checksums come from
+:mod:`anomalyclip.hub`, the one registry.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import pickle
 import struct
 import warnings
 import zipfile
@@ -26,6 +25,9 @@ from torch import Tensor
 
 from anomalyclip.backbone.clip import CLIP, Activation
 from anomalyclip.backbone.layouts import LayoutError, detect_layout, to_openai_layout
+from anomalyclip.hub import is_registered_file, resolve_backbone
+from anomalyclip.utils.hashing import file_digest
+from anomalyclip.utils.safe_load import SafeLoadError, UnsafeFileError, safe_torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +37,6 @@ WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".safetensors"}
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-# SHA-256 of OpenAI's ViT archives, as their download addresses carry it: the registry
-# TorchScript is checked against when anomalyclip.hub is not installed.
-OPENAI_ARCHIVE_SHA256 = {
-    "ViT-B/32": "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
-    "ViT-B/16": "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
-    "ViT-L/14": "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
-    "ViT-L/14@336px": "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
-}
 PROMPT_CHECKPOINT_HINT = " (an AnomalyCLIP prompt checkpoint: pass it as the checkpoint)"
 FORMATS = (
     "OpenAI TorchScript archive, PyTorch state dict (.pt/.pth/.bin), safetensors file, "
@@ -113,14 +107,7 @@ def resolve_weights_path(path_or_name: str | os.PathLike) -> Path:
     )
     if looks_like_path:
         raise FileNotFoundError(f"CLIP weights {path} not found")
-    try:
-        from anomalyclip.hub import resolve_backbone
-    except ImportError:
-        raise FileNotFoundError(
-            f"CLIP weights {path_or_name} not found: no such file, and no backbone registry "
-            "(anomalyclip.hub) to resolve it as a name"
-        ) from None
-    return Path(resolve_backbone(str(path_or_name)))
+    return resolve_backbone(str(path_or_name))
 
 
 def read_weights(
@@ -170,29 +157,12 @@ def sniff_file(path: Path) -> FileKind:
     raise WeightsError(f"{path} is not a recognised weights file ({detail}); expected: {FORMATS}")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def is_registered_file(path: Path) -> bool:
-    """Whether a file's SHA-256 is that of a registered backbone."""
-    try:
-        from anomalyclip.hub import is_registered_file as registered
-    except ImportError:
-        return file_sha256(path) in OPENAI_ARCHIVE_SHA256.values()
-    return registered(path)
-
-
 def _read_torchscript(path: Path, trust: bool) -> dict[str, Tensor]:
     """Only a registered file or an explicitly trusted one: TorchScript can run code."""
     if not trust and not is_registered_file(path):
         raise UntrustedFileError(
             f"refusing to load {path}: it is a TorchScript archive, which can run code when "
-            f"loaded, and its SHA-256 ({file_sha256(path)}) is not that of a registered "
+            f"loaded, and its SHA-256 ({file_digest(path)}) is not that of a registered "
             "backbone. If you trust its source, pass trust_torchscript=True "
             "(--trust-torchscript on the command line)"
         )
@@ -218,19 +188,13 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
 
 
 def _torch_load(path: Path) -> Any:
-    """``torch.load`` that refuses, with the file named, anything but tensors and containers."""
+    """:func:`safe_torch_load`, its refusals raised as this module's error types."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        from anomalyclip.checkpoint import pickled_globals, unpickling_detail
-
-        suspicious = ", ".join(pickled_globals(path)) or unpickling_detail(error)
-        raise UntrustedFileError(
-            f"refusing to load {path}: it holds Python objects that could run code "
-            f"({suspicious}); only tensors and plain containers are accepted"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise WeightsError(f"{path} is not a readable PyTorch file: {error}") from None
+        return safe_torch_load(path, "PyTorch file")
+    except UnsafeFileError as error:
+        raise UntrustedFileError(str(error)) from None
+    except SafeLoadError as error:
+        raise WeightsError(str(error)) from None
 
 
 def _unwrap(data: Any, path: Path) -> dict[str, Tensor]:

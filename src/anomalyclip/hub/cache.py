@@ -1,0 +1,115 @@
+"""The cache of registered files: verification remembered beside each file, and a listing.
+
+Files are content-addressed under :func:`~anomalyclip.hub.settings.cache_dir`. Hashing a
+multi-GB backbone on every run would cost seconds, so a successful check is recorded in a
+``.verified`` marker keyed by size and times, which any change to the file invalidates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from anomalyclip.hub.entries import RemoteFile
+from anomalyclip.hub.registry import known_backbones, known_checkpoints
+from anomalyclip.hub.settings import cache_dir
+from anomalyclip.utils.atomic import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+# Files the cache keeps beside registered ones; never listed as unregistered files.
+SIDECARS = frozenset({".verified", ".part", ".lock", ".tmp"})
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """A registered file and the state of its copy: ok, mismatch, partial, missing, local."""
+
+    name: str
+    kind: str
+    path: Path
+    status: str
+    size: int | None
+    checksum: str | None = None
+    url: str | None = None
+
+
+def _stamp(path: Path) -> dict[str, int]:
+    """What changes when a file's content can have changed (ctime cannot be set back)."""
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
+
+
+def _verified_marker(path: Path) -> Path:
+    return path.with_name(path.name + ".verified")
+
+
+def remember_verified(file: RemoteFile, path: Path) -> None:
+    """Record that ``path`` holds ``file`` as it is now, so the next run need not hash it."""
+    try:
+        atomic_write_json(_verified_marker(path), {"checksum": file.checksum, **_stamp(path)})
+    except OSError as error:  # a read-only shared cache: verify again next time
+        logger.debug("cannot record the verification of %s: %s", path, error)
+
+
+def is_verified(file: RemoteFile, path: Path) -> bool:
+    """Whether ``path`` holds ``file``; the result is remembered beside it, keyed by size
+    and times, so multi-GB files are hashed once rather than on every run."""
+    if not path.is_file():
+        return False
+    try:
+        if json.loads(_verified_marker(path).read_text()) == {
+            "checksum": file.checksum,
+            **_stamp(path),
+        }:
+            return True
+    except (OSError, ValueError):
+        pass
+    if not file.matches(path):
+        return False
+    remember_verified(file, path)
+    return True
+
+
+def _registered_files() -> Iterable[tuple[str, RemoteFile]]:
+    for entry in known_backbones().values():
+        yield "backbone", entry
+    for info in known_checkpoints().values():
+        if info.file is not None:
+            yield "checkpoint", info.file
+
+
+def list_cached() -> list[CacheEntry]:
+    """Every registered file, where it is (or would be) cached and the state of that copy,
+    then files in the cache that no registered name claims."""
+    entries = []
+    claimed = set()
+    for kind, file in _registered_files():
+        path = file.cache_path()
+        claimed.add(path)
+        partial = path.with_name(path.name + ".part")
+        if path.is_file():
+            status = "ok" if is_verified(file, path) else "mismatch"
+            size: int | None = path.stat().st_size
+        elif partial.is_file():
+            status, size = "partial", partial.stat().st_size
+        else:
+            status, size = "missing", None
+        entries.append(CacheEntry(file.name, kind, path, status, size, file.checksum, file.url))
+    for info in known_checkpoints().values():
+        if info.path is not None:
+            local = Path(info.path)
+            status = "local" if local.is_file() else "missing"
+            size = local.stat().st_size if local.is_file() else None
+            entries.append(CacheEntry(info.name, "checkpoint", local, status, size))
+    root = cache_dir()
+    if root.is_dir():
+        for path in sorted(root.glob("*/*")):
+            if path.is_file() and path not in claimed and path.suffix not in SIDECARS:
+                entries.append(
+                    CacheEntry(path.name, "file", path, "unregistered", path.stat().st_size)
+                )
+    return entries
