@@ -214,6 +214,43 @@ def test_disk_cache_is_reused_only_for_the_same_key(glass_manifest, tmp_path):
     assert (repaired.stats.disk_hits, repaired.stats.computed) == (2, 1)
 
 
+def test_overwritten_bytes_inside_a_cache_entry_are_caught_by_its_checksum(
+    glass_manifest, tmp_path, caplog
+):
+    """Bug: 64 overwritten bytes inside an entry loaded fine and fed 1e31 into training."""
+    images = [s.image for s in open_dataset(glass_manifest)][:2]
+    first = FeatureCache(tiny_model(), tmp_path, memory=False)
+    expected = first.embeddings(images)
+    entry = sorted(first.directory.rglob("*.pt"))[0]
+    record = torch.load(entry, weights_only=True)
+    data = bytearray(entry.read_bytes())
+    needle = record["global"].numpy().tobytes()[:64]
+    at = bytes(data).index(needle)  # inside the stored tensor's bytes
+    data[at : at + 64] = torch.full((16,), 1e31).numpy().tobytes()
+    entry.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        again = FeatureCache(tiny_model(), tmp_path, memory=False).embeddings(images)
+    assert "checksum mismatch; recomputing" in caplog.text
+    assert torch.equal(again.global_embedding, expected.global_embedding)
+
+
+def test_a_full_disk_stops_the_disk_cache_not_the_run(
+    glass_manifest, tmp_path, caplog, monkeypatch
+):
+    import anomalyclip.feature_cache as feature_cache
+
+    def full(*_: object) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+    monkeypatch.setattr(feature_cache, "atomic_torch_save", full)
+    images = [s.image for s in open_dataset(glass_manifest)][:3]
+    cache = FeatureCache(tiny_model(), tmp_path, memory=False)
+    with caplog.at_level(logging.WARNING):
+        embeddings = cache.embeddings(images)
+    assert embeddings.global_embedding.shape[0] == 3
+    assert caplog.text.count("cannot write to the feature cache") == 1
+
+
 def test_cache_key_covers_what_the_embeddings_depend_on():
     base = CacheKey.for_model(tiny_model())
     assert CacheKey.for_model(tiny_model()).digest == base.digest

@@ -10,8 +10,9 @@ An entry is found by the SHA-1 of the image file's bytes, inside a namespace who
 is everything else the embeddings depend on: the backbone's architecture and a
 fingerprint of its weights, the model dtype, the image size, the feature layers, the DPAM
 settings and the global head. Entries from another backbone, size, layer set or file
-content are therefore never used. Disk entries are written atomically and checked when
-read; a damaged one is recomputed.
+content are therefore never used. Disk entries are written atomically with a SHA-256 of
+their tensors, verified when read; a damaged one is recomputed, saying why. A disk that
+fills up stops the disk cache (with one warning), never the run.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from anomalyclip.utils.hashing import file_digest
 logger = logging.getLogger(__name__)
 
 ENTRY_FORMAT = "anomalyclip-features"
-ENTRY_VERSION = 1
+ENTRY_VERSION = 2  # 2: entries carry a checksum of their tensors
 DEFAULT_MEMORY_LIMIT = 4 * 2**30
 LOADER_THREADS = min(8, os.cpu_count() or 1)
 
@@ -49,13 +50,18 @@ _weights_fingerprints: weakref.WeakKeyDictionary[CLIP, str] = weakref.WeakKeyDic
 def weights_fingerprint(clip: CLIP) -> str:
     """SHA-256 over the visual tower's tensors (names, dtypes, shapes, bytes); memoised."""
     if clip not in _weights_fingerprints:
-        digest = hashlib.sha256()
-        for name, tensor in sorted(clip.visual.state_dict().items()):
-            data = tensor.detach().cpu().contiguous()
-            digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-        _weights_fingerprints[clip] = digest.hexdigest()
+        _weights_fingerprints[clip] = tensors_sha256(sorted(clip.visual.state_dict().items()))
     return _weights_fingerprints[clip]
+
+
+def tensors_sha256(tensors: Sequence[tuple[str, Tensor]]) -> str:
+    """SHA-256 over named tensors: names, dtypes, shapes and bytes, in the order given."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors:
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,7 @@ class FeatureCache:
         self._entries: dict[str, dict[str, Any]] = {}
         self._memory_bytes = 0
         self._memory_full_logged = False
+        self._disk_writable = True
         self.key: CacheKey | None = None
         self.directory: Path | None = None
         if directory is not None:
@@ -166,21 +173,37 @@ class FeatureCache:
                 and data.get("content") == content
                 and sorted(int(k) for k in data["patch"]) == list(self.key.layers)
             )
+            intact = valid and data.get("checksum") == entry_checksum(data)
         except Exception as error:  # noqa: BLE001 - any unreadable entry is recomputed
-            logger.warning("feature cache entry %s is unreadable (%s); recomputing", path, error)
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            logger.warning("feature cache entry %s is unreadable (%s); recomputing", path, reason)
             return None
         if not valid:
             logger.warning("feature cache entry %s does not match its key; recomputing", path)
             return None
+        if not intact:
+            logger.warning("feature cache entry %s: checksum mismatch; recomputing", path)
+            return None
         return data
 
     def _write_disk(self, content: str, entry: dict[str, Any]) -> None:
+        if not self._disk_writable:
+            return
         record = {"format": ENTRY_FORMAT, "version": ENTRY_VERSION, "key": self.key.digest}
         record.update(content=content, **_moved(entry, torch.device("cpu")))
+        record["checksum"] = entry_checksum(record)
+        path = self._entry_path(content)
         try:
-            atomic_torch_save(record, self._entry_path(content))
-        except OSError as error:
-            logger.warning("cannot write feature cache entry for %s: %s", content, error)
+            atomic_torch_save(record, path)
+        except (OSError, RuntimeError) as error:  # torch reports a full disk as RuntimeError
+            self._disk_writable = False
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            logger.warning(
+                "cannot write to the feature cache (%s: %s); no more entries are written "
+                "there this run, the work goes on",
+                path.parent,
+                reason,
+            )
 
     def _remember(self, content: str, entry: dict[str, Any]) -> None:
         if not self.memory:
@@ -269,6 +292,14 @@ class FeatureCache:
             }
             for i in range(batch.shape[0])
         ]
+
+
+def entry_checksum(entry: dict[str, Any]) -> str:
+    """SHA-256 over an entry's tensors (layer, dtype, shape, bytes): catches bytes that
+    changed on disk but still unpickle (values of 1e31 fed into training)."""
+    tensors = [("global", entry["global"])]
+    tensors += [(str(layer), entry["patch"][layer]) for layer in sorted(entry["patch"])]
+    return tensors_sha256(tensors)
 
 
 def _tensors(entry: dict[str, Any]) -> list[Tensor]:
