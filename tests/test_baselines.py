@@ -212,6 +212,6 @@ def test_cli_single_layer_preset_uses_the_last_layer(glass_sample, clip_file, tm
             ]
         )
     assert code == 0
-    assert "evaluating untrained prompts" in caplog.text
+    assert "the prompts are untrained" in caplog.text
     data = json.loads((tmp_path / "results" / "glass" / "results.json").read_text())
     assert data["settings"]["config"]["features"] == [4]

@@ -89,7 +89,7 @@ def test_evaluate_equals_metrics_on_the_models_predictions(synthetic, tmp_path):
     predictions = model.predict([s.image for s in alpha], batch_size=2)
     scores = np.array([p.score for p in predictions])
     maps = np.stack([p.anomaly_map for p in predictions])
-    masks = load_masks(alpha, 32)
+    masks = load_masks(alpha, model.preprocessor)
     assert masks.shape == (6, 32, 32) and masks[3:].any() and not masks[:3].any()
     expected = class_metrics(np.array([s.label for s in alpha]), scores, masks, maps)
     for name in METRICS:
