@@ -153,6 +153,7 @@ def prompts(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["prompt_learner"]
 
 
+@pytest.mark.slow
 def test_torchrun_training_gives_the_single_process_prompts(shared_dir, clip_file, tmp_path):
     """Object-aware prompts for two classes, images without masks (global loss only) and a
     last batch of one image (one rank has nothing): 2 processes, trained for one epoch
@@ -203,6 +204,7 @@ def test_torchrun_training_gives_the_single_process_prompts(shared_dir, clip_fil
     assert [e["images_encoded"] for e in got_log] == [9, 9]
 
 
+@pytest.mark.slow
 def test_torchrun_evaluation_gives_the_single_process_metrics(shared_dir, clip_file, tmp_path):
     """Two classes in batches of 3, spread over 2 ranks: the same tables to the last bit,
     every map saved by the rank that scored it."""

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from anomalyclip.cli import main
@@ -17,6 +18,7 @@ EPOCHS = "8"
 LAUNCH = "import sys; from anomalyclip.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
+@pytest.mark.slow
 def test_sigkilled_training_resumes_to_the_same_prompts(glass_manifest, clip_file, tmp_path):  # noqa: F811
     common = [f"csv={glass_manifest}", "--clip-weights", str(clip_file), *TINY_FLAGS]
     killed = tmp_path / "killed"

@@ -239,6 +239,7 @@ def test_cuda_half_precision_matches_cpu_float32(dtype):
     assert (gpu.anomaly_maps.cpu() - reference.anomaly_maps).abs().max() < 0.08
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_run(tmp_path):
     output = tmp_path / "bench.json"
     command = [
