@@ -223,7 +223,7 @@ def broadcast_from_main(value: T) -> T:
     """Rank 0's ``value`` on every rank (the argument is ignored elsewhere)."""
     if not is_distributed():
         return value
-    holder = [value if is_main_process() else None]
+    holder: list[Any] = [value if is_main_process() else None]  # rank 0's value after this
     dist.broadcast_object_list(holder, src=MAIN_RANK)
     return holder[0]
 

@@ -33,6 +33,7 @@ import torch
 from anomalyclip import distributed, metrics
 from anomalyclip.data.core import AnomalyDataset, Sample
 from anomalyclip.feature_cache import FeatureCache
+from anomalyclip.metrics import AuproMethod
 from anomalyclip.model import AnomalyCLIP
 from anomalyclip.predictor import AnomalyPrediction, Predictor
 from anomalyclip.preprocess import PreProcessor, load_image
@@ -199,7 +200,7 @@ def class_metrics(
     scores: np.ndarray,
     masks: np.ndarray | None,
     maps: np.ndarray | None,
-    aupro_method: str = "original",
+    aupro_method: AuproMethod = "original",
 ) -> dict[str, float]:
     """Every metric of one class; pixel ones NaN when ``masks`` is None."""
     functions: dict[str, Callable[[], float]] = {
@@ -340,10 +341,14 @@ def _score_class(
             if part is None:
                 continue
             positions, part_scores, part_maps = part
+            assert scores is not None  # parts are gathered on rank 0, which has the arrays
             scores[positions.start : positions.stop] = part_scores
             if maps is not None:
                 maps[positions.start : positions.stop] = part_maps
-    return (scores, maps) if main else None
+    if not main:
+        return None
+    assert scores is not None  # made above on rank 0
+    return scores, maps
 
 
 def evaluate(
@@ -352,7 +357,7 @@ def evaluate(
     *,
     batch_size: int = 8,
     cache: FeatureCache | None = None,
-    aupro_method: str = "original",
+    aupro_method: AuproMethod = "original",
     maps_dir: str | Path | None = None,
     name: str | None = None,
     progress: bool = True,

@@ -50,6 +50,8 @@ class ImagePath(nn.Module):
     runs in float32 (ONNX Runtime's CPU MatMul has no float64), within 1e-6 of it.
     """
 
+    text_features: Tensor  # a buffer, registered in __init__
+
     def __init__(self, model: AnomalyCLIP, object_name: str | None = None) -> None:
         super().__init__()
         self.model = model
@@ -166,7 +168,9 @@ def export_onnx(
             torch.onnx.export(
                 wrapper,
                 (example,),
-                handle,
+                # torch types f as a path only, but the TorchScript exporter (dynamo=False)
+                # writes to file objects too
+                handle,  # type: ignore[arg-type]
                 dynamo=False,
                 input_names=[INPUT_NAME],
                 output_names=list(OUTPUT_NAMES),

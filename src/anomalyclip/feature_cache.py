@@ -161,6 +161,7 @@ class FeatureCache:
     # one entry ------------------------------------------------------------------------
 
     def _read_disk(self, content: str) -> dict[str, Any] | None:
+        assert self.key is not None  # a disk cache is only made with a key
         path = self._entry_path(content)
         if not path.is_file():
             return None
@@ -189,6 +190,7 @@ class FeatureCache:
     def _write_disk(self, content: str, entry: dict[str, Any]) -> None:
         if not self._disk_writable:
             return
+        assert self.key is not None  # a disk cache is only made with a key
         record = {"format": ENTRY_FORMAT, "version": ENTRY_VERSION, "key": self.key.digest}
         record.update(content=content, **_moved(entry, torch.device("cpu")))
         record["checksum"] = entry_checksum(record)
@@ -243,7 +245,7 @@ class FeatureCache:
             entry = self._entries.get(content) if content is not None else None
             if entry is not None:
                 self.stats.memory_hits += 1
-            elif self.directory is not None:
+            elif content is not None and self.directory is not None:
                 entry = self._read_disk(content)
                 if entry is not None:
                     self.stats.disk_hits += 1
@@ -316,7 +318,9 @@ def _moved(entry: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def _stack(entries: Sequence[dict[str, Any] | None], device: torch.device) -> ImageEmbeddings:
     """A batch in float32 on ``device`` from per-image entries (wherever they are kept)."""
-    assert all(entry is not None for entry in entries)
+    present = [entry for entry in entries if entry is not None]
+    assert len(present) == len(entries), "every image's entry is computed before stacking"
+    entries = present
     layers = sorted(int(layer) for layer in entries[0]["patch"])
 
     def stacked(tensors: list[Tensor]) -> Tensor:

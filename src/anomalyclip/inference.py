@@ -220,7 +220,11 @@ def output_names(sources: Sequence[ImageSource]) -> list[str]:
         if stem_counts[name] > 1 and paths[index] is not None:
             groups.setdefault(name, []).append(index)
     for indices in groups.values():
-        folders = [os.path.abspath(paths[i].parent) for i in indices]
+        folders = []
+        for i in indices:
+            path = paths[i]
+            assert path is not None  # groups hold only the indices of file sources
+            folders.append(os.path.abspath(path.parent))
         root = os.path.commonpath(folders)
         for index, folder in zip(indices, folders, strict=True):
             relative = Path(os.path.relpath(folder, root))
@@ -228,8 +232,9 @@ def output_names(sources: Sequence[ImageSource]) -> list[str]:
             names[index] = f"{prefix}__{names[index]}" if prefix else names[index]
     counts = Counter(names)
     for index, name in enumerate(names):
-        if counts[name] > 1 and paths[index] is not None and paths[index].suffix:
-            names[index] = f"{name}_{paths[index].suffix.lstrip('.').lower()}"
+        path = paths[index]
+        if counts[name] > 1 and path is not None and path.suffix:
+            names[index] = f"{name}_{path.suffix.lstrip('.').lower()}"
     seen: Counter[str] = Counter()
     unique = []
     for name in names:

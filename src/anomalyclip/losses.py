@@ -72,6 +72,6 @@ def glocal_loss(
     image = F.cross_entropy(model.image_logits(embeddings, text), labels.long())
     if masks is None or lam == 0:
         return GlocalLoss(image, image.new_zeros(()))
-    size = tuple(masks.shape[-2:])
+    size = (masks.shape[-2], masks.shape[-1])
     probabilities = model.layer_probabilities(embeddings, text, size)
     return GlocalLoss(image, lam * local_loss(probabilities, masks.to(image.dtype)))

@@ -227,7 +227,7 @@ def _regions_of_each_image(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndar
     Labels only each image's bounding box of anomalous pixels, where all its regions lie,
     instead of the whole stack: most pixels of a test set are normal.
     """
-    rows_hit, columns_hit = masks.any(axis=2), masks.any(axis=1)
+    rows_hit, columns_hit = np.asarray(masks.any(axis=2)), np.asarray(masks.any(axis=1))
     values, regions, found_so_far = [], [], 0
     for index in np.flatnonzero(rows_hit.any(axis=1)):
         rows, columns = np.flatnonzero(rows_hit[index]), np.flatnonzero(columns_hit[index])

@@ -212,6 +212,8 @@ class AnomalyCLIP(nn.Module, Predictor):
                 dpam_mode=config.dpam_mode,
                 global_head=config.global_head,
             )
+        # config.global_head is never None, so the backbone always returns a global embedding
+        assert features.global_embedding is not None
         return ImageEmbeddings(
             F.normalize(features.global_embedding.float(), dim=-1),
             {k: F.normalize(v.float(), dim=-1) for k, v in features.patch_tokens.items()},

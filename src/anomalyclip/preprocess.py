@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal, get_args
+from typing import IO, Literal, cast, get_args
 
 import numpy as np
 import torch
@@ -244,7 +244,8 @@ class PreProcessor:
     def __call__(self, images: Sequence[ImageSource] | ImageSource) -> torch.Tensor:
         """A batch (B, 3, S, S) from any image sources."""
         if not isinstance(images, (list, tuple)):
-            images = [images]
+            # anything but a list or tuple is one source (a str too, though it is a Sequence)
+            images = [cast(ImageSource, images)]
         return torch.stack([self.tensor(load_image(item)) for item in images])
 
     def mask(self, mask: np.ndarray) -> torch.Tensor:

@@ -63,6 +63,14 @@ def prompt_sentences(
 class PromptLearner(nn.Module):
     """The only trainable part of AnomalyCLIP."""
 
+    # buffers registered by name in __init__ (register_buffer leaves them untyped)
+    token_prefix_pos: Tensor
+    token_prefix_neg: Tensor
+    token_suffix_pos: Tensor
+    token_suffix_neg: Tensor
+    tokenized_prompts_pos: Tensor
+    tokenized_prompts_neg: Tensor
+
     def __init__(
         self,
         clip: CLIP,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import cast
 
 import torch
 from torch import nn
@@ -32,7 +33,10 @@ def _quantization_api():
 
 
 def is_quantized(model: AnomalyCLIP) -> bool:
-    return any(block.attn.in_proj is not None for block in model.clip.visual.transformer.resblocks)
+    return any(
+        cast(ResidualAttentionBlock, block).attn.in_proj is not None
+        for block in model.clip.visual.transformer.resblocks
+    )
 
 
 def _in_proj_as_linear(block: ResidualAttentionBlock) -> nn.Linear:
@@ -70,7 +74,8 @@ def quantize_dynamic(model: AnomalyCLIP, per_channel: bool = True) -> AnomalyCLI
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        for block in model.clip.visual.transformer.resblocks:
+        for module in model.clip.visual.transformer.resblocks:
+            block = cast(ResidualAttentionBlock, module)  # nn.ModuleList yields plain Modules
             attention = block.attn
             attention.in_proj = _in_proj_as_linear(block)
             del attention.in_proj_weight, attention.in_proj_bias

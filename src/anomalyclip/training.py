@@ -40,7 +40,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -196,7 +196,7 @@ def batch_loss(
         known = [i for i in indices if pixel_truth[i]]
         if loss in ("glocal", "local") and known and lam > 0:
             subset = group if len(known) == len(indices) else select_embeddings(embeddings, known)
-            size = tuple(masks.shape[-2:])
+            size = (masks.shape[-2], masks.shape[-1])
             probabilities = model.layer_probabilities(subset, text, size)
             term = lam * local_loss(probabilities, masks[known].to(text.dtype))
             term = term if len(known) == batch else term * (len(known) / batch)
@@ -282,7 +282,7 @@ def _trainable_parameters(model: AnomalyCLIP) -> list[Tensor]:
     trainable = [name for name, p in model.clip.named_parameters() if p.requires_grad]
     if trainable:
         raise RuntimeError(f"the CLIP backbone must be frozen; trainable: {trainable[:3]}")
-    parameters = [p for p in model.prompt_learner.parameters() if p.requires_grad]
+    parameters: list[Tensor] = [p for p in model.prompt_learner.parameters() if p.requires_grad]
     if not parameters:
         raise RuntimeError("the prompt learner has no trainable parameters")
     return parameters
@@ -362,7 +362,9 @@ class _PromptGradients(nn.Module):
         if not mine or (
             epochs.options.loss == "local" and not any(epochs.pixel_truth[i] for i in mine)
         ):
-            zero = sum(p.sum() for p in self.prompt_learner.parameters()) * 0.0
+            # a Tensor: the prompt learner always has parameters (ctx_pos, ctx_neg)
+            total = cast(Tensor, sum(p.sum() for p in self.prompt_learner.parameters()))
+            zero = total * 0.0
             return zero, [0.0] * 5
         losses = epochs.losses(mine)
         share = len(mine) / batch_size

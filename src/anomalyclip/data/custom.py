@@ -106,7 +106,7 @@ def read_folder(
         raise DatasetError(f"{root}: no image folders given")
     category = category or root.name
     suffixes = (mask_suffix, "") if mask_suffix else ("",)
-    samples = []
+    samples: list[Sample] = []
     if normal_dir is not None:
         samples.extend(
             Sample(image=image, label=0, category=category) for image in list_images(normal_dir)

@@ -231,7 +231,7 @@ def read_ksdd(
         name = "ksdd"
         if split != "test":
             raise DatasetError(f"{root}: KolektorSDD has no {split!r} split; use 'test'")
-        pairs = []
+        pairs: list[tuple[Path, Path | None]] = []
         for part_dir in part_dirs:
             masks = MaskIndex(part_dir)
             pairs.extend(

@@ -118,10 +118,10 @@ def read_headct(
     if image_dir is None:
         raise DatasetError(f"{root}: labels.csv found but no head_ct/ folder of images")
     by_number: dict[int, Path] = {}
-    for image in list_images(image_dir):
-        if image.stem.isdigit():
-            by_number[int(image.stem)] = image
-    samples = []
+    for path in list_images(image_dir):
+        if path.stem.isdigit():
+            by_number[int(path.stem)] = path
+    samples: list[Sample] = []
     problems = []
     with labels_csv.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
@@ -206,7 +206,7 @@ def read_covid19(
     unknown = [n for n in anomalous_classes if n not in class_dirs]
     if unknown:
         raise DatasetError(f"{root}: no class folder {', '.join(map(repr, unknown))}")
-    samples = []
+    samples: list[Sample] = []
     for class_name, label in [(normal_name, 0)] + [(n, 1) for n in anomalous_classes]:
         folder = class_dirs[class_name]
         images_dir = folder / "images" if (folder / "images").is_dir() else folder
