@@ -234,7 +234,11 @@ def request_kinds(
             "predict", 200, "POST", "/v1/predict", upload(*rng.choice(images))
         ),
         "predict_png": lambda rng: Request(
-            "predict_png", 200, "POST", "/v1/predict?format=png&part=mask", upload(*images[0])
+            "predict_png",
+            200,
+            "POST",
+            "/v1/predict?format=png&part=mask&pixel_threshold=0.5",
+            upload(*images[0]),
         ),
         "batch": batch,
         "oversized": lambda rng: Request(

@@ -106,21 +106,28 @@ def test_page_scores_images_and_thresholds_them_without_uploading_again(
     from playwright.sync_api import expect
 
     page.goto(service.url)
-    expect(page.locator("#model-info")).to_contain_text("Backbone random-tiny at 64 px")
+    expect(page.locator("#model-info")).to_contain_text(
+        "anomalyclip: backbone random-tiny at 64 px; image threshold none calibrated"
+    )
     page.set_input_files("#file-input", [str(p) for p in images] + [str(corrupt)])
     expect(page.locator(".card[data-state=done]")).to_have_count(3)
     expect(page.locator(".card[data-state=error]")).to_have_count(1)
     cards = {card["name"]: card for card in card_states(page)}
     assert len(uploads) == 4
 
-    # scores and verdicts shown match the API's answers; the corrupt file says what is wrong
+    # scores match the API's answers; with no calibrated threshold the API gives no verdict
+    # and the page decides at its sliders' starting points (0.5, the map range's middle)
+    start = float(page.input_value("#pixel-threshold"))
+    assert start == pytest.approx(1.0, abs=1e-3)  # two feature layers: maps lie in [0, 2]
     for name, answer in expected.items():
         card = cards[name]
         assert card["state"] == "done"
+        assert answer["verdict"] is None and answer["mask_png"] is None
         assert card["scoreShown"] == f"score {answer['score']:.3f}"
-        assert card["verdict"] == answer["verdict"]
-        assert card["verdictShown"] == answer["verdict"].capitalize()
-        assert card["fraction"] == pytest.approx(answer["anomalous_fraction"], abs=0.01)
+        verdict = "anomalous" if answer["score"] >= 0.5 else "normal"
+        assert (card["verdict"], card["verdictShown"]) == (verdict, verdict.capitalize())
+        share = float((decoded_map(answer["map"]) >= start).mean())
+        assert card["fraction"] == pytest.approx(share, abs=0.01)
     assert cards["corrupt.png"]["state"] == "error"
     assert "corrupt or truncated image" in cards["corrupt.png"]["error"]
     assert "HTTP 422" in cards["corrupt.png"]["error"]

@@ -10,7 +10,6 @@ import time
 
 import numpy as np
 import pytest
-from fastapi import HTTPException
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -18,7 +17,8 @@ from anomalyclip.cli import build_parser
 from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.model import AnomalyCLIP
 from anomalyclip.serving import ServiceSettings, create_app
-from anomalyclip.serving.app import InferenceWorker, display_name
+from anomalyclip.serving.uploads import display_name
+from anomalyclip.serving.worker import InferenceWorker, ServiceBusy
 from tests.factories import tiny_clip
 
 MAX_UPLOAD = 300_000
@@ -63,7 +63,8 @@ def decode_map(payload: dict) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model() -> AnomalyCLIP:
-    return tiny_model()
+    """Calibrated, so that responses carry verdicts and masks."""
+    return tiny_model(image_threshold=0.5, pixel_threshold=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -215,20 +216,27 @@ def test_health_and_model_information(client):
     assert health.status_code == 200
     assert health.json()["status"] == "ok" and health.json()["pending"] == 0
     info = client.get("/v1/model").json()
+    assert (info["method"], info["methods"], info["scores_sets"]) == (
+        "anomalyclip",
+        ["anomalyclip"],
+        False,
+    )
     assert info["backbone"] == "ViT-L/14@336px"
-    assert (info["device"], info["dtype"], info["image_size"]) == ("cpu", "float32", 64)
+    assert info["image_size"] == 64
     assert info["features"] == [2, 4]
-    assert (info["image_threshold"], info["image_threshold_source"]) == (0.5, "default")
-    assert (info["pixel_threshold"], info["pixel_threshold_source"]) == (1.0, "default")
+    assert (info["image_threshold"], info["image_threshold_source"]) == (0.5, "calibrated")
+    assert (info["pixel_threshold"], info["pixel_threshold_source"]) == (1.0, "calibrated")
     assert info["map_range"] == [0.0, 2.0]
     assert info["limits"] == {
         "max_upload_bytes": MAX_UPLOAD,
         "max_pixels": MAX_PIXELS,
         "max_batch_size": 4,
+        "max_set_size": 64,
+        "max_set_pixels": 200_000_000,
         "request_timeout_s": 60.0,
     }
-    assert info["architecture"]["vision_layers"] == 4
-    assert info["config"]["n_ctx"] == 4
+    assert info["settings"]["n_ctx"] == 4
+    assert client.get("/v1/model", params={"method": "musc"}).status_code == 422
 
 
 def test_calibrated_thresholds_are_used_and_service_settings_override_them():
@@ -241,7 +249,7 @@ def test_calibrated_thresholds_are_used_and_service_settings_override_them():
     settings = ServiceSettings(image_threshold=0.7)
     with TestClient(create_app(calibrated, settings)) as test_client:
         info = test_client.get("/v1/model").json()
-        assert (info["image_threshold"], info["image_threshold_source"]) == (0.7, "service")
+        assert (info["image_threshold"], info["image_threshold_source"]) == (0.7, "given")
         assert info["pixel_threshold_source"] == "calibrated"
 
 
@@ -335,7 +343,7 @@ def test_request_shape_errors(client):
     wrong_field = client.post("/v1/predict", files={"image": ("a.png", noise_png(), "image/png")})
     assert wrong_field.status_code == 422
     assert wrong_field.json()["detail"] == "invalid request: body.file: Field required"
-    bad_query = post_image(client, noise_png(), threshold=2)
+    bad_query = post_image(client, noise_png(), threshold="high")
     assert bad_query.status_code == 422
     assert "query.threshold" in bad_query.json()["detail"]
     bad_part = post_image(client, noise_png(), format="png", part="secret")
@@ -367,13 +375,13 @@ def test_display_name_keeps_only_a_printable_base_name():
 
 def test_slow_inference_times_out_with_504(monkeypatch):
     slow = tiny_model()
-    original = slow.predict
+    original = slow.predict_images
 
-    def predict_slowly(*args, **kwargs):
+    def predict_slowly(images):
         time.sleep(0.6)
-        return original(*args, **kwargs)
+        return original(images)
 
-    monkeypatch.setattr(slow, "predict", predict_slowly)
+    monkeypatch.setattr(slow, "predict_images", predict_slowly)
     with TestClient(create_app(slow, ServiceSettings(request_timeout_s=0.1))) as test_client:
         response = post_image(test_client, noise_png())
     assert response.status_code == 504
@@ -388,15 +396,15 @@ def test_slow_inference_times_out_with_504(monkeypatch):
     ],
 )
 def test_full_queue_answers_503_with_retry_after(model, settings, first_size, second_size):
-    worker = InferenceWorker(model, settings)
+    worker = InferenceWorker(settings)
     release = threading.Event()
 
-    async def scenario() -> HTTPException:
+    async def scenario() -> ServiceBusy:
         first = asyncio.ensure_future(worker.run(release.wait, 5, size=first_size))
         await asyncio.sleep(0.05)
         try:
             await worker.run(time.sleep, 0, size=second_size)
-        except HTTPException as error:
+        except ServiceBusy as error:
             return error
         finally:
             release.set()
@@ -404,9 +412,7 @@ def test_full_queue_answers_503_with_retry_after(model, settings, first_size, se
         raise AssertionError("the second request was accepted")
 
     error = asyncio.run(scenario())
-    assert error.status_code == 503
-    assert error.headers == {"Retry-After": "1"}
-    assert error.detail == "the service is busy (1 requests waiting); retry shortly"
+    assert str(error) == "the service is busy (1 requests waiting); retry shortly"
     assert worker.pending == 0
     # an empty queue lets in even a request larger than the byte budget
     assert asyncio.run(worker.run(len, b"abc", size=10_000)) == 3
@@ -415,14 +421,14 @@ def test_full_queue_answers_503_with_retry_after(model, settings, first_size, se
 
 def test_batch_of_large_images_is_scored_in_groups_within_the_pixel_budget(monkeypatch):
     grouped = tiny_model()
-    original = grouped.predict
+    original = grouped.predict_images
     group_sizes: list[int] = []
 
-    def counting_predict(sources, batch_size=8, progress=False):
-        group_sizes.append(len(sources))
-        return original(sources, batch_size, progress)
+    def counting_predict(images):
+        group_sizes.append(len(images))
+        return original(images)
 
-    monkeypatch.setattr(grouped, "predict", counting_predict)
+    monkeypatch.setattr(grouped, "predict_images", counting_predict)
     images = [noise_png(80, 80, seed=20 + i) for i in range(3)] + [noise_png(20, 20, seed=30)]
     files = [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
     with TestClient(create_app(grouped, ServiceSettings(max_pixels=10_000))) as test_client:
@@ -449,7 +455,7 @@ def test_serve_command_builds_the_app_and_runs_uvicorn(monkeypatch, model):
     import anomalyclip.cli.serve as serve
 
     calls = {}
-    monkeypatch.setattr(serve, "build_model", lambda args: model)
+    monkeypatch.setattr(serve, "build_predictor", lambda args: model)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.update(app=app, **kwargs))
     args = build_parser().parse_args(
         ["serve", "--checkpoint", "prompts.pt", "--clip-weights", "clip.pt", "--port", "8123"]
@@ -471,7 +477,7 @@ def test_serve_warns_when_listening_beyond_this_machine(monkeypatch, model, capl
 
     import anomalyclip.cli.serve as serve
 
-    monkeypatch.setattr(serve, "build_model", lambda args: model)
+    monkeypatch.setattr(serve, "build_predictor", lambda args: model)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
     for host, warned in (("0.0.0.0", True), ("::1", False), ("localhost", False)):
         caplog.clear()

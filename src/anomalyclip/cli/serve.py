@@ -7,7 +7,8 @@ import ipaddress
 import logging
 from typing import TYPE_CHECKING
 
-from anomalyclip.cli.options import add_model_arguments, build_model
+from anomalyclip.cli.options import add_model_arguments
+from anomalyclip.cli.predict import build_predictor
 
 if TYPE_CHECKING:
     from anomalyclip.serving import ServiceSettings
@@ -19,10 +20,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="run the HTTP service and its browser page",
-        description="Serve AnomalyCLIP over HTTP: a JSON API (/docs describes it) and an "
-        "inspection page at /. The model is loaded once and shared by all requests.",
+        description="Serve a scoring method over HTTP: a JSON API (/docs describes it) and "
+        "an inspection page at /. The model is loaded once and shared by all requests.",
     )
     add_model_arguments(parser)
+    parser.add_argument(
+        "--onnx",
+        metavar="FILE.onnx",
+        help="serve a model exported by `anomalyclip export` (ONNX Runtime, no torch model)",
+    )
     service = parser.add_argument_group("service")
     service.add_argument("--host", default="127.0.0.1", help="address to listen on")
     service.add_argument("--port", type=int, default=8000)
@@ -40,10 +46,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-pending", type=int, default=32, help="requests allowed to wait (then 503)"
     )
     service.add_argument(
-        "--image-threshold", type=float, help="verdict threshold (default: calibrated, or 0.5)"
+        "--image-threshold",
+        type=float,
+        help="verdict threshold (default: the calibrated one; without either, no verdict)",
     )
     service.add_argument(
-        "--pixel-threshold", type=float, help="mask threshold (default: calibrated, or layers/2)"
+        "--pixel-threshold",
+        type=float,
+        help="mask threshold (default: the calibrated one; without either, no mask)",
     )
     service.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     parser.set_defaults(func=run)
@@ -83,8 +93,7 @@ def run(args: argparse.Namespace) -> int:
         ) from None
 
     settings = settings_from_args(args)
-    model = build_model(args)
-    app = create_app(model, settings)
+    app = create_app(build_predictor(args), settings)
     if not is_loopback(args.host):
         logger.warning(
             "listening on %s: the service has no authentication; put it behind a proxy "

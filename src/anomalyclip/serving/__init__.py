@@ -1,5 +1,6 @@
 """The HTTP service behind ``anomalyclip serve``: a JSON API and a browser page."""
 
-from anomalyclip.serving.app import ServiceSettings, create_app
+from anomalyclip.serving.app import create_app
+from anomalyclip.serving.settings import ServiceSettings
 
 __all__ = ["ServiceSettings", "create_app"]

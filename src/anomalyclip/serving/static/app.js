@@ -1,5 +1,6 @@
-// The inspection page: uploads images one by one, then thresholds the returned anomaly
-// maps on canvases, so moving a slider never sends anything to the server again.
+// The inspection page: uploads images one by one (or, for a method whose images score
+// each other, a dropped set together), then thresholds the returned anomaly maps on
+// canvases, so moving a slider never sends anything to the server again.
 "use strict";
 
 const UPLOAD_CONCURRENCY = 2;
@@ -13,6 +14,8 @@ const state = {
   pixelThreshold: 2,
   defaults: { image: 0.5, pixel: 2 },
   mapRange: [0, 4],
+  method: null,
+  scoresSets: false,
   queue: [],
   active: 0,
   redrawPending: false,
@@ -36,18 +39,41 @@ function decodeMap(map) {
   return values;
 }
 
+function describeThreshold(value, source) {
+  // without a calibrated threshold the slider starts mid-range: a choice left to the user
+  return value === null ? "none calibrated: set it with the slider" : `${formatNumber(value)} (${source})`;
+}
+
+function fillMethodChoice(methods) {
+  const select = $("#method");
+  if (select.options.length === methods.length) return;
+  select.replaceChildren(...methods.map((name) => new Option(name, name)));
+  select.value = state.method;
+  $("#method-choice").hidden = methods.length < 2;
+}
+
 async function loadModelInfo() {
   try {
-    const response = await fetch("/v1/model");
+    const query = state.method ? `?method=${encodeURIComponent(state.method)}` : "";
+    const response = await fetch(`/v1/model${query}`);
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const info = await response.json();
-    state.defaults = { image: info.image_threshold, pixel: info.pixel_threshold };
+    state.method = info.method;
+    state.scoresSets = info.scores_sets;
     state.mapRange = info.map_range;
+    const middle = (info.map_range[0] + info.map_range[1]) / 2;
+    state.defaults = {
+      image: info.image_threshold ?? 0.5,
+      pixel: info.pixel_threshold ?? middle,
+    };
+    fillMethodChoice(info.methods);
+    const backbone = info.backbone ? `backbone ${info.backbone} at ` : "";
+    const sets = info.scores_sets ? " Images dropped together are scored as one set." : "";
     $("#model-info").textContent =
-      `Backbone ${info.backbone} at ${info.image_size} px on ${info.device}; ` +
-      `image threshold ${formatNumber(info.image_threshold)} (${info.image_threshold_source}), ` +
-      `mask threshold ${formatNumber(info.pixel_threshold)} (${info.pixel_threshold_source}); ` +
-      `uploads up to ${(info.limits.max_upload_bytes / 1048576).toFixed(0)} MB.`;
+      `${info.method}: ${backbone}${info.image_size} px; ` +
+      `image threshold ${describeThreshold(info.image_threshold, info.image_threshold_source)}, ` +
+      `mask threshold ${describeThreshold(info.pixel_threshold, info.pixel_threshold_source)}; ` +
+      `uploads up to ${(info.limits.max_upload_bytes / 1048576).toFixed(0)} MB.${sets}`;
     updatePixelSliderRange();
     setThresholds(state.defaults.image, state.defaults.pixel);
   } catch (error) {
@@ -92,6 +118,7 @@ function updatePixelSliderRange() {
 
 function addFiles(fileList) {
   const files = Array.from(fileList);
+  const added = [];
   for (const file of files) {
     const card = $("#card-template").content.firstElementChild.cloneNode(true);
     const item = { id: state.nextId++, file, card, result: null, values: null, layer: null };
@@ -109,9 +136,14 @@ function addFiles(fileList) {
     original.src = item.objectUrl;
     state.items.push(item);
     $("#results").append(card);
-    state.queue.push(item);
+    added.push(item);
   }
   updateSummary();
+  if (state.scoresSets) {
+    analyseSet(added);
+    return;
+  }
+  state.queue.push(...added);
   pumpQueue();
 }
 
@@ -126,40 +158,66 @@ function pumpQueue() {
   }
 }
 
-async function postImage(file) {
+async function post(path, fieldName, files) {
   const body = new FormData();
-  body.append("file", file, file.name);
+  for (const file of files) body.append(fieldName, file, file.name);
+  const url = `${path}?method=${encodeURIComponent(state.method)}`;
   for (let attempt = 1; ; attempt++) {
-    const response = await fetch("/v1/predict", { method: "POST", body });
+    const response = await fetch(url, { method: "POST", body });
     if (response.status !== 503 || attempt === BUSY_RETRIES) return response;
     await new Promise((resolve) => setTimeout(resolve, 1000 * attempt));
   }
 }
 
+async function readAnswer(response) {
+  const payload = await response.json().catch(() => ({ detail: response.statusText }));
+  if (!response.ok) {
+    throw new Error(`${payload.detail || response.statusText} (HTTP ${response.status})`);
+  }
+  return payload;
+}
+
+function showResult(item, payload) {
+  if (!state.items.includes(item)) return;
+  item.result = payload;
+  item.values = decodeMap(payload.map);
+  item.card.querySelector("img.overlay").src = `data:image/png;base64,${payload.overlay_png}`;
+  item.card.querySelector(".score").textContent = `score ${formatNumber(payload.score)}`;
+  item.card.dataset.score = payload.score;
+  item.card.dataset.state = "done";
+  updatePixelSliderRange();
+  updateCard(item);
+  if ($("#sort-by-score").checked) sortCards();
+}
+
+function showError(item, text) {
+  item.card.dataset.state = "error";
+  item.card.querySelector(".verdict").textContent = "failed";
+  item.card.querySelector(".panels").hidden = true;
+  const message = item.card.querySelector(".error");
+  message.textContent = text;
+  message.hidden = false;
+}
+
 async function analyse(item) {
   try {
-    const response = await postImage(item.file);
-    const payload = await response.json().catch(() => ({ detail: response.statusText }));
-    if (!response.ok) {
-      throw new Error(`${payload.detail || response.statusText} (HTTP ${response.status})`);
-    }
-    if (!state.items.includes(item)) return;
-    item.result = payload;
-    item.values = decodeMap(payload.map);
-    item.card.querySelector("img.overlay").src = `data:image/png;base64,${payload.overlay_png}`;
-    item.card.querySelector(".score").textContent = `score ${formatNumber(payload.score)}`;
-    item.card.dataset.score = payload.score;
-    item.card.dataset.state = "done";
-    updatePixelSliderRange();
-    updateCard(item);
-    if ($("#sort-by-score").checked) sortCards();
+    showResult(item, await readAnswer(await post("/v1/predict", "file", [item.file])));
   } catch (error) {
-    item.card.dataset.state = "error";
-    item.card.querySelector(".verdict").textContent = "failed";
-    item.card.querySelector(".panels").hidden = true;
-    const message = item.card.querySelector(".error");
-    message.textContent = error.message;
-    message.hidden = false;
+    showError(item, error.message);
+  }
+  updateSummary();
+}
+
+async function analyseSet(items) {
+  // the images score each other, so they travel in one request and come back in order
+  try {
+    const answer = await readAnswer(await post("/v1/predict/set", "files", items.map((i) => i.file)));
+    answer.results.forEach((result, index) => {
+      if ("detail" in result) showError(items[index], `${result.detail} (HTTP ${result.status})`);
+      else showResult(items[index], result);
+    });
+  } catch (error) {
+    for (const item of items) showError(item, error.message);
   }
   updateSummary();
 }
@@ -297,6 +355,10 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("#clear-results").addEventListener("click", clearResults);
   $("#sort-by-score").addEventListener("change", sortCards);
+  $("#method").addEventListener("change", (event) => {
+    state.method = event.target.value;
+    loadModelInfo();
+  });
   readThresholds();
   loadModelInfo();
 });

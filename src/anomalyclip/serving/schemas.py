@@ -1,0 +1,140 @@
+"""The service's response shapes: they validate what is sent and make the OpenAPI page.
+
+Thresholds may be absent (none given, none calibrated); every field that depends on one
+is then null rather than invented, so a client can tell "normal" from "not decided".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+ThresholdSource = Literal["given", "calibrated"]
+
+
+class Size(BaseModel):
+    width: int
+    height: int
+
+
+class AnomalyMap(BaseModel):
+    """The anomaly map at reduced resolution, for thresholding in the browser.
+
+    ``data`` is base64 of little-endian uint16 values, row-major, ``width * height`` of
+    them; a value q stands for ``min + q / 65535 * (max - min)``.
+    """
+
+    width: int
+    height: int
+    min: float
+    max: float
+    encoding: Literal["uint16le"] = "uint16le"
+    data: str
+
+
+class Prediction(BaseModel):
+    filename: str
+    score: float = Field(description="the image's anomaly score (AnomalyCLIP: a probability)")
+    threshold: float | None = Field(description="image threshold; null: none given or calibrated")
+    anomalous: bool | None = Field(description="score >= threshold; null without a threshold")
+    verdict: Literal["anomalous", "normal"] | None
+    image_size: Size
+    pixel_threshold: float | None = Field(description="mask threshold; null: no mask")
+    anomalous_fraction: float | None = Field(
+        description="share of the map at or over pixel_threshold; null without one"
+    )
+    map: AnomalyMap
+    overlay_size: Size
+    overlay_png: str = Field(description="base64 PNG: the heatmap blended on the image")
+    mask_png: str | None = Field(
+        description="base64 PNG: white where the map >= pixel_threshold; null without one"
+    )
+
+
+class FailedImage(BaseModel):
+    filename: str
+    status: int
+    detail: str
+
+
+class BatchResult(BaseModel):
+    results: list[Prediction | FailedImage]
+    succeeded: int
+    failed: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    pending: int
+    version: str
+
+
+class Limits(BaseModel):
+    max_upload_bytes: int
+    max_pixels: int
+    max_batch_size: int
+    max_set_size: int
+    max_set_pixels: int
+    request_timeout_s: float
+
+
+class ModelInfo(BaseModel):
+    """What :meth:`Predictor.describe <anomalyclip.predictor.Predictor.describe>` says,
+    with the thresholds in force and the service's limits.
+
+    ``backbone``, ``features`` and ``architecture`` are read from the method's settings
+    where it records them (AnomalyCLIP, in torch or ONNX, does), else null.
+    """
+
+    method: str
+    methods: list[str] = Field(
+        description="every method this service offers; the first is the default"
+    )
+    scores_sets: bool = Field(
+        description="the method's images score each other: send them together to /v1/predict/set"
+    )
+    backbone: str | None
+    image_size: int
+    features: list[int] | None
+    image_threshold: float | None
+    image_threshold_source: ThresholdSource | None
+    pixel_threshold: float | None
+    pixel_threshold_source: ThresholdSource | None
+    map_range: tuple[float, float]
+    architecture: dict[str, Any] | None
+    settings: dict[str, Any]
+    limits: Limits
+    version: str
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in (
+        (413, "upload, pixel count or batch over the limits"),
+        (415, "not multipart, or a file that is not an image"),
+        (422, "corrupt or empty image, or invalid parameters"),
+        (503, "too many requests waiting"),
+        (504, "inference did not finish in time"),
+    )
+}
+
+
+def sanitised(data: Any) -> Any:
+    """JSON-safe settings: non-finite floats become None, keys strings, tuples lists.
+
+    Settings come from checkpoints (calibration records and the like) and may hold NaN,
+    which strict JSON cannot carry.
+    """
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {str(key): sanitised(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [sanitised(value) for value in data]
+    return data

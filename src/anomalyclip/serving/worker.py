@@ -1,0 +1,142 @@
+"""The one inference thread: requests queue for it, so memory stays bounded under load.
+
+Free of HTTP: a full queue raises :class:`ServiceBusy`, a request that waits too long
+:class:`InferenceTimeout`, an undecodable file becomes an
+:class:`~anomalyclip.serving.uploads.InvalidUpload` in its slot; the routes decide what
+status each one means.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from PIL import Image
+
+from anomalyclip.postprocess import PostProcessor
+from anomalyclip.predictor import Predictor
+from anomalyclip.preprocess import ImageLoadError, load_image
+from anomalyclip.serving.rendering import Rendered, render
+from anomalyclip.serving.settings import ServiceSettings
+from anomalyclip.serving.uploads import InvalidUpload, TooFewImages, Upload, UploadError
+
+
+class ServiceBusy(Exception):
+    """Too many requests (or bytes) are already waiting for the model."""
+
+
+class InferenceTimeout(Exception):
+    """A request waited for, or ran on, the model longer than the request timeout."""
+
+
+Outcome = Rendered | UploadError
+
+
+class InferenceWorker:
+    """One thread runs the models; requests queue for it.
+
+    At most ``max_pending`` requests and ``max_pending_bytes`` of uploads wait at once (a
+    single request is always let in), so memory stays bounded under any load. The lock
+    also guards the models against anyone else sharing the same instances.
+    """
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomalyclip")
+        self._model_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self._pending = 0
+        self._pending_bytes = 0
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def _admit(self, size: int) -> None:
+        with self._count_lock:
+            full = self._pending >= self.settings.max_pending or (
+                self._pending > 0 and self._pending_bytes + size > self.settings.max_pending_bytes
+            )
+            if full:
+                raise ServiceBusy(
+                    f"the service is busy ({self._pending} requests waiting); retry shortly"
+                )
+            self._pending += 1
+            self._pending_bytes += size
+
+    def _release(self, size: int) -> None:
+        with self._count_lock:
+            self._pending -= 1
+            self._pending_bytes -= size
+
+    async def run(self, job: Callable[..., Any], *args: Any, size: int = 0) -> Any:
+        """``job(*args)`` on the worker thread; ``size`` is the bytes it holds while waiting."""
+        self._admit(size)
+        future = self._executor.submit(job, *args)
+        future.add_done_callback(lambda _: self._release(size))
+        try:
+            return await asyncio.wait_for(
+                asyncio.wrap_future(future), self.settings.request_timeout_s
+            )
+        except asyncio.TimeoutError:
+            raise InferenceTimeout(
+                f"inference did not finish within {self.settings.request_timeout_s:g} s"
+            ) from None
+
+    def analyse(
+        self,
+        predictor: Predictor,
+        uploads: list[Upload],
+        postprocessor: PostProcessor,
+        as_set: bool = False,
+    ) -> list[Outcome]:
+        """Decode, score and render, in upload order; a file that fails to decode fails alone.
+
+        Images are scored in groups of at most ``max_pixels`` decoded pixels, so a batch of
+        large images holds about one of them in memory at a time. A set (``as_set``, or a
+        method whose images score each other) is scored in one call: its decoded size is
+        bounded by ``max_set_pixels`` instead, checked before decoding.
+        """
+        outcomes: list[Outcome | None] = [None] * len(uploads)
+        group: list[tuple[int, Image.Image]] = []
+        whole_set = as_set or predictor.scores_sets
+
+        def score_group() -> None:
+            with self._model_lock:
+                predictions = predictor.predict_images([image for _, image in group])
+            for (index, image), prediction in zip(group, predictions, strict=True):
+                decided = dataclasses.replace(prediction, postprocessor=postprocessor)
+                outcomes[index] = render(uploads[index].filename, image, decided, self.settings)
+            group.clear()
+
+        for index, upload in enumerate(uploads):
+            try:
+                image = load_image(upload.data, self.settings.max_pixels)
+            except ImageLoadError as error:
+                outcomes[index] = InvalidUpload(f"{upload.filename}: {error.reason}")
+                continue
+            pixels = sum(item.width * item.height for _, item in group)
+            if (
+                not whole_set
+                and group
+                and pixels + image.width * image.height > (self.settings.max_pixels)
+            ):
+                score_group()
+            group.append((index, image))
+        if whole_set and predictor.scores_sets and len(group) < 2:
+            for index, _ in group:
+                outcomes[index] = TooFewImages(
+                    f"{predictor.method} scores the images of a set against each other and "
+                    f"needs at least 2 readable images; {len(group)} given"
+                )
+            group.clear()
+        if group:
+            score_group()
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

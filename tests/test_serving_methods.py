@@ -1,0 +1,166 @@
+"""The service behind the Predictor seam: any method, sets, and no invented thresholds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from anomalyclip.cli import build_parser
+from anomalyclip.export import OnnxAnomalyModel, export_onnx
+from anomalyclip.postprocess import PostProcessor
+from anomalyclip.predictor import Predictor
+from anomalyclip.preprocess import PreProcessor
+from anomalyclip.serving import ServiceSettings, create_app
+from tests.test_serving import decode_png, noise_png, post_image, tiny_model
+
+
+class MeanDistanceSet(Predictor):
+    """A set-scoring method small enough to re-derive by hand: an image's score is the
+    distance of its mean colour from the mean of the others' (a pixel's map value likewise).
+    """
+
+    method = "meanset"
+    scores_sets = True
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    @property
+    def preprocessor(self) -> PreProcessor:
+        return PreProcessor(16, "center-crop", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+    @property
+    def postprocessor(self) -> PostProcessor:
+        return PostProcessor(map_range=(0.0, 1.0))
+
+    def settings(self) -> dict[str, Any]:
+        return {"kind": "test"}
+
+    def score_tensors(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        self.calls.append(len(images))
+        grey = images.mean(dim=1)  # (B, S, S)
+        means = grey.mean(dim=(1, 2))
+        others = (means.sum() - means) / (len(images) - 1)
+        maps = (grey - others[:, None, None]).abs()
+        return (means - others).abs().numpy(), maps.numpy()
+
+
+def expected_scores(images: list[bytes]) -> list[float]:
+    from anomalyclip.preprocess import load_image
+
+    tensors = MeanDistanceSet().preprocessor([load_image(data) for data in images])
+    means = tensors.mean(dim=(1, 2, 3))
+    others = (means.sum() - means) / (len(images) - 1)
+    return (means - others).abs().tolist()
+
+
+def set_files(images: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
+
+
+def test_without_thresholds_there_is_no_verdict_and_no_mask():
+    with TestClient(create_app(tiny_model())) as client:
+        info = client.get("/v1/model").json()
+        assert (info["image_threshold"], info["image_threshold_source"]) == (None, None)
+        assert (info["pixel_threshold"], info["pixel_threshold_source"]) == (None, None)
+        body = post_image(client, noise_png()).json()
+        assert (body["threshold"], body["anomalous"], body["verdict"]) == (None, None, None)
+        assert (body["pixel_threshold"], body["anomalous_fraction"], body["mask_png"]) == (
+            None,
+            None,
+            None,
+        )
+        assert decode_png(body["overlay_png"]).size == (96, 72)
+        mask = post_image(client, noise_png(), format="png", part="mask")
+        assert mask.status_code == 422
+        assert "no calibrated pixel threshold" in mask.json()["detail"]
+        overlay = post_image(client, noise_png(), format="png")
+        assert overlay.status_code == 200 and "x-anomaly-verdict" not in overlay.headers
+        given = post_image(client, noise_png(), threshold=0.0, pixel_threshold=0.0).json()
+        assert (given["verdict"], given["anomalous_fraction"]) == ("anomalous", 1.0)
+
+
+def test_a_set_is_scored_together_with_the_chosen_method():
+    images = [noise_png(40, 30, seed=s) for s in range(3)] + [noise_png(40, 30, seed=9)[:90]]
+    meanset = MeanDistanceSet()
+    predictors = {"anomalyclip": tiny_model(image_threshold=0.5), "meanset": meanset}
+    with TestClient(create_app(predictors)) as client:
+        assert client.get("/v1/model").json()["methods"] == ["anomalyclip", "meanset"]
+        info = client.get("/v1/model", params={"method": "meanset"}).json()
+        assert (info["scores_sets"], info["image_size"], info["backbone"]) == (True, 16, None)
+        response = client.post(
+            "/v1/predict/set", params={"method": "meanset"}, files=set_files(images)
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert (body["succeeded"], body["failed"]) == (3, 1)
+        assert meanset.calls == [3]  # one call for the whole set, the corrupt file left out
+        scores = [item["score"] for item in body["results"][:3]]
+        assert scores == pytest.approx(expected_scores(images[:3]), abs=1e-6)
+        assert body["results"][3]["status"] == 422 and "3.png" in body["results"][3]["detail"]
+        # the batch endpoint scores a set method's images together too
+        batch = client.post(
+            "/v1/predict/batch", params={"method": "meanset"}, files=set_files(images[:3])
+        )
+        assert [item["score"] for item in batch.json()["results"]] == pytest.approx(scores)
+        # a per-image method answers a set image by image
+        per_image = client.post("/v1/predict/set", files=set_files(images[:2])).json()
+        singles = [post_image(client, data).json()["score"] for data in images[:2]]
+        assert [item["score"] for item in per_image["results"]] == pytest.approx(singles, abs=1e-6)
+
+
+def test_set_methods_refuse_single_images_and_too_small_sets():
+    with TestClient(create_app(MeanDistanceSet())) as client:
+        single = post_image(client, noise_png())
+        assert single.status_code == 422
+        assert "send at least two images to /v1/predict/set" in single.json()["detail"]
+        one = client.post("/v1/predict/set", files=set_files([noise_png()])).json()
+        assert one["failed"] == 1
+        assert one["results"][0]["detail"] == (
+            "meanset scores the images of a set against each other and needs at least 2 "
+            "readable images; 1 given"
+        )
+        unknown = client.post(
+            "/v1/predict/set", params={"method": "x"}, files=set_files([noise_png()] * 2)
+        )
+        assert unknown.status_code == 422
+        assert unknown.json()["detail"] == "unknown method 'x'; this service offers meanset"
+
+
+def test_set_limits_on_count_and_total_pixels():
+    settings = ServiceSettings(max_set_size=3, max_set_pixels=5_000)
+    with TestClient(create_app(MeanDistanceSet(), settings)) as client:
+        many = client.post("/v1/predict/set", files=set_files([noise_png(8, 8)] * 4))
+        assert many.status_code == 413
+        assert many.json()["detail"] == "4 images in one set; the limit is 3"
+        large = client.post("/v1/predict/set", files=set_files([noise_png(50, 40)] * 3))
+        assert large.status_code == 413
+        assert large.json()["detail"] == (
+            "the set's images hold 6,000 pixels together, over the limit of 5,000"
+        )
+
+
+def test_an_onnx_export_is_served_like_the_torch_model(tmp_path, monkeypatch):
+    import uvicorn
+
+    model = tiny_model(image_threshold=0.4, pixel_threshold=1.1).eval()
+    path = export_onnx(model, tmp_path / "model.onnx")
+    calls: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.update(app=app))
+    args = build_parser().parse_args(["serve", "--onnx", str(path)])
+    assert args.func(args) == 0
+    data = noise_png(seed=5)
+    with TestClient(calls["app"]) as onnx_client, TestClient(create_app(model)) as torch_client:
+        info = onnx_client.get("/v1/model").json()
+        assert isinstance(calls["app"].state.methods["anomalyclip"], OnnxAnomalyModel)
+        assert (info["image_threshold"], info["pixel_threshold"]) == (0.4, 1.1)
+        assert info["settings"]["engine"] == "onnx"
+        from_onnx = post_image(onnx_client, data).json()
+        from_torch = post_image(torch_client, data).json()
+    assert from_onnx["score"] == pytest.approx(from_torch["score"], abs=1e-4)
+    assert from_onnx["verdict"] == from_torch["verdict"]
+    assert from_onnx["map"]["max"] == pytest.approx(from_torch["map"]["max"], abs=1e-3)
