@@ -22,6 +22,9 @@ DPAMMode = Literal["vv", "qq", "kk"]
 GlobalHead = Literal["original", "clip"]
 Activation = Literal["quick_gelu", "gelu"]
 OriginalStream = Literal["all", "class", "none"]
+# How the positional embedding's patch part is resized to a new grid: AnomalyCLIP's
+# bilinear, or open_clip's ``resize_pos_embed`` (bicubic), which MuSc's numbers rely on.
+PositionInterpolation = Literal["bilinear", "bicubic"]
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,12 @@ class Transformer(nn.Module):
             ResidualAttentionBlock(width, heads, activation) for _ in range(layers)
         )
 
+    def blocks(self, stop: int | None = None) -> list[ResidualAttentionBlock]:
+        """The first ``stop`` blocks (all by default), typed: a ModuleList hands out Modules."""
+        return [
+            block for block in self.resblocks[:stop] if isinstance(block, ResidualAttentionBlock)
+        ]
+
 
 @dataclass
 class VisualFeatures:
@@ -256,23 +265,35 @@ class VisionTransformer(nn.Module):
     def num_layers(self) -> int:
         return len(self.transformer.resblocks)
 
-    def positional_embedding_for(self, grid_h: int, grid_w: int) -> Tensor:
-        """Positional embedding for a grid, the patch part resized bilinearly.
+    def positional_embedding_for(
+        self, grid_h: int, grid_w: int, interpolation: PositionInterpolation = "bilinear"
+    ) -> Tensor:
+        """Positional embedding for a grid, the patch part resized (align_corners False).
 
-        The loaded parameter is never modified; the resized copy is cached per grid
-        (keyed by the parameter's version, so reloading weights invalidates it).
+        ``interpolation``: "bilinear" (AnomalyCLIP's) or "bicubic" (open_clip's
+        ``resize_pos_embed``, without antialiasing); the class position is kept as is.
+        The loaded parameter is never modified; the resized copy is cached per grid and
+        mode (keyed by the parameter's version, so reloading weights invalidates it).
         """
         weights = self.positional_embedding
         if (grid_h, grid_w) == (self.trained_grid, self.trained_grid):
             return weights
-        key = (grid_h, grid_w, weights._version, weights.data_ptr(), weights.dtype, weights.device)
+        key = (
+            grid_h,
+            grid_w,
+            interpolation,
+            weights._version,
+            weights.data_ptr(),
+            weights.dtype,
+            weights.device,
+        )
         cached = self._resized_positions.get(key)
         if cached is not None and not (torch.is_grad_enabled() and weights.requires_grad):
             return cached
         side = self.trained_grid
         patch_part = weights[1:].float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
         patch_part = F.interpolate(
-            patch_part, (grid_h, grid_w), mode="bilinear", align_corners=False
+            patch_part, (grid_h, grid_w), mode=interpolation, align_corners=False
         )
         patch_part = patch_part.reshape(weights.shape[1], grid_h * grid_w).T.to(weights.dtype)
         resized = torch.cat([weights[:1], patch_part])
@@ -281,13 +302,45 @@ class VisionTransformer(nn.Module):
             self._resized_positions = {key: resized}
         return resized
 
-    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    def embed(
+        self, images: Tensor, interpolation: PositionInterpolation = "bilinear"
+    ) -> tuple[Tensor, tuple[int, int]]:
         x = self.conv1(images.to(self.conv1.weight.dtype))
         batch, width, grid_h, grid_w = x.shape
         x = x.flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(batch, 1, width)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding_for(grid_h, grid_w).to(x.dtype)
+        positions = self.positional_embedding_for(grid_h, grid_w, interpolation)
+        x = torch.cat([cls, x], dim=1) + positions.to(x.dtype)
         return self.ln_pre(x), (grid_h, grid_w)
+
+    def residual_stream(
+        self,
+        images: Tensor,
+        layers: Sequence[int],
+        interpolation: PositionInterpolation = "bicubic",
+        image_embedding: bool = True,
+    ) -> tuple[dict[int, Tensor], Tensor | None]:
+        """The plain tower's raw hidden states, for methods that read the tower as it is.
+
+        Returns 1-based layer -> (B, 1 + grid_h * grid_w, W): the residual stream after
+        that block, all tokens, with no ln_post and no projection (standard Q-K attention,
+        no DPAM); and, with ``image_embedding``, the standard CLIP image embedding
+        (ln_post of the final class token, times proj; not normalised), else None.
+        The default "bicubic" resize of the positions is open_clip's, as MuSc uses it.
+        """
+        requested = sorted(set(layers))
+        total = self.num_layers
+        if not requested or not 1 <= requested[0] <= requested[-1] <= total:
+            raise ValueError(f"feature layers {list(layers)} outside 1..{total}")
+        last = total if image_embedding else requested[-1]
+        x, _ = self.embed(images, interpolation)
+        collected: dict[int, Tensor] = {}
+        for index, block in enumerate(self.transformer.blocks(last)):
+            x = block(x, class_only=index + 1 == last and last not in requested)
+            if index + 1 in requested:
+                collected[index + 1] = x
+        embedding = self.ln_post(x[:, 0]) @ self.proj if image_embedding else None
+        return collected, embedding
 
     def forward_features(
         self,
@@ -321,7 +374,7 @@ class VisionTransformer(nn.Module):
         x, grid = self.embed(images)
         dpam_stream: Tensor | None = None
         collected: dict[int, Tensor] = {}
-        for index, block in enumerate(self.transformer.resblocks[:last]):
+        for index, block in enumerate(self.transformer.blocks(last)):
             final = index + 1 == last
             if index >= first_dpam:
                 if dpam_stream is None:
@@ -329,8 +382,10 @@ class VisionTransformer(nn.Module):
                 wanted: OriginalStream = "all"
                 if final:
                     wanted = "none" if global_head is None else "class"
-                x, residual = block.forward_dpam(x, dpam_mode, wanted)
+                output, residual = block.forward_dpam(x, dpam_mode, wanted)
                 dpam_stream = dpam_stream + residual
+                if output is not None:  # None only in a final layer whose stream nobody reads
+                    x = output
             else:
                 x = block(x, class_only=final and index + 1 not in requested)
             if index + 1 in requested:
@@ -402,7 +457,9 @@ class CLIP(nn.Module):
 
     def encode_image(self, images: Tensor) -> Tensor:
         """Standard CLIP image embedding (ln_post on the class token, then proj)."""
-        return self.visual.forward_features(images, global_head="clip").global_embedding
+        embedding = self.visual.forward_features(images, global_head="clip").global_embedding
+        assert embedding is not None  # a global head was asked for
+        return embedding
 
     def encode_text(self, tokens: Tensor) -> Tensor:
         """Standard CLIP text embedding, not normalised."""

@@ -1,0 +1,491 @@
+"""MuSc: zero-shot anomaly scoring by mutual scoring of the unlabeled images of a set.
+
+Li, Huang, Xue, Zhou, "MuSc: Zero-Shot Industrial Anomaly Classification and Segmentation
+with Mutual Scoring of the Unlabeled Images", ICLR 2024 (official code
+github.com/xrli-U/MuSc, MIT). No prompts and no training: a normal patch finds close
+matches in the other images of the set and an anomalous one does not, so the images of
+one call score each other. The steps, as the official code computes them:
+
+1. Preprocessing: open_clip's evaluation transform (shorter side to S, centre crop).
+2. Backbone: the plain CLIP visual tower (positional table resized bicubically); patch
+   features are the raw residual stream after each feature layer, class token dropped.
+3. LNAMD (:func:`lnamd`): per layer and aggregation degree r, layer-normalise the
+   (C, g, g) feature map as a whole, average every r x r neighbourhood (zero padding,
+   divided by r^2 also at the borders), L2-normalise every patch vector.
+4. MSM (:func:`mutual_scores`): a patch's distance to another image is the Euclidean
+   distance to its nearest patch there; its score is the mean of the smallest
+   ``interval`` fraction of those distances over the other images.
+5. Patch scores: mean over layers, then over degrees; bilinear upsampling
+   (align_corners True) to S x S gives the map; its maximum the raw image score.
+6. RsCIN (:func:`rscin`): the raw scores, min-max normalised over the set, are smoothed
+   over each image's nearest neighbours by CLIP image embedding.
+
+Where the official code has no answer, this one decides (see :func:`neighbour_count`
+and :func:`rscin`): a set needs at least two images; with fewer than five, each patch
+is scored by its single nearest image instead of by the mean of nothing (the official
+``int((N - 1) * 0.3)`` is 0 there).
+
+Scores are relative to the set: the same image scores differently in another set, and
+RsCIN's min-max step puts the set's least anomalous image near 0 and its most anomalous
+near 1. Thresholds are therefore only meaningful for sets like the one they were set on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from anomalyclip.backbone.clip import CLIP
+from anomalyclip.postprocess import PostProcessor
+from anomalyclip.predictor import Predictor
+from anomalyclip.preprocess import PreProcessor
+
+__all__ = [
+    "MAP_RANGE",
+    "MuSc",
+    "MuScConfig",
+    "MuScOutput",
+    "divide_indices",
+    "lnamd",
+    "mutual_scores",
+    "neighbour_count",
+    "rscin",
+]
+
+logger = logging.getLogger(__name__)
+
+# A map value is a mean of Euclidean distances between unit vectors, so it lies in [0, 2]
+# (bilinear upsampling only averages). The bound, not the range one call happens to
+# produce, so that one colour means one value on every image of every set. Real maps use
+# a small part of it (CLIP ViT-L/14: roughly 0.1 to 0.8).
+MAP_RANGE = (0.0, 2.0)
+# Elements of the largest similarity block MSM holds at once (float32: 64 MiB).
+DEFAULT_BLOCK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class MuScConfig:
+    """MuSc's settings; the defaults are the official ``configs/musc.yaml`` (MVTec AD).
+
+    backbone: a registered CLIP name or a weights file (what ``--clip-weights`` takes).
+    features: 1-based visual layers (the official config's 0-based 5, 11, 17, 23).
+    degrees: LNAMD aggregation degrees r, odd (an r x r neighbourhood centred on a patch).
+    rscin_k: RsCIN's neighbour counts (the official code uses 1, 8, 9 on VisA); empty
+    disables RsCIN, leaving the raw image scores (the official code's ``0`` in the list).
+    interval: the upper end of MSM's interval average (the official ``topmin_max``; its
+    lower end ``topmin_min`` is 0): the fraction of the other images whose distances
+    are averaged.
+    divide_num: the set is split into this many random disjoint subsets (seeded by
+    ``seed``), each scored on its own, as the official ``divide_num``; RsCIN still runs
+    over the whole set.
+    batch_size: images per backbone forward pass; block_elements: the largest similarity
+    block MSM holds. Both bound memory only; they do not change the results.
+    image_threshold / pixel_threshold: verdict thresholds (see the module's note on
+    scores being relative to the set), or None.
+    """
+
+    backbone: str = "ViT-L/14@336px"
+    image_size: int = 518
+    features: tuple[int, ...] = (6, 12, 18, 24)
+    degrees: tuple[int, ...] = (1, 3, 5)
+    rscin_k: tuple[int, ...] = (1, 2, 3)
+    interval: float = 0.3
+    divide_num: int = 1
+    seed: int = 0
+    batch_size: int = 8
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        self.features = tuple(int(v) for v in self.features)
+        self.degrees = tuple(int(v) for v in self.degrees)
+        self.rscin_k = tuple(int(v) for v in self.rscin_k)
+        self.interval = float(self.interval)
+        problems = []
+        if self.image_size <= 0:
+            problems.append(f"image_size must be positive, got {self.image_size}")
+        if not self.features or min(self.features) < 1:
+            problems.append(f"features must be 1-based layer numbers, got {self.features}")
+        if not self.degrees or any(r < 1 or r % 2 == 0 for r in self.degrees):
+            problems.append(f"degrees must be odd numbers >= 1, got {self.degrees}")
+        if any(k < 1 for k in self.rscin_k):
+            problems.append(
+                f"rscin_k must be counts >= 1 (empty disables RsCIN), got {self.rscin_k}"
+            )
+        if not 0.0 < self.interval <= 1.0:
+            problems.append(f"interval must lie in (0, 1], got {self.interval}")
+        for name in ("divide_num", "batch_size", "block_elements"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if problems:
+            raise ValueError("invalid MuSc configuration: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for name in ("features", "degrees", "rscin_k"):
+            data[name] = list(data[name])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MuScConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning("ignoring unknown MuSc configuration keys: %s", ", ".join(unknown))
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class MuScOutput:
+    """Everything one :meth:`MuSc.run` computed, as CPU numpy arrays, in input order.
+
+    ``msm``: (degree, layer) -> (N, L) float64 MSM patch scores. ``patch_tokens``
+    (layer -> (N, 1 + L, C) raw tokens) and ``lnamd`` ((degree, layer) -> (N, L, C))
+    are filled only when asked for (``keep_features``): they are the bulk of the memory.
+    """
+
+    grid: int
+    subsets: list[np.ndarray]
+    class_tokens: np.ndarray  # (N, E) float32, L2-normalised CLIP image embeddings
+    msm: dict[tuple[int, int], np.ndarray]
+    patch_scores: np.ndarray  # (N, L) float64
+    anomaly_maps: np.ndarray  # (N, S, S) float32
+    image_scores_raw: np.ndarray  # (N,) float64, the maps' maxima
+    image_scores: np.ndarray  # (N,) float32, after RsCIN
+    patch_tokens: dict[int, np.ndarray] = field(default_factory=dict)
+    lnamd: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+
+
+def lnamd(tokens: Tensor, degree: int) -> Tensor:
+    """(B, L, C) float32 unit vectors from raw tokens (B, 1 + L, C) with a square grid.
+
+    The class token is dropped; each image's (C, g, g) map is layer-normalised as one
+    tensor (mean and biased variance of all of it, eps 1e-5, no affine), then every
+    r x r neighbourhood averaged with zero padding, dividing by r^2 at the borders too
+    (the official unfold + adaptive average pool from C r^2 to C values), then each
+    patch vector L2-normalised.
+    """
+    if degree < 1 or degree % 2 == 0:
+        raise ValueError(f"the aggregation degree must be odd and >= 1, got {degree}")
+    batch, count, channels = tokens.shape
+    side = math.isqrt(count - 1)
+    if side * side != count - 1:
+        raise ValueError(f"{count} tokens are not a class token plus a square grid")
+    x = tokens[:, 1:].float().reshape(batch, side, side, channels).permute(0, 3, 1, 2)
+    x = F.layer_norm(x, x.shape[1:], eps=1e-5)
+    if degree > 1:
+        x = F.avg_pool2d(x, degree, stride=1, padding=degree // 2, count_include_pad=True)
+    return F.normalize(x.flatten(2).transpose(1, 2), dim=-1)
+
+
+def neighbour_count(images: int, interval: float = 0.3) -> int:
+    """How many of the other images MSM averages over: ``int((N - 1) * interval)``, at least 1.
+
+    The official code takes ``int((N - 1) * interval)`` alone, which is 0 for N < 5 with
+    0.3 (a mean of nothing, NaN); here such sets use the nearest image. A set of one
+    image has nothing to be compared with and is refused.
+    """
+    if images < 2:
+        raise ValueError(
+            f"MuSc scores the images of a set against each other; a set of {images} "
+            "image(s) has nothing to be compared with (give at least 2)"
+        )
+    return max(1, int((images - 1) * interval))
+
+
+def _ranges(start: int, stop: int, step: int) -> Iterator[tuple[int, int]]:
+    for low in range(start, stop, step):
+        yield low, min(low + step, stop)
+
+
+def mutual_scores(
+    vectors: Tensor, interval: float = 0.3, block_elements: int = DEFAULT_BLOCK_ELEMENTS
+) -> Tensor:
+    """MSM: (N, L) float64 scores of every patch of every image against the others.
+
+    ``vectors`` (N, L, C) are L2-normalised (LNAMD's output). For image i, patch p and
+    every other image j, d_j(p) = min over patches q of j of ||v_ip - v_jq||; the score
+    is the mean of the smallest ``neighbour_count(N, interval)`` of the N - 1 values.
+
+    For unit vectors ||a - b||^2 = 2 - 2 a.b, so the nearest patch is the largest dot
+    product: one matrix product per block finds it. The distance to it is then computed
+    directly, ||a - b|| on the one pair, not as sqrt(max(0, 2 - 2 a.b)): near a match the
+    dot product is close to 1, and the square root magnifies its float32 rounding to some
+    1e-5, while the direct difference keeps the official cdist's 1e-7. Blocks cover query
+    patches of one image times whole reference images and hold at most
+    ``block_elements`` similarities (at least one query patch against one image), so
+    memory is bounded whatever N and L; besides the input, the largest buffer is the
+    (N - 1, L) distances of one query image.
+    """
+    if vectors.dim() != 3:
+        raise ValueError(f"vectors must be (N, L, C), got shape {tuple(vectors.shape)}")
+    count, patches, channels = vectors.shape
+    keep = neighbour_count(count, interval)
+    vectors = vectors.float().contiguous()
+    query_rows = max(1, min(patches, block_elements // patches))
+    reference_images = max(1, block_elements // (query_rows * patches))
+    scores = torch.empty(count, patches, dtype=torch.float64, device=vectors.device)
+    distances = torch.empty(count - 1, patches, device=vectors.device)
+    for index in range(count):
+        row = 0
+        # The other images, in blocks that never include the query image itself.
+        for start, stop in [*_ranges(0, index, reference_images)] + [
+            *_ranges(index + 1, count, reference_images)
+        ]:
+            references = vectors[start:stop].reshape(-1, channels)
+            for low, high in _ranges(0, patches, query_rows):
+                queries = vectors[index, low:high]
+                dots = queries @ references.T
+                best = dots.view(high - low, stop - start, patches).argmax(dim=2)
+                # best[a, j]: the nearest patch of reference image start + j to query a
+                flat = best + torch.arange(stop - start, device=best.device) * patches
+                nearest_vectors = references[flat]  # (rows, images, C)
+                gaps = (nearest_vectors - queries[:, None]).norm(dim=2)
+                distances[row : row + stop - start, low:high] = gaps.T
+            row += stop - start
+        nearest = distances.topk(keep, dim=0, largest=False, sorted=False).values
+        scores[index] = nearest.double().mean(dim=0)
+    return scores
+
+
+def rscin(scores: np.ndarray, embeddings: np.ndarray, k_list: Sequence[int]) -> np.ndarray:
+    """RsCIN: (N,) float32 image scores smoothed over each image's nearest neighbours.
+
+    The scores are min-max normalised over the set to s; W = E E^T from the L2-normalised
+    embeddings E (N, D); for each k, every row of W keeps its k largest entries (the
+    image itself among them), the rest set to 0, rows are normalised to sum 1 and W_k s
+    is taken; the result is the mean over ``k_list``. Decisions the official code leaves
+    open: an empty ``k_list`` returns the raw scores unchanged (its ``0`` in the list); a
+    k above N keeps the whole row (it would fail); scores all equal normalise to 0 (it
+    would divide by zero).
+    """
+    raw = np.asarray(scores, dtype=np.float64)
+    if not len(k_list):
+        return raw.astype(np.float32)
+    low, high = raw.min(), raw.max()
+    normalised = (raw - low) / (high - low) if high > low else np.zeros_like(raw)
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    similarity = embeddings @ embeddings.T
+    order = np.argsort(-similarity, axis=1, kind="stable")
+    smoothed = np.zeros_like(normalised)
+    for k in k_list:
+        kept = np.zeros_like(similarity)
+        columns = order[:, : min(int(k), len(raw))]
+        rows = np.arange(len(raw))[:, None]
+        kept[rows, columns] = similarity[rows, columns]
+        smoothed += (kept / kept.sum(axis=1, keepdims=True)) @ normalised
+    return (smoothed / len(k_list)).astype(np.float32)
+
+
+def divide_indices(
+    count: int, divide_num: int, seed: int = 0, groups: Sequence[Hashable] | None = None
+) -> list[np.ndarray]:
+    """The official ``divide_num`` split: ``divide_num`` disjoint subsets covering 0..count-1.
+
+    Within each group (in order of first appearance; one group when ``groups`` is None)
+    the indices are shuffled with ``random.Random(seed)`` and dealt out in turn: the
+    m-th of every run of ``divide_num`` goes to subset m. The official code groups by
+    anomaly type (the image's folder), which keeps every type in every subset; pass
+    ``groups`` to do the same. Each subset is returned sorted.
+    """
+    if divide_num < 1:
+        raise ValueError(f"divide_num must be >= 1, got {divide_num}")
+    if divide_num == 1:
+        return [np.arange(count)]
+    labels = [0] * count if groups is None else list(groups)
+    if len(labels) != count:
+        raise ValueError(f"{len(labels)} groups given for {count} images")
+    members: dict[Hashable, list[int]] = {}
+    for index, label in enumerate(labels):
+        members.setdefault(label, []).append(index)
+    generator = random.Random(seed)
+    subsets: list[list[int]] = [[] for _ in range(divide_num)]
+    for indices in members.values():
+        generator.shuffle(indices)
+        for position, index in enumerate(indices):
+            subsets[position % divide_num].append(index)
+    return [np.array(sorted(subset), dtype=np.int64) for subset in subsets]
+
+
+class MuSc(Predictor):
+    """MuSc on a frozen CLIP; every call to :meth:`score_tensors` scores one set."""
+
+    method = "musc"
+    scores_sets = True
+
+    def __init__(self, clip: CLIP, config: MuScConfig | None = None) -> None:
+        self.config = config or MuScConfig()
+        self.clip = clip.requires_grad_(False).eval()
+        visual = clip.visual
+        if max(self.config.features) > visual.num_layers:
+            raise ValueError(
+                f"feature layers {list(self.config.features)} exceed the backbone's "
+                f"{visual.num_layers} visual layers"
+            )
+        if self.config.image_size % visual.patch_size:
+            raise ValueError(
+                f"image_size {self.config.image_size} is not a multiple of the patch size "
+                f"{visual.patch_size}"
+            )
+
+    @classmethod
+    def from_config(
+        cls,
+        config: MuScConfig | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> MuSc:
+        """The backbone ``config.backbone`` names, loaded with :func:`load_clip`."""
+        from anomalyclip.backbone.loading import load_clip
+
+        config = config or MuScConfig()
+        return cls(load_clip(config.backbone, device=device, dtype=dtype), config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.visual.conv1.weight.device
+
+    @property
+    def grid(self) -> int:
+        return self.config.image_size // self.clip.visual.patch_size
+
+    @property
+    def preprocessor(self) -> PreProcessor:
+        return PreProcessor(self.config.image_size, "center-crop")
+
+    @property
+    def postprocessor(self) -> PostProcessor:
+        return PostProcessor.calibrated(
+            MAP_RANGE, self.config.image_threshold, self.config.pixel_threshold
+        )
+
+    def settings(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    def score_tensors(self, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        output = self.run(images)
+        return output.image_scores, output.anomaly_maps
+
+    def features(self, images: Tensor) -> tuple[dict[int, Tensor], Tensor]:
+        """Raw tokens (layer -> (N, 1 + L, C)) and unit image embeddings (N, E), float32.
+
+        Computed once per image, in batches of ``config.batch_size``, and shared by every
+        degree, layer and subset.
+        """
+        size = self.config.image_size
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise ValueError(
+                f"MuSc takes images of shape (N, 3, {size}, {size}), got {tuple(images.shape)}"
+            )
+        tokens: dict[int, list[Tensor]] = {layer: [] for layer in self.config.features}
+        embeddings = []
+        with torch.no_grad():
+            for start in range(0, len(images), self.config.batch_size):
+                batch = images[start : start + self.config.batch_size].to(self.device)
+                hidden, embedding = self.clip.visual.residual_stream(
+                    batch, self.config.features, "bicubic"
+                )
+                for layer, values in hidden.items():
+                    tokens[layer].append(values.float())
+                assert embedding is not None  # residual_stream was asked for it
+                embeddings.append(F.normalize(embedding.float(), dim=-1))
+        return {k: torch.cat(v) for k, v in tokens.items()}, torch.cat(embeddings)
+
+    def run(
+        self,
+        images: Tensor,
+        keep_features: bool = False,
+        groups: Sequence[Hashable] | None = None,
+    ) -> MuScOutput:
+        """Score a set of preprocessed images (N, 3, S, S) and return every intermediate.
+
+        ``groups`` (one label per image) makes the ``divide_num`` subsets stratified as
+        the official code's are (see :func:`divide_indices`); it has no effect otherwise.
+        """
+        config = self.config
+        count = len(images)
+        neighbour_count(count, config.interval)  # refuses a set of one, naming why
+        subsets = divide_indices(count, config.divide_num, config.seed, groups)
+        for subset in subsets:
+            neighbour_count(len(subset), config.interval)
+        started = time.perf_counter()
+        tokens, embeddings = self.features(images)
+        extracted = time.perf_counter()
+        output = MuScOutput(
+            grid=self.grid,
+            subsets=subsets,
+            class_tokens=embeddings.cpu().numpy(),
+            msm={},
+            patch_scores=np.empty(0),
+            anomaly_maps=np.empty(0, np.float32),
+            image_scores_raw=np.empty(0),
+            image_scores=np.empty(0, np.float32),
+        )
+        for layer in config.features:
+            layer_tokens = tokens.pop(layer)  # freed once its degrees are done
+            if keep_features:
+                output.patch_tokens[layer] = layer_tokens.cpu().numpy()
+            for degree in config.degrees:
+                vectors = self._lnamd(layer_tokens, degree)
+                if keep_features:
+                    output.lnamd[(degree, layer)] = vectors.cpu().numpy()
+                scores = torch.empty(vectors.shape[:2], dtype=torch.float64)
+                for subset in subsets:
+                    chosen = vectors if len(subsets) == 1 else vectors[subset]
+                    block = mutual_scores(chosen, config.interval, config.block_elements)
+                    scores[subset] = block.cpu()
+                output.msm[(degree, layer)] = scores.numpy()
+            del layer_tokens
+        scored = time.perf_counter()
+        per_degree = [
+            np.mean([output.msm[(degree, layer)] for layer in config.features], axis=0)
+            for degree in config.degrees
+        ]
+        output.patch_scores = np.mean(per_degree, axis=0)
+        output.anomaly_maps, output.image_scores_raw = self._maps(output.patch_scores)
+        output.image_scores = rscin(output.image_scores_raw, output.class_tokens, config.rscin_k)
+        logger.info(
+            "MuSc: %d images, features %.1f ms/image, LNAMD+MSM %.1f ms/image",
+            count,
+            1000 * (extracted - started) / count,
+            1000 * (scored - extracted) / count,
+        )
+        return output
+
+    def _lnamd(self, tokens: Tensor, degree: int) -> Tensor:
+        """:func:`lnamd` in batches, into one preallocated tensor (bounded temporaries)."""
+        count, length, channels = tokens.shape
+        vectors = torch.empty(count, length - 1, channels, device=tokens.device)
+        for start in range(0, count, self.config.batch_size):
+            stop = start + self.config.batch_size
+            vectors[start:stop] = lnamd(tokens[start:stop], degree)
+        return vectors
+
+    def _maps(self, patch_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, S, S) float32 maps (bilinear, align_corners True) and their float64 maxima."""
+        size, grid = self.config.image_size, self.grid
+        maps = np.empty((len(patch_scores), size, size), dtype=np.float32)
+        maxima = np.empty(len(patch_scores))
+        for start in range(0, len(patch_scores), self.config.batch_size):
+            chunk = torch.from_numpy(patch_scores[start : start + self.config.batch_size])
+            upsampled = F.interpolate(
+                chunk.view(-1, 1, grid, grid),
+                size=(size, size),
+                mode="bilinear",
+                align_corners=True,
+            )[:, 0]
+            maps[start : start + len(chunk)] = upsampled.float().numpy()
+            maxima[start : start + len(chunk)] = upsampled.flatten(1).amax(dim=1).numpy()
+        return maps, maxima
