@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 from PIL import Image
@@ -40,6 +40,7 @@ from anomalyclip.preprocess import (
     IMAGE_EXTENSIONS,
     ImageLoadError,
     ImageSource,
+    PreProcessor,
     describe,
     load_image,
 )
@@ -50,6 +51,25 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SkippedImage", "inspect", "gather_images", "iter_predictions"]
 THUMBNAIL_SIDE = 256
+# The fields of every result record (the input CSV's own columns follow them).
+RECORD_FIELDS = frozenset(
+    (
+        "image",
+        "score",
+        "anomalous",
+        "image_threshold",
+        "defect_fraction",
+        "map_max",
+        "width",
+        "height",
+        "overlay",
+        "mask",
+        "map",
+        "thumbnail",
+    )
+)
+OverlayFormat = Literal["png", "jpeg"]
+OVERLAY_FORMATS: tuple[str, ...] = get_args(OverlayFormat)
 CSV_FIELDS = (
     "image",
     "score",
@@ -89,6 +109,7 @@ class ImageRow:
     image: Path
     label: str | None = None
     mask: Path | None = None
+    columns: dict[str, str] = field(default_factory=dict)  # every cell but the image's
 
 
 def read_image_csv(path: str | Path) -> list[ImageRow]:
@@ -119,6 +140,7 @@ def read_image_csv(path: str | Path) -> list[ImageRow]:
                         base / row["image"],
                         row.get("label") or None,
                         base / mask if mask else None,
+                        {k: v for k, v in row.items() if k and k != "image"},
                     )
                 )
     except UnicodeDecodeError as error:
@@ -174,6 +196,18 @@ def gather_images(inputs: Sequence[str | Path], include_annotations: bool = Fals
             f" and {len(folders) - 3} more" if len(folders) > 3 else "",
         )
     return list(dict.fromkeys(found))
+
+
+def input_columns(sources: Sequence[ImageSource]) -> dict[Path, dict[str, str]]:
+    """The other columns of every image listed in the CSV inputs (label, category, ...),
+    so that a user's own annotations travel into predictions.csv beside the scores."""
+    columns: dict[Path, dict[str, str]] = {}
+    for source in sources:
+        if isinstance(source, (str, Path)) and str(source).lower().endswith(".csv"):
+            path = Path(source)
+            if path.is_file():
+                columns.update((row.image, row.columns) for row in read_image_csv(path))
+    return columns
 
 
 def _walk(root: Path, include_annotations: bool, skipped: list[Path]) -> list[Path]:
@@ -321,9 +355,11 @@ class InspectionResult:
     thumbnail: str | None = None
     map: str | None = None
     prediction: AnomalyPrediction | None = None  # with the map, when kept
+    columns: dict[str, str] = field(default_factory=dict)  # the input CSV's other cells
 
     def to_record(self, image_threshold: float | None = None) -> dict[str, Any]:
-        return {
+        """The result's fields, then the input CSV's other columns (ours win a clash)."""
+        record = {
             "image": self.image,
             "score": self.score,
             "anomalous": self.anomalous,
@@ -337,6 +373,8 @@ class InspectionResult:
             "map": self.map,
             "thumbnail": self.thumbnail,
         }
+        extra = {k: v for k, v in self.columns.items() if k not in RECORD_FIELDS}
+        return {**record, **extra}
 
 
 @dataclass
@@ -391,6 +429,9 @@ def inspect(
     colormap: str = "jet",
     title: str = "AnomalyCLIP inspection",
     overwrite: bool = False,
+    overlay_format: OverlayFormat = "png",
+    overlay_max_side: int | None = None,
+    columns: dict[Path, dict[str, str]] | None = None,
 ) -> InspectionSummary:
     """Score images and write what people need to review them.
 
@@ -401,16 +442,25 @@ def inspect(
     ``keep_maps=False`` drops each map once written, so memory stays flat over large
     collections. Unreadable inputs are skipped and listed in the summary. An
     ``output_dir`` with another run's results is refused unless ``overwrite``, which
-    removes that run's files (:mod:`anomalyclip.outputs`).
+    removes that run's files (:mod:`anomalyclip.outputs`). Overlays are PNG or JPEG
+    (``overlay_format``; JPEG is about ten times smaller on photographs), scaled down to
+    ``overlay_max_side`` when larger; masks stay at the original resolution. ``columns``:
+    other cells per image to carry into the records (default: those of the CSV inputs).
     """
     started = time.perf_counter()
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     colormap_table(colormap)  # an unknown name fails now, not after the first batch
+    if overlay_format not in OVERLAY_FORMATS:
+        raise ValueError(f"overlay_format must be one of {', '.join(OVERLAY_FORMATS)}")
+    if overlay_max_side is not None and overlay_max_side < 1:
+        raise ValueError(f"overlay_max_side must be positive, got {overlay_max_side}")
     if isinstance(sources, (str, Path, bytes, Image.Image, np.ndarray)):
         sources = [sources]
     items = expand_sources(sources)
     names = output_names(items)
+    if columns is None:
+        columns = input_columns(sources)
     post = model.postprocessor.with_given(image_threshold, pixel_threshold)
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:
@@ -441,9 +491,11 @@ def inspect(
             map_max=float(prediction.anomaly_map.max()),
             defect_fraction=post.defect_fraction(full_map),
             prediction=prediction,
+            columns=columns.get(Path(str(items[outcome.index])), {}),
         )
         if out is not None:
-            _write_images(out, result, outcome.image, prediction, full_map, alpha, colormap)
+            style = OverlayStyle(alpha, colormap, overlay_format, overlay_max_side)
+            _write_images(out, result, outcome.image, prediction, full_map, style)
         if maps_dir is not None:
             result.map = _relative(save_map(maps_dir, prediction, result.name), out)
         if not keep_maps:
@@ -505,19 +557,47 @@ def _save_image(image: Image.Image, path: Path, image_format: str, **options: An
         image.save(handle, format=image_format, **options)
 
 
+@dataclass(frozen=True)
+class OverlayStyle:
+    """How overlays are drawn and stored."""
+
+    alpha: float = 0.5
+    colormap: str = "jet"
+    image_format: OverlayFormat = "png"
+    max_side: int | None = None
+
+    def size_for(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) scaled down, aspect kept, to at most ``max_side``."""
+        width, height = size
+        if self.max_side is None or max(size) <= self.max_side:
+            return size
+        scale = self.max_side / max(size)
+        return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def _write_images(
     out: Path,
     result: InspectionResult,
     image: Image.Image,
     prediction: AnomalyPrediction,
     full_map: np.ndarray,
-    alpha: float,
-    colormap: str,
+    style: OverlayStyle,
 ) -> None:
     low, high = prediction.map_range
-    blended = overlay(image, full_map, alpha, low, high, colormap=colormap)
-    result.overlay = f"overlays/{result.name}.png"
-    _save_image(blended, out / result.overlay, "PNG", compress_level=1)  # 2x faster, ~10% larger
+    size = style.size_for(image.size)
+    if size == image.size:
+        shown, shown_map = image, full_map
+    else:
+        shown = image.resize(size, Image.Resampling.BILINEAR)
+        preprocessor = prediction.preprocessor or PreProcessor(prediction.anomaly_map.shape[-1])
+        shown_map = preprocessor.map_to_original(prediction.anomaly_map, size, fill=low)
+    blended = overlay(shown, shown_map, style.alpha, low, high, colormap=style.colormap)
+    if style.image_format == "jpeg":
+        result.overlay = f"overlays/{result.name}.jpg"
+        _save_image(blended, out / result.overlay, "JPEG", quality=90)
+    else:
+        result.overlay = f"overlays/{result.name}.png"
+        _save_image(blended, out / result.overlay, "PNG", compress_level=1)  # 2x faster
     threshold = prediction.postprocessor.pixel_threshold
     if threshold is not None:
         result.mask = f"masks/{result.name}.png"
@@ -531,6 +611,9 @@ def _write_outputs(
     summary: InspectionSummary, out: Path | None, jsonl_path: str | Path | None, title: str
 ) -> None:
     records = [r.to_record(summary.image_threshold) for r in summary.results]
+    extra_fields = list(
+        dict.fromkeys(k for r in summary.results for k in r.columns if k not in RECORD_FIELDS)
+    )
     if jsonl_path is None and out is not None:
         jsonl_path = out / "predictions.jsonl"
     if jsonl_path is not None:
@@ -538,7 +621,7 @@ def _write_outputs(
         summary.files["jsonl"] = str(jsonl_path)
     if out is None:
         return
-    write_csv(out / "predictions.csv", records)
+    write_csv(out / "predictions.csv", records, extra_fields)
     summary.files["csv"] = str(out / "predictions.csv")
     from anomalyclip.report import write_report
 
@@ -573,13 +656,17 @@ def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
             handle.write(json.dumps(record) + "\n")
 
 
-def write_csv(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
-    """The records as CSV (columns :data:`CSV_FIELDS`); a missing verdict is an empty cell."""
+def write_csv(
+    path: str | Path, records: Iterable[dict[str, Any]], extra_fields: Sequence[str] = ()
+) -> None:
+    """The records as CSV: :data:`CSV_FIELDS`, then ``extra_fields`` (the input CSV's own
+    columns); a missing verdict or cell is empty."""
+    fields = [*CSV_FIELDS, *extra_fields]
     with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for record in records:
-            writer.writerow({k: _csv_cell(record.get(k)) for k in CSV_FIELDS})
+            writer.writerow({k: _csv_cell(record.get(k)) for k in fields})
 
 
 def _csv_cell(value: Any) -> Any:

@@ -97,7 +97,20 @@ def _format(value: float | None, digits: int = 4) -> str:
     return "none" if value is None else f"{value:.{digits}g}"
 
 
-def _card(record: Mapping[str, Any], base: Path) -> str:
+def captions(names: Sequence[str]) -> dict[str, str]:
+    """Each image's path relative to the folder all of them share: the file name alone
+    hides which class or line an image came from when a run spans several folders."""
+    folders = [os.path.dirname(name) for name in names]
+    try:
+        common = os.path.commonpath(folders) if all(folders) else ""
+    except ValueError:  # absolute and relative paths mixed
+        common = ""
+    return {
+        name: Path(os.path.relpath(name, common) if common else name).as_posix() for name in names
+    }
+
+
+def _card(record: Mapping[str, Any], base: Path, caption: str) -> str:
     escape = html.escape
     anomalous = record.get("anomalous")
     verdict = "unknown" if anomalous is None else ("anomalous" if anomalous else "normal")
@@ -124,7 +137,7 @@ def _card(record: Mapping[str, Any], base: Path) -> str:
         f'data-name="{escape(name)}">{picture}<figcaption>'
         f'<span class="score">{record["score"]:.4f}</span>'
         f'<span class="verdict">{"no verdict" if verdict == "unknown" else verdict}</span>'
-        f"<br>{escape(Path(name).name)}{defect}"
+        f"<br>{escape(caption)}{defect}"
         f'<div class="links">{" ".join(links)}</div></figcaption></figure>'
     )
 
@@ -172,7 +185,8 @@ def render_report(
             f"<ul>{items}</ul></section>"
         )
     threshold_value = "" if image_threshold is None else repr(float(image_threshold))
-    cards = "\n".join(_card(record, base) for record in ordered)
+    shown = captions([record["image"] for record in ordered])
+    cards = "\n".join(_card(record, base, shown[record["image"]]) for record in ordered)
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>

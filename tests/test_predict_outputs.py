@@ -1,0 +1,101 @@
+"""What ``predict`` writes for people: the input CSV's own columns beside the scores,
+captions that say which folder an image came from, and compact overlays of big images."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomalyclip.report import captions
+from tests.test_predict import cli, copy_tiles, model_arguments, write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_model_files(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+def test_the_input_csvs_other_columns_travel_into_the_results(
+    tmp_path, shared_dir, tiny_model_files
+):
+    images = copy_tiles(shared_dir, tmp_path / "in", {"good": 2, "crack": 1})
+    listing = tmp_path / "in" / "list.csv"
+    rows = [(p.relative_to(tmp_path / "in").as_posix(), p.parent.name) for p in images]
+    listing.write_text(
+        "image,label,line,score\n"
+        + "".join(f"{name},{label},L{i},manual\n" for i, (name, label) in enumerate(rows))
+    )
+    out = tmp_path / "out"
+    assert (
+        cli(
+            "predict",
+            listing,
+            *model_arguments(tiny_model_files),
+            "--output-dir",
+            out,
+            "--no-progress",
+        )
+        == 0
+    )
+    with (out / "predictions.csv").open(newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert [row["label"] for row in table] == [label for _, label in rows]
+    assert [row["line"] for row in table] == ["L0", "L1", "L2"]
+    assert all(row["score"] != "manual" for row in table)  # our score wins a clash
+    header = (out / "predictions.csv").read_text().splitlines()[0].split(",")
+    assert header[-2:] == ["label", "line"]
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in records] == ["L0", "L1", "L2"]
+    # the report names each image by its folder too
+    report = (out / "report.html").read_text()
+    assert "crack/" + images[2].name in report and "good/" + images[0].name in report
+
+
+def test_captions_are_relative_to_the_shared_folder():
+    assert captions(["data/good/1.png", "data/crack/2.png"]) == {
+        "data/good/1.png": "good/1.png",
+        "data/crack/2.png": "crack/2.png",
+    }
+    assert captions(["line/a.png", "line/b.png"]) == {"line/a.png": "a.png", "line/b.png": "b.png"}
+    assert captions(["<memory>", "x/a.png"]) == {"<memory>": "<memory>", "x/a.png": "x/a.png"}
+
+
+def test_overlays_as_jpeg_scaled_down_masks_at_full_size(tmp_path, tiny_model_files):
+    rng = np.random.default_rng(0)
+    big = tmp_path / "in" / "wide.png"
+    big.parent.mkdir()
+    Image.fromarray(rng.integers(0, 255, (300, 900, 3), dtype=np.uint8)).save(big)
+    out = tmp_path / "out"
+    arguments = [*model_arguments(tiny_model_files), "--pixel-threshold", "0.5", "--no-progress"]
+    code = cli(
+        "predict",
+        big,
+        *arguments,
+        "--output-dir",
+        out,
+        "--overlay-format",
+        "jpeg",
+        "--overlay-max-side",
+        "450",
+    )
+    assert code == 0
+    (record,) = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert record["overlay"] == "overlays/wide.jpg"
+    with Image.open(out / record["overlay"]) as overlay:
+        assert (overlay.format, overlay.size) == ("JPEG", (450, 150))
+    with Image.open(out / record["mask"]) as mask:
+        assert mask.size == (900, 300)
+    # --overwrite removes the earlier run's JPEG overlays too
+    assert cli("predict", big, *arguments, "--output-dir", out, "--overwrite") == 0
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["wide.png"]
+
+
+def test_record_fields_name_every_field_of_a_record():
+    from anomalyclip.inference import RECORD_FIELDS, InspectionResult
+
+    result = InspectionResult("a.png", "a", 0.5, None, 4, 3, 1.0, None, columns={"line": "L1"})
+    assert set(result.to_record()) == RECORD_FIELDS | {"line"}
