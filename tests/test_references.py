@@ -161,3 +161,27 @@ def test_zero_shot_thresholds_do_not_carry_over_to_the_few_shot_map():
     assert (post.image_threshold, post.pixel_threshold) == (None, None)
     assert post.map_range == (0.0, 4.0)  # two layers: zero-shot [0, 2] plus up to 1 each
     assert few_shot.settings()["references"]["count"] == 2
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_run(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_references.py"
+    output = tmp_path / "references.json"
+    command = [sys.executable, str(script), "--quick", "--counts", "1", "3"]
+    completed = subprocess.run(
+        [*command, "--threads", "1", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "| references | bank build s |" in completed.stdout
+    rows = json.loads(output.read_text())["results"]
+    assert [row["references"] for row in rows] == [1, 3]
+    assert all(row["search_deviation"] < 1e-4 for row in rows)
+    assert rows[1]["bank_mb"] > rows[0]["bank_mb"]
