@@ -18,6 +18,7 @@ from anomalyclip.data import (
     DatasetError,
     Sample,
     detect_layout,
+    detect_layouts,
     open_dataset,
     read_br35h,
     read_brainmri,
@@ -687,3 +688,153 @@ def test_cli_lists_dataset_problems_with_files_and_lines_and_no_traceback(tmp_pa
     caplog.clear()
     assert main(["--debug", "test", f"csv={tmp_path / 'm.csv'}", "--checkpoint", "none"]) == 2
     assert any(record.exc_info for record in caplog.records)
+
+
+# Masks that do not fit their images -------------------------------------------------------
+
+
+def test_mask_size_normal_image_masks_and_masks_without_image_are_errors_naming_files(tmp_path):
+    """Bug: these were accepted (or ignored) silently although the README calls them errors."""
+    root = build_folder(tmp_path / "parts")
+    big = mask(root / "masks" / "scratch" / "c_mask.png", size=16)
+    normal_mask = mask(root / "masks" / "a_mask.png")
+    orphan = mask(root / "masks" / "scratch" / "zz_mask.png")
+    with pytest.raises(DatasetError) as error:
+        read_folder(root, masks="masks")
+    message = str(error.value)
+    assert "3 problems" in message
+    assert f"{big}: mask is 16x16, its image {root / 'scratch/c.png'} is 8x8" in message
+    assert f"{normal_mask}: mask given for normal image {root / 'good/a.png'}" in message
+    assert f"{orphan}: mask without an image" in message
+    assert message.count("(pass --mask-mismatch ignore to leave it out)") == 2
+    assert "(pass --mask-mismatch resize to stretch it over the image, or ignore" in message
+    assert len(error.value.problems) == 3
+
+    resized = read_folder(root, masks="masks", mask_mismatch="resize")
+    by_name = {s.image.name: s for s in resized}
+    assert (by_name["c.png"].mask, by_name["a.png"].mask) == (big, None)
+    assert len(resized.warnings) == 3 and "1 masks of another size" in resized.warnings[1]
+    stretched = AnomalyTorchDataset(resized, 8)[resized.samples.index(by_name["c.png"])][1]
+    assert stretched[:, :4].all() and not stretched[:, 4:].any()
+
+    ignored = read_folder(root, masks="masks", mask_mismatch="ignore")
+    c = next(s for s in ignored if s.image.name == "c.png")
+    assert (c.label, c.mask, ignored.has_pixel_truth(c)) == (1, None, False)
+    assert "image-level metrics only" in ignored.warnings[1]
+    with pytest.raises(ValueError, match="mask_mismatch must be one of error, resize, ignore"):
+        read_folder(root, masks="masks", mask_mismatch="stretch")  # type: ignore[arg-type]
+
+
+def test_mvtec_masks_without_images_and_csv_masks_of_normal_rows_are_errors(tmp_path):
+    root = build_mvtec(tmp_path / "mvtec")
+    stray = mask(root / "cable" / "ground_truth" / "broken" / "007_mask.png")
+    no_folder = mask(root / "cable" / "ground_truth" / "crack" / "000_mask.png")
+    with pytest.raises(DatasetError) as error:
+        read_mvtec(root)
+    assert f"{stray}: mask without an image" in str(error.value)
+    assert f"{no_folder}: mask without an image" in str(error.value)
+    assert read_mvtec(root, "train").counts() == {"bottle": (2, 0), "cable": (2, 0)}
+    assert len(read_mvtec(root, mask_mismatch="ignore").warnings) == 1
+
+    manifest = tmp_path / "mvtec" / "list.csv"
+    manifest.write_text(
+        "image,label,mask\n"
+        "cable/test/good/000.png,0,cable/ground_truth/broken/000_mask.png\n"
+        "cable/test/broken/000.png,1,cable/ground_truth/broken/000_mask.png\n"
+    )
+    with pytest.raises(DatasetError, match="1 problem\n.*000_mask.png: mask given for normal"):
+        read_csv_manifest(manifest)
+    assert read_csv_manifest(manifest, mask_mismatch="ignore").samples[0].mask is None
+
+
+def test_mask_sizes_come_from_headers_with_the_exif_rotation(tmp_path, monkeypatch):
+    """A portrait JPEG stored landscape with EXIF orientation 6 is 4x8 once decoded."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (8, 4), "gray").save(photo, exif=exif.tobytes())
+    Image.fromarray(np.full((8, 4), 255, np.uint8)).save(tmp_path / "upright.png")
+    Image.fromarray(np.full((4, 8), 255, np.uint8)).save(tmp_path / "stored.png")
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("image,label,mask\nphoto.jpg,1,upright.png\n")
+
+    def no_decoding(self):
+        raise AssertionError(f"decoded {self.filename}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("PIL.ImageFile.ImageFile.load", no_decoding)
+        assert read_csv_manifest(manifest).samples[0].mask == tmp_path / "upright.png"
+        manifest.write_text("image,label,mask\nphoto.jpg,1,stored.png\n")
+        with pytest.raises(DatasetError, match="stored.png: mask is 8x4, its image .* is 4x8"):
+            read_csv_manifest(manifest)
+
+
+def test_cli_mask_mismatch_flag_reaches_the_reader(tmp_path):
+    from anomalyclip.cli import build_parser
+    from anomalyclip.cli.options import DatasetSpec, open_spec
+
+    root = build_folder(tmp_path / "parts")
+    mask(root / "masks" / "d_mask.png", size=16)
+    for mode, expected in (("resize", "d_mask.png"), ("ignore", None)):
+        args = build_parser().parse_args(["test", str(root), "--mask-mismatch", mode])
+        dataset = open_spec(DatasetSpec.parse(args.data[0]), args)
+        d = next(s for s in dataset if s.image.name == "d.png")
+        assert (d.mask.name if d.mask else None) == expected
+    args = build_parser().parse_args(["test", str(root)])
+    with pytest.raises(DatasetError, match="d_mask.png: mask is 16x16"):
+        open_spec(DatasetSpec.parse(args.data[0]), args)
+    args = build_parser().parse_args(
+        ["test", f"headct={build_headct(tmp_path / 'ct')}", "--mask-mismatch", "ignore"]
+    )
+    with pytest.raises(DatasetError, match="the headct layout does not take --mask-mismatch"):
+        open_spec(DatasetSpec.parse(args.data[0]), args)
+
+
+# Several layouts match --------------------------------------------------------------------
+
+
+def partial_meta(root: Path, broken: int) -> Path:
+    """The original's meta.json for part of an MVTec tree, ``broken`` entries pointing nowhere."""
+    meta = {"train": {}, "test": {"cable": []}}
+    for i in range(broken):
+        meta["test"]["cable"].append(
+            {"img_path": f"cable/test/good/{100 + i}.png", "mask_path": "", "anomaly": 0}
+        )
+    meta["test"]["cable"].append({"img_path": "cable/test/good/000.png", "anomaly": 0})
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root / "meta.json"
+
+
+def test_layout_that_reads_is_preferred_and_the_failed_one_is_named(tmp_path, caplog):
+    """Bug: an MVTec tree with a partial meta.json failed with '201 problems', no hint."""
+    root = build_mvtec(tmp_path / "lens")
+    partial_meta(root, 5)
+    assert [kind for kind, _ in detect_layouts(root)] == ["meta", "mvtec", "dagm"]
+    with caplog.at_level(logging.WARNING):
+        dataset = open_dataset(root)
+    assert (dataset.name, dataset.counts()) == ("mvtec", {"bottle": (2, 3), "cable": (2, 2)})
+    assert "matched the layouts meta, mvtec, dagm; meta failed (meta dataset at" in caplog.text
+    assert "5 problems; first: " in caplog.text and "100.png: image file not found" in caplog.text
+    assert f"read as mvtec (force a layout with KIND={root})" in caplog.text
+
+
+def test_no_matching_layout_reads_one_error_quotes_each_and_how_to_force_it(tmp_path):
+    root = build_mvtec(tmp_path / "lens")
+    partial_meta(root, 201)
+    (root / "cable/ground_truth/broken/001_mask.png").unlink()
+    with pytest.raises(DatasetError) as error:
+        open_dataset(root)
+    message = str(error.value)
+    assert message.startswith(
+        f"{root}: 3 layouts match (meta, mvtec, dagm) and none reads without problems:\n"
+        f"  - meta: meta.json (the original's index); force it with meta={root}; "
+        "201 problems, first:\n      - "
+    )
+    assert "      ... and 198 more\n" in message
+    assert (
+        f"  - mvtec: [<category>/]test/<defect>/ or train/good/ (MVTec AD, MPDD, ...); "
+        f"force it with mvtec={root}; 1 problem, first:\n      - " in message
+    )
+    assert "anomalous image has no mask" in message and "--allow-missing-masks" in message
+    assert open_dataset(root, allow_missing_masks=True).name == "mvtec"
+    assert open_dataset(root, "mvtec", allow_missing_masks=True).counts()["cable"] == (2, 2)

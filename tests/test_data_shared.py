@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from collections import Counter
 
 import pytest
 import torch
+from PIL import Image
 
 from anomalyclip.data import (
     AnomalyDataset,
     AnomalyTorchDataset,
+    DatasetError,
     open_dataset,
     read_brainmri,
     read_headct,
@@ -105,3 +109,47 @@ def test_verify_on_a_real_subset_and_meta_json_round_trip(shared_dir, tmp_path):
     assert again.samples == subset.samples
     batch = torch.stack([AnomalyTorchDataset(again, 16)[i][0] for i in range(len(again))])
     assert batch.shape == (8, 3, 16, 16) and torch.isfinite(batch).all()
+
+
+def test_real_masks_of_another_size_are_named_and_resized_on_request(shared_dir, tmp_path):
+    """Real metal_plate images in a folder dataset; one real mask saved at half size."""
+    real = read_mvtec(shared_dir / "datasets" / "metal_plate")
+    normal = next(s for s in real if s.label == 0)
+    first, second = [s for s in real if s.label == 1][:2]
+    root = tmp_path / "plates"
+    for folder, sample in (("good", normal), ("defect", first), ("defect", second)):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / sample.image.name).symlink_to(sample.image)
+    (root / "masks").mkdir()
+    (root / "masks" / first.mask.name).symlink_to(first.mask)
+    with Image.open(second.mask) as full:
+        half = full.resize((full.width // 2, full.height // 2), Image.Resampling.NEAREST)
+        half.save(root / "masks" / second.mask.name)
+        full_size = full.size
+    with pytest.raises(DatasetError) as error:
+        open_dataset(root)
+    assert str(error.value).startswith(f"folder dataset at {root} (test): 1 problem\n")
+    assert (
+        f"{root / 'masks' / second.mask.name}: mask is {half.width}x{half.height}, its image "
+        f"{root / 'defect' / second.image.name} is {full_size[0]}x{full_size[1]}"
+    ) in str(error.value)
+    dataset = open_dataset(root, mask_mismatch="resize")
+    assert dataset.counts() == {"plates": (1, 2)} and dataset.has_masks
+
+
+def test_real_mvtec_tree_with_a_partial_meta_json_is_read_as_mvtec(shared_dir, tmp_path, caplog):
+    """Bug: the partial meta.json won detection and failed; the MVTec layout reads."""
+    root = tmp_path / "lens"
+    root.mkdir()
+    for name in ("test", "ground_truth"):
+        (root / name).symlink_to(shared_dir / "datasets" / "metal_plate" / name)
+    good = sorted((root / "test" / "good").iterdir())[:3]
+    entries = [{"img_path": f"test/good/{p.name}", "anomaly": 0} for p in good]
+    entries += [{"img_path": f"test/good/gone_{i}.png", "anomaly": 0} for i in range(4)]
+    (root / "meta.json").write_text(json.dumps({"train": {}, "test": {"lens": entries}}))
+    with caplog.at_level(logging.WARNING):
+        dataset = open_dataset(root)
+    assert (dataset.name, dataset.counts()) == ("mvtec", {"lens": (80, 81)})
+    assert "meta failed (meta dataset at" in caplog.text and "gone_0.png" in caplog.text
+    with pytest.raises(DatasetError, match="4 problems"):
+        open_dataset(root, "meta")

@@ -206,6 +206,8 @@ def open_spec(spec: DatasetSpec, args: argparse.Namespace) -> AnomalyDataset:
         options["categories"] = args.categories
     if args.allow_missing_masks:
         options["allow_missing_masks"] = True
+    if getattr(args, "mask_mismatch", "error") != "error":
+        options["mask_mismatch"] = args.mask_mismatch
     if getattr(args, "normal_folder", None):
         options["normal"] = args.normal_folder
     dataset = open_dataset(spec.path, spec.kind, split=args.split, **options)
@@ -215,6 +217,7 @@ def open_spec(spec: DatasetSpec, args: argparse.Namespace) -> AnomalyDataset:
 
 def add_data_arguments(parser: argparse.ArgumentParser, many: bool) -> None:
     from anomalyclip.data import READERS
+    from anomalyclip.data.core import MASK_MISMATCH_MODES
 
     parser.add_argument(
         "data",
@@ -230,6 +233,15 @@ def add_data_arguments(parser: argparse.ArgumentParser, many: bool) -> None:
         "--allow-missing-masks",
         action="store_true",
         help="keep anomalous images without a mask (image-level only)",
+    )
+    group.add_argument(
+        "--mask-mismatch",
+        choices=MASK_MISMATCH_MODES,
+        default="error",
+        help="masks that do not fit their images (another size, given for a normal image, "
+        "or with no image): error lists them (default); resize stretches masks of another "
+        "size over their images and leaves the other misfits out; ignore leaves every "
+        "misfit out (such anomalous images count for image-level metrics only)",
     )
     group.add_argument(
         "--normal-folder",

@@ -19,7 +19,7 @@ from anomalyclip.data.core import (
     Sample,
 )
 from anomalyclip.data.custom import read_csv_manifest, read_folder
-from anomalyclip.data.detect import READERS, detect_layout, open_dataset
+from anomalyclip.data.detect import READERS, detect_layout, detect_layouts, open_dataset
 from anomalyclip.data.industrial import (
     read_btad,
     read_dagm,
@@ -53,6 +53,7 @@ __all__ = [
     "DatasetError",
     "Sample",
     "detect_layout",
+    "detect_layouts",
     "open_dataset",
     "read_br35h",
     "read_brainmri",

@@ -12,11 +12,20 @@ Conventions shared by all readers:
   dataset (``pixel_level`` False). In a pixel-level dataset an anomalous image without a
   mask is an error, unless ``allow_missing_masks`` is given: it is then kept, with a
   warning, as an image whose pixel truth is unknown (see :meth:`AnomalyDataset.has_pixel_truth`).
+* A mask must fit its image: the same size (read from the files' headers, the image's
+  EXIF rotation applied), an anomalous image, and every mask in a reader's mask folder
+  must belong to an image. A mismatch is an error by default (``mask_mismatch="error"``,
+  ``--mask-mismatch error``), because a mask of another image, a mislabelled image or a
+  missing image silently corrupts pixel metrics. ``"resize"`` stretches masks of another
+  size over their images (what the preprocessor's whole-image resize does anyway) and
+  leaves the other misfits out; ``"ignore"`` leaves every misfit out (an anomalous image
+  whose mask is left out counts for image-level metrics only). Both warn, with a count.
 
 Checks (:meth:`AnomalyDataset.create`): every problem found is reported in one
 :class:`DatasetError` naming the files: missing image or mask files, an image listed
 twice, labels other than 0/1, a category without images, anomalous images without masks
-in a pixel-level dataset; with ``verify=True`` also images and masks that do not decode.
+in a pixel-level dataset, masks that do not fit their images (above); with
+``verify=True`` also images and masks that do not decode.
 A category holding only one label is a warning (outside the train split), because its
 image-level AUROC and AP are undefined.
 """
@@ -29,6 +38,9 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal, get_args
+
+from PIL import Image
 
 from anomalyclip.preprocess import IMAGE_EXTENSIONS, ImageLoadError, load_image, load_mask_array
 
@@ -37,10 +49,22 @@ logger = logging.getLogger(__name__)
 NORMAL_DEFECT = "good"
 UNKNOWN_DEFECT = "anomaly"
 MAX_LISTED_PROBLEMS = 20
+# What to do with a mask that does not fit its image (see the module's docstring).
+MaskMismatch = Literal["error", "resize", "ignore"]
+MASK_MISMATCH_MODES: tuple[str, ...] = get_args(MaskMismatch)
+EXIF_ORIENTATION = 0x0112
 
 
 class DatasetError(ValueError):
-    """A dataset that cannot be used as given; the message names the files and problems."""
+    """A dataset that cannot be used as given; the message names the files and problems.
+
+    ``problems`` holds them one by one (the message alone when there is no list), so that
+    layout detection can quote the first few of each layout it tried.
+    """
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems: tuple[str, ...] = tuple(problems) or (message,)
 
 
 @dataclass(frozen=True)
@@ -88,6 +112,8 @@ class AnomalyDataset:
         pixel_level: bool,
         categories: Sequence[str] | None = None,
         allow_missing_masks: bool = False,
+        mask_mismatch: MaskMismatch = "error",
+        unmatched_masks: Sequence[Path] = (),
         verify: bool = False,
         problems: Sequence[str] = (),
     ) -> AnomalyDataset:
@@ -95,18 +121,28 @@ class AnomalyDataset:
 
         ``categories`` lists the categories that must hold images (default: those of the
         samples, in order of appearance). ``problems`` are those a reader found itself,
-        reported together with the rest. ``verify`` also decodes every image and mask.
+        reported together with the rest. ``unmatched_masks`` are the files of the
+        reader's mask folders that no image took; they and masks that do not fit their
+        images are handled as ``mask_mismatch`` says. ``verify`` also decodes every image
+        and mask.
         """
-        samples = tuple(samples)
+        if mask_mismatch not in MASK_MISMATCH_MODES:
+            raise ValueError(
+                f"mask_mismatch must be one of {', '.join(MASK_MISMATCH_MODES)}, "
+                f"got {mask_mismatch!r}"
+            )
+        found = list(problems)
+        samples, dropped, warnings = fit_masks(samples, mask_mismatch, unmatched_masks, found)
         if categories is None:
             categories = tuple(dict.fromkeys(sample.category for sample in samples))
         dataset = cls(name, Path(root), split, samples, tuple(categories), pixel_level)
-        found = list(problems)
-        warnings = check(dataset, found, allow_missing_masks=allow_missing_masks)
+        warnings += check(
+            dataset, found, allow_missing_masks=allow_missing_masks, masks_left_out=dropped
+        )
         if verify and not found:
             found.extend(verify_files(dataset))
         if found:
-            raise DatasetError(format_problems(f"{name} dataset at {root} ({split})", found))
+            raise DatasetError(format_problems(f"{name} dataset at {root} ({split})", found), found)
         for message in warnings:
             logger.warning("%s: %s", name, message)
         return replace(dataset, warnings=tuple(warnings))
@@ -175,10 +211,17 @@ def format_problems(heading: str, problems: Sequence[str]) -> str:
     return f"{heading}: {count}\n" + "\n".join(listed)
 
 
-def check(dataset: AnomalyDataset, problems: list[str], allow_missing_masks: bool) -> list[str]:
+def check(
+    dataset: AnomalyDataset,
+    problems: list[str],
+    allow_missing_masks: bool,
+    masks_left_out: frozenset[Path] = frozenset(),
+) -> list[str]:
     """Append the dataset's problems to ``problems``; return its warnings.
 
-    Stats every file once (cheap); decoding is left to :func:`verify_files`.
+    Stats every file once (cheap); decoding is left to :func:`verify_files`. Images in
+    ``masks_left_out`` lost a mask that did not fit (``mask_mismatch="ignore"``): they are
+    not reported again as anomalous images without a mask.
     """
     warnings: list[str] = []
     if not dataset.samples:
@@ -198,7 +241,12 @@ def check(dataset: AnomalyDataset, problems: list[str], allow_missing_masks: boo
             problems.append(f"{sample.image}: image file not found")
         if sample.mask is not None and not sample.mask.is_file():
             problems.append(f"{sample.mask}: mask file not found (for image {sample.image})")
-        if dataset.pixel_level and sample.label == 1 and sample.mask is None:
+        if (
+            dataset.pixel_level
+            and sample.label == 1
+            and sample.mask is None
+            and sample.image not in masks_left_out
+        ):
             missing_masks.append(sample.image)
     if missing_masks:
         if allow_missing_masks:
@@ -226,6 +274,101 @@ def check(dataset: AnomalyDataset, problems: list[str], allow_missing_masks: boo
                 "are undefined for it"
             )
     return warnings
+
+
+def oriented_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) as decoding will give it, from the file's header alone.
+
+    ``load_image`` applies the EXIF rotation, so a portrait photo stored as landscape is
+    compared transposed; masks are read as stored, which this also gives for them. None
+    when the header cannot be read (reported by ``verify`` or when the file is used).
+    PNG keeps EXIF after the pixels, where reading it would decode the image: a PNG's
+    rotation is taken only when its header carried it.
+    """
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.format == "PNG":
+                exif = Image.Exif()
+                raw = image.info.get("exif")
+                if isinstance(raw, bytes):
+                    exif.load(raw)
+            else:
+                exif = image.getexif()
+            orientation = exif.get(EXIF_ORIENTATION, 1)
+    except Exception:  # any header Pillow cannot parse; verify and loading report it
+        return None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _size(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+# The fixes, as the command-line flag (the Python argument is mask_mismatch=).
+RESIZE_OR_IGNORE = "--mask-mismatch resize to stretch it over the image, or ignore to leave it out"
+IGNORE = "--mask-mismatch ignore to leave it out"
+
+
+def fit_masks(
+    samples: Iterable[Sample],
+    mode: MaskMismatch,
+    unmatched: Sequence[Path],
+    problems: list[str],
+) -> tuple[tuple[Sample, ...], frozenset[Path], list[str]]:
+    """Samples whose masks fit their images, the images whose mask was left out, warnings.
+
+    Three misfits, each a problem (mode ``error``) naming the files, else handled and
+    warned about once with a count and an example: a mask on a normal image (left out),
+    a mask of another size than its image (stretched with ``resize``, left out with
+    ``ignore``) and a mask no image took (``unmatched``, not read). Sizes come from the
+    files' headers only; files that are missing or unreadable are someone else's problem.
+    """
+    kept: list[Sample] = []
+    left_out: set[Path] = set()
+    normal: list[str] = []  # one line per misfit: the mask, then what is wrong
+    resized: list[str] = []
+    for sample in samples:
+        mask = sample.mask
+        if mask is None:
+            kept.append(sample)
+            continue
+        if sample.label == 0:
+            normal.append(f"{mask}: mask given for normal image {sample.image}")
+            if mode != "error":
+                sample = replace(sample, mask=None)
+            kept.append(sample)
+            continue
+        image_size = oriented_size(sample.image) if sample.image.is_file() else None
+        mask_size = oriented_size(mask) if image_size and mask.is_file() else None
+        if image_size and mask_size and image_size != mask_size:
+            resized.append(
+                f"{mask}: mask is {_size(mask_size)}, its image {sample.image} is "
+                f"{_size(image_size)}"
+            )
+            if mode == "ignore":
+                left_out.add(sample.image)
+                sample = replace(sample, mask=None)
+        kept.append(sample)
+    orphans = [f"{path}: mask without an image" for path in unmatched]
+    warnings: list[str] = []
+    if mode == "error":
+        problems.extend(f"{line} (pass {IGNORE})" for line in normal)
+        problems.extend(f"{line} (pass {RESIZE_OR_IGNORE})" for line in resized)
+        problems.extend(f"{line} (pass {IGNORE})" for line in orphans)
+        return tuple(kept), frozenset(), warnings
+    if normal:
+        warnings.append(f"{len(normal)} masks of normal images are left out, e.g. {normal[0]}")
+    if resized:
+        action = (
+            "are stretched over their images"
+            if mode == "resize"
+            else "are left out (those images count for image-level metrics only)"
+        )
+        warnings.append(f"{len(resized)} masks of another size {action}, e.g. {resized[0]}")
+    if orphans:
+        warnings.append(f"{len(orphans)} masks without an image are not used, e.g. {unmatched[0]}")
+    return tuple(kept), frozenset(left_out), warnings
 
 
 def verify_files(dataset: AnomalyDataset) -> list[str]:
@@ -323,6 +466,7 @@ class MaskIndex:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._by_stem: dict[str, list[Path]] = {}
+        self._used: set[Path] = set()
         for path in list_images(folder):
             self._by_stem.setdefault(path.stem, []).append(path)
 
@@ -333,8 +477,13 @@ class MaskIndex:
                 names = ", ".join(path.name for path in candidates)
                 raise DatasetError(f"{self.folder}: several masks for image {stem!r}: {names}")
             if candidates:
+                self._used.add(candidates[0])
                 return candidates[0]
         return None
+
+    def unused(self) -> list[Path]:
+        """The masks no :meth:`find` returned: masks without an image, once all are looked up."""
+        return sorted(p for paths in self._by_stem.values() for p in paths if p not in self._used)
 
 
 def select_categories(

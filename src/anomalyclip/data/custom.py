@@ -34,6 +34,7 @@ from anomalyclip.data.core import (
     AnomalyDataset,
     DatasetError,
     MaskIndex,
+    MaskMismatch,
     Sample,
     find_child,
     list_dirs,
@@ -67,6 +68,7 @@ def read_folder(
     name: str = "folder",
     split: str = "test",
     allow_missing_masks: bool = False,
+    mask_mismatch: MaskMismatch = "error",
     verify: bool = False,
 ) -> AnomalyDataset:
     """Images sorted into a normal folder and anomalous folders; one category.
@@ -75,7 +77,9 @@ def read_folder(
     relative to ``root`` unless absolute. ``anomalous`` defaults to every
     other sub-folder of ``root`` except mask folders. A mask for ``scratch/a.png`` is
     ``<masks>/scratch/a<mask_suffix>.*`` or ``<masks>/a<mask_suffix>.*`` (an image
-    extension, any case), falling back to the bare stem ``a.*``.
+    extension, any case), falling back to the bare stem ``a.*``. Normal images are looked
+    up the same way, so that a mask given for one is reported; when every folder is read
+    (``anomalous`` not given), masks that no image takes are reported too.
     """
     root = Path(root)
     if not root.is_dir():
@@ -106,22 +110,33 @@ def read_folder(
         raise DatasetError(f"{root}: no image folders given")
     category = category or root.name
     suffixes = (mask_suffix, "") if mask_suffix else ("",)
+    flat = MaskIndex(mask_dir) if mask_dir is not None else None
+    per_folder = {
+        d.name: MaskIndex(d) for d in (list_dirs(mask_dir) if mask_dir is not None else [])
+    }
+
+    def find_mask(image: Path) -> Path | None:
+        indexes = [per_folder[image.parent.name]] if image.parent.name in per_folder else []
+        found = (index.find(image.stem, suffixes) for index in [*indexes, *filter(None, [flat])])
+        return next((mask for mask in found if mask is not None), None)
+
     samples: list[Sample] = []
     if normal_dir is not None:
         samples.extend(
-            Sample(image=image, label=0, category=category) for image in list_images(normal_dir)
+            Sample(image=image, label=0, mask=find_mask(image), category=category)
+            for image in list_images(normal_dir)
         )
     for folder in anomalous_dirs:
-        indexes = []
-        if mask_dir is not None:
-            indexes = [MaskIndex(d) for d in (mask_dir / folder.name, mask_dir) if d.is_dir()]
-        for image in list_images(folder):
-            mask = next(
-                (m for m in (index.find(image.stem, suffixes) for index in indexes) if m), None
+        samples.extend(
+            Sample(
+                image=image, label=1, mask=find_mask(image), category=category, defect=folder.name
             )
-            samples.append(
-                Sample(image=image, label=1, mask=mask, category=category, defect=folder.name)
-            )
+            for image in list_images(folder)
+        )
+    # With folders chosen, the others' masks are simply not wanted.
+    unmatched = [] if anomalous is not None or flat is None else flat.unused()
+    if anomalous is None:
+        unmatched.extend(mask for index in per_folder.values() for mask in index.unused())
     return AnomalyDataset.create(
         name,
         root,
@@ -130,6 +145,8 @@ def read_folder(
         pixel_level=mask_dir is not None,
         categories=[category],
         allow_missing_masks=allow_missing_masks,
+        mask_mismatch=mask_mismatch,
+        unmatched_masks=unmatched,
         verify=verify,
     )
 
@@ -141,6 +158,7 @@ def read_csv_manifest(
     split: str = "test",
     category: str | None = None,
     allow_missing_masks: bool = False,
+    mask_mismatch: MaskMismatch = "error",
     verify: bool = False,
 ) -> AnomalyDataset:
     """A CSV of ``image,label[,mask][,category][,defect]`` rows.
@@ -222,6 +240,7 @@ def read_csv_manifest(
         samples,
         pixel_level=any(sample.mask is not None for sample in samples),
         allow_missing_masks=allow_missing_masks,
+        mask_mismatch=mask_mismatch,
         verify=verify,
         problems=problems,
     )

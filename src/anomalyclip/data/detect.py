@@ -1,7 +1,15 @@
-"""Opening a dataset by its layout, named or recognised."""
+"""Opening a dataset by its layout, named or recognised.
+
+A folder can look like several layouts at once (an MVTec tree with a partial
+``meta.json`` in it). Recognition therefore lists every layout that matches, in the
+order of :data:`LAYOUTS`, and reads the first that reads without problems, saying which
+ones failed and why; when none does, one error quotes each one's first problems and the
+``KIND=PATH`` spelling that forces it.
+"""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from collections.abc import Callable
@@ -165,8 +173,16 @@ LAYOUTS: list[tuple[str, str, Callable[[Path], bool]]] = [
 ]
 
 
-def detect_layout(root: str | Path) -> tuple[str, dict[str, Any]]:
-    """The reader kind for ``root`` and the options its layout implies.
+DESCRIPTIONS = {kind: description for kind, description, _ in LAYOUTS}
+# Reader options whose command-line flag is not simply --<name-with-dashes>.
+OPTION_FLAGS = {"normal": "--normal-folder"}
+# Problems quoted per layout when no matching layout reads.
+QUOTED_PROBLEMS = 3
+
+
+def detect_layouts(root: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """Every reader kind whose layout ``root`` matches, in order, with the options each
+    implies (a file: the one kind its extension names).
 
     Raises :class:`DatasetError` listing every layout looked for when none matches.
     """
@@ -174,16 +190,19 @@ def detect_layout(root: str | Path) -> tuple[str, dict[str, Any]]:
     if root.is_file():
         suffix = root.suffix.lower()
         if suffix == ".csv":
-            return "csv", {}
+            return [("csv", {})]
         if suffix == ".json":
-            return "meta", {}
+            return [("meta", {})]
         raise DatasetError(f"{root}: a dataset file must be a .csv manifest or a meta.json")
     if not root.is_dir():
         raise DatasetError(f"{root}: no such file or folder")
-    for kind, _, matches in LAYOUTS:
-        if matches(root):
-            options = _folder_options(root) if kind == "folder" else {}
-            return kind, options or {}
+    found = [
+        (kind, (_folder_options(root) if kind == "folder" else None) or {})
+        for kind, _, matches in LAYOUTS
+        if matches(root)
+    ]
+    if found:
+        return found
     looked_for = "\n".join(f"  - {description}" for _, description, _ in LAYOUTS)
     raise DatasetError(
         f"{root}: no known dataset layout. Looked for:\n{looked_for}\n"
@@ -192,18 +211,90 @@ def detect_layout(root: str | Path) -> tuple[str, dict[str, Any]]:
     )
 
 
+def detect_layout(root: str | Path) -> tuple[str, dict[str, Any]]:
+    """The first reader kind whose layout ``root`` matches, and the options it implies.
+
+    :func:`open_dataset` goes on to the next match when this one does not read.
+    """
+    return detect_layouts(root)[0]
+
+
+def _read(kind: str, root: str | Path, split: str, options: dict[str, Any]) -> AnomalyDataset:
+    """Read ``root`` with the reader ``kind``; an option it does not take is a
+    :class:`DatasetError` naming the command-line flag (not a ``TypeError``)."""
+    reader = READERS.get(kind.lower().replace("-", "_"))
+    if reader is None:
+        raise DatasetError(f"unknown dataset kind {kind!r}; known: {', '.join(READERS)}")
+    parameters = inspect.signature(reader).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        unknown = [name for name in options if name not in parameters]
+        if unknown:
+            flags = ", ".join(OPTION_FLAGS.get(n, "--" + n.replace("_", "-")) for n in unknown)
+            raise DatasetError(f"{root}: the {kind} layout does not take {flags}")
+    return reader(root, split=split, **options)
+
+
+def _quote(kind: str, root: str | Path, error: DatasetError) -> str:
+    """One failed layout in the error of :func:`open_dataset`: why, and how to force it."""
+    description = DESCRIPTIONS.get(kind, kind)
+    head = f"  - {kind}: {description}; force it with {kind}={root}"
+    problems = error.problems
+    if problems == (str(error),):
+        return f"{head}\n      {str(error).splitlines()[0]}"
+    lines = [f"{head}; {len(problems)} problem{'s' if len(problems) != 1 else ''}, first:"]
+    lines.extend(f"      - {problem}" for problem in problems[:QUOTED_PROBLEMS])
+    if len(problems) > QUOTED_PROBLEMS:
+        lines.append(f"      ... and {len(problems) - QUOTED_PROBLEMS} more")
+    return "\n".join(lines)
+
+
 def open_dataset(
     root: str | Path, kind: str | None = None, *, split: str = "test", **options: Any
 ) -> AnomalyDataset:
     """The dataset at ``root``, read by the reader ``kind`` or by the layout recognised.
 
-    ``options`` go to the reader (``categories``, ``allow_missing_masks``, ``verify``, ...).
+    Without ``kind``, every matching layout is tried in order and the first that reads
+    without problems is used, with a warning naming those that failed before it; when
+    none reads, the :class:`DatasetError` quotes each one's first problems. ``options``
+    go to the reader (``categories``, ``allow_missing_masks``, ``mask_mismatch``,
+    ``verify``, ...).
     """
-    if kind is None:
-        kind, detected = detect_layout(root)
+    if kind is not None:
+        return _read(kind, root, split, options)
+    candidates = detect_layouts(root)
+    if len(candidates) == 1:
+        kind, detected = candidates[0]
         logger.info("%s: recognised the %s layout", root, kind)
-        options = {**detected, **options}
-    reader = READERS.get(kind.lower().replace("-", "_"))
-    if reader is None:
-        raise DatasetError(f"unknown dataset kind {kind!r}; known: {', '.join(READERS)}")
-    return reader(root, split=split, **options)
+        return _read(kind, root, split, {**detected, **options})
+    matched = ", ".join(kind for kind, _ in candidates)
+    failed: list[tuple[str, DatasetError]] = []
+    for kind, detected in candidates:
+        try:
+            dataset = _read(kind, root, split, {**detected, **options})
+        except DatasetError as error:
+            failed.append((kind, error))
+            continue
+        if failed:
+            reasons = "; ".join(
+                f"{name} failed ({str(error).splitlines()[0]}; first: {error.problems[0]})"
+                if error.problems != (str(error),)
+                else f"{name} failed ({error})"
+                for name, error in failed
+            )
+            logger.warning(
+                "%s: matched the layouts %s; %s; read as %s (force a layout with KIND=%s)",
+                root,
+                matched,
+                reasons,
+                kind,
+                root,
+            )
+        else:
+            logger.info("%s: matched the layouts %s; read as %s", root, matched, kind)
+        return dataset
+    quoted = "\n".join(_quote(kind, root, error) for kind, error in failed)
+    raise DatasetError(
+        f"{root}: {len(failed)} layouts match ({matched}) and none reads without problems:\n"
+        f"{quoted}",
+        [problem for _, error in failed for problem in error.problems],
+    )

@@ -32,6 +32,7 @@ from anomalyclip.data.core import (
     AnomalyDataset,
     DatasetError,
     MaskIndex,
+    MaskMismatch,
     Sample,
     find_child,
     list_dirs,
@@ -63,11 +64,14 @@ def read_mvtec(
     mask_suffixes: Sequence[str] = MVTEC_MASK_SUFFIXES,
     name: str = "mvtec",
     allow_missing_masks: bool = False,
+    mask_mismatch: MaskMismatch = "error",
     verify: bool = False,
 ) -> AnomalyDataset:
     """MVTec AD layout: defect folders under ``<category>/<split>/``, masks matched by stem.
 
-    Pixel-level when the categories have a ``ground_truth/`` folder.
+    Pixel-level when the categories have a ``ground_truth/`` folder. Masks of the defects
+    read that no image takes, and (test split) ``ground_truth/<defect>/`` folders without
+    a ``test/<defect>/`` folder, are masks without an image.
     """
     root = Path(root)
     category_dirs = {d.name: d for d in mvtec_category_dirs(root)}
@@ -80,6 +84,7 @@ def read_mvtec(
     normal = {n.lower() for n in normal_names}
     samples: list[Sample] = []
     problems: list[str] = []
+    unmatched: list[Path] = []
     pixel_level = any((category_dirs[c] / "ground_truth").is_dir() for c in chosen)
     for category in chosen:
         category_dir = category_dirs[category]
@@ -89,6 +94,11 @@ def read_mvtec(
             continue
         defect_dirs = list_dirs(split_dir)
         defect_dirs.sort(key=lambda d: d.name.lower() not in normal)  # normal images first
+        if split == "test":
+            read = {d.name for d in defect_dirs}
+            for mask_dir in list_dirs(category_dir / "ground_truth"):
+                if mask_dir.name not in read and mask_dir.name.lower() not in normal:
+                    unmatched.extend(list_images(mask_dir))
         for defect_dir in defect_dirs:
             is_normal = defect_dir.name.lower() in normal
             masks = (
@@ -104,6 +114,8 @@ def read_mvtec(
                         defect=NORMAL_DEFECT if is_normal else defect_dir.name,
                     )
                 )
+            if masks is not None:
+                unmatched.extend(masks.unused())
     return AnomalyDataset.create(
         name,
         root,
@@ -112,6 +124,8 @@ def read_mvtec(
         pixel_level=pixel_level,
         categories=chosen,
         allow_missing_masks=allow_missing_masks,
+        mask_mismatch=mask_mismatch,
+        unmatched_masks=unmatched,
         verify=verify,
         problems=problems,
     )
@@ -141,6 +155,7 @@ def read_visa(
     categories: Sequence[str] | None = None,
     split_csv: str | Path = "split_csv/1cls.csv",
     allow_missing_masks: bool = False,
+    mask_mismatch: MaskMismatch = "error",
     verify: bool = False,
 ) -> AnomalyDataset:
     """VisA through its split file (``split_csv/1cls.csv`` by default)."""
@@ -198,6 +213,7 @@ def read_visa(
         pixel_level=True,
         categories=chosen,
         allow_missing_masks=allow_missing_masks,
+        mask_mismatch=mask_mismatch,
         verify=verify,
         problems=problems,
     )
@@ -215,6 +231,7 @@ def read_ksdd(
     root: str | Path,
     split: str = "test",
     *,
+    mask_mismatch: MaskMismatch = "error",
     verify: bool = False,
 ) -> AnomalyDataset:
     """KolektorSDD (``kosNN/PartN.jpg`` + ``PartN_label.bmp``; no split: every image is
@@ -226,6 +243,7 @@ def read_ksdd(
     root = Path(root)
     problems: list[str] = []
     samples = []
+    unmatched: list[Path] = []
     part_dirs = [d for d in list_dirs(root) if re.fullmatch(r"kos\d+", d.name, re.IGNORECASE)]
     if part_dirs:
         name = "ksdd"
@@ -239,6 +257,7 @@ def read_ksdd(
                 for image in list_images(part_dir)
                 if not image.stem.lower().endswith("_label")
             )
+            unmatched.extend(p for p in masks.unused() if p.stem.lower().endswith("_label"))
     else:
         name = "ksdd2"
         split_dir = find_child(root, split)
@@ -253,6 +272,7 @@ def read_ksdd(
             for image in list_images(split_dir)
             if not image.stem.endswith("_GT")
         ]
+        unmatched.extend(p for p in masks.unused() if p.stem.endswith("_GT"))
     for image, mask in pairs:
         if mask is None:
             problems.append(f"{image}: no mask beside it ({image.stem}_label.* or _GT.*)")
@@ -274,6 +294,8 @@ def read_ksdd(
         samples,
         pixel_level=True,
         categories=[KSDD_CATEGORY],
+        mask_mismatch=mask_mismatch,
+        unmatched_masks=unmatched,
         verify=verify,
         problems=problems,
     )
@@ -292,6 +314,7 @@ def read_dagm(
     split: str = "test",
     *,
     categories: Sequence[str] | None = None,
+    mask_mismatch: MaskMismatch = "error",
     verify: bool = False,
 ) -> AnomalyDataset:
     """DAGM 2007, Kaggle upload: an image is defective when ``Label/<stem>_label.*`` exists."""
@@ -302,6 +325,7 @@ def read_dagm(
     chosen = select_categories(list(category_dirs), categories, root)
     samples = []
     problems = []
+    unmatched: list[Path] = []
     for category in chosen:
         split_dir = find_child(category_dirs[category], split)
         if split_dir is None or not split_dir.is_dir():
@@ -320,6 +344,8 @@ def read_dagm(
                     defect="defect" if mask is not None else NORMAL_DEFECT,
                 )
             )
+        if masks is not None:
+            unmatched.extend(masks.unused())
     return AnomalyDataset.create(
         "dagm",
         root,
@@ -327,6 +353,8 @@ def read_dagm(
         samples,
         pixel_level=True,
         categories=chosen,
+        mask_mismatch=mask_mismatch,
+        unmatched_masks=unmatched,
         verify=verify,
         problems=problems,
     )

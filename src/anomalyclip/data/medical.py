@@ -42,6 +42,7 @@ from anomalyclip.data.core import (
     AnomalyDataset,
     DatasetError,
     MaskIndex,
+    MaskMismatch,
     Sample,
     find_child,
     list_dirs,
@@ -233,6 +234,7 @@ def _segmentation(
     mask_dir: Path,
     mask_suffixes: Sequence[str],
     allow_missing_masks: bool,
+    mask_mismatch: MaskMismatch,
     verify: bool,
 ) -> AnomalyDataset:
     masks = MaskIndex(mask_dir)
@@ -254,6 +256,8 @@ def _segmentation(
         pixel_level=True,
         categories=[category],
         allow_missing_masks=allow_missing_masks,
+        mask_mismatch=mask_mismatch,
+        unmatched_masks=masks.unused(),
         verify=verify,
     )
 
@@ -264,6 +268,7 @@ def read_isic2016(
     *,
     category: str = "skin",
     allow_missing_masks: bool = False,
+    mask_mismatch: MaskMismatch = "error",
     verify: bool = False,
 ) -> AnomalyDataset:
     """ISIC 2016 part 1 (lesion segmentation); ``split`` 'test' or 'train'."""
@@ -285,6 +290,7 @@ def read_isic2016(
         mask_dir,
         ("_Segmentation", ""),
         allow_missing_masks,
+        mask_mismatch,
         verify,
     )
 
@@ -299,6 +305,7 @@ def read_images_masks(
     mask_dirs: Sequence[str] = POLYP_MASK_DIRS,
     mask_suffixes: Sequence[str] = ("", "_mask"),
     allow_missing_masks: bool = False,
+    mask_mismatch: MaskMismatch = "error",
     verify: bool = False,
 ) -> AnomalyDataset:
     """A segmentation set of anomalous images: an image folder and a mask folder.
@@ -323,6 +330,7 @@ def read_images_masks(
         mask_dir,
         mask_suffixes,
         allow_missing_masks,
+        mask_mismatch,
         verify,
     )
 
@@ -361,6 +369,7 @@ def read_tn3k(
     *,
     category: str = "thyroid",
     allow_missing_masks: bool = False,
+    mask_mismatch: MaskMismatch = "error",
     verify: bool = False,
 ) -> AnomalyDataset:
     """TN3K thyroid nodules: ``test-image/`` + ``test-mask/`` (or ``trainval-``)."""
@@ -376,5 +385,6 @@ def read_tn3k(
         image_dirs=(f"{prefix}-image",),
         mask_dirs=(f"{prefix}-mask",),
         allow_missing_masks=allow_missing_masks,
+        mask_mismatch=mask_mismatch,
         verify=verify,
     )

@@ -9,8 +9,10 @@ Its ``generate_dataset_json/*.py`` scripts write, and its ``dataset.py`` reads::
 
 Paths are joined to the root the way ``os.path.join`` does, so the absolute paths some
 of its scripts wrote work too. A ``mask_path`` that names a folder (or is empty) means
-"no mask", as in the original. The split key is matched ignoring case (its DAGM script
-wrote ``Train``/``Test``). Training reads the ``test`` split, as the original does.
+"no mask", as in the original, and so does the ``mask_path`` of a normal entry (the
+original's ``dataset.py`` gives normal images an empty mask whatever the entry says). The
+split key is matched ignoring case (its DAGM script wrote ``Train``/``Test``). Training
+reads the ``test`` split, as the original does.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from anomalyclip.data.core import (
     UNKNOWN_DEFECT,
     AnomalyDataset,
     DatasetError,
+    MaskMismatch,
     Sample,
     select_categories,
 )
@@ -54,6 +57,7 @@ def read_meta_json(
     meta_file: str | Path | None = None,
     name: str = "meta",
     allow_missing_masks: bool = False,
+    mask_mismatch: MaskMismatch = "error",
     verify: bool = False,
 ) -> AnomalyDataset:
     """A dataset from ``meta.json``.
@@ -116,6 +120,7 @@ def read_meta_json(
         pixel_level=pixel_level,
         categories=chosen,
         allow_missing_masks=allow_missing_masks,
+        mask_mismatch=mask_mismatch,
         verify=verify,
         problems=problems,
     )
