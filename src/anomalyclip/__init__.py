@@ -3,6 +3,7 @@
 from anomalyclip.calibration import Calibration, calibrate
 from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.inference import InspectionResult, InspectionSummary, inspect
+from anomalyclip.methods.musc import MuSc, MuScConfig, create_musc, score_set
 from anomalyclip.model import AnomalyCLIP, AnomalyOutput, AnomalyPrediction
 from anomalyclip.preprocess import ImageLoadError, load_image
 from anomalyclip.visualize import defect_mask, overlay
@@ -21,5 +22,9 @@ __all__ = [
     "AnomalyPrediction",
     "ImageLoadError",
     "load_image",
+    "MuSc",
+    "MuScConfig",
+    "create_musc",
+    "score_set",
 ]
 __version__ = "0.1.0"

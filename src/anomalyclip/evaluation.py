@@ -351,8 +351,41 @@ def _score_class(
     return scores, maps
 
 
+def _score_class_as_set(
+    model: Predictor,
+    plan: _ClassPlan,
+    batch_size: int,
+    keep_maps: bool,
+    maps_dir: Path | None,
+    bar: Any,
+) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """A method other than AnomalyCLIP, through the Predictor seam: image scores and maps.
+
+    A method that scores sets (MuSc) gets the whole class in one call, as its paper
+    evaluates; others get batches. Every rank computes the same thing (a set method may
+    share its work between the ranks itself); rank 0 returns it.
+    """
+    samples = plan.samples
+    step = len(samples) if model.scores_sets else batch_size
+    scores = np.empty(len(samples), dtype=np.float64)
+    size = model.preprocessor.size
+    maps = np.empty((len(samples), size, size), dtype=np.float32) if keep_maps else None
+    for start in range(0, len(samples), step):
+        chunk = samples[start : start + step]
+        images = model.preprocessor([sample.image for sample in chunk])
+        chunk_scores, chunk_maps = model.score_tensors(images)
+        scores[start : start + len(chunk)] = chunk_scores
+        if maps is not None:
+            maps[start : start + len(chunk)] = chunk_maps
+        if maps_dir is not None and distributed.is_main_process():
+            for sample, anomaly_map, score in zip(chunk, chunk_maps, chunk_scores, strict=True):
+                save_outputs(sample, float(score), anomaly_map, model, maps_dir)
+        bar.update(len(chunk))
+    return (scores, maps) if distributed.is_main_process() else None
+
+
 def evaluate(
-    model: AnomalyCLIP,
+    model: Predictor,
     dataset: AnomalyDataset,
     *,
     batch_size: int = 8,
@@ -364,7 +397,10 @@ def evaluate(
 ) -> EvaluationResult:
     """Score every image of ``dataset`` and compute the metrics of every class.
 
-    With object-aware prompts each class is scored with its own name. ``maps_dir``
+    ``model``: AnomalyCLIP (encoded once through ``cache``, batches shared between the
+    ranks under torchrun) or any other :class:`Predictor`; one that scores sets (MuSc)
+    scores each class as one set. With object-aware prompts each class is scored with
+    its own name. ``maps_dir``
     receives ``maps/<class>/<defect>/<stem>.npy`` and ``overlays/…png``. ``name`` titles
     the table (default: the dataset's reader name).
     """
@@ -372,15 +408,17 @@ def evaluate(
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    cache = cache if cache is not None else FeatureCache(model, memory=False)
-    size = model.config.image_size
+    anomalyclip = isinstance(model, AnomalyCLIP)
+    if isinstance(model, AnomalyCLIP) and cache is None:
+        cache = FeatureCache(model, memory=False)
+    size = model.preprocessor.size
     title = name or dataset.name
     pixel_level = dataset.has_masks
     if not pixel_level:
         logger.info("%s has no masks: pixel-level metrics are not applicable", title)
     maps_dir = Path(maps_dir) if maps_dir is not None else None
-    plans = _plan_batches(dataset, batch_size, distributed.world_size())
-    rank = distributed.rank()
+    plans = _plan_batches(dataset, batch_size, distributed.world_size() if anomalyclip else 1)
+    rank = distributed.rank() if anomalyclip else 0
     mine = sum(len(b) for plan in plans for b in plan.batches_of(rank))
     bar = tqdm(
         total=mine,
@@ -389,9 +427,14 @@ def evaluate(
         disable=not (progress and distributed.is_main_process()),
     )
     classes = []
-    model.eval()
+    if isinstance(model, AnomalyCLIP):
+        model.eval()
     for plan in plans:
-        scored = _score_class(model, plan, cache, pixel_level, maps_dir, bar)
+        if isinstance(model, AnomalyCLIP):
+            assert cache is not None  # made above for AnomalyCLIP
+            scored = _score_class(model, plan, cache, pixel_level, maps_dir, bar)
+        else:
+            scored = _score_class_as_set(model, plan, batch_size, pixel_level, maps_dir, bar)
         if scored is None:
             continue  # another rank than 0: rank 0 computes the metrics
         scores, maps = scored
@@ -410,7 +453,8 @@ def evaluate(
     settings = {
         "root": str(dataset.root),
         "split": dataset.split,
-        "config": model.config.to_dict(),
+        "method": model.method,
+        "config": model.config.to_dict() if isinstance(model, AnomalyCLIP) else model.settings(),
         "aupro": aupro_method,
         "map_resolution": size,
     }

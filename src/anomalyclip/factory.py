@@ -90,6 +90,31 @@ def create_model(
     return model.to(device=device, dtype=dtype).eval()
 
 
+def load_backbone(
+    clip_weights: str | Path | CLIP | None,
+    default: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    trust_torchscript: bool = False,
+) -> tuple[CLIP, BackboneIdentity]:
+    """A backbone alone, for methods with no checkpoint (MuSc): the one resolution path.
+
+    ``clip_weights`` as :func:`create_model` takes it; None means the registered
+    ``default``. The identity (name, SHA-256, architecture) is what results record, so a
+    set scored later can be traced to the very weights, as a checkpoint's can.
+    """
+    if isinstance(clip_weights, CLIP):
+        clip, identity = clip_weights, BackboneIdentity(default)
+    else:
+        from anomalyclip.backbone.loading import load_clip
+
+        path, identity = _resolve_backbone(BackboneIdentity(default), clip_weights, None)
+        clip = load_clip(path, device=device, dtype=dtype, trust_torchscript=trust_torchscript)
+    clip = clip.to(device=device, dtype=dtype) if dtype is not None else clip.to(device)
+    return clip.eval(), BackboneIdentity(identity.name, identity.sha256, clip.arch.to_dict())
+
+
 def _read_prompts(checkpoint: str | Path | PromptCheckpoint | None) -> PromptCheckpoint | None:
     from anomalyclip.hub import resolve_checkpoint
 

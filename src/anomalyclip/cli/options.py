@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from anomalyclip.data.core import AnomalyDataset
     from anomalyclip.feature_cache import FeatureCache
     from anomalyclip.model import AnomalyCLIP
+    from anomalyclip.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,79 @@ def build_model(args: argparse.Namespace, seed: int = 0) -> AnomalyCLIP:
         device=args.device,
         trust_torchscript=args.trust_torchscript,
         seed=seed,
+    )
+
+
+DEFAULT_METHOD = "anomalyclip"
+# Options that only AnomalyCLIP reads: given with another method, they are refused, not
+# silently ignored.
+ANOMALYCLIP_ONLY = ("dpam_layers", "sigma", "preset", *ABLATION_OPTIONS)
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--method`` and the settings of the methods registered beside AnomalyCLIP."""
+    from anomalyclip.methods import METHODS
+
+    parser.add_argument(
+        "--method",
+        choices=[DEFAULT_METHOD, *METHODS],
+        default=DEFAULT_METHOD,
+        help="scoring method: anomalyclip (learned prompts, image by image) or musc (no "
+        "prompts, no training: the images given score each other, as one set; default "
+        "backbone ViT-L/14@336px at 518 px, layers 6 12 18 24); default: anomalyclip",
+    )
+    group = parser.add_argument_group(
+        "MuSc (--method musc; defaults: the official configs/musc.yaml; --image-size, "
+        "--features and --clip-weights above apply too)"
+    )
+    group.add_argument(
+        "--musc-degrees", type=int, nargs="+", metavar="R", help="LNAMD degrees (1 3 5)"
+    )
+    group.add_argument(
+        "--rscin-k",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="RsCIN neighbour counts (1 2 3; the authors use 1 8 9 on VisA); 0 disables RsCIN",
+    )
+    group.add_argument(
+        "--musc-divide-num",
+        type=int,
+        metavar="N",
+        help="score N random disjoint subsets separately (seeded; bounds the work of very "
+        "large sets); default 1",
+    )
+
+
+def build_predictor(args: argparse.Namespace, seed: int = 0) -> Predictor:
+    """The scoring method ``--method`` names, built from the shared model options."""
+    method = getattr(args, "method", DEFAULT_METHOD)
+    if method == DEFAULT_METHOD:
+        return build_model(args, seed=seed)
+    from anomalyclip.methods import create_predictor
+
+    given = [f"--{n.replace('_', '-')}" for n in ANOMALYCLIP_ONLY if getattr(args, n, None)]
+    if given:
+        raise ValueError(f"{', '.join(given)} apply to AnomalyCLIP only, not --method {method}")
+    rscin_k = getattr(args, "rscin_k", None)
+    features = getattr(args, "features", None)
+    degrees = getattr(args, "musc_degrees", None)
+    overrides = {
+        "image_size": getattr(args, "image_size", None),
+        "features": tuple(features) if features else None,
+        "degrees": tuple(degrees) if degrees else None,
+        # the official code's 0 in the list switches RsCIN off
+        "rscin_k": None if rscin_k is None else tuple(k for k in rscin_k if k != 0),
+        "divide_num": getattr(args, "musc_divide_num", None),
+        "batch_size": getattr(args, "batch_size", None),
+        "seed": seed,
+    }
+    return create_predictor(
+        method,
+        args.clip_weights,
+        overrides=overrides,
+        device=args.device,
+        trust_torchscript=args.trust_torchscript,
     )
 
 

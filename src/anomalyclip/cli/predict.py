@@ -7,7 +7,8 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
-from anomalyclip.cli.options import add_model_arguments, build_model
+from anomalyclip.cli import options
+from anomalyclip.cli.options import add_method_arguments, add_model_arguments
 from anomalyclip.visualize import COLORMAPS
 
 if TYPE_CHECKING:
@@ -23,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="score images: verdicts, heatmaps, masks and a report",
         description="Score images with AnomalyCLIP. Inputs are image files, folders "
         "(searched recursively), glob patterns or CSV files with a column 'image' (paths "
-        "relative to the CSV). Unreadable files are skipped and listed at the end.",
+        "relative to the CSV). Unreadable files are skipped and listed at the end. With "
+        "--method musc all the inputs are scored as one set, against each other.",
     )
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     parser.add_argument(
@@ -33,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "which are skipped by default",
     )
     add_model_arguments(parser)
+    add_method_arguments(parser)
     outputs = parser.add_argument_group("outputs")
     outputs.add_argument(
         "--output-dir",
@@ -143,9 +146,11 @@ def summary_text(summary: InspectionSummary) -> str:
 
 
 def build_predictor(args: argparse.Namespace) -> Predictor:
-    """The scoring method the options name: an exported ONNX model or the torch model."""
+    """The scoring method the options name: an exported ONNX model, or ``--method``'s."""
     if getattr(args, "onnx", None):
         from anomalyclip.export import OnnxAnomalyModel
 
+        if getattr(args, "method", options.DEFAULT_METHOD) != options.DEFAULT_METHOD:
+            raise ValueError("--onnx scores with an exported AnomalyCLIP; drop --method")
         return OnnxAnomalyModel(args.onnx)
-    return build_model(args)
+    return options.build_predictor(args)

@@ -11,9 +11,10 @@ from anomalyclip.cli.options import (
     DatasetSpec,
     add_cache_argument,
     add_data_arguments,
+    add_method_arguments,
     add_model_arguments,
     add_progress_argument,
-    build_model,
+    build_predictor,
     make_cache,
     open_spec,
 )
@@ -31,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "OUTPUT_DIR/<dataset>/results.{md,csv,json}; OUTPUT_DIR/summary.{md,csv,json} "
         "holds one row per dataset. Under torchrun (torchrun --nproc_per_node N -m "
         "anomalyclip test ...) the processes share the images; rank 0 writes the "
-        "identical tables.",
+        "identical tables. With --method musc each class is scored as one set (its "
+        "images score each other), as the MuSc paper evaluates.",
     )
     add_data_arguments(parser, many=True)
     parser.add_argument("--output-dir", "-o", default="results", metavar="DIR")
@@ -50,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "comparable with the paper) or threshold-free",
     )
     add_model_arguments(parser, checkpoint=None, ablations=True)
+    add_method_arguments(parser)
     add_cache_argument(parser)
     add_progress_argument(parser)
     parser.set_defaults(func=run)
@@ -67,6 +70,7 @@ def evaluate_on(args: argparse.Namespace) -> int:
     """The evaluation of one process (of several under torchrun); rank 0 writes."""
     from anomalyclip import distributed
     from anomalyclip.evaluation import evaluate, summary_table, write_summary
+    from anomalyclip.model import AnomalyCLIP
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -80,8 +84,9 @@ def evaluate_on(args: argparse.Namespace) -> int:
         )
     datasets = [open_spec(spec, args) for spec in specs]
     with distributed.main_process_first():  # one download of registered weights
-        model = build_model(args)
-    cache = make_cache(model, args, memory=False)
+        model = build_predictor(args)
+    # the embedding cache holds AnomalyCLIP's encoder outputs; other methods have none
+    cache = make_cache(model, args, memory=False) if isinstance(model, AnomalyCLIP) else None
     output_dir = Path(args.output_dir)
     results = []
     for spec, dataset in zip(specs, datasets, strict=True):

@@ -39,6 +39,7 @@ import random
 import time
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,20 +48,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from anomalyclip.backbone.clip import CLIP
+from anomalyclip.backbone.identity import BackboneIdentity
+from anomalyclip.data.core import list_images
 from anomalyclip.postprocess import PostProcessor
-from anomalyclip.predictor import Predictor
-from anomalyclip.preprocess import PreProcessor
+from anomalyclip.predictor import AnomalyPrediction, ErrorPolicy, Predictor, SkippedImage
+from anomalyclip.preprocess import ImageSource, PreProcessor
 
 __all__ = [
     "MAP_RANGE",
     "MuSc",
     "MuScConfig",
     "MuScOutput",
+    "create_musc",
     "divide_indices",
     "lnamd",
     "mutual_scores",
     "neighbour_count",
     "rscin",
+    "score_set",
 ]
 
 logger = logging.getLogger(__name__)
@@ -325,9 +330,15 @@ class MuSc(Predictor):
     method = "musc"
     scores_sets = True
 
-    def __init__(self, clip: CLIP, config: MuScConfig | None = None) -> None:
+    def __init__(
+        self,
+        clip: CLIP,
+        config: MuScConfig | None = None,
+        backbone: BackboneIdentity | None = None,
+    ) -> None:
         self.config = config or MuScConfig()
         self.clip = clip.requires_grad_(False).eval()
+        self.backbone = backbone or BackboneIdentity(self.config.backbone)
         visual = clip.visual
         if max(self.config.features) > visual.num_layers:
             raise ValueError(
@@ -341,17 +352,25 @@ class MuSc(Predictor):
             )
 
     @classmethod
-    def from_config(
+    def from_pretrained(
         cls,
+        clip_weights: str | Path | CLIP | None = None,
+        *,
         config: MuScConfig | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
+        trust_torchscript: bool = False,
+        **settings: Any,
     ) -> MuSc:
-        """The backbone ``config.backbone`` names, loaded with :func:`load_clip`."""
-        from anomalyclip.backbone.loading import load_clip
-
-        config = config or MuScConfig()
-        return cls(load_clip(config.backbone, device=device, dtype=dtype), config)
+        """MuSc on a backbone found as ``create_model`` finds one (see :func:`create_musc`)."""
+        return create_musc(
+            clip_weights,
+            config=config,
+            overrides=settings,
+            device=device,
+            dtype=dtype,
+            trust_torchscript=trust_torchscript,
+        )
 
     @property
     def device(self) -> torch.device:
@@ -372,11 +391,22 @@ class MuSc(Predictor):
         )
 
     def settings(self) -> dict[str, Any]:
-        return self.config.to_dict()
+        return {**self.config.to_dict(), "backbone_identity": self.backbone.to_dict()}
 
     def score_tensors(self, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
         output = self.run(images)
         return output.image_scores, output.anomaly_maps
+
+    def score_set(
+        self,
+        sources: str | Path | Sequence[ImageSource],
+        progress: bool = False,
+        errors: ErrorPolicy = "raise",
+    ) -> list[AnomalyPrediction | SkippedImage]:
+        """Score a folder's images (those directly in it, sorted by name) or a list of
+        images as one set: the notebook entry point (``predict`` with folders expanded)."""
+        items = _expand(sources)
+        return self.predict(items, batch_size=max(1, len(items)), progress=progress, errors=errors)
 
     def features(self, images: Tensor) -> tuple[dict[int, Tensor], Tensor]:
         """Raw tokens (layer -> (N, 1 + L, C)) and unit image embeddings (N, E), float32.
@@ -489,3 +519,72 @@ class MuSc(Predictor):
             maps[start : start + len(chunk)] = upsampled.float().numpy()
             maxima[start : start + len(chunk)] = upsampled.flatten(1).amax(dim=1).numpy()
         return maps, maxima
+
+
+def create_musc(
+    clip_weights: str | Path | CLIP | None = None,
+    *,
+    config: MuScConfig | None = None,
+    overrides: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    trust_torchscript: bool = False,
+) -> MuSc:
+    """MuSc in one call, as :func:`~anomalyclip.factory.create_model` builds AnomalyCLIP.
+
+    ``clip_weights``: a registered name, a file or folder, or a CLIP in memory; default:
+    ``config.backbone`` (the registered ViT-L/14@336px, MuSc's published backbone).
+    ``overrides``: :class:`MuScConfig` fields; None values mean "not given". The
+    backbone goes through the factory's resolution (registry, cache, checksum), so the
+    results record its name and SHA-256.
+    """
+    from anomalyclip.factory import load_backbone
+
+    config = config or MuScConfig()
+    changes = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(MuScConfig)})
+    if unknown:
+        raise ValueError(f"MuSc has no setting {', '.join(map(repr, unknown))}")
+    clip, identity = load_backbone(
+        clip_weights,
+        config.backbone,
+        device=device,
+        dtype=dtype,
+        trust_torchscript=trust_torchscript,
+    )
+    config = dataclasses.replace(config, **changes, backbone=identity.name)
+    return MuSc(clip, config, identity)
+
+
+def _expand(sources: str | Path | Sequence[ImageSource]) -> list[ImageSource]:
+    """A folder becomes its images; anything else stays one source, or a list of them."""
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    items: list[ImageSource] = []
+    for source in sources:
+        if isinstance(source, (str, Path)) and Path(source).is_dir():
+            found = list_images(Path(source))
+            if not found:
+                raise FileNotFoundError(f"{source}: no images in this folder")
+            items.extend(found)
+        else:
+            items.append(source)
+    return items
+
+
+def score_set(
+    sources: str | Path | Sequence[ImageSource],
+    clip_weights: str | Path | CLIP | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    **settings: Any,
+) -> list[AnomalyPrediction | SkippedImage]:
+    """MuSc in one line: a folder or a list of images scored as one set, in input order.
+
+    ``settings`` are :class:`MuScConfig` fields (``degrees=(1, 3)``, ``image_size=...``);
+    to score several sets, build the model once with :func:`create_musc` and call its
+    :meth:`MuSc.score_set`, as loading the backbone is the slow part.
+    """
+    model = create_musc(clip_weights, overrides=settings, device=device)
+    return model.score_set(sources, progress=progress)
