@@ -85,7 +85,7 @@ class AnomalyPrediction:
 class Predictor(ABC):
     """A scoring method: preprocessed images in, image scores and pixel maps out."""
 
-    method: ClassVar[str] = "unnamed"
+    method: str = "unnamed"  # a class attribute; wrappers set their inner method's
     scores_sets: ClassVar[bool] = False  # True: the images of a call score each other
 
     @property
