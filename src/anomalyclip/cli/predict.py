@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from anomalyclip.cli import options
 from anomalyclip.cli.options import add_method_arguments, add_model_arguments
+from anomalyclip.inference import OVERLAY_FORMATS
 from anomalyclip.visualize import COLORMAPS
 
 if TYPE_CHECKING:
@@ -58,6 +59,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     outputs.add_argument(
         "--save-maps", metavar="DIR", help="write <name>.npy float32 maps at model resolution"
     )
+    outputs.add_argument(
+        "--overlay-format",
+        choices=OVERLAY_FORMATS,
+        default="png",
+        help="overlays as PNG (exact) or JPEG (about ten times smaller on photographs)",
+    )
+    outputs.add_argument(
+        "--overlay-max-side",
+        type=int,
+        metavar="PIXELS",
+        help="scale overlays down to at most this side (masks stay at full resolution)",
+    )
     thresholds = parser.add_argument_group("thresholds")
     thresholds.add_argument(
         "--threshold",
@@ -89,7 +102,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from anomalyclip.inference import gather_images, inspect
+    from anomalyclip.inference import gather_images, input_columns, inspect
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -114,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         colormap=args.colormap,
         overwrite=args.overwrite,
+        overlay_format=args.overlay_format,
+        overlay_max_side=args.overlay_max_side,
+        columns=input_columns(args.inputs),
     )
     sys.stdout.write(summary_text(summary) + "\n")
     return 0 if summary.results else 1
