@@ -532,3 +532,23 @@ def test_python_api_scores_a_folder_or_a_list_as_one_set(tmp_path, clip_file):
     assert sum(isinstance(r, SkippedImage) for r in mixed) == 1
     with pytest.raises(ValueError, match="no setting 'sigma'"):
         anomalyclip.create_musc(clip_file, overrides={"sigma": 4})
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_run(tmp_path):
+    """bench_musc.py --quick: both algorithms run, agree, and the JSON is written."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_musc.py"
+    output = tmp_path / "musc.json"
+    completed = subprocess.run(
+        [sys.executable, str(script), "--quick", "--threads", "1", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "| shapes | images |" in completed.stdout
+    (case,) = json.loads(output.read_text())["cases"]
+    assert case["max_abs_difference"] < 1e-5 and case["speedup"] > 0
