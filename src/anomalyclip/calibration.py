@@ -85,14 +85,18 @@ class Calibration:
         data["skipped"] = [s.to_record() for s in self.skipped]
         return data
 
-    def apply(self, model: AnomalyCLIP) -> AnomalyCLIP:
+    def apply(self, model: AnomalyCLIP, reference_bank: str | None = None) -> AnomalyCLIP:
         """Store the thresholds, and the settings they hold for, in the model's configuration
-        (saved with its checkpoint)."""
+        (saved with its checkpoint). ``reference_bank``: the digest of the references the
+        thresholds were calibrated with (few-shot maps differ from zero-shot ones)."""
         config = model.config
+        settings = calibration_settings(config)
+        if reference_bank is not None:
+            settings["reference_bank"] = reference_bank
         model.config = config.replace(
             image_threshold=self.image_threshold,
             pixel_threshold=self.pixel_threshold,
-            extra={**config.extra, "calibrated_with": calibration_settings(config)},
+            extra={**config.extra, "calibrated_with": settings},
         )
         return model
 

@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from anomalyclip.cli.options import add_model_arguments, build_model
+from anomalyclip.cli import options
+from anomalyclip.cli.options import add_model_arguments, add_scoring_arguments, build_model
+
+if TYPE_CHECKING:
+    from anomalyclip.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +55,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(DIR/<defect>/<stem>_mask.png)",
     )
     add_model_arguments(parser)
+    add_scoring_arguments(parser)
+    parser.add_argument(
+        "--bank-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="storage of the reference bank written beside the checkpoint (float16: half "
+        "the size; distances are computed in float32 either way)",
+    )
     rules = parser.add_argument_group("rules")
     rules.add_argument(
         "--image-quantile",
@@ -78,7 +91,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _examples(args: argparse.Namespace) -> tuple[list, list, dict[str, Path]]:
+def _examples(
+    args: argparse.Namespace, references: bool = False
+) -> tuple[list, list, dict[str, Path]]:
     from anomalyclip.calibration import find_mask, read_labels
     from anomalyclip.inference import gather_images
 
@@ -100,8 +115,10 @@ def _examples(args: argparse.Namespace) -> tuple[list, list, dict[str, Path]]:
         good += labelled_good
         anomalous += labelled_anomalous
         masks.update(labelled_masks)
-    if not good:
-        raise ValueError("calibrate needs known-good images (arguments or 'good' rows of --labels)")
+    if not good and not references:
+        raise ValueError(
+            "calibrate needs known-good images (arguments, 'good' rows of --labels, or --reference)"
+        )
     return good, anomalous, masks
 
 
@@ -123,10 +140,21 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    good, anomalous, masks = _examples(args)
+    import torch
+
+    from anomalyclip.methods.references import FewShotAnomalyCLIP
+
     model = build_model(args)
+    bank = options.reference_bank(model, args)
+    good, anomalous, masks = _examples(args, references=bank is not None)
+    scorer: Predictor = model
+    if bank is not None:
+        # without other good images, the references are scored against each other
+        scorer = FewShotAnomalyCLIP(model, bank, leave_one_out=not good)
+        good = good or list(bank.sources)
+    scorer = options.with_tiles(scorer, args)
     result = calibrate(
-        model,
+        scorer,
         good,
         anomalous,
         masks,
@@ -135,10 +163,13 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.no_progress,
     )
-    result.apply(model)
+    result.apply(model, reference_bank=None if bank is None else bank.digest)
     details = {**result.to_dict(), "calibrated_from": args.checkpoint}
     extra = {**_source_extra(args.checkpoint), "calibration": details}
     save_checkpoint(args.output, model, extra=extra)
+    if bank is not None:
+        stored = bank.to(torch.float16) if args.bank_dtype == "float16" else bank
+        stored.save(options.bank_path_for(args.output))
     if args.summary:
         atomic_write_json(args.summary, details)
     logger.info(

@@ -19,6 +19,7 @@ from anomalyclip.config import DPAM_MODES, GLOBAL_HEADS, PROMPT_MODES, TEXT_PROM
 if TYPE_CHECKING:
     from anomalyclip.data.core import AnomalyDataset
     from anomalyclip.feature_cache import FeatureCache
+    from anomalyclip.methods.references import ReferenceBank
     from anomalyclip.model import AnomalyCLIP
     from anomalyclip.predictor import Predictor
 
@@ -206,8 +207,109 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options that wrap whichever method is chosen: references and tiling."""
+    group = parser.add_argument_group("references and tiling (any per-image method)")
+    group.add_argument(
+        "--reference",
+        nargs="+",
+        metavar="DIR_OR_GLOB",
+        help="known-good images (typically 1 to 16; folders, globs, CSV lists) or a bank "
+        "file saved by `anomalyclip calibrate --reference ... --save-bank FILE`: each "
+        "image is also compared with their patches (few-shot)",
+    )
+    group.add_argument(
+        "--tile-size",
+        type=int,
+        metavar="PIXELS",
+        help="score big or elongated images in square tiles of this many original pixels "
+        "(maps stitched, image score the tiles' maximum); default: the whole image",
+    )
+    group.add_argument(
+        "--tile-overlap",
+        type=float,
+        default=0.25,
+        metavar="FRACTION",
+        help="share of a tile its neighbours overlap (default 0.25)",
+    )
+
+
+def with_references_and_tiles(predictor: Predictor, args: argparse.Namespace) -> Predictor:
+    """``predictor`` with ``--reference`` (or the bank its checkpoint was calibrated
+    with) and then ``--tile-size`` applied."""
+    bank = reference_bank(predictor, args)
+    if bank is not None:
+        from anomalyclip.methods.references import FewShotAnomalyCLIP
+        from anomalyclip.model import AnomalyCLIP
+
+        assert isinstance(predictor, AnomalyCLIP)  # reference_bank refuses anything else
+        predictor = FewShotAnomalyCLIP(predictor, bank)
+    return with_tiles(predictor, args)
+
+
+def with_tiles(predictor: Predictor, args: argparse.Namespace) -> Predictor:
+    tile_size = getattr(args, "tile_size", None)
+    if not tile_size:
+        return predictor
+    from anomalyclip.methods.tiled import TiledPredictor, Tiling
+
+    tiling = Tiling(tile_size, getattr(args, "tile_overlap", 0.25))
+    return TiledPredictor(predictor, tiling, getattr(args, "batch_size", 8))
+
+
+def bank_path_for(checkpoint: str | Path) -> Path:
+    """Where ``calibrate --reference`` writes the bank: beside the checkpoint."""
+    return Path(checkpoint).with_suffix(".bank.pt")
+
+
+def reference_bank(predictor: Predictor, args: argparse.Namespace) -> ReferenceBank | None:
+    """The bank ``--reference`` names (images, or a bank file), else the one the
+    checkpoint was calibrated with (found beside it), else None."""
+    from anomalyclip.methods.references import ReferenceBank, ReferenceError, build_bank
+    from anomalyclip.model import AnomalyCLIP
+
+    references = getattr(args, "reference", None)
+    recorded = None
+    if isinstance(predictor, AnomalyCLIP):
+        recorded = (predictor.config.extra.get("calibrated_with") or {}).get("reference_bank")
+    if not references and recorded is None:
+        return None
+    if not isinstance(predictor, AnomalyCLIP):
+        raise ValueError(f"--reference is not available for --method {predictor.method} yet")
+    if references and len(references) == 1 and Path(references[0]).suffix == ".pt":
+        bank = ReferenceBank.load(references[0])
+    elif references:
+        from anomalyclip.inference import gather_images
+
+        bank = build_bank(predictor, gather_images(references))
+    else:
+        path = bank_path_for(getattr(args, "checkpoint", None) or "")
+        if not path.is_file():
+            raise ReferenceError(
+                f"the checkpoint was calibrated with reference images, but their bank {path} "
+                "is missing; pass --reference with the bank file or the images"
+            )
+        bank = ReferenceBank.load(path)
+        if bank.digest != recorded:
+            raise ReferenceError(
+                f"{path} holds other references than the checkpoint was calibrated with; "
+                "pass --reference with the right bank file or images"
+            )
+    logger.info("reference bank: %d images, %.1f MB in memory", bank.count, bank.nbytes / 1e6)
+    return bank
+
+
 def build_predictor(args: argparse.Namespace, seed: int = 0) -> Predictor:
-    """The scoring method ``--method`` names, built from the shared model options."""
+    """The scoring method ``--method`` names, built from the shared model options, with
+    references and tiling applied where the command offers them."""
+    method = getattr(args, "method", DEFAULT_METHOD)
+    if getattr(args, "reference", None) and method != DEFAULT_METHOD:
+        raise ValueError(f"--reference is not available for --method {method} yet")
+    return with_references_and_tiles(build_method(args, seed), args)
+
+
+def build_method(args: argparse.Namespace, seed: int = 0) -> Predictor:
+    """The scoring method ``--method`` names, as it is."""
     method = getattr(args, "method", DEFAULT_METHOD)
     if method == DEFAULT_METHOD:
         return build_model(args, seed=seed)

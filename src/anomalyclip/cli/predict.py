@@ -8,7 +8,11 @@ import sys
 from typing import TYPE_CHECKING
 
 from anomalyclip.cli import options
-from anomalyclip.cli.options import add_method_arguments, add_model_arguments
+from anomalyclip.cli.options import (
+    add_method_arguments,
+    add_model_arguments,
+    add_scoring_arguments,
+)
 from anomalyclip.inference import OVERLAY_FORMATS
 from anomalyclip.visualize import COLORMAPS
 
@@ -37,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(parser)
     add_method_arguments(parser)
+    add_scoring_arguments(parser)
     outputs = parser.add_argument_group("outputs")
     outputs.add_argument(
         "--output-dir",
@@ -168,5 +173,7 @@ def build_predictor(args: argparse.Namespace) -> Predictor:
 
         if getattr(args, "method", options.DEFAULT_METHOD) != options.DEFAULT_METHOD:
             raise ValueError("--onnx scores with an exported AnomalyCLIP; drop --method")
-        return OnnxAnomalyModel(args.onnx)
+        if getattr(args, "reference", None):
+            raise ValueError("--reference needs the torch model; drop --onnx")
+        return options.with_tiles(OnnxAnomalyModel(args.onnx), args)
     return options.build_predictor(args)

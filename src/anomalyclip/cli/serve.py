@@ -7,10 +7,16 @@ import ipaddress
 import logging
 from typing import TYPE_CHECKING
 
-from anomalyclip.cli.options import add_model_arguments
+from anomalyclip.cli import options
+from anomalyclip.cli.options import (
+    add_method_arguments,
+    add_model_arguments,
+    add_scoring_arguments,
+)
 from anomalyclip.cli.predict import build_predictor
 
 if TYPE_CHECKING:
+    from anomalyclip.predictor import Predictor
     from anomalyclip.serving import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -24,6 +30,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "an inspection page at /. The model is loaded once and shared by all requests.",
     )
     add_model_arguments(parser)
+    add_method_arguments(parser)
+    add_scoring_arguments(parser)
+    from anomalyclip.methods import METHODS
+
+    parser.add_argument(
+        "--offer",
+        nargs="+",
+        default=[],
+        choices=[options.DEFAULT_METHOD, *METHODS],
+        metavar="METHOD",
+        help="also offer these methods (with their default settings and the same "
+        "--clip-weights); requests and the page choose with ?method=NAME",
+    )
     parser.add_argument(
         "--onnx",
         metavar="FILE.onnx",
@@ -73,6 +92,21 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
     )
 
 
+def served_methods(args: argparse.Namespace) -> dict[str, Predictor]:
+    """The main method (``--method``, ``--onnx``), then each of ``--offer``."""
+    main = build_predictor(args)
+    methods = {main.method: main}
+    for name in args.offer:
+        if name in methods:
+            continue
+        # the main method's own options (its checkpoint, say) are not the offered one's
+        own = {} if name == options.DEFAULT_METHOD else dict.fromkeys(options.ANOMALYCLIP_ONLY)
+        changes = {"method": name, "reference": None, "tile_size": None, **own}
+        offered = argparse.Namespace(**{**vars(args), **changes})
+        methods[name] = options.build_method(offered)
+    return methods
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -93,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         ) from None
 
     settings = settings_from_args(args)
-    app = create_app(build_predictor(args), settings)
+    app = create_app(served_methods(args), settings)
     if not is_loopback(args.host):
         logger.warning(
             "listening on %s: the service has no authentication; put it behind a proxy "

@@ -14,6 +14,7 @@ from anomalyclip.cli.options import (
     add_method_arguments,
     add_model_arguments,
     add_progress_argument,
+    add_scoring_arguments,
     build_predictor,
     make_cache,
     open_spec,
@@ -53,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(parser, checkpoint=None, ablations=True)
     add_method_arguments(parser)
+    add_scoring_arguments(parser)
     add_cache_argument(parser)
     add_progress_argument(parser)
     parser.set_defaults(func=run)

@@ -160,24 +160,48 @@ def bank_identity(model: AnomalyCLIP) -> dict[str, Any]:
     }
 
 
-def nearest_distances(tokens: Tensor, bank: Tensor, block: int = 4096) -> Tensor:
+def nearest_distances(
+    tokens: Tensor, bank: Tensor, excluded: Tensor | None = None, block: int = 4096
+) -> Tensor:
     """(B, P) ``1 - max cosine`` of each patch to the bank, in float32, in blocks of the
-    bank so memory stays bounded with many references."""
+    bank so memory stays bounded with many references. ``excluded``: (B, M) bank rows
+    each image may not match (its own patches, for leave-one-out)."""
     best = torch.full(tokens.shape[:2], -math.inf, device=tokens.device)
     tokens = tokens.float()
     for start in range(0, bank.shape[0], block):
         part = bank[start : start + block].to(tokens.device, torch.float32)
-        best = torch.maximum(best, (tokens @ part.T).amax(dim=-1))
+        similarity = tokens @ part.T
+        if excluded is not None:
+            mask = excluded[:, None, start : start + block].to(tokens.device)
+            similarity = similarity.masked_fill(mask, -math.inf)
+        best = torch.maximum(best, similarity.amax(dim=-1))
     return 1.0 - best
 
 
+def own_rows(patch_tokens: dict[int, Tensor], bank: ReferenceBank) -> Tensor:
+    """(B, M) True on the bank rows of the reference each image *is* (all its patches
+    equal to that reference's, position by position), for leave-one-out scoring."""
+    layer = min(patch_tokens)
+    tokens = patch_tokens[layer][:, 1:].float()  # (B, P, C)
+    per_image = tokens.shape[1]
+    stored = bank.patches[layer].float().reshape(bank.count, per_image, -1)
+    agreement = torch.einsum("bpc,npc->bn", tokens, stored) / per_image
+    same = agreement > 1 - 1e-3
+    return same.repeat_interleave(per_image, dim=1)
+
+
 def reference_maps(
-    patch_tokens: dict[int, Tensor], bank: ReferenceBank, grid: tuple[int, int]
+    patch_tokens: dict[int, Tensor],
+    bank: ReferenceBank,
+    grid: tuple[int, int],
+    leave_one_out: bool = False,
 ) -> Tensor:
-    """(B, grid_h, grid_w) reference map at patch resolution, summed over layers."""
+    """(B, grid_h, grid_w) reference map at patch resolution, summed over layers; with
+    ``leave_one_out``, a reference is compared with the other references only."""
+    excluded = own_rows(patch_tokens, bank) if leave_one_out else None
     total: Tensor | None = None
     for layer, tokens in patch_tokens.items():
-        distances = nearest_distances(tokens[:, 1:], bank.patches[layer])
+        distances = nearest_distances(tokens[:, 1:], bank.patches[layer], excluded)
         layer_map = distances.reshape(tokens.shape[0], *grid)
         total = layer_map if total is None else total + layer_map
     assert total is not None, "no feature layers"
@@ -253,14 +277,27 @@ def build_bank(
 
 
 class FewShotAnomalyCLIP(Predictor):
-    """AnomalyCLIP with a reference bank: zero-shot map plus distance to good patches."""
+    """AnomalyCLIP with a reference bank: zero-shot map plus distance to good patches.
+
+    ``leave_one_out`` scores each of the references against the others (used to
+    calibrate on the references alone): an image found in the bank does not match its
+    own patches. Needs two references at least.
+    """
 
     method = "anomalyclip"
 
-    def __init__(self, model: AnomalyCLIP, bank: ReferenceBank) -> None:
+    def __init__(
+        self, model: AnomalyCLIP, bank: ReferenceBank, leave_one_out: bool = False
+    ) -> None:
         bank.check_fits(model)
+        if leave_one_out and bank.count < 2:
+            raise ReferenceError(
+                "scoring the references against each other needs two of them at least; give "
+                "known-good images to calibrate on as well"
+            )
         self.model = model
         self.bank = bank
+        self.leave_one_out = leave_one_out
 
     @classmethod
     def from_images(
@@ -280,7 +317,7 @@ class FewShotAnomalyCLIP(Predictor):
         low, high = post.map_range
         layers = len(self.model.config.features)
         calibrated = self.model.config.extra.get("calibrated_with") or {}
-        with_references = calibrated.get("references") == self.bank.digest
+        with_references = calibrated.get("reference_bank") == self.bank.digest
         return PostProcessor.calibrated(
             (low, high + layers),
             post.image_threshold if with_references else None,
@@ -304,7 +341,9 @@ class FewShotAnomalyCLIP(Predictor):
         with torch.no_grad():
             embeddings = model.encode_image(images.to(model.device))
             zero_shot = model.score(embeddings, model.text_features())
-            coarse = reference_maps(embeddings.patch_tokens, self.bank, embeddings.grid)
+            coarse = reference_maps(
+                embeddings.patch_tokens, self.bank, embeddings.grid, self.leave_one_out
+            )
             reference = upsample(coarse, size)
             maps = gaussian_smooth(zero_shot.raw_maps + reference, model.config.sigma)
             ratio = reference.flatten(1).amax(dim=1) / self.bank.reference_max
