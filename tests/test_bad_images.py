@@ -252,3 +252,54 @@ def test_pillows_bomb_warning_does_not_leak(tmp_path, recwarn):
     finally:
         Image.MAX_IMAGE_PIXELS = previous
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_a_given_bit_depth_and_pixel_limit_apply_to_every_read(tmp_path, caplog):
+    from anomalyclip.preprocess import DecodeSettings, decoding
+
+    ramp = np.linspace(0, 1000, 64, dtype=np.uint16).reshape(8, 8)  # looks 10-bit
+    path = tmp_path / "camera.png"
+    Image.fromarray(ramp).save(path)
+    assert np.asarray(load_image(path))[..., 0].max() == round(1000 / 1023 * 255)  # 10-bit
+    with decoding(bit_depth=12), caplog.at_level(logging.WARNING):
+        twelve = np.asarray(load_image(path))[..., 0]
+    assert twelve.max() == round(1000 / 4095 * 255)
+    with decoding(bit_depth=8), caplog.at_level(logging.WARNING):
+        assert np.asarray(load_image(path))[..., 0].max() == 255
+    assert "exceeds the 8-bit depth given: clipped" in caplog.text
+    with decoding(max_pixels=50), pytest.raises(ImageLoadError, match="exceeds the limit of 50"):
+        load_image(path)
+    assert load_image(path).size == (8, 8)  # the block's settings end with it
+    with pytest.raises(ValueError, match="bit depth must be from 8 to 16"):
+        DecodeSettings(bit_depth=20)
+
+
+def test_cli_pixel_limit_skips_larger_images(tmp_path):
+    import json
+
+    from anomalyclip.cli import main
+    from tests.test_predict import model_arguments, write_tiny_model
+
+    files = write_tiny_model(tmp_path / "model")
+    (tmp_path / "in").mkdir()
+    Image.new("L", (1000, 600)).save(tmp_path / "in" / "big.png")
+    Image.new("L", (100, 60)).save(tmp_path / "in" / "small.png")
+    out = tmp_path / "out"
+    arguments = [*map(str, model_arguments(files)), "--no-progress", "--bit-depth", "12"]
+    code = main(
+        [
+            "predict",
+            str(tmp_path / "in"),
+            *arguments,
+            "--max-megapixels",
+            "0.5",
+            "--output-dir",
+            str(out),
+        ]
+    )
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scored"] == 1
+    (skipped,) = summary["skipped"]
+    assert skipped["image"].endswith("big.png")
+    assert skipped["reason"] == "1000x600 pixels exceeds the limit of 500000"

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from anomalyclip.methods.tiled import Tiling, TiledPredictor, blend_weights
+from anomalyclip.methods.tiled import TiledPredictor, Tiling, blend_weights
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import Predictor
 from anomalyclip.preprocess import PreProcessor

@@ -18,7 +18,9 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal, cast, get_args
@@ -70,15 +72,62 @@ def used_bit_depth(peak: float) -> int:
     return min(16, bits + bits % 2)
 
 
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How files are decoded where no caller says otherwise: the bit depth of 16-bit data
+    (None: detected per image, :func:`used_bit_depth`) and the largest pixel count.
+
+    Set for a block of work with :func:`decoding` (the CLI's ``--bit-depth`` and
+    ``--max-megapixels``), so that every path that reads images (predict, test,
+    calibrate, datasets) follows it without each one passing it along.
+    """
+
+    bit_depth: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.bit_depth is not None and not 8 <= self.bit_depth <= 16:
+            raise ValueError(f"bit depth must be from 8 to 16, got {self.bit_depth}")
+        if self.max_pixels < 1:
+            raise ValueError(f"the pixel limit must be positive, got {self.max_pixels}")
+
+
+_DECODING: ContextVar[DecodeSettings] = ContextVar(
+    "decoding",
+    default=DecodeSettings(),  # noqa: B039 - frozen, never mutated
+)
+
+
+@contextmanager
+def decoding(bit_depth: int | None = None, max_pixels: int | None = None) -> Iterator[None]:
+    """Decode with these settings inside the block (this thread and its context)."""
+    settings = DecodeSettings(bit_depth, DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
+    token = _DECODING.set(settings)
+    try:
+        yield
+    finally:
+        _DECODING.reset(token)
+
+
 def _to_8bit(image: Image.Image) -> Image.Image:
     """16-bit and float images scaled to 8 bits instead of clipped, as PIL's convert would.
 
     Integer images are scaled by the bit depth their data uses (:func:`used_bit_depth`),
-    with a warning when that is not 16 so the choice is never silent.
+    with a warning when that is not 16 so the choice is never silent, or by the depth
+    :func:`decoding` sets (values above it are clipped, with a warning).
     """
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         array = np.asarray(image, dtype=np.float64)
         top = float(array.max(initial=0))
+        given = _DECODING.get().bit_depth
+        if given is not None:
+            if top > 2**given - 1:
+                logger.warning(
+                    "image data up to %d exceeds the %d-bit depth given: clipped", int(top), given
+                )
+            peak = float(2**given - 1)
+            scaled = np.clip(array / peak * 255.0 + 0.5, 0, 255)
+            return Image.fromarray(scaled.astype(np.uint8), "L")
         bits = used_bit_depth(top)
         if bits < 16 and (image.mode.startswith("I;16") or top > 255):
             logger.warning(
@@ -115,16 +164,19 @@ def _from_array(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array)
 
 
-def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(source: ImageSource, max_pixels: int | None = None) -> Image.Image:
     """An RGB PIL image from a path, bytes, PIL image or array; EXIF orientation applied.
 
     Raises :class:`ImageLoadError` naming the source for anything unreadable: whatever a
     decoder raises on a damaged file (Pillow's plugins raise ``TypeError``,
     ``NotImplementedError`` and more) is that file's error, never the caller's crash.
     Pillow's own warnings are silenced (its decompression-bomb warning: ``max_pixels`` is
-    the limit; "corrupt EXIF" and the like: the file decoded, or its error says why).
+    the limit, by default the one :func:`decoding` sets; "corrupt EXIF" and the like: the
+    file decoded, or its error says why).
     """
     name = describe(source)
+    if max_pixels is None:
+        max_pixels = _DECODING.get().max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

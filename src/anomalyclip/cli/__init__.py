@@ -40,8 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from anomalyclip.preprocess import decoding
+
+    megapixels = getattr(args, "max_megapixels", None)
     try:
-        return int(args.func(args) or 0)
+        max_pixels = None if megapixels is None else int(megapixels * 1_000_000)
+        with decoding(getattr(args, "bit_depth", None), max_pixels):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         logger.error("interrupted")
         return 130

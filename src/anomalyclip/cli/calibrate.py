@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from anomalyclip.cli import options
-from anomalyclip.cli.options import add_model_arguments, add_scoring_arguments, build_model
+from anomalyclip.cli.options import (
+    add_decoding_arguments,
+    add_model_arguments,
+    add_scoring_arguments,
+    build_model,
+)
 
 if TYPE_CHECKING:
     from anomalyclip.predictor import Predictor
@@ -56,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(parser)
     add_scoring_arguments(parser)
+    add_decoding_arguments(parser)
     parser.add_argument(
         "--bank-dtype",
         choices=("float32", "float16"),

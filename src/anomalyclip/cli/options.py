@@ -207,6 +207,25 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """How image files are read: the bit depth of 16-bit data and the pixel limit."""
+    group = parser.add_argument_group("reading images")
+    group.add_argument(
+        "--bit-depth",
+        type=int,
+        choices=range(8, 17),
+        metavar="BITS",
+        help="bit depth of the data in 16-bit files (a 12-bit camera: 12); default: "
+        "detected per image from its largest value, with a warning when not 16",
+    )
+    group.add_argument(
+        "--max-megapixels",
+        type=float,
+        metavar="MP",
+        help="refuse (skip) images larger than this (default 179: a decompression bomb)",
+    )
+
+
 def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     """Options that wrap whichever method is chosen: references and tiling."""
     group = parser.add_argument_group("references and tiling (any per-image method)")

@@ -11,6 +11,7 @@ from anomalyclip.cli.options import (
     DatasetSpec,
     add_cache_argument,
     add_data_arguments,
+    add_decoding_arguments,
     add_method_arguments,
     add_model_arguments,
     add_progress_argument,
@@ -55,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(parser, checkpoint=None, ablations=True)
     add_method_arguments(parser)
     add_scoring_arguments(parser)
+    add_decoding_arguments(parser)
     add_cache_argument(parser)
     add_progress_argument(parser)
     parser.set_defaults(func=run)

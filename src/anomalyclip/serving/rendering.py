@@ -68,7 +68,11 @@ def render(
     post = prediction.postprocessor
     small_map = placed_map(prediction, fit_within(image.size, settings.map_max_side))
     overlay_size = fit_within(image.size, settings.overlay_max_side)
-    shown = image if overlay_size == image.size else image.resize(overlay_size, Image.Resampling.BILINEAR)
+    shown = (
+        image
+        if overlay_size == image.size
+        else image.resize(overlay_size, Image.Resampling.BILINEAR)
+    )
     overlay_map = placed_map(prediction, overlay_size)
     low, high = post.map_range
     overlay_png = encode_png(overlay(shown, overlay_map, vmin=low, vmax=high))
