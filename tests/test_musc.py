@@ -285,11 +285,12 @@ def test_lnamd_equals_unfold_and_adaptive_pooling():
         lnamd(tokens[:, :-1], 1)
 
 
+@pytest.mark.parametrize("distance_budget", [0, 1 << 30])  # image by image; pairs once
 @pytest.mark.parametrize("block_elements", [1, 5, 37, 200, 10_000, 1 << 24])
-def test_blocked_mutual_scoring_equals_the_literal_computation(block_elements):
+def test_blocked_mutual_scoring_equals_the_literal_computation(block_elements, distance_budget):
     vectors = F.normalize(torch.randn(9, 25, 12), dim=-1)
     literal = literal_mutual_scores(vectors).numpy()
-    blocked = mutual_scores(vectors, block_elements=block_elements)
+    blocked = mutual_scores(vectors, block_elements=block_elements, distance_budget=distance_budget)
     assert blocked.dtype == torch.float64
     np.testing.assert_allclose(blocked.numpy(), literal, atol=1e-6)
 
@@ -298,6 +299,7 @@ def test_mutual_scoring_of_duplicates_is_exactly_zero():
     """Identical images: every patch finds itself, distance 0, not sqrt(rounding)."""
     vectors = F.normalize(torch.randn(1, 16, 8), dim=-1).repeat(6, 1, 1)
     assert mutual_scores(vectors).abs().max().item() < 1e-6
+    assert mutual_scores(vectors, distance_budget=0).abs().max().item() < 1e-6
 
 
 # small sets, subsets, RsCIN edge cases -----------------------------------------------------

@@ -77,6 +77,9 @@ logger = logging.getLogger(__name__)
 MAP_RANGE = (0.0, 2.0)
 # Elements of the largest similarity block MSM holds at once (float32: 64 MiB).
 DEFAULT_BLOCK_ELEMENTS = 1 << 24
+# Bytes of nearest-patch distances MSM may keep for the whole set, to multiply each pair
+# of images once (N (N - 1) L float32: 1 GiB is 440 images of 37 x 37 patches).
+DEFAULT_DISTANCE_BUDGET = 1 << 30
 
 
 @dataclass
@@ -216,7 +219,10 @@ def _ranges(start: int, stop: int, step: int) -> Iterator[tuple[int, int]]:
 
 
 def mutual_scores(
-    vectors: Tensor, interval: float = 0.3, block_elements: int = DEFAULT_BLOCK_ELEMENTS
+    vectors: Tensor,
+    interval: float = 0.3,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    distance_budget: int = DEFAULT_DISTANCE_BUDGET,
 ) -> Tensor:
     """MSM: (N, L) float64 scores of every patch of every image against the others.
 
@@ -225,44 +231,96 @@ def mutual_scores(
     is the mean of the smallest ``neighbour_count(N, interval)`` of the N - 1 values.
 
     For unit vectors ||a - b||^2 = 2 - 2 a.b, so the nearest patch is the largest dot
-    product: one matrix product per block finds it. The distance to it is then computed
-    directly, ||a - b|| on the one pair, not as sqrt(max(0, 2 - 2 a.b)): near a match the
-    dot product is close to 1, and the square root magnifies its float32 rounding to some
-    1e-5, while the direct difference keeps the official cdist's 1e-7. Blocks cover query
-    patches of one image times whole reference images and hold at most
-    ``block_elements`` similarities (at least one query patch against one image), so
-    memory is bounded whatever N and L; besides the input, the largest buffer is the
-    (N - 1, L) distances of one query image.
+    product: matrix products find it. The distance to it is then computed directly,
+    ||a - b|| on the one pair, not as sqrt(max(0, 2 - 2 a.b)): near a match the dot
+    product is close to 1, and the square root magnifies its float32 rounding to some
+    1e-4, while the direct difference stays at 1e-7 (the official cdist: 2e-5).
+
+    One product of image i against image j answers both ways: its row maxima give i's
+    patches against j, its column maxima j's against i. So when every image's (N - 1, L)
+    distances fit in ``distance_budget`` bytes, each pair is multiplied once (half the
+    arithmetic); above that, image by image (each pair twice), so that memory stays
+    bounded whatever N. Blocks hold at most ``block_elements`` similarities (at least
+    one query patch against one image).
     """
     if vectors.dim() != 3:
         raise ValueError(f"vectors must be (N, L, C), got shape {tuple(vectors.shape)}")
-    count, patches, channels = vectors.shape
+    count, patches, _ = vectors.shape
     keep = neighbour_count(count, interval)
     vectors = vectors.float().contiguous()
-    query_rows = max(1, min(patches, block_elements // patches))
-    reference_images = max(1, block_elements // (query_rows * patches))
     scores = torch.empty(count, patches, dtype=torch.float64, device=vectors.device)
-    distances = torch.empty(count - 1, patches, device=vectors.device)
+    symmetric = count * (count - 1) * patches * 4 <= distance_budget
+    if symmetric:
+        # distances[i, slot] with slot j for j < i and j - 1 for j > i
+        distances = torch.empty(count, count - 1, patches, device=vectors.device)
+        for index in range(count - 1):
+            _score_pairs(vectors, index, index + 1, count, distances, block_elements)
+        for index in range(count):
+            scores[index] = _mean_of_smallest(distances[index], keep)
+        return scores
+    row = torch.empty(count - 1, patches, device=vectors.device)
     for index in range(count):
-        row = 0
-        # The other images, in blocks that never include the query image itself.
-        for start, stop in [*_ranges(0, index, reference_images)] + [
-            *_ranges(index + 1, count, reference_images)
-        ]:
-            references = vectors[start:stop].reshape(-1, channels)
-            for low, high in _ranges(0, patches, query_rows):
-                queries = vectors[index, low:high]
-                dots = queries @ references.T
-                best = dots.view(high - low, stop - start, patches).argmax(dim=2)
-                # best[a, j]: the nearest patch of reference image start + j to query a
-                flat = best + torch.arange(stop - start, device=best.device) * patches
-                nearest_vectors = references[flat]  # (rows, images, C)
-                gaps = (nearest_vectors - queries[:, None]).norm(dim=2)
-                distances[row : row + stop - start, low:high] = gaps.T
-            row += stop - start
-        nearest = distances.topk(keep, dim=0, largest=False, sorted=False).values
-        scores[index] = nearest.double().mean(dim=0)
+        _score_pairs(vectors, index, 0, index, row[None], block_elements, both=False)
+        _score_pairs(
+            vectors, index, index + 1, count, row[None], block_elements, both=False, offset=index
+        )
+        scores[index] = _mean_of_smallest(row, keep)
     return scores
+
+
+def _mean_of_smallest(distances: Tensor, keep: int) -> Tensor:
+    nearest = distances.topk(keep, dim=0, largest=False, sorted=False).values
+    return nearest.double().mean(dim=0)
+
+
+def _score_pairs(
+    vectors: Tensor,
+    index: int,
+    first: int,
+    stop: int,
+    distances: Tensor,
+    block_elements: int,
+    both: bool = True,
+    offset: int = 0,
+) -> None:
+    """Nearest-patch distances between image ``index`` and images ``first..stop-1``.
+
+    Writes ``distances[0 if not both else index, offset + (j - first) ...]``: with
+    ``both`` (symmetric mode, ``first > index``) the full (N, N - 1, L) table gets
+    index's row (slots j - 1) and each j's row (slot ``index``); otherwise the (1, N - 1,
+    L) row of ``index`` gets slots ``offset + j - first``.
+    """
+    if stop <= first:
+        return
+    patches, channels = vectors.shape[1:]
+    query_rows = max(1, min(patches, block_elements // patches))
+    images_per_block = max(1, block_elements // (query_rows * patches))
+    own = distances[index] if both else distances[0]
+    for low_image, high_image in _ranges(first, stop, images_per_block):
+        width = high_image - low_image
+        references = vectors[low_image:high_image].reshape(-1, channels)
+        # running column maxima over the query row blocks: j's patches against index
+        column_best = torch.full((width, patches), -math.inf, device=vectors.device)
+        column_at = torch.zeros((width, patches), dtype=torch.long, device=vectors.device)
+        for low, high in _ranges(0, patches, query_rows):
+            queries = vectors[index, low:high]
+            dots = (queries @ references.T).view(high - low, width, patches)
+            best = dots.argmax(dim=2)  # (rows, width): nearest patch of each j
+            flat = best + torch.arange(width, device=best.device) * patches
+            gaps = (references[flat] - queries[:, None]).norm(dim=2)
+            slots = slice(offset + low_image - first, offset + high_image - first)
+            if both:
+                slots = slice(low_image - 1, high_image - 1)
+            own[slots, low:high] = gaps.T
+            if both:
+                values, where = dots.max(dim=0)  # (width, patches): over these query rows
+                better = values > column_best
+                column_best = torch.where(better, values, column_best)
+                column_at = torch.where(better, where + low, column_at)
+        if both:
+            nearest = vectors[index][column_at]  # (width, patches, C)
+            gaps = (nearest - vectors[low_image:high_image]).norm(dim=2)
+            distances[low_image:high_image, index] = gaps
 
 
 def rscin(scores: np.ndarray, embeddings: np.ndarray, k_list: Sequence[int]) -> np.ndarray:
