@@ -161,6 +161,24 @@ def test_page_scores_images_and_thresholds_them_without_uploading_again(
     assert 0.0 < shown[images[1].name] < 1.0
     assert len(uploads) == 4, "moving the sliders must not upload again"
 
+    # known-good references: uploaded once, then every new image is scored against them
+    good_dir = tiles / "good"
+    references = sorted(good_dir.iterdir())[1:4]
+    page.set_input_files("#reference-input", [str(p) for p in references])
+    expect(page.locator("#reference-info")).to_contain_text("3 good parts in use")
+    reference_id = page.evaluate("state.references")
+    probe = images[1]
+    with_references = httpx.post(
+        f"{service.url}/v1/predict",
+        params={"references": reference_id},
+        files={"file": (probe.name, probe.read_bytes())},
+    ).json()
+    page.set_input_files("#file-input", [str(probe)])
+    expect(page.locator(".card[data-state=done]")).to_have_count(4)
+    newest = card_states(page)[-1]
+    assert newest["scoreShown"] == f"score {with_references['score']:.3f}"
+    assert with_references["score"] != pytest.approx(expected[probe.name]["score"], abs=1e-4)
+
     screenshot = tmp_path / "inspection.png"
     page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 20_000

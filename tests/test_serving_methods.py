@@ -164,3 +164,46 @@ def test_an_onnx_export_is_served_like_the_torch_model(tmp_path, monkeypatch):
     assert from_onnx["score"] == pytest.approx(from_torch["score"], abs=1e-4)
     assert from_onnx["verdict"] == from_torch["verdict"]
     assert from_onnx["map"]["max"] == pytest.approx(from_torch["map"]["max"], abs=1e-3)
+
+
+def test_reference_sets_are_kept_and_used_by_later_requests():
+    from anomalyclip.methods.references import FewShotAnomalyCLIP
+
+    model = tiny_model()
+    references = [noise_png(64, 64, seed=40 + i) for i in range(3)]
+    settings = ServiceSettings(max_reference_sets=1)
+    with TestClient(create_app(model, settings)) as client:
+        files = set_files(references) + [("files", ("bad.png", b"\x89PNG broken", "image/png"))]
+        response = client.post("/v1/references", files=files)
+        assert response.status_code == 200, response.text
+        kept = response.json()
+        assert (kept["method"], kept["count"]) == ("anomalyclip", 3)
+        assert [item["filename"] for item in kept["failed"]] == ["bad.png"]
+        assert kept["bytes"] > 0 and len(kept["id"]) == 16
+        # the same images give the same id: identified by content
+        again = client.post("/v1/references", files=set_files(references)).json()
+        assert again["id"] == kept["id"]
+
+        from anomalyclip.preprocess import load_image
+
+        few_shot = FewShotAnomalyCLIP.from_images(model, [load_image(r) for r in references])
+        data = noise_png(seed=50)
+        expected = few_shot.predict_images([load_image(data)])[0].score
+        answer = post_image(client, data, references=kept["id"]).json()
+        assert answer["score"] == pytest.approx(expected, abs=1e-5)
+        assert answer["score"] != pytest.approx(post_image(client, data).json()["score"], abs=1e-4)
+        info = client.get("/v1/model", params={"references": kept["id"]}).json()
+        assert info["settings"]["references"]["count"] == 3
+        # only the last reference set is kept (max_reference_sets=1)
+        other = client.post("/v1/references", files=set_files(references[:2])).json()
+        assert other["id"] != kept["id"]
+        gone = post_image(client, data, references=kept["id"])
+        assert gone.status_code == 404
+        assert "upload the references again" in gone.json()["detail"]
+
+
+def test_a_method_without_a_reference_mode_says_so():
+    with TestClient(create_app(MeanDistanceSet())) as client:
+        response = client.post("/v1/references", files=set_files([noise_png()] * 2))
+        assert response.status_code == 422
+        assert response.json()["detail"] == "meanset has no reference mode yet"

@@ -349,3 +349,14 @@ class FewShotAnomalyCLIP(Predictor):
             ratio = reference.flatten(1).amax(dim=1) / self.bank.reference_max
             scores = (zero_shot.image_scores.float() + ratio / (1 + ratio)) / 2
         return scores.float().cpu().numpy(), maps.float().cpu().numpy()
+
+
+def with_references(predictor: Predictor, references: Sequence[ImageSource]) -> Predictor:
+    """The few-shot form of any method that has one, for these known-good images.
+
+    The one place that knows which method compares with references how, so that the
+    CLI and the service stay written against :class:`Predictor` alone.
+    """
+    if isinstance(predictor, AnomalyCLIP):
+        return FewShotAnomalyCLIP.from_images(predictor, references)
+    raise ReferenceError(f"{predictor.method} has no reference mode yet")

@@ -10,8 +10,10 @@ statuses here and nowhere else.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -24,6 +26,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import anomalyclip
+from anomalyclip.methods.references import ReferenceError
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import Predictor
 from anomalyclip.serving.rendering import Rendered
@@ -35,6 +38,7 @@ from anomalyclip.serving.schemas import (
     Limits,
     ModelInfo,
     Prediction,
+    ReferenceSet,
     sanitised,
 )
 from anomalyclip.serving.settings import ServiceSettings
@@ -202,10 +206,8 @@ def create_app(
         if callable(eval_mode):
             eval_mode()
     worker = InferenceWorker(settings)
-    thresholds = {
-        name: predictor.postprocessor.with_given(settings.image_threshold, settings.pixel_threshold)
-        for name, predictor in methods.items()
-    }
+    # reference sets uploaded by clients: id -> (method, its few-shot predictor), LRU
+    reference_sets: OrderedDict[str, tuple[str, Predictor]] = OrderedDict()
     static = load_static()
 
     @asynccontextmanager
@@ -223,6 +225,7 @@ def create_app(
     app.state.worker = worker
     app.state.settings = settings
     app.state.methods = methods
+    app.state.reference_sets = reference_sets
     per_file = settings.max_upload_bytes + MULTIPART_SLACK_BYTES
     app.add_middleware(
         UploadGuard,
@@ -230,6 +233,7 @@ def create_app(
             "/v1/predict": per_file,
             "/v1/predict/batch": per_file * settings.max_batch_size,
             "/v1/predict/set": per_file * settings.max_set_size,
+            "/v1/references": per_file * settings.max_set_size,
         },
         default_limit=MULTIPART_SLACK_BYTES,
     )
@@ -254,12 +258,29 @@ def create_app(
     async def timed_out(_: Request, error: InferenceTimeout) -> Response:
         return error_response(504, str(error))
 
+    @app.exception_handler(ReferenceError)
+    async def unusable_references(_: Request, error: ReferenceError) -> Response:
+        return error_response(422, str(error))
+
     @app.exception_handler(Exception)
     async def unexpected(_: Request, error: Exception) -> Response:
         logger.exception("request failed")
         return error_response(500, f"internal error ({type(error).__name__})")
 
-    def chosen(method: str | None) -> tuple[str, Predictor]:
+    def chosen(method: str | None, references: str | None = None) -> tuple[str, Predictor]:
+        """The method a request names (default: the first), or its reference set's."""
+        if references is not None:
+            if references not in reference_sets:
+                raise HTTPException(
+                    404,
+                    f"no reference set {references!r} here (the service keeps the last "
+                    f"{settings.max_reference_sets}); upload the references again",
+                )
+            reference_sets.move_to_end(references)
+            name, predictor = reference_sets[references]
+            if method is not None and method != name:
+                raise HTTPException(422, f"reference set {references} is for {name}, not {method}")
+            return name, predictor
         name = method or names[0]
         if name not in methods:
             raise HTTPException(
@@ -267,15 +288,21 @@ def create_app(
             )
         return name, methods[name]
 
+    def thresholds(predictor: Predictor) -> PostProcessor:
+        """The method's calibrated thresholds, overridden by the service's."""
+        return predictor.postprocessor.with_given(
+            settings.image_threshold, settings.pixel_threshold
+        )
+
     async def analyse(
-        method: str | None,
+        name: str,
+        predictor: Predictor,
         uploads: list[Upload],
         threshold: float | None,
         pixel_threshold: float | None,
         as_set: bool,
     ) -> list[Outcome]:
-        name, predictor = chosen(method)
-        post = thresholds[name].with_given(threshold, pixel_threshold)
+        post = thresholds(predictor).with_given(threshold, pixel_threshold)
         started = time.perf_counter()
         size = sum(len(upload.data) for upload in uploads)
         outcomes: list[Outcome] = await worker.run(
@@ -321,6 +348,9 @@ def create_app(
         return BatchResult(results=results, succeeded=len(results) - failed, failed=failed)
 
     method_query = Query(None, description="scoring method (default: the service's first)")
+    references_query = Query(
+        None, description="score against a reference set uploaded to /v1/references"
+    )
     threshold_query = Query(None, description="image threshold (default: the method's)")
     pixel_query = Query(None, description="mask threshold, in the map's units")
 
@@ -340,10 +370,11 @@ def create_app(
         ),
         part: Literal["overlay", "mask"] = Query("overlay", description="with format=png"),
         method: str | None = method_query,
+        references: str | None = references_query,
         threshold: float | None = threshold_query,
         pixel_threshold: float | None = pixel_query,
     ) -> Any:
-        name, predictor = chosen(method)
+        name, predictor = chosen(method, references)
         if predictor.scores_sets:
             raise HTTPException(
                 422,
@@ -351,7 +382,9 @@ def create_app(
                 "images to /v1/predict/set",
             )
         upload = await accept_upload(file, settings)
-        (outcome,) = await analyse(name, [upload], threshold, pixel_threshold, as_set=False)
+        (outcome,) = await analyse(
+            name, predictor, [upload], threshold, pixel_threshold, as_set=False
+        )
         if isinstance(outcome, UploadError):
             raise outcome
         if output_format == "png":
@@ -384,15 +417,16 @@ def create_app(
     async def predict_batch(
         files: list[UploadFile] = File(..., description="the images"),
         method: str | None = method_query,
+        references: str | None = references_query,
         threshold: float | None = threshold_query,
         pixel_threshold: float | None = pixel_query,
     ) -> BatchResult:
-        name, predictor = chosen(method)
+        name, predictor = chosen(method, references)
         check_batch_size(len(files), settings)
         slots = await accept_all(files)
         uploads = [slot for slot in slots if isinstance(slot, Upload)]
         outcomes = await analyse(
-            name, uploads, threshold, pixel_threshold, as_set=predictor.scores_sets
+            name, predictor, uploads, threshold, pixel_threshold, as_set=predictor.scores_sets
         )
         return merged(slots, outcomes)
 
@@ -405,24 +439,68 @@ def create_app(
     async def predict_set(
         files: list[UploadFile] = File(..., description="the images of one set"),
         method: str | None = method_query,
+        references: str | None = references_query,
         threshold: float | None = threshold_query,
         pixel_threshold: float | None = pixel_query,
     ) -> BatchResult:
-        name, _ = chosen(method)
+        name, predictor = chosen(method, references)
         slots = await accept_all(files)
         uploads = [slot for slot in slots if isinstance(slot, Upload)]
         check_set(uploads, settings)
-        outcomes = await analyse(name, uploads, threshold, pixel_threshold, as_set=True)
+        outcomes = await analyse(name, predictor, uploads, threshold, pixel_threshold, as_set=True)
         return merged(slots, outcomes)
+
+    @app.post(
+        "/v1/references",
+        response_model=ReferenceSet,
+        responses=ERROR_RESPONSES,
+        summary="Keep known-good images to score later images against (few-shot)",
+    )
+    async def upload_references(
+        files: list[UploadFile] = File(..., description="known-good images, 1 to 16 typically"),
+        method: str | None = method_query,
+    ) -> ReferenceSet:
+        name, predictor = chosen(method)
+        slots = await accept_all(files)
+        uploads = [slot for slot in slots if isinstance(slot, Upload)]
+        check_set(uploads, settings)
+        digest = hashlib.sha256(name.encode())
+        for upload in uploads:
+            digest.update(hashlib.sha256(upload.data).digest())
+        size = sum(len(upload.data) for upload in uploads)
+        few_shot, failures = await worker.run(
+            worker.build_references, predictor, uploads, size=size
+        )
+        identifier = digest.hexdigest()[:16]
+        reference_sets[identifier] = (name, few_shot)
+        reference_sets.move_to_end(identifier)
+        while len(reference_sets) > settings.max_reference_sets:
+            reference_sets.popitem(last=False)
+        failed = [slot for slot in slots if isinstance(slot, FailedImage)] + [
+            FailedImage(
+                filename=uploads[index].filename, status=upload_status(error), detail=error.detail
+            )
+            for index, error in failures
+        ]
+        bank = getattr(few_shot, "bank", None)
+        return ReferenceSet(
+            id=identifier,
+            method=name,
+            count=len(uploads) - len(failures),
+            failed=failed,
+            bytes=0 if bank is None else bank.nbytes,
+        )
 
     @app.get("/healthz", response_model=Health, summary="Liveness and queue length")
     async def healthz() -> Health:
         return Health(status="ok", pending=worker.pending, version=anomalyclip.__version__)
 
     @app.get("/v1/model", response_model=ModelInfo, summary="A method's settings and limits")
-    async def describe(method: str | None = method_query) -> ModelInfo:
-        name, predictor = chosen(method)
-        return model_info(name, predictor, thresholds[name], names, settings)
+    async def describe(
+        method: str | None = method_query, references: str | None = references_query
+    ) -> ModelInfo:
+        name, predictor = chosen(method, references)
+        return model_info(name, predictor, thresholds(predictor), names, settings)
 
     def static_route(name: str) -> Callable[[], Awaitable[Response]]:
         async def serve_static() -> Response:

@@ -109,6 +109,16 @@ class ModelInfo(BaseModel):
     version: str
 
 
+class ReferenceSet(BaseModel):
+    """Known-good images the service keeps for later requests (``?references=ID``)."""
+
+    id: str = Field(description="pass as ?references=ID to score against these images")
+    method: str
+    count: int
+    failed: list[FailedImage]
+    bytes: int = Field(description="memory the references' bank takes in the service")
+
+
 class ErrorBody(BaseModel):
     detail: str
 

@@ -26,6 +26,7 @@ class ServiceSettings:
     max_pending_bytes: int = 256 * 1024 * 1024
     image_threshold: float | None = None
     pixel_threshold: float | None = None
+    max_reference_sets: int = 4  # kept in memory, the least recently used dropped first
     map_max_side: int = 256
     overlay_max_side: int = 1024
 
@@ -36,6 +37,7 @@ class ServiceSettings:
             "max_batch_size",
             "max_set_size",
             "max_set_pixels",
+            "max_reference_sets",
             "max_pending",
             "max_pending_bytes",
             "map_max_side",

@@ -138,5 +138,23 @@ class InferenceWorker:
             score_group()
         return [outcome for outcome in outcomes if outcome is not None]
 
+    def build_references(
+        self, predictor: Predictor, uploads: list[Upload]
+    ) -> tuple[Predictor, list[tuple[int, UploadError]]]:
+        """The predictor's few-shot form for the readable uploads, and the failures."""
+        from anomalyclip.methods.references import with_references
+
+        images: list[Image.Image] = []
+        failures: list[tuple[int, UploadError]] = []
+        for index, upload in enumerate(uploads):
+            try:
+                images.append(load_image(upload.data, self.settings.max_pixels))
+            except ImageLoadError as error:
+                failures.append((index, InvalidUpload(f"{upload.filename}: {error.reason}")))
+        if not images:
+            raise TooFewImages("no readable reference image")
+        with self._model_lock:
+            return with_references(predictor, images), failures
+
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -16,6 +16,7 @@ const state = {
   mapRange: [0, 4],
   method: null,
   scoresSets: false,
+  references: null,
   queue: [],
   active: 0,
   redrawPending: false,
@@ -54,8 +55,7 @@ function fillMethodChoice(methods) {
 
 async function loadModelInfo() {
   try {
-    const query = state.method ? `?method=${encodeURIComponent(state.method)}` : "";
-    const response = await fetch(`/v1/model${query}`);
+    const response = await fetch(`/v1/model?${scoringQuery()}`);
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const info = await response.json();
     state.method = info.method;
@@ -158,10 +158,17 @@ function pumpQueue() {
   }
 }
 
+function scoringQuery() {
+  const query = new URLSearchParams();
+  if (state.method) query.set("method", state.method);
+  if (state.references) query.set("references", state.references);
+  return query.toString();
+}
+
 async function post(path, fieldName, files) {
   const body = new FormData();
   for (const file of files) body.append(fieldName, file, file.name);
-  const url = `${path}?method=${encodeURIComponent(state.method)}`;
+  const url = `${path}?${scoringQuery()}`;
   for (let attempt = 1; ; attempt++) {
     const response = await fetch(url, { method: "POST", body });
     if (response.status !== 503 || attempt === BUSY_RETRIES) return response;
@@ -346,6 +353,33 @@ function setUpDropZone() {
   });
 }
 
+async function setReferences(fileList) {
+  const files = Array.from(fileList);
+  if (files.length === 0) return;
+  const info = $("#reference-info");
+  info.textContent = `Reading ${files.length} known-good images…`;
+  try {
+    state.references = null;
+    const answer = await readAnswer(await post("/v1/references", "files", files));
+    state.references = answer.id;
+    const failed = answer.failed.length ? `; ${answer.failed.length} unreadable` : "";
+    info.textContent =
+      `${answer.count} good parts in use (${(answer.bytes / 1048576).toFixed(1)} MB)${failed}. ` +
+      "Images dropped from now on are also compared with them.";
+    $("#clear-references").hidden = false;
+  } catch (error) {
+    info.textContent = `References not used: ${error.message}`;
+  }
+  loadModelInfo();
+}
+
+function clearReferences() {
+  state.references = null;
+  $("#clear-references").hidden = true;
+  $("#reference-info").textContent = "Images dropped above are then also compared with these.";
+  loadModelInfo();
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   setUpDropZone();
   $("#image-threshold").addEventListener("input", readThresholds);
@@ -357,8 +391,13 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#sort-by-score").addEventListener("change", sortCards);
   $("#method").addEventListener("change", (event) => {
     state.method = event.target.value;
-    loadModelInfo();
+    clearReferences(); // a reference set belongs to the method it was made for
   });
+  $("#reference-input").addEventListener("change", (event) => {
+    setReferences(event.target.files);
+    event.target.value = "";
+  });
+  $("#clear-references").addEventListener("click", clearReferences);
   readThresholds();
   loadModelInfo();
 });
