@@ -48,6 +48,7 @@ LAYERS: dict[str, int] = {
     "anomalyclip.report": 4,
     "anomalyclip.calibration": 4,
     "anomalyclip.evaluation": 4,
+    "anomalyclip.evaluation_tables": 4,
     "anomalyclip.training": 4,
     # 5 interfaces
     "anomalyclip.cli": 5,

@@ -14,208 +14,64 @@ process, and batch ``k`` (counted over the whole dataset) is scored by rank ``k 
 world``. Scores and maps go to rank 0 one round of batches at a time, rank 0 computes the
 metrics in the original order, and every rank returns the same result. As every batch
 holds the same images as in a single process, the numbers are identical to the last bit.
+
+An image that cannot be decoded (or whose mask cannot) is skipped with a warning and
+listed with the results instead of aborting the run: one damaged file in thousands must
+not cost the evaluation. A batch that fails is probed image by image, so a healthy batch
+is still decoded once; every rank skips the same images of the same batches, so sharded
+runs stay equal to one process. The tables themselves (and the per-image scores, defect
+rows, pooled row and verdicts at the threshold) live in :mod:`anomalyclip.evaluation_tables`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
-import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from anomalyclip import distributed, metrics
+from anomalyclip import distributed
 from anomalyclip.data.core import AnomalyDataset, Sample
+from anomalyclip.evaluation_tables import (
+    METRICS,
+    ClassResult,
+    Details,
+    EvaluationResult,
+    ImageScore,
+    Pool,
+    SkippedSample,
+    class_metrics,
+    defect_results,
+    summary_table,
+    write_summary,
+)
 from anomalyclip.feature_cache import FeatureCache
 from anomalyclip.metrics import AuproMethod
-from anomalyclip.model import AnomalyCLIP
+from anomalyclip.model import AnomalyCLIP, ImageEmbeddings
 from anomalyclip.predictor import AnomalyPrediction, Predictor
-from anomalyclip.preprocess import PreProcessor, load_image
+from anomalyclip.preprocess import ImageLoadError, PreProcessor, load_image
 from anomalyclip.training import object_name
-from anomalyclip.utils.atomic import atomic_open, atomic_write_json, atomic_write_text
+from anomalyclip.utils.atomic import atomic_open
+
+__all__ = [
+    "METRICS",
+    "ClassResult",
+    "EvaluationResult",
+    "class_metrics",
+    "evaluate",
+    "load_masks",
+    "summary_table",
+    "write_summary",
+]
 
 logger = logging.getLogger(__name__)
 
-IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1_max")
-PIXEL_METRICS = ("pixel_auroc", "pixel_aupro", "pixel_ap", "pixel_f1_max")
-METRICS = IMAGE_METRICS + PIXEL_METRICS
-METRIC_TITLES = {
-    "image_auroc": "I-AUROC",
-    "image_ap": "I-AP",
-    "image_f1_max": "I-F1max",
-    "pixel_auroc": "P-AUROC",
-    "pixel_aupro": "P-AUPRO",
-    "pixel_ap": "P-AP",
-    "pixel_f1_max": "P-F1max",
-}
-MEAN_ROW = "mean"
-
-
-@dataclass
-class ClassResult:
-    """One class (category) of one dataset; metrics in [0, 1], NaN where undefined."""
-
-    category: str
-    normal: int
-    anomalous: int
-    metrics: dict[str, float]
-
-    def to_record(self) -> dict[str, Any]:
-        return {
-            "category": self.category,
-            "normal": self.normal,
-            "anomalous": self.anomalous,
-            **{name: _json_number(self.metrics.get(name, math.nan)) for name in METRICS},
-        }
-
-
-@dataclass
-class EvaluationResult:
-    """The per-class table of one dataset and its mean row."""
-
-    dataset: str
-    classes: list[ClassResult]
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def mean(self) -> dict[str, float]:
-        return {name: nan_mean([c.metrics[name] for c in self.classes]) for name in METRICS}
-
-    def rows(self) -> list[ClassResult]:
-        """The class rows followed by the mean row."""
-        normal = sum(c.normal for c in self.classes)
-        anomalous = sum(c.anomalous for c in self.classes)
-        return [*self.classes, ClassResult(MEAN_ROW, normal, anomalous, self.mean)]
-
-    def to_markdown(self) -> str:
-        return markdown_table(
-            [(row.category, row.normal, row.anomalous, row.metrics) for row in self.rows()],
-            first_column="class",
-            title=self.dataset,
-        )
-
-    def to_csv(self) -> str:
-        return records_to_csv([row.to_record() for row in self.rows()])
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "dataset": self.dataset,
-            "settings": self.settings,
-            "classes": [c.to_record() for c in self.classes],
-            "mean": {name: _json_number(value) for name, value in self.mean.items()},
-        }
-
-    def write(self, directory: str | Path) -> dict[str, Path]:
-        """``results.md``, ``results.csv`` and ``results.json`` in ``directory``."""
-        directory = Path(directory)
-        paths = {
-            "markdown": directory / "results.md",
-            "csv": directory / "results.csv",
-            "json": directory / "results.json",
-        }
-        atomic_write_text(paths["markdown"], self.to_markdown() + "\n")
-        atomic_write_text(paths["csv"], self.to_csv())
-        atomic_write_json(paths["json"], self.to_dict())
-        return paths
-
-
-def nan_mean(values: Sequence[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else math.nan
-
-
-def _json_number(value: float) -> float | None:
-    return None if math.isnan(value) else float(value)
-
-
-def format_metric(value: float | None) -> str:
-    """Percent with one decimal, as the paper prints; "-" where undefined."""
-    if value is None or math.isnan(value):
-        return "-"
-    return f"{100 * value:.1f}"
-
-
-def markdown_table(
-    rows: Sequence[tuple[str, int, int, dict[str, float]]], first_column: str, title: str = ""
-) -> str:
-    header = [first_column, "normal", "anomalous", *(METRIC_TITLES[m] for m in METRICS)]
-    lines = [f"**{title}**", ""] if title else []
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |")
-    for name, normal, anomalous, values in rows:
-        cells = [name, str(normal), str(anomalous)]
-        cells += [format_metric(values.get(m, math.nan)) for m in METRICS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def records_to_csv(records: Sequence[dict[str, Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(records[0]), lineterminator="\n")
-    writer.writeheader()
-    for record in records:
-        writer.writerow({k: "" if v is None else v for k, v in record.items()})
-    return buffer.getvalue()
-
-
-def summary_table(results: Sequence[EvaluationResult]) -> str:
-    """One row per dataset (its class mean): the layout of the paper's Tables 1 and 2."""
-    rows = []
-    for result in results:
-        mean = result.rows()[-1]
-        rows.append((result.dataset, mean.normal, mean.anomalous, mean.metrics))
-    return markdown_table(rows, first_column="dataset", title="mean over classes")
-
-
-def write_summary(results: Sequence[EvaluationResult], directory: str | Path) -> dict[str, Path]:
-    """``summary.md``, ``summary.csv``, ``summary.json``: every dataset's mean row."""
-    directory = Path(directory)
-    records = []
-    for result in results:
-        mean = result.rows()[-1].to_record()
-        del mean["category"]
-        records.append({"dataset": result.dataset, **mean})
-    paths = {
-        "markdown": directory / "summary.md",
-        "csv": directory / "summary.csv",
-        "json": directory / "summary.json",
-    }
-    atomic_write_text(paths["markdown"], summary_table(results) + "\n")
-    atomic_write_text(paths["csv"], records_to_csv(records))
-    atomic_write_json(paths["json"], records)
-    return paths
-
 
 # computing ----------------------------------------------------------------------------
-
-
-def class_metrics(
-    labels: np.ndarray,
-    scores: np.ndarray,
-    masks: np.ndarray | None,
-    maps: np.ndarray | None,
-    aupro_method: AuproMethod = "original",
-) -> dict[str, float]:
-    """Every metric of one class; pixel ones NaN when ``masks`` is None."""
-    functions: dict[str, Callable[[], float]] = {
-        "image_auroc": lambda: metrics.image_auroc(labels, scores),
-        "image_ap": lambda: metrics.image_ap(labels, scores),
-        "image_f1_max": lambda: metrics.image_f1_max(labels, scores),
-    }
-    if masks is not None and maps is not None and masks.size:
-        functions.update(
-            pixel_auroc=lambda: metrics.pixel_auroc(masks, maps),
-            pixel_aupro=lambda: metrics.aupro(masks, maps, method=aupro_method),
-            pixel_ap=lambda: metrics.pixel_ap(masks, maps),
-            pixel_f1_max=lambda: metrics.pixel_f1_max(masks, maps),
-        )
-    return {name: float(functions[name]()) if name in functions else math.nan for name in METRICS}
 
 
 def load_masks(samples: Sequence[Sample], preprocessor: PreProcessor) -> np.ndarray:
@@ -227,6 +83,24 @@ def load_masks(samples: Sequence[Sample], preprocessor: PreProcessor) -> np.ndar
         if sample.label and sample.mask is not None:
             masks[index] = preprocessor.load_mask(sample.mask).numpy() > 0.5
     return masks
+
+
+def _load_masks_skipping(
+    samples: Sequence[Sample], preprocessor: PreProcessor
+) -> tuple[np.ndarray, dict[int, str]]:
+    """:func:`load_masks`, with an unreadable mask reported (by position) instead of
+    raised: one damaged annotation must not cost the whole evaluation."""
+    size = preprocessor.size
+    masks = np.zeros((len(samples), size, size), dtype=bool)
+    unreadable: dict[int, str] = {}
+    for index, sample in enumerate(samples):
+        if sample.label and sample.mask is not None:
+            try:
+                masks[index] = preprocessor.load_mask(sample.mask).numpy() > 0.5
+            except ImageLoadError as error:
+                logger.warning("skipping %s: its mask is unusable (%s)", sample.image, error)
+                unreadable[index] = f"mask {sample.mask}: {error.reason}"
+    return masks, unreadable
 
 
 def map_path(directory: Path, sample: Sample, suffix: str) -> Path:
@@ -287,6 +161,48 @@ def _plan_batches(dataset: AnomalyDataset, batch_size: int, world: int = 1) -> l
     return plans
 
 
+@dataclass
+class _Batch:
+    """One scored batch: its positions in the class, which of them were scored, their
+    scores, map maxima and (if kept) maps, and the skipped ones with why."""
+
+    positions: range
+    kept: list[int]
+    scores: np.ndarray
+    map_max: np.ndarray
+    maps: np.ndarray | None
+    skipped: dict[int, str]
+
+
+@dataclass
+class _Scored:
+    """One class's outputs, assembled on rank 0: NaN scores where an image was skipped."""
+
+    scores: np.ndarray
+    map_max: np.ndarray
+    maps: np.ndarray | None
+    skipped: dict[int, str]
+
+
+def _split_readable(
+    samples: Sequence[Sample], positions: Sequence[int]
+) -> tuple[list[int], dict[int, str]]:
+    """Which images of a batch decode. Called only once the batch has failed, so a
+    healthy batch is decoded once; each bad image is warned about by the rank that
+    found it, as ``predict`` does."""
+    kept: list[int] = []
+    skipped: dict[int, str] = {}
+    for index in positions:
+        try:
+            load_image(samples[index].image)
+        except ImageLoadError as error:
+            logger.warning("skipping %s", error)
+            skipped[index] = error.reason
+        else:
+            kept.append(index)
+    return kept, skipped
+
+
 def _score_batches(
     model: AnomalyCLIP,
     plan: _ClassPlan,
@@ -295,23 +211,57 @@ def _score_batches(
     keep_maps: bool,
     maps_dir: Path | None,
     bar: Any,
-) -> Iterator[tuple[range, np.ndarray, np.ndarray | None]]:
-    """Per batch: its positions in the class, image scores and, if kept, maps (B, S, S)."""
+) -> Iterator[_Batch]:
+    """Each batch scored, its unreadable images skipped. The batches are the same in one
+    process and under torchrun, and so are the images left in each, so sharded results
+    stay identical to a single process's."""
     if not batches:
         return
+    size = model.config.image_size
     with torch.no_grad():
         text = model.text_features(object_name(plan.samples[0], model.config))
     for positions in batches:
-        chunk = [plan.samples[i] for i in positions]
-        with torch.no_grad():
-            output = model.score(cache.embeddings([s.image for s in chunk], len(chunk)), text)
-        scores = output.image_scores.double().cpu().numpy()
-        chunk_maps = output.anomaly_maps.float().cpu().numpy()
+        kept: list[int] = list(positions)
+        skipped: dict[int, str] = {}
+        embeddings: ImageEmbeddings | None
+        try:
+            embeddings = cache.embeddings([plan.samples[i].image for i in kept], len(kept))
+        except (ImageLoadError, OSError):
+            kept, skipped = _split_readable(plan.samples, positions)
+            if not skipped:
+                raise
+            paths = [plan.samples[i].image for i in kept]
+            embeddings = cache.embeddings(paths, len(kept)) if kept else None
+        scores = np.zeros(0, dtype=np.float64)
+        chunk_maps = np.zeros((0, size, size), dtype=np.float32)
+        if embeddings is not None:
+            with torch.no_grad():
+                output = model.score(embeddings, text)
+            scores = output.image_scores.double().cpu().numpy()
+            chunk_maps = output.anomaly_maps.float().cpu().numpy()
         if maps_dir is not None:
-            for sample, anomaly_map, score in zip(chunk, chunk_maps, scores, strict=True):
-                save_outputs(sample, float(score), anomaly_map, model, maps_dir)
-        bar.update(len(chunk))
-        yield positions, scores, chunk_maps if keep_maps else None
+            for index, anomaly_map, score in zip(kept, chunk_maps, scores, strict=True):
+                save_outputs(plan.samples[index], float(score), anomaly_map, model, maps_dir)
+        bar.update(len(positions))
+        map_max = chunk_maps.reshape(len(kept), -1).max(axis=1) if kept else np.zeros(0)
+        yield _Batch(positions, kept, scores, map_max, chunk_maps if keep_maps else None, skipped)
+
+
+def _assemble(count: int, size: int, keep_maps: bool) -> _Scored:
+    return _Scored(
+        np.full(count, np.nan, dtype=np.float64),
+        np.full(count, np.nan, dtype=np.float64),
+        np.zeros((count, size, size), dtype=np.float32) if keep_maps else None,
+        {},
+    )
+
+
+def _place(scored: _Scored, part: _Batch) -> None:
+    scored.scores[part.kept] = part.scores
+    scored.map_max[part.kept] = part.map_max
+    if scored.maps is not None and part.maps is not None:
+        scored.maps[part.kept] = part.maps
+    scored.skipped.update(part.skipped)
 
 
 def _score_class(
@@ -321,34 +271,24 @@ def _score_class(
     keep_maps: bool,
     maps_dir: Path | None,
     bar: Any,
-) -> tuple[np.ndarray, np.ndarray | None] | None:
+) -> _Scored | None:
     """Image scores (N,) and, if kept, maps (N, S, S) of one class: on rank 0 only.
 
     Other ranks score their batches and send them to rank 0 a round at a time, so rank 0
     never holds more than one batch per rank besides the class's arrays.
     """
-    size = model.config.image_size
-    count = len(plan.samples)
     main = distributed.is_main_process()
-    scores = np.empty(count, dtype=np.float64) if main else None
-    maps = np.empty((count, size, size), dtype=np.float32) if main and keep_maps else None
+    scored = _assemble(len(plan.samples), model.config.image_size, keep_maps) if main else None
     mine = _score_batches(
         model, plan, plan.batches_of(distributed.rank()), cache, keep_maps, maps_dir, bar
     )
     for _ in range(plan.rounds):
         gathered = distributed.gather_to_main(next(mine, None))
         for part in gathered or ():
-            if part is None:
-                continue
-            positions, part_scores, part_maps = part
-            assert scores is not None  # parts are gathered on rank 0, which has the arrays
-            scores[positions.start : positions.stop] = part_scores
-            if maps is not None:
-                maps[positions.start : positions.stop] = part_maps
-    if not main:
-        return None
-    assert scores is not None  # made above on rank 0
-    return scores, maps
+            if part is not None:
+                assert scored is not None  # parts are gathered on rank 0, which has the arrays
+                _place(scored, part)
+    return scored
 
 
 def _score_class_as_set(
@@ -358,30 +298,97 @@ def _score_class_as_set(
     keep_maps: bool,
     maps_dir: Path | None,
     bar: Any,
-) -> tuple[np.ndarray, np.ndarray | None] | None:
+) -> _Scored | None:
     """A method other than AnomalyCLIP, through the Predictor seam: image scores and maps.
 
     A method that scores sets (MuSc) gets the whole class in one call, as its paper
-    evaluates; others get batches. Every rank computes the same thing (a set method may
-    share its work between the ranks itself); rank 0 returns it.
+    evaluates (unreadable images are left out of the set); others get batches. Every
+    rank computes the same thing (a set method may share its work between the ranks
+    itself); rank 0 returns it.
     """
     samples = plan.samples
     step = len(samples) if model.scores_sets else batch_size
-    scores = np.empty(len(samples), dtype=np.float64)
-    size = model.preprocessor.size
-    maps = np.empty((len(samples), size, size), dtype=np.float32) if keep_maps else None
+    preprocessor = model.preprocessor
+    scored = _assemble(len(samples), preprocessor.size, keep_maps)
     for start in range(0, len(samples), step):
-        chunk = samples[start : start + step]
-        images = model.preprocessor([sample.image for sample in chunk])
-        chunk_scores, chunk_maps = model.score_tensors(images)
-        scores[start : start + len(chunk)] = chunk_scores
-        if maps is not None:
-            maps[start : start + len(chunk)] = chunk_maps
+        positions = range(start, min(start + step, len(samples)))
+        kept: list[int] = []
+        skipped: dict[int, str] = {}
+        tensors = []
+        for index in positions:
+            try:
+                tensors.append(preprocessor.tensor(load_image(samples[index].image)))
+            except ImageLoadError as error:
+                if distributed.is_main_process():
+                    logger.warning("skipping %s", error)
+                skipped[index] = error.reason
+            else:
+                kept.append(index)
+        size = preprocessor.size
+        chunk_scores = np.zeros(0, dtype=np.float64)
+        chunk_maps = np.zeros((0, size, size), dtype=np.float32)
+        if tensors:
+            chunk_scores, chunk_maps = model.score_tensors(torch.stack(tensors))
         if maps_dir is not None and distributed.is_main_process():
-            for sample, anomaly_map, score in zip(chunk, chunk_maps, chunk_scores, strict=True):
-                save_outputs(sample, float(score), anomaly_map, model, maps_dir)
-        bar.update(len(chunk))
-    return (scores, maps) if distributed.is_main_process() else None
+            for index, anomaly_map, score in zip(kept, chunk_maps, chunk_scores, strict=True):
+                save_outputs(samples[index], float(score), anomaly_map, model, maps_dir)
+        bar.update(len(positions))
+        map_max = chunk_maps.reshape(len(kept), -1).max(axis=1) if kept else np.zeros(0)
+        _place(scored, _Batch(positions, kept, chunk_scores, map_max, chunk_maps, skipped))
+    return scored if distributed.is_main_process() else None
+
+
+def _class_tables(
+    dataset: AnomalyDataset,
+    plan: _ClassPlan,
+    scored: _Scored,
+    preprocessor: PreProcessor,
+    title: str,
+    aupro_method: AuproMethod,
+    details: Details,
+    pool: Pool,
+) -> ClassResult:
+    """One class's row, from its scored images (skipped ones left out); its defect rows,
+    per-image scores, skipped images and pooled data go to ``details`` and ``pool``."""
+    category = plan.category or title
+    skipped = dict(scored.skipped)
+    samples = plan.samples
+    masks = maps = None
+    known: list[int] = []
+    if scored.maps is not None:
+        candidates = [
+            i for i, s in enumerate(samples) if i not in skipped and dataset.has_pixel_truth(s)
+        ]
+        masks, unreadable = _load_masks_skipping([samples[i] for i in candidates], preprocessor)
+        for position, reason in unreadable.items():
+            skipped[candidates[position]] = reason
+        readable = [p for p in range(len(candidates)) if p not in unreadable]
+        known = [candidates[p] for p in readable]
+        masks = masks[readable]
+    kept = [i for i in range(len(samples)) if i not in skipped]
+    # positions of the pixel-known images among the kept ones
+    where = {index: position for position, index in enumerate(kept)}
+    labels = np.array([samples[i].label for i in kept], dtype=np.int64)
+    scores = scored.scores[kept]
+    if scored.maps is not None:
+        maps = scored.maps[known]
+    values = class_metrics(labels, scores, masks, maps, aupro_method)
+    pixels = None
+    if masks is not None and maps is not None:
+        pixels = (np.array([where[i] for i in known], dtype=np.int64), masks, maps)
+    defects = [samples[i].defect for i in kept]
+    details.defects += defect_results(category, defects, labels, scores, pixels, aupro_method)
+    pool.add(labels, scores, masks, maps)
+    for index in sorted(skipped):
+        details.skipped.append(SkippedSample(str(samples[index].image), category, skipped[index]))
+    for position, index in enumerate(kept):
+        sample = samples[index]
+        score, peak = float(scores[position]), float(scored.map_max[index])
+        details.images.append(
+            ImageScore(str(sample.image), category, sample.defect, sample.label, score, peak)
+        )
+    normal = int((labels == 0).sum())
+    return ClassResult(category, normal, len(labels) - normal, values)
 
 
 def evaluate(
@@ -402,7 +409,9 @@ def evaluate(
     scores each class as one set. With object-aware prompts each class is scored with
     its own name. ``maps_dir``
     receives ``maps/<class>/<defect>/<stem>.npy`` and ``overlays/…png``. ``name`` titles
-    the table (default: the dataset's reader name).
+    the table (default: the dataset's reader name). An image that cannot be decoded, or
+    whose mask cannot, is skipped with a warning and listed in ``details.skipped``; the
+    metrics are those of the rest.
     """
     from tqdm.auto import tqdm
 
@@ -426,6 +435,12 @@ def evaluate(
         unit="img",
         disable=not (progress and distributed.is_main_process()),
     )
+    postprocessor = model.postprocessor
+    details = Details(
+        threshold=postprocessor.image_threshold,
+        threshold_source=postprocessor.image_threshold_source,
+    )
+    pool = Pool()
     classes = []
     if isinstance(model, AnomalyCLIP):
         model.eval()
@@ -437,19 +452,22 @@ def evaluate(
             scored = _score_class_as_set(model, plan, batch_size, pixel_level, maps_dir, bar)
         if scored is None:
             continue  # another rank than 0: rank 0 computes the metrics
-        scores, maps = scored
-        samples = plan.samples
-        labels = np.array([s.label for s in samples], dtype=np.int64)
-        masks = None
-        if maps is not None:
-            known = [i for i, s in enumerate(samples) if dataset.has_pixel_truth(s)]
-            masks = load_masks([samples[i] for i in known], model.preprocessor)
-            maps = maps[known]
-        values = class_metrics(labels, scores, masks, maps, aupro_method)
-        normal = int((labels == 0).sum())
-        classes.append(ClassResult(plan.category or title, normal, len(labels) - normal, values))
+        classes.append(
+            _class_tables(
+                dataset, plan, scored, model.preprocessor, title, aupro_method, details, pool
+            )
+        )
     bar.close()
-    classes = distributed.broadcast_from_main(classes)
+    if distributed.is_main_process():
+        details.pooled = pool.result(aupro_method)
+        if details.skipped:
+            logger.warning(
+                "%s: %d images skipped, metrics computed on the other %d (listed in the tables)",
+                title,
+                len(details.skipped),
+                len(details.images),
+            )
+    classes, details = distributed.broadcast_from_main((classes, details))
     settings = {
         "root": str(dataset.root),
         "split": dataset.split,
@@ -458,4 +476,4 @@ def evaluate(
         "aupro": aupro_method,
         "map_resolution": size,
     }
-    return EvaluationResult(title, classes, settings)
+    return EvaluationResult(title, classes, settings, details)

@@ -32,10 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "table with its mean (image AUROC, AP, F1-max; pixel AUROC, AUPRO, AP, F1-max "
         "where masks exist) is printed as Markdown and written to "
         "OUTPUT_DIR/<dataset>/results.{md,csv,json}; OUTPUT_DIR/summary.{md,csv,json} "
-        "holds one row per dataset. Under torchrun (torchrun --nproc_per_node N -m "
-        "anomalyclip test ...) the processes share the images; rank 0 writes the "
-        "identical tables. With --method musc each class is scored as one set (its "
-        "images score each other), as the MuSc paper evaluates.",
+        "holds one row per dataset. Beside it: scores.csv (every image's score and map "
+        "maximum), breakdown.{md,csv} (a row per defect type and one pooled over classes) "
+        "and, when the model has an image threshold, threshold.{md,csv} (false alarms and "
+        "escapes). Unreadable images or masks are skipped with a warning and listed in "
+        "results.md/json; the metrics are those of the rest. Under torchrun (torchrun "
+        "--nproc_per_node N -m anomalyclip test ...) the processes share the images; "
+        "rank 0 writes the identical tables. With --method musc each class is scored as "
+        "one set (its images score each other), as the MuSc paper evaluates.",
     )
     add_data_arguments(parser, many=True)
     parser.add_argument("--output-dir", "-o", default="results", metavar="DIR")
@@ -109,7 +113,12 @@ def evaluate_on(args: argparse.Namespace) -> int:
         if distributed.is_main_process():
             paths = result.write(directory)
             sys.stdout.write(result.to_markdown() + "\n\n")
-            logger.info("%s: tables in %s", spec.name, paths["markdown"].parent)
+            logger.info(
+                "%s: tables in %s (scores.csv, breakdown.md%s)",
+                spec.name,
+                paths["markdown"].parent,
+                ", threshold.md" if "threshold_markdown" in paths else "",
+            )
     if distributed.is_main_process():
         write_summary(results, output_dir)
         if len(results) > 1:
