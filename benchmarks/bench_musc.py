@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             "official s",
             "official peak MB",
             "speed-up",
-            "max |diff|",
+            "max abs diff",
         ],
         rows,
     )
