@@ -12,7 +12,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from anomalyclip.cli import build_parser
+from anomalyclip.methods.musc_references import MuScWithReferences
 from anomalyclip.methods.references import FewShotAnomalyCLIP, ReferenceBank
+from anomalyclip.methods.tiled import TiledPredictor
 from tests.test_predict import cli, copy_tiles, model_arguments, write_tiny_model
 
 
@@ -111,6 +113,11 @@ def test_few_shot_predictor_is_what_the_options_build(tmp_path, shared_dir, tiny
     )
     predictor = build_predictor(args)
     assert isinstance(predictor, FewShotAnomalyCLIP) and predictor.bank.count == 2
-    musc = parser.parse_args(["predict", "x.png", "--method", "musc", "--reference", "refs/"])
-    with pytest.raises(ValueError, match="--reference is not available for --method musc"):
-        build_predictor(musc)
+    clip_path = str(tiny_model_files[0])
+    musc = parser.parse_args(
+        ["predict", "x.png", "--method", "musc", "--clip-weights", clip_path, "--image-size", "32"]
+        + ["--features", "2", "4", "--reference", str(tmp_path / "refs"), "--tile-size", "100"]
+    )
+    tiled = build_predictor(musc)
+    assert isinstance(tiled, TiledPredictor) and tiled.method == "musc"
+    assert isinstance(tiled.inner, MuScWithReferences) and tiled.inner.count == 2

@@ -256,6 +256,13 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
 def with_references_and_tiles(predictor: Predictor, args: argparse.Namespace) -> Predictor:
     """``predictor`` with ``--reference`` (or the bank its checkpoint was calibrated
     with) and then ``--tile-size`` applied."""
+    from anomalyclip.methods.musc import MuSc
+
+    if isinstance(predictor, MuSc) and getattr(args, "reference", None):
+        from anomalyclip.inference import gather_images
+        from anomalyclip.methods.references import with_references
+
+        return with_tiles(with_references(predictor, gather_images(args.reference)), args)
     bank = reference_bank(predictor, args)
     if bank is not None:
         from anomalyclip.methods.references import FewShotAnomalyCLIP
@@ -321,9 +328,6 @@ def reference_bank(predictor: Predictor, args: argparse.Namespace) -> ReferenceB
 def build_predictor(args: argparse.Namespace, seed: int = 0) -> Predictor:
     """The scoring method ``--method`` names, built from the shared model options, with
     references and tiling applied where the command offers them."""
-    method = getattr(args, "method", DEFAULT_METHOD)
-    if getattr(args, "reference", None) and method != DEFAULT_METHOD:
-        raise ValueError(f"--reference is not available for --method {method} yet")
     return with_references_and_tiles(build_method(args, seed), args)
 
 

@@ -542,7 +542,9 @@ class MuSc(Predictor):
             for degree in config.degrees
         ]
         output.patch_scores = np.mean(per_degree, axis=0)
-        output.anomaly_maps, output.image_scores_raw = self._maps(output.patch_scores)
+        output.anomaly_maps, output.image_scores_raw = self.maps_from_patch_scores(
+            output.patch_scores
+        )
         output.image_scores = rscin(output.image_scores_raw, output.class_tokens, config.rscin_k)
         logger.info(
             "MuSc: %d images, features %.1f ms/image, LNAMD+MSM %.1f ms/image",
@@ -561,7 +563,7 @@ class MuSc(Predictor):
             vectors[start:stop] = lnamd(tokens[start:stop], degree)
         return vectors
 
-    def _maps(self, patch_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def maps_from_patch_scores(self, patch_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, S, S) float32 maps (bilinear, align_corners True) and their float64 maxima."""
         size, grid = self.config.image_size, self.grid
         maps = np.empty((len(patch_scores), size, size), dtype=np.float32)

@@ -357,6 +357,11 @@ def with_references(predictor: Predictor, references: Sequence[ImageSource]) -> 
     The one place that knows which method compares with references how, so that the
     CLI and the service stay written against :class:`Predictor` alone.
     """
+    from anomalyclip.methods.musc import MuSc
+    from anomalyclip.methods.musc_references import MuScWithReferences
+
     if isinstance(predictor, AnomalyCLIP):
         return FewShotAnomalyCLIP.from_images(predictor, references)
+    if isinstance(predictor, MuSc):
+        return MuScWithReferences(predictor, references)
     raise ReferenceError(f"{predictor.method} has no reference mode yet")
