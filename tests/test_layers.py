@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "anomalyclip.visualize": 0,
     "anomalyclip.distributed": 0,
     "anomalyclip.data": 0,
+    "anomalyclip.inputs": 0,
     "anomalyclip.hub": 0,
     # 1 the CLIP backbone and its loaders
     "anomalyclip.backbone": 1,

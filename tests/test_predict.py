@@ -15,14 +15,8 @@ from PIL import Image
 
 from anomalyclip.checkpoint import save_checkpoint
 from anomalyclip.config import AnomalyCLIPConfig
-from anomalyclip.inference import (
-    CSV_FIELDS,
-    gather_images,
-    inspect,
-    iter_predictions,
-    output_names,
-    read_image_csv,
-)
+from anomalyclip.inference import CSV_FIELDS, inspect, iter_predictions, output_names
+from anomalyclip.inputs import gather_images, read_image_csv
 from anomalyclip.model import AnomalyCLIP
 from tests.factories import tiny_clip
 

@@ -35,7 +35,8 @@ import numpy as np
 from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.data.core import ANOMALOUS_LABELS, NORMAL_LABELS
 from anomalyclip.data.core import parse_label as parse_dataset_label
-from anomalyclip.inference import expand_sources, iter_predictions, read_image_csv
+from anomalyclip.inference import iter_predictions
+from anomalyclip.inputs import expand_sources, read_image_csv
 from anomalyclip.model import AnomalyCLIP
 from anomalyclip.predictor import Predictor, SkippedImage
 from anomalyclip.preprocess import ImageSource

@@ -1,6 +1,7 @@
-"""Inspecting collections of images: gathering inputs, batching, verdicts, files for people.
+"""Inspecting collections of images: batching, verdicts, files for people.
 
-:func:`inspect` is the whole workflow behind ``anomalyclip predict`` as one call::
+:func:`inspect` is the whole workflow behind ``anomalyclip predict`` as one call (the
+inputs are gathered by :mod:`anomalyclip.inputs`)::
 
     model = AnomalyCLIP.from_pretrained("calibrated.pt", clip_weights="ViT-L-14-336px.pt")
     summary = inspect("images/", model, output_dir="out")
@@ -19,7 +20,6 @@ map's range would mark 100 % of one dataset and 0 % of the next as defect.
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import logging
 import os
@@ -33,11 +33,11 @@ from typing import Any, Literal, get_args
 import numpy as np
 from PIL import Image
 
+from anomalyclip.inputs import expand_sources, input_columns
 from anomalyclip.outputs import claim_output_dir
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, Predictor, SkippedImage
 from anomalyclip.preprocess import (
-    IMAGE_EXTENSIONS,
     ImageLoadError,
     ImageSource,
     PreProcessor,
@@ -49,7 +49,7 @@ from anomalyclip.visualize import colormap_table, defect_mask, overlay
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SkippedImage", "inspect", "gather_images", "iter_predictions"]
+__all__ = ["SkippedImage", "inspect", "iter_predictions"]
 THUMBNAIL_SIDE = 256
 # The fields of every result record (the input CSV's own columns follow them).
 RECORD_FIELDS = frozenset(
@@ -93,149 +93,6 @@ def calibration_mismatches(settings: dict[str, Any]) -> list[str]:
         for name, value in recorded.items()
         if name in settings and settings[name] != value
     ]
-
-
-# gathering inputs ------------------------------------------------------------------------
-
-
-def is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS
-
-
-@dataclass
-class ImageRow:
-    """One row of an image list CSV: the image and, for calibration, its label and mask."""
-
-    image: Path
-    label: str | None = None
-    mask: Path | None = None
-    columns: dict[str, str] = field(default_factory=dict)  # every cell but the image's
-
-
-def read_image_csv(path: str | Path) -> list[ImageRow]:
-    """Rows of a CSV with a column ``image`` (optional ``label``, ``mask``).
-
-    Paths are relative to the CSV's folder unless absolute. Listed files are not checked
-    here: a missing one is skipped, and reported, when it is read.
-    """
-    path = Path(path)
-    base = path.parent
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = [c.strip() for c in reader.fieldnames or []]
-            if "image" not in columns:
-                raise ValueError(
-                    f"{path}: an image list needs a column 'image' "
-                    f"(found: {', '.join(columns) or 'no header'})"
-                )
-            rows = []
-            for number, raw in enumerate(reader, start=2):
-                row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
-                if not row.get("image"):
-                    raise ValueError(f"{path}, line {number}: the 'image' cell is empty")
-                mask = row.get("mask") or None
-                rows.append(
-                    ImageRow(
-                        base / row["image"],
-                        row.get("label") or None,
-                        base / mask if mask else None,
-                        {k: v for k, v in row.items() if k and k != "image"},
-                    )
-                )
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not a UTF-8 text CSV: {error}") from None
-    except csv.Error as error:
-        raise ValueError(f"{path} is not a readable CSV: {error}") from None
-    if not rows:
-        raise ValueError(f"{path} lists no images")
-    return rows
-
-
-# Folders that dataset layouts use for annotations, not product images (MVTec AD's
-# ground_truth/, VisA's Masks/, the masks/ of folder datasets), compared case-insensitively.
-ANNOTATION_FOLDERS = frozenset({"ground_truth", "groundtruth", "masks", "mask", "gt"})
-
-
-def gather_images(inputs: Sequence[str | Path], include_annotations: bool = False) -> list[Path]:
-    """Files as given, folders searched recursively, glob patterns expanded, CSV lists read.
-
-    Folders are walked following symbolic links (each real folder once) and keep image
-    files (by extension, case-insensitive), skipping hidden names and, unless
-    ``include_annotations``, the annotation folders of :data:`ANNOTATION_FOLDERS` (the
-    skip is logged once). Files without an extension and broken links are kept, so that
-    reading them reports them (decoded if they are images, else listed as skipped).
-    Matches are sorted per input and duplicates dropped. An input that matches nothing
-    raises FileNotFoundError naming it.
-    """
-    found: list[Path] = []
-    skipped_annotations: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            matches = _walk(path, include_annotations, skipped_annotations)
-        elif path.is_file() and path.suffix.lower() == ".csv":
-            matches = [row.image for row in read_image_csv(path)]
-        elif path.is_file():
-            matches = [path]
-        else:
-            matches = sorted(
-                Path(p)
-                for p in glob.glob(str(item), recursive=True)
-                if Path(p).is_file() and is_image_file(Path(p))
-            )
-        if not matches:
-            raise FileNotFoundError(f"no images found at {item}")
-        logger.debug("%s: %d images", item, len(matches))
-        found.extend(matches)
-    if skipped_annotations:
-        folders = sorted({str(p) for p in skipped_annotations})
-        logger.info(
-            "not scoring annotation folders (%s%s); pass --include-annotations to score them",
-            ", ".join(folders[:3]),
-            f" and {len(folders) - 3} more" if len(folders) > 3 else "",
-        )
-    return list(dict.fromkeys(found))
-
-
-def input_columns(sources: Sequence[ImageSource]) -> dict[Path, dict[str, str]]:
-    """The other columns of every image listed in the CSV inputs (label, category, ...),
-    so that a user's own annotations travel into predictions.csv beside the scores."""
-    columns: dict[Path, dict[str, str]] = {}
-    for source in sources:
-        if isinstance(source, (str, Path)) and str(source).lower().endswith(".csv"):
-            path = Path(source)
-            if path.is_file():
-                columns.update((row.image, row.columns) for row in read_image_csv(path))
-    return columns
-
-
-def _walk(root: Path, include_annotations: bool, skipped: list[Path]) -> list[Path]:
-    matches: list[Path] = []
-    seen: set[str] = set()
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:  # a link back up the tree: walked already
-            subfolders.clear()
-            continue
-        seen.add(real)
-        here = Path(folder)
-        kept = []
-        for name in sorted(subfolders):
-            if name.startswith("."):
-                continue
-            if not include_annotations and name.lower() in ANNOTATION_FOLDERS:
-                skipped.append(here / name)
-                continue
-            kept.append(name)
-        subfolders[:] = kept
-        for name in files:
-            candidate = here / name
-            if name.startswith("."):
-                continue
-            if is_image_file(candidate) or not candidate.suffix:
-                matches.append(candidate)
-    return sorted(matches)
 
 
 def output_names(sources: Sequence[ImageSource]) -> list[str]:
@@ -522,28 +379,6 @@ def _log_thresholds(post: PostProcessor, settings: dict[str, Any], writes_masks:
             "the calibrated thresholds do not fit these settings (%s): recalibrate",
             "; ".join(mismatches),
         )
-
-
-def expand_sources(sources: Sequence[ImageSource]) -> list[ImageSource]:
-    """Folders, CSV lists and glob patterns expanded; files and in-memory images kept.
-
-    A file that does not exist is kept too: it is skipped, and reported, when read.
-    """
-    items: list[ImageSource] = []
-    for source in sources:
-        if isinstance(source, (str, Path)) and _is_collection(Path(source)):
-            items.extend(gather_images([source]))
-        else:
-            items.append(source)
-    return items
-
-
-def _is_collection(path: Path) -> bool:
-    if path.is_dir():
-        return True
-    if path.is_file():
-        return path.suffix.lower() == ".csv"
-    return glob.has_magic(str(path))
 
 
 def _relative(path: Path, base: Path | None) -> str:

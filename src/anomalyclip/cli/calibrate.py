@@ -101,7 +101,7 @@ def _examples(
     args: argparse.Namespace, references: bool = False
 ) -> tuple[list, list, dict[str, Path]]:
     from anomalyclip.calibration import find_mask, read_labels
-    from anomalyclip.inference import gather_images
+    from anomalyclip.inputs import gather_images
 
     good = gather_images(args.good) if args.good else []
     anomalous = gather_images(args.anomalous) if args.anomalous else []

@@ -259,7 +259,7 @@ def with_references_and_tiles(predictor: Predictor, args: argparse.Namespace) ->
     from anomalyclip.methods.musc import MuSc
 
     if isinstance(predictor, MuSc) and getattr(args, "reference", None):
-        from anomalyclip.inference import gather_images
+        from anomalyclip.inputs import gather_images
         from anomalyclip.methods.references import with_references
 
         return with_tiles(with_references(predictor, gather_images(args.reference)), args)
@@ -305,7 +305,7 @@ def reference_bank(predictor: Predictor, args: argparse.Namespace) -> ReferenceB
     if references and len(references) == 1 and Path(references[0]).suffix == ".pt":
         bank = ReferenceBank.load(references[0])
     elif references:
-        from anomalyclip.inference import gather_images
+        from anomalyclip.inputs import gather_images
 
         bank = build_bank(predictor, gather_images(references))
     else:

@@ -109,7 +109,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from anomalyclip.inference import gather_images, input_columns, inspect
+    from anomalyclip.inference import inspect
+    from anomalyclip.inputs import gather_images, input_columns
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
