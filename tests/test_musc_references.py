@@ -54,7 +54,7 @@ def test_patch_scores_maps_and_score_match_the_literal_rule(count, degrees):
     )
     references = noise_images(count, seed=1)
     (test,) = noise_images(1, seed=2)
-    scorer = MuScWithReferences(musc, references)
+    scorer = MuScWithReferences.from_images(musc, references)
     expected = literal_patch_scores(musc, test, references)
     actual = scorer.patch_scores(musc.preprocessor([test]))[0]
     assert actual == pytest.approx(expected, abs=1e-5)
@@ -75,11 +75,11 @@ def test_patch_scores_maps_and_score_match_the_literal_rule(count, degrees):
 def test_bad_reference_sets_are_named(tmp_path):
     musc = MuSc(tiny_clip(), MuScConfig(backbone="tiny", image_size=32, features=(2, 4)))
     with pytest.raises(MuScReferenceError, match="no reference images given"):
-        MuScWithReferences(musc, [])
+        MuScWithReferences.from_images(musc, [])
     broken = tmp_path / "good_3.png"
     broken.write_bytes(b"not a png")
     with pytest.raises(MuScReferenceError, match="good_3.png"):
-        MuScWithReferences(musc, [broken])
+        MuScWithReferences.from_images(musc, [broken])
     assert isinstance(with_references(musc, noise_images(2, seed=3)), MuScWithReferences)
 
 
@@ -96,7 +96,7 @@ def test_real_defects_are_found_and_placed_one_image_at_a_time(shared_dir, refer
     defects = sorted((plates / "test" / "defect").iterdir())[:16]
     clip_file = reference_dir / "clip_openai_layout.pt"
     musc = MuSc(load_clip(clip_file), MuScConfig(backbone=str(clip_file)))
-    scorer = MuScWithReferences(musc, good[-8:])
+    scorer = MuScWithReferences.from_images(musc, good[-8:])
     tests = good[:16] + defects
     predictions = [scorer.predict([path])[0] for path in tests]
     labels = np.array([0] * 16 + [1] * 16)
@@ -115,3 +115,26 @@ def test_real_defects_are_found_and_placed_one_image_at_a_time(shared_dir, refer
         maps.append(np.asarray(Image.fromarray(placed).resize((256, 256), Image.BILINEAR)))
     assert image_auroc(labels, scores) >= 0.9
     assert pixel_auroc(np.stack(masks), np.stack(maps)) >= 0.85
+
+
+def test_a_saved_bank_scores_the_same_and_refuses_other_settings(tmp_path):
+    musc = MuSc(tiny_clip(), MuScConfig(backbone="tiny", image_size=32, features=(2, 4)))
+    scorer = MuScWithReferences.from_images(musc, noise_images(3, seed=4))
+    path = scorer.save(tmp_path / "line3.musc-bank.pt", dtype=torch.float16)
+    loaded = MuScWithReferences.load(musc, path)
+    (test,) = noise_images(1, seed=5)
+    exact = scorer.predict_images([test])[0]
+    halved = loaded.predict_images([test])[0]
+    assert halved.score == pytest.approx(exact.score, abs=2e-3)
+    assert loaded.sources == scorer.sources
+    other = MuSc(
+        tiny_clip(), MuScConfig(backbone="tiny", image_size=32, features=(2, 4), degrees=(1,))
+    )
+    with pytest.raises(
+        MuScReferenceError, match=r"another model \(degrees: bank \[1, 3, 5\], model \[1\]\)"
+    ):
+        MuScWithReferences.load(other, path)
+    not_a_bank = tmp_path / "x.pt"
+    torch.save({"format": "other"}, not_a_bank)
+    with pytest.raises(MuScReferenceError, match="is not a MuSc reference bank"):
+        MuScWithReferences.load(musc, not_a_bank)

@@ -233,9 +233,10 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
         "--reference",
         nargs="+",
         metavar="DIR_OR_GLOB",
-        help="known-good images (typically 1 to 16; folders, globs, CSV lists) or a bank "
-        "file saved by `anomalyclip calibrate --reference ... --save-bank FILE`: each "
-        "image is also compared with their patches (few-shot)",
+        help="known-good images (typically 1 to 16; folders, globs, CSV lists) or a saved "
+        "bank (the FILE.bank.pt `anomalyclip calibrate --reference ... -o FILE.pt` writes; "
+        "for MuSc, a bank saved from Python): each image is also compared with their "
+        "patches (few-shot)",
     )
     group.add_argument(
         "--tile-size",
@@ -258,11 +259,17 @@ def with_references_and_tiles(predictor: Predictor, args: argparse.Namespace) ->
     with) and then ``--tile-size`` applied."""
     from anomalyclip.methods.musc import MuSc
 
-    if isinstance(predictor, MuSc) and getattr(args, "reference", None):
+    references = getattr(args, "reference", None)
+    if isinstance(predictor, MuSc) and references:
         from anomalyclip.inputs import gather_images
+        from anomalyclip.methods.musc_references import MuScWithReferences
         from anomalyclip.methods.references import with_references
 
-        return with_tiles(with_references(predictor, gather_images(args.reference)), args)
+        if len(references) == 1 and Path(references[0]).suffix == ".pt":
+            predictor = MuScWithReferences.load(predictor, references[0])
+        else:
+            predictor = with_references(predictor, gather_images(references))
+        return with_tiles(predictor, args)
     bank = reference_bank(predictor, args)
     if bank is not None:
         from anomalyclip.methods.references import FewShotAnomalyCLIP

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,8 +36,13 @@ from anomalyclip.methods.references import ReferenceError
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import Predictor
 from anomalyclip.preprocess import ImageSource, PreProcessor, describe, load_image
+from anomalyclip.utils.atomic import atomic_open
+from anomalyclip.utils.safe_load import safe_torch_load
 
 logger = logging.getLogger(__name__)
+
+BANK_FORMAT = "anomalyclip-musc-reference-bank"
+BANK_VERSION = 1
 
 
 class MuScReferenceError(ReferenceError):
@@ -57,12 +63,33 @@ def nearest_gaps(queries: Tensor, reference: Tensor, block: int = 2048) -> Tenso
     return gaps
 
 
+def _vectors(musc: MuSc, images: Tensor) -> dict[tuple[int, int], Tensor]:
+    """(degree, layer) -> (N, L, C) LNAMD vectors of preprocessed images."""
+    tokens, _ = musc.features(images)
+    return {
+        (degree, layer): lnamd(tokens[layer], degree)
+        for layer in musc.config.features
+        for degree in musc.config.degrees
+    }
+
+
 class MuScWithReferences(Predictor):
     """MuSc scoring each image against a bank of known-good images (see module notes)."""
 
     method = "musc"
 
-    def __init__(self, musc: MuSc, references: Sequence[ImageSource]) -> None:
+    def __init__(
+        self, musc: MuSc, bank: dict[tuple[int, int], Tensor], sources: Sequence[str]
+    ) -> None:
+        self.musc = musc
+        self.bank = bank
+        self.sources = list(sources)
+        self.keep = neighbour_count(len(self.sources) + 1, musc.config.interval)
+        self._said_rscin = False
+
+    @classmethod
+    def from_images(cls, musc: MuSc, references: Sequence[ImageSource]) -> MuScWithReferences:
+        """Encode the references once: their LNAMD vectors are the bank."""
         if not references:
             raise MuScReferenceError("no reference images given")
         images = []
@@ -71,12 +98,58 @@ class MuScWithReferences(Predictor):
                 images.append(load_image(source))
             except ValueError as error:
                 raise MuScReferenceError(f"reference {error}") from None
-        self.musc = musc
-        self.sources = [describe(source) for source in references]
         batch = torch.stack([musc.preprocessor.tensor(image) for image in images])
-        self.bank = self._vectors(batch)
-        self.keep = neighbour_count(len(images) + 1, musc.config.interval)
-        self._said_rscin = False
+        with torch.no_grad():
+            bank = _vectors(musc, batch)
+        return cls(musc, bank, [describe(source) for source in references])
+
+    def identity(self) -> dict[str, Any]:
+        """What the bank's vectors depend on: another backbone or setting makes them
+        incomparable."""
+        config = self.musc.config
+        return {
+            "backbone_sha256": self.musc.backbone.sha256,
+            "image_size": config.image_size,
+            "features": [int(layer) for layer in config.features],
+            "degrees": [int(degree) for degree in config.degrees],
+        }
+
+    def save(self, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+        """The bank as one file, written atomically (``dtype`` float16 halves it)."""
+        record = {
+            "format": BANK_FORMAT,
+            "version": BANK_VERSION,
+            "vectors": {f"{d},{layer}": v.to(dtype).cpu() for (d, layer), v in self.bank.items()},
+            "identity": self.identity(),
+            "sources": self.sources,
+        }
+        target = Path(path)
+        with atomic_open(target, "wb") as handle:
+            torch.save(record, handle)
+        return target
+
+    @classmethod
+    def load(cls, musc: MuSc, path: str | Path) -> MuScWithReferences:
+        """A saved bank, refused when made with another backbone or settings."""
+        data = safe_torch_load(path, "MuSc reference bank")
+        if not isinstance(data, dict) or data.get("format") != BANK_FORMAT:
+            raise MuScReferenceError(f"{path} is not a MuSc reference bank written by anomalyclip")
+        bank = {
+            (int(key.split(",")[0]), int(key.split(",")[1])): value.float()
+            for key, value in data["vectors"].items()
+        }
+        loaded = cls(musc, bank, data["sources"])
+        recorded, expected = data["identity"], loaded.identity()
+        differences = [
+            f"{key}: bank {recorded.get(key)!r}, model {value!r}"
+            for key, value in expected.items()
+            if recorded.get(key) != value
+        ]
+        if differences:
+            raise MuScReferenceError(
+                f"{path} was made for another model (" + "; ".join(differences) + ")"
+            )
+        return loaded
 
     @property
     def count(self) -> int:
@@ -85,15 +158,6 @@ class MuScWithReferences(Predictor):
     @property
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.bank.values())
-
-    def _vectors(self, images: Tensor) -> dict[tuple[int, int], Tensor]:
-        """(degree, layer) -> (N, L, C) LNAMD vectors of preprocessed images."""
-        tokens, _ = self.musc.features(images)
-        return {
-            (degree, layer): lnamd(tokens[layer], degree)
-            for layer in self.musc.config.features
-            for degree in self.musc.config.degrees
-        }
 
     @property
     def preprocessor(self) -> PreProcessor:
@@ -113,7 +177,7 @@ class MuScWithReferences(Predictor):
     def patch_scores(self, images: Tensor) -> np.ndarray:
         """(B, L) float64 patch scores, each image against the references."""
         config = self.musc.config
-        tested = self._vectors(images)
+        tested = _vectors(self.musc, images)
         per_degree = []
         for degree in config.degrees:
             per_layer = []

@@ -363,5 +363,5 @@ def with_references(predictor: Predictor, references: Sequence[ImageSource]) -> 
     if isinstance(predictor, AnomalyCLIP):
         return FewShotAnomalyCLIP.from_images(predictor, references)
     if isinstance(predictor, MuSc):
-        return MuScWithReferences(predictor, references)
+        return MuScWithReferences.from_images(predictor, references)
     raise ReferenceError(f"{predictor.method} has no reference mode yet")
