@@ -227,3 +227,72 @@ def test_torchrun_evaluation_gives_the_single_process_metrics(shared_dir, clip_f
     assert len(split_maps) == len(rows) == len(single_maps)
     for want, got in zip(single_maps, split_maps, strict=True):
         assert np.array_equal(np.load(want), np.load(got)), got.name
+
+
+@pytest.mark.slow
+def test_torchrun_musc_evaluation_gives_the_single_process_results(shared_dir, clip_file, tmp_path):
+    """MuSc under torchrun: each class one set, its backbone batches and mutual scoring
+    shared between 2 ranks (batches of 3 over 7 images: one rank has more), results
+    summed back: the tables and every map identical to one process's."""
+    rows = shared_rows(shared_dir, "glass", 4, 3) + shared_rows(shared_dir, "metal_plate", 3, 4)
+    manifest = write_manifest(tmp_path / "test.csv", rows)
+    common = [f"csv={manifest}", "--method", "musc", "--clip-weights", str(clip_file)]
+    common += ["--image-size", "32", "--features", "2", "4", "--musc-degrees", "1", "3"]
+    common += ["--batch-size", "3", "--save-maps", "--no-progress"]
+
+    assert main(["test", *common, "-o", str(tmp_path / "single")]) == 0
+    done = torchrun(["test", *common, "-o", str(tmp_path / "split")], tmp_path)
+    assert done.stdout.count("| glass |") == 1
+
+    single = json.loads((tmp_path / "single" / "test" / "results.json").read_text())
+    split = json.loads((tmp_path / "split" / "test" / "results.json").read_text())
+    assert split["classes"] == single["classes"] and split["mean"] == single["mean"]
+    assert split["settings"]["method"] == "musc"
+    single_scores = (tmp_path / "single" / "test" / "scores.csv").read_text()
+    assert (tmp_path / "split" / "test" / "scores.csv").read_text() == single_scores
+    single_maps = sorted((tmp_path / "single" / "test" / "maps").rglob("*.npy"))
+    split_maps = sorted((tmp_path / "split" / "test" / "maps").rglob("*.npy"))
+    assert len(split_maps) == len(rows) == len(single_maps)
+    for want, got in zip(single_maps, split_maps, strict=True):
+        assert np.array_equal(np.load(want), np.load(got)), got.name
+
+
+MUSC_SHARDING_SCRIPT = """
+import sys, torch, torch.nn.functional as F
+from anomalyclip import distributed
+from anomalyclip.methods.musc import mutual_scores
+distributed.init_from_env("cpu")
+vectors = F.normalize(torch.randn(9, 16, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+steps = []
+result = {
+    budget: mutual_scores(vectors, distance_budget=budget, shard=True, advance=steps.append)
+    for budget in (0, 1 << 30)
+}
+assert sum(steps) == 18
+if distributed.is_main_process():
+    torch.save(result, sys.argv[1])
+distributed.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_mutual_scoring_in_both_modes_is_the_single_process_result(tmp_path):
+    """Pairs once (the distance table summed) and image by image (the scores summed)."""
+    import torch.nn.functional as F
+
+    from anomalyclip.methods.musc import mutual_scores
+
+    script = tmp_path / "shard.py"
+    script.write_text(MUSC_SHARDING_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", str(WORLD), str(script), str(tmp_path / "out.pt")]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        command, env=environment, capture_output=True, text=True, timeout=TORCHRUN_SECONDS
+    )
+    assert done.returncode == 0, done.stderr[-6000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    vectors = F.normalize(torch.randn(9, 16, 8, generator=generator), dim=-1)
+    for budget in (0, 1 << 30):
+        assert torch.equal(got[budget], mutual_scores(vectors, distance_budget=budget))

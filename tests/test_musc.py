@@ -4,6 +4,7 @@ masks) on small random models of other shapes and settings."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -554,3 +555,82 @@ def test_benchmark_smoke_run(tmp_path):
     assert "| shapes | images |" in completed.stdout
     (case,) = json.loads(output.read_text())["cases"]
     assert case["max_abs_difference"] < 1e-5 and case["speedup"] > 0
+
+
+# progress, low-precision products, sharding in one process -----------------------------------
+
+
+@pytest.mark.parametrize("distance_budget", [0, 1 << 30])
+def test_mutual_scoring_reports_every_image_once(distance_budget):
+    vectors = F.normalize(torch.randn(7, 9, 4), dim=-1)
+    steps: list[int] = []
+    scores = mutual_scores(vectors, distance_budget=distance_budget, advance=steps.append)
+    assert sum(steps) == 7
+    # one process: sharding is the plain computation
+    sharded = mutual_scores(vectors, distance_budget=distance_budget, shard=True)
+    assert torch.equal(scores, sharded)
+
+
+def test_progress_bar_is_off_in_library_use_and_on_in_the_cli(small_model, capsys, tmp_path):
+    assert MuSc.progress is False and small_model.progress is False
+    small_model.run(random_images(3, 32))
+    assert "MuSc scoring" not in capsys.readouterr().err
+    small_model.progress = True
+    try:
+        small_model.run(random_images(3, 32))
+    finally:
+        small_model.progress = False
+    assert "MuSc scoring" in capsys.readouterr().err
+
+
+def test_cli_shows_the_scoring_bar_unless_no_progress(tmp_path, clip_file, shared_dir, capsys):
+    from anomalyclip.cli import main
+
+    images = sorted((shared_dir / "datasets" / "metal_plate" / "test" / "good").iterdir())[:3]
+    common = ["predict", *map(str, images), "--method", "musc", "--clip-weights", str(clip_file)]
+    common += ["--image-size", "32", "--features", "2", "--musc-degrees", "1"]
+    assert main([*common, "--output", str(tmp_path / "a.jsonl")]) == 0
+    assert "MuSc scoring" in capsys.readouterr().err
+    assert main([*common, "--output", str(tmp_path / "b.jsonl"), "--no-progress"]) == 0
+    assert "MuSc scoring" not in capsys.readouterr().err
+
+
+# bfloat16 against float32 on the official eight images: what the README states
+LOW_PRECISION_MAP_TOLERANCE = 5e-3
+LOW_PRECISION_SCORE_TOLERANCE = 1e-3
+
+
+def test_bfloat16_products_stay_close_to_float32(reference_musc, reference_images, reference_run):
+    """Only the nearest patch comes from the bfloat16 product; its distance is float32,
+    so distances can only grow, and only where rounding reorders near-ties."""
+    config = dataclasses.replace(reference_musc.config, similarity_dtype="bfloat16")
+    low = MuSc(reference_musc.clip, config, reference_musc.backbone).run(reference_images)
+    difference = low.patch_scores - reference_run.patch_scores
+    assert difference.min() > -1e-6  # never below the float32 nearest distance
+    assert np.abs(low.anomaly_maps - reference_run.anomaly_maps).max() < (
+        LOW_PRECISION_MAP_TOLERANCE
+    )
+    np.testing.assert_allclose(
+        low.image_scores, reference_run.image_scores, atol=LOW_PRECISION_SCORE_TOLERANCE
+    )
+    for got, want in zip(low.anomaly_maps, reference_run.anomaly_maps, strict=True):
+        assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.999
+    with pytest.raises(ValueError, match="similarity_dtype must be one of"):
+        MuScConfig(similarity_dtype="int8")
+
+
+@pytest.mark.parametrize("distance_budget", [0, 1 << 30])
+@pytest.mark.parametrize("block_elements", [5, 200, 1 << 24])
+def test_low_precision_blocks_agree(block_elements, distance_budget):
+    """Candidate merging across row and image blocks gives what one block gives."""
+    vectors = F.normalize(torch.randn(6, 25, 12), dim=-1)
+    whole = mutual_scores(vectors, similarity_dtype=torch.bfloat16)
+    blocked = mutual_scores(
+        vectors,
+        block_elements=block_elements,
+        distance_budget=distance_budget,
+        similarity_dtype=torch.bfloat16,
+    )
+    np.testing.assert_allclose(blocked.numpy(), whole.numpy(), atol=1e-6)
+    exact = literal_mutual_scores(vectors).numpy()
+    assert (blocked.numpy() - exact).min() > -1e-6

@@ -258,6 +258,25 @@ def sum_across_ranks(values: Sequence[float]) -> list[float]:
     return tensor.cpu().tolist()
 
 
+def sum_tensor_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed element-wise over all ranks, in place; returned for chaining.
+
+    For results shared out by zeroing: each rank fills its own part of a zeroed tensor,
+    and the sum is then the whole, exactly (x + 0 is x). The tensor travels through the
+    collective's device (NCCL needs this process's GPU) when it lives elsewhere.
+    """
+    if not is_distributed():
+        return tensor
+    device = _collective_device()
+    if tensor.device == device:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+    moved = tensor.to(device)
+    dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+    tensor.copy_(moved)
+    return tensor
+
+
 class RankFilter(logging.Filter):
     """Other ranks than 0 keep only warnings and errors, each prefixed with its rank."""
 

@@ -303,8 +303,10 @@ def _score_class_as_set(
 
     A method that scores sets (MuSc) gets the whole class in one call, as its paper
     evaluates (unreadable images are left out of the set); others get batches. Every
-    rank computes the same thing (a set method may share its work between the ranks
-    itself); rank 0 returns it.
+    rank makes the same call, since a set method shares the set's work between the ranks
+    itself (MuSc: backbone batches and mutual scoring, the results summed back so every
+    rank holds the whole set); rank 0 returns it. Other methods' batches are still
+    computed by every rank.
     """
     samples = plan.samples
     step = len(samples) if model.scores_sets else batch_size

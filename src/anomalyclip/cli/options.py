@@ -361,13 +361,20 @@ def build_method(args: argparse.Namespace, seed: int = 0) -> Predictor:
         "batch_size": getattr(args, "batch_size", None),
         "seed": seed,
     }
-    return create_predictor(
+    predictor = create_predictor(
         method,
         args.clip_weights,
         overrides=overrides,
         device=args.device,
         trust_torchscript=args.trust_torchscript,
     )
+    # a set takes minutes on a CPU: the command shows a bar over its scoring, which the
+    # library leaves off; commands without --no-progress show none
+    from anomalyclip.methods.musc import MuSc
+
+    if isinstance(predictor, MuSc):
+        predictor.progress = not getattr(args, "no_progress", True)
+    return predictor
 
 
 def add_progress_argument(parser: argparse.ArgumentParser) -> None:

@@ -37,7 +37,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from anomalyclip import distributed
 from anomalyclip.backbone.clip import CLIP
 from anomalyclip.backbone.identity import BackboneIdentity
 from anomalyclip.data.core import list_images
@@ -80,6 +81,15 @@ DEFAULT_BLOCK_ELEMENTS = 1 << 24
 # Bytes of nearest-patch distances MSM may keep for the whole set, to multiply each pair
 # of images once (N (N - 1) L float32: 1 GiB is 440 images of 37 x 37 patches).
 DEFAULT_DISTANCE_BUDGET = 1 << 30
+# Nearest-patch candidates kept from a float16/bfloat16 product, their float32 distances
+# compared (float32 keeps 1: its largest product is the nearest patch).
+LOW_PRECISION_CANDIDATES = 4
+# dtypes the similarity products may run in (MuScConfig.similarity_dtype).
+SIMILARITY_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 @dataclass
@@ -99,6 +109,11 @@ class MuScConfig:
     over the whole set.
     batch_size: images per backbone forward pass; block_elements: the largest similarity
     block MSM holds. Both bound memory only; they do not change the results.
+    similarity_dtype: the dtype of MSM's similarity products ("float32", "float16",
+    "bfloat16"). The low-precision ones are for GPUs (tensor cores: several times the
+    float32 rate); they only choose each patch's nearest patch, whose distance is still
+    computed in float32, so a score moves only where rounding picks a near-tie (see
+    :func:`mutual_scores` and the README for the measured deviation).
     image_threshold / pixel_threshold: verdict thresholds (see the module's note on
     scores being relative to the set), or None.
     """
@@ -113,6 +128,7 @@ class MuScConfig:
     seed: int = 0
     batch_size: int = 8
     block_elements: int = DEFAULT_BLOCK_ELEMENTS
+    similarity_dtype: str = "float32"
     image_threshold: float | None = None
     pixel_threshold: float | None = None
 
@@ -131,6 +147,11 @@ class MuScConfig:
         if any(k < 1 for k in self.rscin_k):
             problems.append(
                 f"rscin_k must be counts >= 1 (empty disables RsCIN), got {self.rscin_k}"
+            )
+        if self.similarity_dtype not in SIMILARITY_DTYPES:
+            problems.append(
+                f"similarity_dtype must be one of {', '.join(SIMILARITY_DTYPES)}, "
+                f"got {self.similarity_dtype!r}"
             )
         if not 0.0 < self.interval <= 1.0:
             problems.append(f"interval must lie in (0, 1], got {self.interval}")
@@ -223,6 +244,10 @@ def mutual_scores(
     interval: float = 0.3,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     distance_budget: int = DEFAULT_DISTANCE_BUDGET,
+    *,
+    similarity_dtype: torch.dtype = torch.float32,
+    shard: bool = False,
+    advance: Callable[[int], object] | None = None,
 ) -> Tensor:
     """MSM: (N, L) float64 scores of every patch of every image against the others.
 
@@ -242,30 +267,80 @@ def mutual_scores(
     arithmetic); above that, image by image (each pair twice), so that memory stays
     bounded whatever N. Blocks hold at most ``block_elements`` similarities (at least
     one query patch against one image).
+
+    ``similarity_dtype`` float16 or bfloat16 runs the products at the GPU's
+    low-precision rate; they only pick the nearest patch, whose distance is computed in
+    float32 as above, so a distance can only grow, and only where rounding prefers a
+    near-tie (a patch almost as close).
+
+    ``shard`` (under ``torchrun``, every rank calling with the same vectors): the loop
+    over images is shared, step ``i`` on rank ``i mod world``, and the distances (or
+    scores) summed across ranks, each value coming from exactly one rank, so every
+    rank returns the one-process result to the last bit. ``advance(n)`` is called as
+    the loop passes images (``N`` in all per call): a progress bar's hook.
     """
     if vectors.dim() != 3:
         raise ValueError(f"vectors must be (N, L, C), got shape {tuple(vectors.shape)}")
     count, patches, _ = vectors.shape
     keep = neighbour_count(count, interval)
     vectors = vectors.float().contiguous()
-    scores = torch.empty(count, patches, dtype=torch.float64, device=vectors.device)
+    pair = (vectors, _rounded(vectors, similarity_dtype))
+    candidates = 1 if similarity_dtype == torch.float32 else LOW_PRECISION_CANDIDATES
+    world = distributed.world_size() if shard else 1
+    rank = distributed.rank() if shard else 0
+    step = advance or (lambda _: None)
+    device = vectors.device
     symmetric = count * (count - 1) * patches * 4 <= distance_budget
     if symmetric:
-        # distances[i, slot] with slot j for j < i and j - 1 for j > i
-        distances = torch.empty(count, count - 1, patches, device=vectors.device)
+        # distances[i, slot] with slot j for j < i and j - 1 for j > i; zeros where
+        # another rank writes, so that the sum across ranks is exact
+        make = torch.zeros if world > 1 else torch.empty
+        distances = make(count, count - 1, patches, device=device)
         for index in range(count - 1):
-            _score_pairs(vectors, index, index + 1, count, distances, block_elements)
+            if distributed.owner(index, world) == rank:
+                _score_pairs(pair, index, index + 1, count, distances, block_elements, candidates)
+            step(1)
+        if world > 1:
+            distributed.sum_tensor_across_ranks(distances)
+        step(1)
+        scores = torch.empty(count, patches, dtype=torch.float64, device=device)
         for index in range(count):
             scores[index] = _mean_of_smallest(distances[index], keep)
         return scores
-    row = torch.empty(count - 1, patches, device=vectors.device)
+    scores = torch.zeros(count, patches, dtype=torch.float64, device=device)
+    row = torch.empty(count - 1, patches, device=device)
     for index in range(count):
-        _score_pairs(vectors, index, 0, index, row[None], block_elements, both=False)
-        _score_pairs(
-            vectors, index, index + 1, count, row[None], block_elements, both=False, offset=index
-        )
-        scores[index] = _mean_of_smallest(row, keep)
+        if distributed.owner(index, world) == rank:
+            row_of = (row[None], block_elements, candidates, False)
+            _score_pairs(pair, index, 0, index, *row_of)
+            _score_pairs(pair, index, index + 1, count, *row_of, offset=index)
+            scores[index] = _mean_of_smallest(row, keep)
+        step(1)
+    if world > 1:
+        distributed.sum_tensor_across_ranks(scores)
     return scores
+
+
+def _rounded(vectors: Tensor, dtype: torch.dtype) -> Tensor:
+    """The vectors as the low-precision product sees them: rounded to ``dtype``; kept in
+    it on CUDA, whose products take it at tensor-core rate with float32 accumulation and
+    output (:func:`_dots`), and held in float32 elsewhere, where float32 products of the
+    rounded values are the same arithmetic (CPU products in bfloat16 would also round
+    their output to 8 bits, making near-ties of patches that are not)."""
+    if dtype == torch.float32:
+        return vectors
+    rounded = vectors.to(dtype)
+    return rounded if vectors.device.type == "cuda" else rounded.float()
+
+
+def _dots(queries: Tensor, references: Tensor) -> Tensor:
+    """``queries @ references.T`` in float32, from float32 or (CUDA) low-precision inputs."""
+    if queries.dtype == torch.float32:
+        return queries @ references.T
+    try:
+        return torch.mm(queries, references.T, out_dtype=torch.float32)
+    except (RuntimeError, TypeError):  # a torch without it: correct, at float32 speed
+        return queries.float() @ references.float().T
 
 
 def _mean_of_smallest(distances: Tensor, keep: int) -> Tensor:
@@ -274,12 +349,13 @@ def _mean_of_smallest(distances: Tensor, keep: int) -> Tensor:
 
 
 def _score_pairs(
-    vectors: Tensor,
+    pair: tuple[Tensor, Tensor],
     index: int,
     first: int,
     stop: int,
     distances: Tensor,
     block_elements: int,
+    candidates: int = 1,
     both: bool = True,
     offset: int = 0,
 ) -> None:
@@ -288,38 +364,60 @@ def _score_pairs(
     Writes ``distances[0 if not both else index, offset + (j - first) ...]``: with
     ``both`` (symmetric mode, ``first > index``) the full (N, N - 1, L) table gets
     index's row (slots j - 1) and each j's row (slot ``index``); otherwise the (1, N - 1,
-    L) row of ``index`` gets slots ``offset + j - first``.
+    L) row of ``index`` gets slots ``offset + j - first``. ``pair``: the float32 unit
+    vectors, for the distances, and the same in the products' dtype, for the nearest
+    patches. With ``candidates`` > 1 (low-precision products) the largest products are
+    kept and the one nearest in float32 taken: rounded inputs can reorder patches that
+    are almost as near.
     """
     if stop <= first:
         return
+    vectors, products = pair
     patches, channels = vectors.shape[1:]
+    candidates = min(candidates, patches)
     query_rows = max(1, min(patches, block_elements // patches))
-    images_per_block = max(1, block_elements // (query_rows * patches))
+    images_per_block = max(1, block_elements // (query_rows * patches * candidates))
     own = distances[index] if both else distances[0]
+    device = vectors.device
     for low_image, high_image in _ranges(first, stop, images_per_block):
         width = high_image - low_image
         references = vectors[low_image:high_image].reshape(-1, channels)
+        reference_products = products[low_image:high_image].reshape(-1, channels)
         # running column maxima over the query row blocks: j's patches against index
-        column_best = torch.full((width, patches), -math.inf, device=vectors.device)
-        column_at = torch.zeros((width, patches), dtype=torch.long, device=vectors.device)
+        column_best = torch.full((candidates, width, patches), -math.inf, device=device)
+        column_at = torch.zeros((candidates, width, patches), dtype=torch.long, device=device)
         for low, high in _ranges(0, patches, query_rows):
             queries = vectors[index, low:high]
-            dots = (queries @ references.T).view(high - low, width, patches)
-            best = dots.argmax(dim=2)  # (rows, width): nearest patch of each j
-            flat = best + torch.arange(width, device=best.device) * patches
-            gaps = (references[flat] - queries[:, None]).norm(dim=2)
+            dots = _dots(products[index, low:high], reference_products)
+            dots = dots.view(high - low, width, patches)
+            # (rows, width, candidates): the nearest patches of each j
+            if candidates == 1:
+                best = dots.argmax(dim=2, keepdim=True)
+            else:
+                best = dots.topk(candidates, dim=2).indices
+            flat = best + torch.arange(width, device=device)[:, None] * patches
+            gaps = (references[flat] - queries[:, None, None]).norm(dim=3).amin(dim=2)
             slots = slice(offset + low_image - first, offset + high_image - first)
             if both:
                 slots = slice(low_image - 1, high_image - 1)
             own[slots, low:high] = gaps.T
-            if both:
-                values, where = dots.max(dim=0)  # (width, patches): over these query rows
+            if not both:
+                continue
+            if candidates == 1:
+                values, where = dots.max(dim=0, keepdim=True)  # over these query rows
                 better = values > column_best
                 column_best = torch.where(better, values, column_best)
                 column_at = torch.where(better, where + low, column_at)
+            else:
+                kept = min(candidates, high - low)
+                values, where = dots.topk(kept, dim=0)
+                merged = torch.cat((column_best, values))
+                top = merged.topk(candidates, dim=0)
+                column_best = top.values
+                column_at = torch.cat((column_at, where + low)).gather(0, top.indices)
         if both:
-            nearest = vectors[index][column_at]  # (width, patches, C)
-            gaps = (nearest - vectors[low_image:high_image]).norm(dim=2)
+            nearest = vectors[index][column_at]  # (candidates, width, patches, C)
+            gaps = (nearest - vectors[low_image:high_image]).norm(dim=3).amin(dim=0)
             distances[low_image:high_image, index] = gaps
 
 
@@ -383,10 +481,23 @@ def divide_indices(
 
 
 class MuSc(Predictor):
-    """MuSc on a frozen CLIP; every call to :meth:`score_tensors` scores one set."""
+    """MuSc on a frozen CLIP; every call to :meth:`score_tensors` scores one set.
+
+    ``progress``: a progress bar over the scoring of each set (images x layers x
+    degrees), off by default so that library use stays quiet; the CLI turns it on
+    unless ``--no-progress``. It is shown by rank 0 only.
+
+    ``shard``: under ``torchrun`` (an initialised process group of several ranks), the
+    backbone batches and the mutual scoring are shared between the ranks, and every
+    rank gets the whole set's results, identical to one process's. Every rank must then
+    call :meth:`run` with the same images (as evaluation does); set it to False to score
+    on one rank alone inside a process group.
+    """
 
     method = "musc"
     scores_sets = True
+    progress: bool = False
+    shard: bool = True
 
     def __init__(
         self,
@@ -466,30 +577,49 @@ class MuSc(Predictor):
         items = _expand(sources)
         return self.predict(items, batch_size=max(1, len(items)), progress=progress, errors=errors)
 
-    def features(self, images: Tensor) -> tuple[dict[int, Tensor], Tensor]:
+    def features(self, images: Tensor, shard: bool = False) -> tuple[dict[int, Tensor], Tensor]:
         """Raw tokens (layer -> (N, 1 + L, C)) and unit image embeddings (N, E), float32.
 
         Computed once per image, in batches of ``config.batch_size``, and shared by every
-        degree, layer and subset.
+        degree, layer and subset. With ``shard`` (every rank of a launch calling with the
+        same images) batch ``k`` is computed by rank ``k mod world`` and the results
+        summed across ranks into zeros: the same batches as one process, so the same
+        bits, on every rank.
         """
         size = self.config.image_size
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
             raise ValueError(
                 f"MuSc takes images of shape (N, 3, {size}, {size}), got {tuple(images.shape)}"
             )
-        tokens: dict[int, list[Tensor]] = {layer: [] for layer in self.config.features}
-        embeddings = []
+        world = distributed.world_size() if shard else 1
+        rank = distributed.rank() if shard else 0
+        visual = self.clip.visual
+        count, length = len(images), self.grid**2 + 1
+        channels, embedding_size = visual.conv1.weight.shape[0], visual.proj.shape[1]
+        tokens = {
+            layer: torch.zeros(count, length, channels, device=self.device)
+            for layer in self.config.features
+        }
+        embeddings = torch.zeros(count, embedding_size, device=self.device)
+        batch_size = self.config.batch_size
         with torch.no_grad():
-            for start in range(0, len(images), self.config.batch_size):
-                batch = images[start : start + self.config.batch_size].to(self.device)
-                hidden, embedding = self.clip.visual.residual_stream(
-                    batch, self.config.features, "bicubic"
-                )
+            for number, start in enumerate(range(0, count, batch_size)):
+                if distributed.owner(number, world) != rank:
+                    continue
+                stop = start + batch_size
+                batch = images[start:stop].to(self.device)
+                hidden, embedding = visual.residual_stream(batch, self.config.features, "bicubic")
                 for layer, values in hidden.items():
-                    tokens[layer].append(values.float())
+                    tokens[layer][start:stop] = values.float()
                 assert embedding is not None  # residual_stream was asked for it
-                embeddings.append(F.normalize(embedding.float(), dim=-1))
-        return {k: torch.cat(v) for k, v in tokens.items()}, torch.cat(embeddings)
+                embeddings[start:stop] = F.normalize(embedding.float(), dim=-1)
+        if world > 1:
+            for values in (*tokens.values(), embeddings):
+                distributed.sum_tensor_across_ranks(values)
+        return tokens, embeddings
+
+    def _sharded(self) -> bool:
+        return self.shard and distributed.is_distributed()
 
     def run(
         self,
@@ -508,9 +638,11 @@ class MuSc(Predictor):
         subsets = divide_indices(count, config.divide_num, config.seed, groups)
         for subset in subsets:
             neighbour_count(len(subset), config.interval)
+        shard = self._sharded()
         started = time.perf_counter()
-        tokens, embeddings = self.features(images)
+        tokens, embeddings = self.features(images, shard=shard)
         extracted = time.perf_counter()
+        similarity_dtype = SIMILARITY_DTYPES[config.similarity_dtype]
         output = MuScOutput(
             grid=self.grid,
             subsets=subsets,
@@ -521,6 +653,7 @@ class MuSc(Predictor):
             image_scores_raw=np.empty(0),
             image_scores=np.empty(0, np.float32),
         )
+        bar = self._progress_bar(count * len(config.features) * len(config.degrees))
         for layer in config.features:
             layer_tokens = tokens.pop(layer)  # freed once its degrees are done
             if keep_features:
@@ -532,10 +665,18 @@ class MuSc(Predictor):
                 scores = torch.empty(vectors.shape[:2], dtype=torch.float64)
                 for subset in subsets:
                     chosen = vectors if len(subsets) == 1 else vectors[subset]
-                    block = mutual_scores(chosen, config.interval, config.block_elements)
+                    block = mutual_scores(
+                        chosen,
+                        config.interval,
+                        config.block_elements,
+                        similarity_dtype=similarity_dtype,
+                        shard=shard,
+                        advance=bar.update,
+                    )
                     scores[subset] = block.cpu()
                 output.msm[(degree, layer)] = scores.numpy()
             del layer_tokens
+        bar.close()
         scored = time.perf_counter()
         per_degree = [
             np.mean([output.msm[(degree, layer)] for layer in config.features], axis=0)
@@ -553,6 +694,19 @@ class MuSc(Predictor):
             1000 * (scored - extracted) / count,
         )
         return output
+
+    def _progress_bar(self, total: int) -> Any:
+        """The bar over one set's mutual scoring (each image once per layer and degree):
+        the long part of a big set, minutes on a CPU, so the CLI shows how far it is."""
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=total,
+            desc="MuSc scoring",
+            unit="img",
+            leave=False,
+            disable=not (self.progress and distributed.is_main_process()),
+        )
 
     def _lnamd(self, tokens: Tensor, degree: int) -> Tensor:
         """:func:`lnamd` in batches, into one preallocated tensor (bounded temporaries)."""
