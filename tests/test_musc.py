@@ -555,6 +555,7 @@ def test_benchmark_smoke_run(tmp_path):
     assert "| shapes | images |" in completed.stdout
     (case,) = json.loads(output.read_text())["cases"]
     assert case["max_abs_difference"] < 1e-5 and case["speedup"] > 0
+    assert case["bfloat16_max_deviation"] < LOW_PRECISION_MAP_TOLERANCE
 
 
 # progress, low-precision products, sharding in one process -----------------------------------
