@@ -51,23 +51,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SkippedImage", "inspect", "iter_predictions"]
 THUMBNAIL_SIDE = 256
-# The fields of every result record (the input CSV's own columns follow them).
-RECORD_FIELDS = frozenset(
-    (
-        "image",
-        "score",
-        "anomalous",
-        "image_threshold",
-        "defect_fraction",
-        "map_max",
-        "width",
-        "height",
-        "overlay",
-        "mask",
-        "map",
-        "thumbnail",
-    )
-)
 OverlayFormat = Literal["png", "jpeg"]
 OVERLAY_FORMATS: tuple[str, ...] = get_args(OverlayFormat)
 CSV_FIELDS = (
@@ -83,6 +66,9 @@ CSV_FIELDS = (
     "mask",
     "map",
 )
+# The fields of every result record: the CSV's and the thumbnail (the input CSV's own
+# columns follow them).
+RECORD_FIELDS = frozenset((*CSV_FIELDS, "thumbnail"))
 
 
 def calibration_mismatches(settings: dict[str, Any]) -> list[str]:

@@ -421,14 +421,8 @@ def create_app(
         threshold: float | None = threshold_query,
         pixel_threshold: float | None = pixel_query,
     ) -> BatchResult:
-        name, predictor = chosen(method, references)
         check_batch_size(len(files), settings)
-        slots = await accept_all(files)
-        uploads = [slot for slot in slots if isinstance(slot, Upload)]
-        outcomes = await analyse(
-            name, predictor, uploads, threshold, pixel_threshold, as_set=predictor.scores_sets
-        )
-        return merged(slots, outcomes)
+        return await score_all(files, method, references, threshold, pixel_threshold, False)
 
     @app.post(
         "/v1/predict/set",
@@ -443,11 +437,25 @@ def create_app(
         threshold: float | None = threshold_query,
         pixel_threshold: float | None = pixel_query,
     ) -> BatchResult:
+        return await score_all(files, method, references, threshold, pixel_threshold, True)
+
+    async def score_all(
+        files: list[UploadFile],
+        method: str | None,
+        references: str | None,
+        threshold: float | None,
+        pixel_threshold: float | None,
+        as_set: bool,
+    ) -> BatchResult:
+        """Several uploads, a bad file failing alone; scored together when ``as_set`` or
+        when the method's images score each other (then within the set limits)."""
         name, predictor = chosen(method, references)
         slots = await accept_all(files)
         uploads = [slot for slot in slots if isinstance(slot, Upload)]
-        check_set(uploads, settings)
-        outcomes = await analyse(name, predictor, uploads, threshold, pixel_threshold, as_set=True)
+        together = as_set or predictor.scores_sets
+        if together:
+            check_set(uploads, settings)
+        outcomes = await analyse(name, predictor, uploads, threshold, pixel_threshold, together)
         return merged(slots, outcomes)
 
     @app.post(
