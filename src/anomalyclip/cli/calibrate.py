@@ -172,10 +172,10 @@ def run(args: argparse.Namespace) -> int:
     result.apply(model, reference_bank=None if bank is None else bank.digest)
     details = {**result.to_dict(), "calibrated_from": args.checkpoint}
     extra = {**_source_extra(args.checkpoint), "calibration": details}
-    save_checkpoint(args.output, model, extra=extra)
-    if bank is not None:
+    if bank is not None:  # first: a checkpoint never names a bank that is not there
         stored = bank.to(torch.float16) if args.bank_dtype == "float16" else bank
         stored.save(options.bank_path_for(args.output))
+    save_checkpoint(args.output, model, extra=extra)
     if args.summary:
         atomic_write_json(args.summary, details)
     logger.info(
