@@ -1,4 +1,4 @@
-"""Every command the README shows is one the CLI accepts (the rest of the suite runs them).
+"""Every command the README shows is one the CLI accepts (tests/test_readme_runs.py runs them).
 
 A README command that no longer parses (``calibrate ... -o FILE`` once failed: ``--output``
 had no ``-o``) is a newcomer's first error, so each ``anomalyclip`` line of the README's
