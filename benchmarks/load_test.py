@@ -119,12 +119,14 @@ class ServerProcess:
 
 
 def run_random_server(port: int, max_pending: int) -> None:
-    """Serve a randomly initialised small CLIP: exercises decoding, queueing and rendering."""
+    """Serve a randomly initialised small CLIP: exercises decoding, queueing and rendering
+    (AnomalyCLIP, the default method, and MuSc on the same backbone)."""
     import torch
     import uvicorn
 
     from anomalyclip.backbone.clip import CLIP, CLIPArchitecture
     from anomalyclip.config import AnomalyCLIPConfig
+    from anomalyclip.methods.musc import MuSc, MuScConfig
     from anomalyclip.model import AnomalyCLIP
     from anomalyclip.serving import ServiceSettings, create_app
 
@@ -152,8 +154,12 @@ def run_random_server(port: int, max_pending: int) -> None:
         prompt_depth=2,
         deep_prompt_length=2,
     )
-    model = AnomalyCLIP(CLIP(architecture).eval(), config)
-    app = create_app(model, ServiceSettings(max_pending=max_pending))
+    clip = CLIP(architecture).eval()
+    model = AnomalyCLIP(clip, config)
+    # MuSc beside it on the same backbone, so the page's method choice and sets are served
+    musc = MuSc(clip, MuScConfig(backbone="random-tiny", image_size=64, features=(2, 4)))
+    methods = {"anomalyclip": model, "musc": musc}
+    app = create_app(methods, ServiceSettings(max_pending=max_pending))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 

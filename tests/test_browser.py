@@ -179,6 +179,24 @@ def test_page_scores_images_and_thresholds_them_without_uploading_again(
     assert newest["scoreShown"] == f"score {with_references['score']:.3f}"
     assert with_references["score"] != pytest.approx(expected[probe.name]["score"], abs=1e-4)
 
+    # a set method chosen on the page: the dropped images travel together and score each other
+    page.click("#clear-results")
+    page.select_option("#method", "musc")
+    expect(page.locator("#model-info")).to_contain_text("scored as one set")
+    expect(page.locator("#clear-references")).to_be_hidden()  # references belong to a method
+    the_set = images + sorted(good_dir.iterdir())[4:6]
+    answer = httpx.post(
+        f"{service.url}/v1/predict/set",
+        params={"method": "musc"},
+        files=[("files", (p.name, p.read_bytes())) for p in the_set],
+    ).json()
+    uploads.clear()
+    page.set_input_files("#file-input", [str(p) for p in the_set])
+    expect(page.locator(".card[data-state=done]")).to_have_count(len(the_set))
+    assert uploads == [f"{service.url}/v1/predict/set?method=musc"]
+    shown = [card["scoreShown"] for card in card_states(page)]
+    assert shown == [f"score {item['score']:.3f}" for item in answer["results"]]
+
     screenshot = tmp_path / "inspection.png"
     page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 20_000
