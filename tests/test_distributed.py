@@ -257,6 +257,28 @@ def test_torchrun_musc_evaluation_gives_the_single_process_results(shared_dir, c
         assert np.array_equal(np.load(want), np.load(got)), got.name
 
 
+@pytest.mark.slow
+def test_torchrun_shards_a_wrapped_per_image_method(shared_dir, clip_file, tmp_path):
+    """Tiling wraps AnomalyCLIP: its batches are spread over 2 ranks and gathered as
+    AnomalyCLIP's are (not computed by every rank): the same tables and maps."""
+    rows = shared_rows(shared_dir, "glass", 4, 3) + shared_rows(shared_dir, "metal_plate", 3, 4)
+    manifest = write_manifest(tmp_path / "test.csv", rows)
+    common = [f"csv={manifest}", "--clip-weights", str(clip_file), *TINY_FLAGS]
+    common += ["--checkpoint", "none", "--batch-size", "3", "--save-maps", "--tile-size", "200"]
+
+    assert main(["test", *common, "-o", str(tmp_path / "single")]) == 0
+    torchrun(["test", *common, "-o", str(tmp_path / "split")], tmp_path)
+    single = json.loads((tmp_path / "single" / "test" / "results.json").read_text())
+    split = json.loads((tmp_path / "split" / "test" / "results.json").read_text())
+    assert split["classes"] == single["classes"] and split["mean"] == single["mean"]
+    assert split["settings"]["config"]["tiling"] == {"tile_size": 200, "overlap": 0.25}
+    single_maps = sorted((tmp_path / "single" / "test" / "maps").rglob("*.npy"))
+    split_maps = sorted((tmp_path / "split" / "test" / "maps").rglob("*.npy"))
+    assert len(split_maps) == len(rows) == len(single_maps)
+    for want, got in zip(single_maps, split_maps, strict=True):
+        assert np.array_equal(np.load(want), np.load(got)), got.name
+
+
 MUSC_SHARDING_SCRIPT = """
 import sys, torch, torch.nn.functional as F
 from anomalyclip import distributed

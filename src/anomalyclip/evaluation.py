@@ -277,11 +277,19 @@ def _score_class(
     Other ranks score their batches and send them to rank 0 a round at a time, so rank 0
     never holds more than one batch per rank besides the class's arrays.
     """
-    main = distributed.is_main_process()
-    scored = _assemble(len(plan.samples), model.config.image_size, keep_maps) if main else None
     mine = _score_batches(
         model, plan, plan.batches_of(distributed.rank()), cache, keep_maps, maps_dir, bar
     )
+    return _gathered(plan, mine, model.config.image_size, keep_maps)
+
+
+def _gathered(
+    plan: _ClassPlan, mine: Iterator[_Batch], size: int, keep_maps: bool
+) -> _Scored | None:
+    """Every rank's batches of a class, sent to rank 0 a round at a time: the class's
+    arrays on rank 0, None elsewhere."""
+    main = distributed.is_main_process()
+    scored = _assemble(len(plan.samples), size, keep_maps) if main else None
     for _ in range(plan.rounds):
         gathered = distributed.gather_to_main(next(mine, None))
         for part in gathered or ():
@@ -291,10 +299,9 @@ def _score_class(
     return scored
 
 
-def _score_class_as_set(
+def _score_class_with(
     model: Predictor,
     plan: _ClassPlan,
-    batch_size: int,
     keep_maps: bool,
     maps_dir: Path | None,
     bar: Any,
@@ -302,18 +309,40 @@ def _score_class_as_set(
     """A method other than AnomalyCLIP, through the Predictor seam: image scores and maps.
 
     A method that scores sets (MuSc) gets the whole class in one call, as its paper
-    evaluates (unreadable images are left out of the set); others get batches. Every
-    rank makes the same call, since a set method shares the set's work between the ranks
-    itself (MuSc: backbone batches and mutual scoring, the results summed back so every
-    rank holds the whole set); rank 0 returns it. Other methods' batches are still
-    computed by every rank.
+    evaluates (unreadable images are left out of the set); every rank makes that call,
+    since such a method shares the set's work between the ranks itself (MuSc: backbone
+    batches and mutual scoring, summed back so every rank holds the whole set), and rank
+    0 returns it. Other methods (tiling, references, ONNX) get the class's batches,
+    spread over the ranks and gathered on rank 0 as AnomalyCLIP's are.
     """
+    if not model.scores_sets:
+        batches = plan.batches_of(distributed.rank())
+        mine = _predictor_batches(model, plan, batches, keep_maps, maps_dir, bar, True)
+        return _gathered(plan, mine, model.preprocessor.size, keep_maps)
+    main = distributed.is_main_process()
+    scored = _assemble(len(plan.samples), model.preprocessor.size, keep_maps)
+    whole = [range(len(plan.samples))]
+    # every rank scores the whole set: rank 0 alone saves maps and names skipped images
+    parts = _predictor_batches(model, plan, whole, keep_maps, maps_dir if main else None, bar, main)
+    for part in parts:
+        _place(scored, part)
+    return scored if main else None
+
+
+def _predictor_batches(
+    model: Predictor,
+    plan: _ClassPlan,
+    batches: Sequence[range],
+    keep_maps: bool,
+    maps_dir: Path | None,
+    bar: Any,
+    say_skips: bool,
+) -> Iterator[_Batch]:
+    """Each batch decoded and scored, its unreadable images skipped (with a warning where
+    ``say_skips``)."""
     samples = plan.samples
-    step = len(samples) if model.scores_sets else batch_size
     preprocessor = model.preprocessor
-    scored = _assemble(len(samples), preprocessor.size, keep_maps)
-    for start in range(0, len(samples), step):
-        positions = range(start, min(start + step, len(samples)))
+    for positions in batches:
         kept: list[int] = []
         skipped: dict[int, str] = {}
         tensors = []
@@ -321,7 +350,7 @@ def _score_class_as_set(
             try:
                 tensors.append(preprocessor.tensor(load_image(samples[index].image)))
             except ImageLoadError as error:
-                if distributed.is_main_process():
+                if say_skips:
                     logger.warning("skipping %s", error)
                 skipped[index] = error.reason
             else:
@@ -331,13 +360,13 @@ def _score_class_as_set(
         chunk_maps = np.zeros((0, size, size), dtype=np.float32)
         if tensors:
             chunk_scores, chunk_maps = model.score_tensors(torch.stack(tensors))
-        if maps_dir is not None and distributed.is_main_process():
+        if maps_dir is not None:
             for index, anomaly_map, score in zip(kept, chunk_maps, chunk_scores, strict=True):
                 save_outputs(samples[index], float(score), anomaly_map, model, maps_dir)
         bar.update(len(positions))
         map_max = chunk_maps.reshape(len(kept), -1).max(axis=1) if kept else np.zeros(0)
-        _place(scored, _Batch(positions, kept, chunk_scores, map_max, chunk_maps, skipped))
-    return scored if distributed.is_main_process() else None
+        maps = chunk_maps if keep_maps else None
+        yield _Batch(positions, kept, chunk_scores, map_max, maps, skipped)
 
 
 def _class_tables(
@@ -419,7 +448,6 @@ def evaluate(
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    anomalyclip = isinstance(model, AnomalyCLIP)
     if isinstance(model, AnomalyCLIP) and cache is None:
         cache = FeatureCache(model, memory=False)
     size = model.preprocessor.size
@@ -428,8 +456,10 @@ def evaluate(
     if not pixel_level:
         logger.info("%s has no masks: pixel-level metrics are not applicable", title)
     maps_dir = Path(maps_dir) if maps_dir is not None else None
-    plans = _plan_batches(dataset, batch_size, distributed.world_size() if anomalyclip else 1)
-    rank = distributed.rank() if anomalyclip else 0
+    # batches spread over the ranks, except a set method's (it shares a set's work itself)
+    sharded = not model.scores_sets
+    plans = _plan_batches(dataset, batch_size, distributed.world_size() if sharded else 1)
+    rank = distributed.rank() if sharded else 0
     mine = sum(len(b) for plan in plans for b in plan.batches_of(rank))
     bar = tqdm(
         total=mine,
@@ -451,7 +481,7 @@ def evaluate(
             assert cache is not None  # made above for AnomalyCLIP
             scored = _score_class(model, plan, cache, pixel_level, maps_dir, bar)
         else:
-            scored = _score_class_as_set(model, plan, batch_size, pixel_level, maps_dir, bar)
+            scored = _score_class_with(model, plan, pixel_level, maps_dir, bar)
         if scored is None:
             continue  # another rank than 0: rank 0 computes the metrics
         classes.append(
