@@ -204,6 +204,15 @@ def test_torchrun_training_gives_the_single_process_prompts(shared_dir, clip_fil
     assert [e["images_encoded"] for e in got_log] == [9, 9]
 
 
+def assert_same_maps(single: Path, split: Path, count: int) -> None:
+    """Every map the two runs saved, one per image, bit-identical."""
+    single_maps = sorted((single / "maps").rglob("*.npy"))
+    split_maps = sorted((split / "maps").rglob("*.npy"))
+    assert len(split_maps) == count == len(single_maps)
+    for want, got in zip(single_maps, split_maps, strict=True):
+        assert np.array_equal(np.load(want), np.load(got)), got.name
+
+
 @pytest.mark.slow
 def test_torchrun_evaluation_gives_the_single_process_metrics(shared_dir, clip_file, tmp_path):
     """Two classes in batches of 3, spread over 2 ranks: the same tables to the last bit,
@@ -222,11 +231,7 @@ def test_torchrun_evaluation_gives_the_single_process_metrics(shared_dir, clip_f
     assert split["classes"] == single["classes"] and split["mean"] == single["mean"]
     assert [c["category"] for c in split["classes"]] == ["glass", "metal_plate"]
     assert all(isinstance(split["mean"][m], float) for m in ("image_auroc", "pixel_aupro"))
-    single_maps = sorted((tmp_path / "single" / "test" / "maps").rglob("*.npy"))
-    split_maps = sorted((tmp_path / "split" / "test" / "maps").rglob("*.npy"))
-    assert len(split_maps) == len(rows) == len(single_maps)
-    for want, got in zip(single_maps, split_maps, strict=True):
-        assert np.array_equal(np.load(want), np.load(got)), got.name
+    assert_same_maps(tmp_path / "single" / "test", tmp_path / "split" / "test", len(rows))
 
 
 @pytest.mark.slow
@@ -250,11 +255,7 @@ def test_torchrun_musc_evaluation_gives_the_single_process_results(shared_dir, c
     assert split["settings"]["method"] == "musc"
     single_scores = (tmp_path / "single" / "test" / "scores.csv").read_text()
     assert (tmp_path / "split" / "test" / "scores.csv").read_text() == single_scores
-    single_maps = sorted((tmp_path / "single" / "test" / "maps").rglob("*.npy"))
-    split_maps = sorted((tmp_path / "split" / "test" / "maps").rglob("*.npy"))
-    assert len(split_maps) == len(rows) == len(single_maps)
-    for want, got in zip(single_maps, split_maps, strict=True):
-        assert np.array_equal(np.load(want), np.load(got)), got.name
+    assert_same_maps(tmp_path / "single" / "test", tmp_path / "split" / "test", len(rows))
 
 
 @pytest.mark.slow
@@ -272,11 +273,7 @@ def test_torchrun_shards_a_wrapped_per_image_method(shared_dir, clip_file, tmp_p
     split = json.loads((tmp_path / "split" / "test" / "results.json").read_text())
     assert split["classes"] == single["classes"] and split["mean"] == single["mean"]
     assert split["settings"]["config"]["tiling"] == {"tile_size": 200, "overlap": 0.25}
-    single_maps = sorted((tmp_path / "single" / "test" / "maps").rglob("*.npy"))
-    split_maps = sorted((tmp_path / "split" / "test" / "maps").rglob("*.npy"))
-    assert len(split_maps) == len(rows) == len(single_maps)
-    for want, got in zip(single_maps, split_maps, strict=True):
-        assert np.array_equal(np.load(want), np.load(got)), got.name
+    assert_same_maps(tmp_path / "single" / "test", tmp_path / "split" / "test", len(rows))
 
 
 MUSC_SHARDING_SCRIPT = """

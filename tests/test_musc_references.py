@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from anomalyclip.methods.musc import MuSc, MuScConfig, lnamd
-from anomalyclip.methods.musc_references import MuScReferenceError, MuScWithReferences
-from anomalyclip.methods.references import with_references
+from anomalyclip.methods.musc_references import MuScWithReferences
+from anomalyclip.methods.references import ReferenceError, with_references
 from anomalyclip.metrics import image_auroc, pixel_auroc
 from tests.factories import tiny_clip
 
@@ -74,11 +74,11 @@ def test_patch_scores_maps_and_score_match_the_literal_rule(count, degrees):
 
 def test_bad_reference_sets_are_named(tmp_path):
     musc = MuSc(tiny_clip(), MuScConfig(backbone="tiny", image_size=32, features=(2, 4)))
-    with pytest.raises(MuScReferenceError, match="no reference images given"):
+    with pytest.raises(ReferenceError, match="no reference images given"):
         MuScWithReferences.from_images(musc, [])
     broken = tmp_path / "good_3.png"
     broken.write_bytes(b"not a png")
-    with pytest.raises(MuScReferenceError, match="good_3.png"):
+    with pytest.raises(ReferenceError, match="good_3.png"):
         MuScWithReferences.from_images(musc, [broken])
     assert isinstance(with_references(musc, noise_images(2, seed=3)), MuScWithReferences)
 
@@ -131,10 +131,10 @@ def test_a_saved_bank_scores_the_same_and_refuses_other_settings(tmp_path):
         tiny_clip(), MuScConfig(backbone="tiny", image_size=32, features=(2, 4), degrees=(1,))
     )
     with pytest.raises(
-        MuScReferenceError, match=r"another model \(degrees: bank \[1, 3, 5\], model \[1\]\)"
+        ReferenceError, match=r"another model \(degrees: bank \[1, 3, 5\], model \[1\]\)"
     ):
         MuScWithReferences.load(other, path)
     not_a_bank = tmp_path / "x.pt"
     torch.save({"format": "other"}, not_a_bank)
-    with pytest.raises(MuScReferenceError, match="is not a MuSc reference bank"):
+    with pytest.raises(ReferenceError, match="is not a MuSc reference bank"):
         MuScWithReferences.load(musc, not_a_bank)

@@ -32,10 +32,14 @@ import torch
 from torch import Tensor
 
 from anomalyclip.methods.musc import MAP_RANGE, MuSc, lnamd, neighbour_count
-from anomalyclip.methods.references import ReferenceError
+from anomalyclip.methods.references import (
+    ReferenceError,
+    identity_differences,
+    load_references,
+)
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import Predictor
-from anomalyclip.preprocess import ImageSource, PreProcessor, describe, load_image
+from anomalyclip.preprocess import ImageSource, PreProcessor, describe
 from anomalyclip.utils.atomic import atomic_open
 from anomalyclip.utils.safe_load import safe_torch_load
 
@@ -43,10 +47,6 @@ logger = logging.getLogger(__name__)
 
 BANK_FORMAT = "anomalyclip-musc-reference-bank"
 BANK_VERSION = 1
-
-
-class MuScReferenceError(ReferenceError):
-    """References MuSc cannot use: none, or unreadable."""
 
 
 def nearest_gaps(queries: Tensor, reference: Tensor, block: int = 2048) -> Tensor:
@@ -90,14 +90,7 @@ class MuScWithReferences(Predictor):
     @classmethod
     def from_images(cls, musc: MuSc, references: Sequence[ImageSource]) -> MuScWithReferences:
         """Encode the references once: their LNAMD vectors are the bank."""
-        if not references:
-            raise MuScReferenceError("no reference images given")
-        images = []
-        for source in references:
-            try:
-                images.append(load_image(source))
-            except ValueError as error:
-                raise MuScReferenceError(f"reference {error}") from None
+        images = load_references(references)
         batch = torch.stack([musc.preprocessor.tensor(image) for image in images])
         with torch.no_grad():
             bank = _vectors(musc, batch)
@@ -133,20 +126,15 @@ class MuScWithReferences(Predictor):
         """A saved bank, refused when made with another backbone or settings."""
         data = safe_torch_load(path, "MuSc reference bank")
         if not isinstance(data, dict) or data.get("format") != BANK_FORMAT:
-            raise MuScReferenceError(f"{path} is not a MuSc reference bank written by anomalyclip")
+            raise ReferenceError(f"{path} is not a MuSc reference bank written by anomalyclip")
         bank = {
             (int(key.split(",")[0]), int(key.split(",")[1])): value.float()
             for key, value in data["vectors"].items()
         }
         loaded = cls(musc, bank, data["sources"])
-        recorded, expected = data["identity"], loaded.identity()
-        differences = [
-            f"{key}: bank {recorded.get(key)!r}, model {value!r}"
-            for key, value in expected.items()
-            if recorded.get(key) != value
-        ]
+        differences = identity_differences(data["identity"], loaded.identity())
         if differences:
-            raise MuScReferenceError(
+            raise ReferenceError(
                 f"{path} was made for another model (" + "; ".join(differences) + ")"
             )
         return loaded

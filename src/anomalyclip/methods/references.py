@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from anomalyclip.maps import gaussian_smooth, upsample
@@ -95,12 +96,7 @@ class ReferenceBank:
         )
 
     def check_fits(self, model: AnomalyCLIP) -> None:
-        expected = bank_identity(model)
-        differences = [
-            f"{key}: bank {self.identity.get(key)!r}, model {value!r}"
-            for key, value in expected.items()
-            if self.identity.get(key) != value
-        ]
+        differences = identity_differences(self.identity, bank_identity(model))
         if differences:
             raise ReferenceError(
                 "the reference bank was made for another model (" + "; ".join(differences) + ")"
@@ -146,6 +142,30 @@ class ReferenceBank:
             list(data["sources"]),
             str(data["digest"]),
         )
+
+
+def identity_differences(recorded: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """What differs between the settings a bank was made with and a model's, one
+    ``key: bank X, model Y`` per setting."""
+    return [
+        f"{key}: bank {recorded.get(key)!r}, model {value!r}"
+        for key, value in expected.items()
+        if recorded.get(key) != value
+    ]
+
+
+def load_references(references: Sequence[ImageSource]) -> list[Image.Image]:
+    """The decoded references; none, or one unreadable, is a :class:`ReferenceError`
+    naming the file."""
+    if not references:
+        raise ReferenceError("no reference images given")
+    images = []
+    for source in references:
+        try:
+            images.append(load_image(source))
+        except ValueError as error:
+            raise ReferenceError(f"reference {error}") from None
+    return images
 
 
 def bank_identity(model: AnomalyCLIP) -> dict[str, Any]:
@@ -239,14 +259,7 @@ def build_bank(
     model: AnomalyCLIP, references: Sequence[ImageSource], batch_size: int = 8
 ) -> ReferenceBank:
     """Encode the references once; an empty or unreadable set is a :class:`ReferenceError`."""
-    if not references:
-        raise ReferenceError("no reference images given")
-    images = []
-    for source in references:
-        try:
-            images.append(load_image(source))
-        except ValueError as error:
-            raise ReferenceError(f"reference {error}") from None
+    images = load_references(references)
     preprocessor = model.preprocessor
     collected: dict[int, list[Tensor]] = {}
     grid: tuple[int, int] = (0, 0)
