@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -84,3 +85,42 @@ def test_replacing_a_file_keeps_its_mode(tmp_path):
     atomic_write_json(target, {"new": True})
     assert target.stat().st_mode & 0o777 == 0o640
     assert json.loads(target.read_text()) == {"new": True}
+
+
+def test_a_full_disk_is_named_with_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from anomalyclip.utils.atomic import WriteFailedError, atomic_torch_save
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    target = tmp_path / "model.pt"
+    expected = r"cannot write .*model\.pt: no space left"
+    with pytest.raises(WriteFailedError, match=expected) as caught:
+        atomic_torch_save({"x": 1}, target)
+    assert caught.value.disk_full and caught.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_torch_writer_stopping_short_is_reported_as_a_full_disk(tmp_path, monkeypatch):
+    import torch
+
+    from anomalyclip.utils.atomic import WriteFailedError, atomic_torch_save
+
+    def short(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", short)
+    with pytest.raises(WriteFailedError, match="no space left on device") as caught:
+        atomic_torch_save({"x": 1}, tmp_path / "c.pt")
+    assert caught.value.disk_full
+
+
+def test_json_results_refuse_nan(tmp_path):
+    from anomalyclip.utils.atomic import atomic_write_json
+
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        atomic_write_json(tmp_path / "s.json", {"score": float("nan")})
+    assert not (tmp_path / "s.json").exists()

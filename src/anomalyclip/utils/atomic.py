@@ -8,6 +8,7 @@ lock colleagues, web servers and shared caches out of every result.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -15,16 +16,63 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+# errno values that mean "the device is full", whoever reports them.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# torch's zip writer reports a failed write as a RuntimeError from C++ and drops the errno.
+TORCH_WRITER_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+
+
+class WriteFailedError(OSError):
+    """A file could not be written; the message names it and says why in one line.
+
+    An ``OSError`` subclass so that callers that already handle failed writes keep doing so,
+    but with ``filename`` set and "no space left on device" spelled out, where the writer
+    would have said ``[Errno 28]`` without a path or ``inline_container.cc: unexpected pos``.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str, code: int | None = None) -> None:
+        super().__init__(code or 0, f"cannot write {path}: {reason}")
+        self.filename = os.fspath(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return str(self.args[1])
+
+    @property
+    def disk_full(self) -> bool:
+        return self.errno in NO_SPACE_ERRNOS
+
+
+def write_failure(path: str | os.PathLike, error: BaseException) -> WriteFailedError | None:
+    """``error`` as a :class:`WriteFailedError` about ``path``; None if it is no write failure."""
+    if isinstance(error, WriteFailedError):
+        return error
+    if isinstance(error, OSError) and error.errno is not None:
+        reason = "no space left on device" if error.errno in NO_SPACE_ERRNOS else error.strerror
+        return WriteFailedError(path, reason or str(error), error.errno)
+    if isinstance(error, RuntimeError) and any(m in str(error) for m in TORCH_WRITER_FAILURES):
+        # The C++ writer loses errno; a short write on a local file is almost always a full disk.
+        reason = "no space left on device (the write stopped short)"
+        return WriteFailedError(path, reason, errno.ENOSPC)
+    return None
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
     """Open a temporary file in the target's folder; rename it over the target on success.
 
-    On any exception the temporary file is removed and the target is left untouched.
+    On any exception the temporary file is removed and the target is left untouched. A
+    failed write (full disk, quota, permissions, torch's writer stopping short) is raised
+    as :class:`WriteFailedError` naming the target.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
+        )
+    except OSError as error:
+        raise (write_failure(target, error) or error) from error
     try:
         os.fchmod(fd, _mode_for(target))
         with os.fdopen(fd, mode, **kwargs) as handle:
@@ -32,9 +80,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, target)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        failure = write_failure(target, error) if isinstance(error, Exception) else None
+        if failure is not None and failure is not error:
+            raise failure from error
         raise
 
 
@@ -72,7 +123,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """``data`` as JSON; NaN and infinity are refused (they are not JSON, and no reader
+    of a result should have to guess what ``NaN`` meant)."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
