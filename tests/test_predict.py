@@ -188,9 +188,14 @@ def test_predict_scores_equal_the_model_in_any_batching(tmp_path, tile_folder, t
     np.testing.assert_allclose(
         [r["score"] for r in records], [p.score for p in expected], atol=1e-5
     )
-    # No threshold anywhere: no verdicts, and --output alone writes nothing else.
+    # No threshold anywhere: no verdicts, and --output alone writes nothing else but the
+    # settings the results were made with (what --resume holds a continued run to).
     assert all(r["anomalous"] is None for r in records)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs", "scores.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "inputs",
+        "scores.jsonl",
+        "scores.run.json",
+    ]
 
 
 def test_predict_reads_a_csv_list_and_reports_missing_files(

@@ -15,11 +15,19 @@ calibrated > none: the image verdict is ``score >= image_threshold`` and the def
 ``map >= pixel_threshold``. Without an image threshold there are no verdicts; without a
 pixel threshold no masks are written (and the log says why): a threshold guessed from the
 map's range would mark 100 % of one dataset and 0 % of the next as defect.
+
+Results reach ``predictions.jsonl`` a batch at a time, as they are made; the tables, the
+summary and the report are written at the end. ``resume=True`` continues a run that was
+killed or stopped by a full disk: images already in its JSON Lines are not scored again,
+and their results are part of the tables and the report (the run's settings must be the
+same, see :mod:`anomalyclip.outputs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -34,7 +42,12 @@ import numpy as np
 from PIL import Image
 
 from anomalyclip.inputs import expand_sources, input_columns
-from anomalyclip.outputs import claim_output_dir
+from anomalyclip.outputs import (
+    ResultStream,
+    check_resumable,
+    claim_output_dir,
+    finished_records,
+)
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, Predictor, SkippedImage
 from anomalyclip.preprocess import (
@@ -130,6 +143,7 @@ class ScoredImage:
     index: int
     image: Image.Image
     prediction: AnomalyPrediction
+    last_of_batch: bool = False  # the batch's results are all out: time to store them
 
 
 def iter_predictions(
@@ -154,9 +168,12 @@ def iter_predictions(
 
     def flush() -> Iterator[ScoredImage]:
         predictions = model.predict_images([image for _, image in pending])
-        for (index, image), prediction in zip(pending, predictions, strict=True):
+        last = len(pending) - 1
+        for position, ((index, image), prediction) in enumerate(
+            zip(pending, predictions, strict=True)
+        ):
             prediction.source = describe(sources[index])
-            yield ScoredImage(index, image, prediction)
+            yield ScoredImage(index, image, prediction, last_of_batch=position == last)
         bar.update(len(pending))
         pending.clear()
 
@@ -200,6 +217,34 @@ class InspectionResult:
     prediction: AnomalyPrediction | None = None  # with the map, when kept
     columns: dict[str, str] = field(default_factory=dict)  # the input CSV's other cells
 
+    @classmethod
+    def from_record(
+        cls, record: dict[str, Any], name: str, columns: dict[str, str]
+    ) -> InspectionResult:
+        """An earlier run's result from its JSON Lines record (a resumed run's)."""
+
+        def text(key: str) -> str | None:
+            value = record.get(key)
+            return value if isinstance(value, str) else None
+
+        anomalous = record.get("anomalous")
+        fraction = record.get("defect_fraction")
+        return cls(
+            image=str(record["image"]),
+            name=name,
+            score=float(record["score"]),
+            anomalous=anomalous if isinstance(anomalous, bool) else None,
+            width=int(record["width"]),
+            height=int(record["height"]),
+            map_max=float(record["map_max"]),
+            defect_fraction=None if fraction is None else float(fraction),
+            overlay=text("overlay"),
+            mask=text("mask"),
+            thumbnail=text("thumbnail"),
+            map=text("map"),
+            columns=columns,
+        )
+
     def to_record(self, image_threshold: float | None = None) -> dict[str, Any]:
         """The result's fields, then the input CSV's other columns (ours win a clash)."""
         record = {
@@ -234,6 +279,7 @@ class InspectionSummary:
     output_dir: str | None = None
     files: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    resumed: int = 0  # results taken from the run this one continued
 
     @property
     def anomalous(self) -> list[InspectionResult]:
@@ -253,6 +299,7 @@ class InspectionSummary:
             "output_dir": self.output_dir,
             "files": self.files,
             "seconds": round(self.seconds, 3),
+            "resumed": self.resumed,
         }
 
 
@@ -275,6 +322,8 @@ def inspect(
     overlay_format: OverlayFormat = "png",
     overlay_max_side: int | None = None,
     columns: dict[Path, dict[str, str]] | None = None,
+    resume: bool = False,
+    identity: dict[str, Any] | None = None,
 ) -> InspectionSummary:
     """Score images and write what people need to review them.
 
@@ -289,6 +338,8 @@ def inspect(
     (``overlay_format``; JPEG is about ten times smaller on photographs), scaled down to
     ``overlay_max_side`` when larger; masks stay at the original resolution. ``columns``:
     other cells per image to carry into the records (default: those of the CSV inputs).
+    ``resume`` continues the run whose JSON Lines are there (``identity``: what else
+    tells models apart beyond their settings, such as the checkpoint's checksum).
     """
     started = time.perf_counter()
     if not 0.0 <= alpha <= 1.0:
@@ -307,7 +358,13 @@ def inspect(
     post = model.postprocessor.with_given(image_threshold, pixel_threshold)
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:
-        claim_output_dir(out, overwrite)
+        claim_output_dir(out, overwrite, resume)
+    if jsonl_path is None and out is not None:
+        jsonl_path = out / "predictions.jsonl"
+    jsonl = Path(jsonl_path) if jsonl_path is not None else None
+    style = OverlayStyle(alpha, colormap, overlay_format, overlay_max_side)
+    settings = run_settings(model, post, style, maps_dir, identity)
+    done = _done_results(model, items, names, columns, jsonl, settings) if resume else {}
     summary = InspectionSummary(
         image_threshold=post.image_threshold,
         image_threshold_source=post.image_threshold_source,
@@ -315,39 +372,135 @@ def inspect(
         pixel_threshold_source=post.pixel_threshold_source,
         map_range=post.map_range,
         output_dir=str(out) if out is not None else None,
+        resumed=len(done),
     )
     _log_thresholds(post, model.settings(), writes_masks=out is not None)
-    for outcome in iter_predictions(model, items, batch_size=batch_size, progress=progress):
-        if isinstance(outcome, SkippedImage):
-            summary.skipped.append(outcome)
-            continue
-        prediction = outcome.prediction
-        prediction.postprocessor = post
-        full_map = prediction.map_at_original_size()
-        result = InspectionResult(
-            image=prediction.source,
-            name=names[outcome.index],
-            score=float(prediction.score),
-            anomalous=post.verdict(prediction.score),
-            width=outcome.image.width,
-            height=outcome.image.height,
-            map_max=float(prediction.anomaly_map.max()),
-            defect_fraction=post.defect_fraction(full_map),
-            prediction=prediction,
-            columns=columns.get(Path(str(items[outcome.index])), {}),
+    results = dict(done)
+    todo = [index for index in range(len(items)) if index not in done]
+    kept = [done[index].to_record(post.image_threshold) for index in sorted(done)]
+    stream = ResultStream.open(jsonl, settings, kept) if jsonl is not None else None
+    with stream or contextlib.nullcontext() as written:
+        outcomes = iter_predictions(
+            model, [items[i] for i in todo], batch_size=batch_size, progress=progress
         )
-        if out is not None:
-            style = OverlayStyle(alpha, colormap, overlay_format, overlay_max_side)
-            _write_images(out, result, outcome.image, prediction, full_map, style)
-        if maps_dir is not None:
-            result.map = _relative(save_map(maps_dir, prediction, result.name), out)
-        if not keep_maps:
-            result.prediction = None
-        summary.results.append(result)
+        for outcome in outcomes:
+            if isinstance(outcome, SkippedImage):
+                summary.skipped.append(outcome)
+                continue
+            index = todo[outcome.index]
+            result = _inspected(outcome, names[index], post, columns.get(Path(str(items[index]))))
+            if out is not None:
+                _write_images(out, result, outcome.image, outcome.prediction, style)
+            if maps_dir is not None:
+                result.map = _relative(save_map(maps_dir, outcome.prediction, result.name), out)
+            if not keep_maps:
+                result.prediction = None
+            results[index] = result
+            if written is not None:
+                written.add(result.to_record(post.image_threshold))
+                if outcome.last_of_batch:
+                    written.commit()
+    summary.results = [results[index] for index in sorted(results)]
     summary.seconds = time.perf_counter() - started
-    _write_outputs(summary, out, jsonl_path, title)
+    _write_outputs(summary, out, jsonl, written.records if written is not None else [], title)
     _log_outcome(summary)
     return summary
+
+
+def _inspected(
+    outcome: ScoredImage, name: str, post: PostProcessor, columns: dict[str, str] | None
+) -> InspectionResult:
+    prediction = outcome.prediction
+    prediction.postprocessor = post
+    return InspectionResult(
+        image=prediction.source,
+        name=name,
+        score=float(prediction.score),
+        anomalous=post.verdict(prediction.score),
+        width=outcome.image.width,
+        height=outcome.image.height,
+        map_max=float(prediction.anomaly_map.max()),
+        defect_fraction=post.defect_fraction(prediction.map_at_original_size()),
+        prediction=prediction,
+        columns=columns or {},
+    )
+
+
+def run_settings(
+    model: Predictor,
+    post: PostProcessor,
+    style: OverlayStyle,
+    maps_dir: str | Path | None,
+    identity: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What a run's results depend on, kept beside them: a resumed run must match it."""
+    return {
+        "method": model.method,
+        "model": model.settings(),
+        "identity": identity or {},
+        "image_threshold": post.image_threshold,
+        "pixel_threshold": post.pixel_threshold,
+        "overlays": dataclasses.asdict(style),
+        "maps": None if maps_dir is None else str(Path(maps_dir).resolve()),
+    }
+
+
+def _done_results(
+    model: Predictor,
+    items: Sequence[ImageSource],
+    names: Sequence[str],
+    columns: dict[Path, dict[str, str]],
+    jsonl: Path | None,
+    settings: dict[str, Any],
+) -> dict[int, InspectionResult]:
+    """The inputs an earlier run in ``jsonl`` scored (by index), matched by path.
+
+    A method that scores sets (MuSc) scores each image against the others, so an
+    unfinished set is scored again as a whole: its results are reused only when every
+    readable input has one.
+    """
+    if jsonl is None:
+        raise ValueError("resuming needs the earlier run's results: an output folder or file")
+    if not jsonl.is_file():
+        logger.info("nothing to resume in %s: scoring every image", jsonl)
+        return {}
+    check_resumable(jsonl, settings)
+    records, _ = finished_records(jsonl)
+    by_path = {os.path.abspath(r["image"]): r for r in records}
+    done: dict[int, InspectionResult] = {}
+    for index, item in enumerate(items):
+        record = by_path.get(os.path.abspath(item)) if isinstance(item, (str, Path)) else None
+        if record is None:
+            continue
+        try:
+            done[index] = InspectionResult.from_record(
+                record, names[index], columns.get(Path(str(item)), {})
+            )
+        except (KeyError, TypeError, ValueError):
+            logger.warning("%s: the record of %s is incomplete: scoring it again", jsonl, item)
+    missing = [item for index, item in enumerate(items) if index not in done]
+    if model.scores_sets and done and any(_readable(item) for item in missing):
+        logger.info(
+            "%s scores the images of a set against each other: %d of %d are not in %s, "
+            "so the whole set is scored again",
+            model.method,
+            len(missing),
+            len(items),
+            jsonl,
+        )
+        return {}
+    logger.info(
+        "resuming %s: %d of %d images done, %d to score", jsonl, len(done), len(items), len(missing)
+    )
+    return done
+
+
+def _readable(source: ImageSource) -> bool:
+    try:
+        load_image(source)
+    except ImageLoadError:
+        return False
+    return True
 
 
 def _log_thresholds(post: PostProcessor, settings: dict[str, Any], writes_masks: bool) -> None:
@@ -401,9 +554,9 @@ def _write_images(
     result: InspectionResult,
     image: Image.Image,
     prediction: AnomalyPrediction,
-    full_map: np.ndarray,
     style: OverlayStyle,
 ) -> None:
+    full_map = prediction.map_at_original_size()
     low, high = prediction.map_range
     size = style.size_for(image.size)
     if size == image.size:
@@ -429,17 +582,22 @@ def _write_images(
 
 
 def _write_outputs(
-    summary: InspectionSummary, out: Path | None, jsonl_path: str | Path | None, title: str
+    summary: InspectionSummary,
+    out: Path | None,
+    jsonl: Path | None,
+    streamed: list[dict[str, Any]],
+    title: str,
 ) -> None:
+    """The tables, report and summary; the JSON Lines are rewritten only when what was
+    streamed is not the final list in input order (a resumed run)."""
     records = [r.to_record(summary.image_threshold) for r in summary.results]
     extra_fields = list(
         dict.fromkeys(k for r in summary.results for k in r.columns if k not in RECORD_FIELDS)
     )
-    if jsonl_path is None and out is not None:
-        jsonl_path = out / "predictions.jsonl"
-    if jsonl_path is not None:
-        write_jsonl(jsonl_path, records)
-        summary.files["jsonl"] = str(jsonl_path)
+    if jsonl is not None:
+        if records != streamed:
+            write_jsonl(jsonl, records)
+        summary.files["jsonl"] = str(jsonl)
     if out is None:
         return
     write_csv(out / "predictions.csv", records, extra_fields)
@@ -474,7 +632,7 @@ def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
     """One JSON object per line; each has at least "image" and "score"."""
     with atomic_open(path, "w", encoding="utf-8") as handle:
         for record in records:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(record, allow_nan=False) + "\n")
 
 
 def write_csv(

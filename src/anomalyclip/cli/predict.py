@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from anomalyclip.cli import options
@@ -15,6 +16,8 @@ from anomalyclip.cli.options import (
     add_scoring_arguments,
 )
 from anomalyclip.inference import OVERLAY_FORMATS
+from anomalyclip.utils.atomic import WriteFailedError
+from anomalyclip.utils.hashing import file_digest
 from anomalyclip.visualize import COLORMAPS
 
 if TYPE_CHECKING:
@@ -64,6 +67,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "run's files (and only them)",
     )
     outputs.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a run that was stopped (killed, full disk) in the same --output-dir "
+        "or --output: images it scored are not scored again; refused when the model, method "
+        "or thresholds differ. MuSc scores a set as a whole: an unfinished set is scored again",
+    )
+    outputs.add_argument(
         "--save-maps", metavar="DIR", help="write <name>.npy float32 maps at model resolution"
     )
     outputs.add_argument(
@@ -109,8 +119,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from anomalyclip.inference import inspect
-    from anomalyclip.inputs import gather_images, input_columns
+    from anomalyclip.inputs import gather_images
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -121,7 +130,26 @@ def run(args: argparse.Namespace) -> int:
     output = args.output
     if output is None and args.output_dir is None:
         output = "predictions.jsonl"
-    summary = inspect(
+    try:
+        summary = _inspect(args, paths, model, output)
+    except WriteFailedError as error:
+        raise WriteFailedError(
+            error.filename,
+            f"{error.reason}; the images finished so far are kept: make room and run again "
+            "with --resume",
+            error.errno,
+        ) from None
+    sys.stdout.write(summary_text(summary) + "\n")
+    return 0 if summary.results else 1
+
+
+def _inspect(
+    args: argparse.Namespace, paths: list[Path], model: Predictor, output: str | None
+) -> InspectionSummary:
+    from anomalyclip.inference import inspect
+    from anomalyclip.inputs import input_columns
+
+    return inspect(
         paths,
         model,
         args.output_dir,
@@ -138,9 +166,20 @@ def run(args: argparse.Namespace) -> int:
         overlay_format=args.overlay_format,
         overlay_max_side=args.overlay_max_side,
         columns=input_columns(args.inputs),
+        resume=args.resume,
+        identity=model_identity(args),
     )
-    sys.stdout.write(summary_text(summary) + "\n")
-    return 0 if summary.results else 1
+
+
+def model_identity(args: argparse.Namespace) -> dict[str, str]:
+    """The model files' checksums (a registered name stands for itself): a checkpoint
+    trained again keeps its settings, and must not be taken for the one a run was made with."""
+    files = {"checkpoint": getattr(args, "checkpoint", None), "onnx": getattr(args, "onnx", None)}
+    return {
+        kind: file_digest(value)[:16] if Path(value).is_file() else str(value)
+        for kind, value in files.items()
+        if value
+    }
 
 
 TOP_SHOWN = 5
