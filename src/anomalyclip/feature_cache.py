@@ -34,7 +34,7 @@ from torch import Tensor
 from anomalyclip.backbone.clip import CLIP
 from anomalyclip.model import AnomalyCLIP, ImageEmbeddings
 from anomalyclip.preprocess import load_image
-from anomalyclip.utils.atomic import atomic_torch_save, atomic_write_json
+from anomalyclip.utils.atomic import WriteFailedError, atomic_torch_save, atomic_write_json
 from anomalyclip.utils.hashing import file_digest
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def tensors_sha256(tensors: Sequence[tuple[str, Tensor]]) -> str:
     for name, tensor in tensors:
         data = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()
 
 
@@ -144,11 +144,20 @@ class FeatureCache:
         self.key: CacheKey | None = None
         self.directory: Path | None = None
         if directory is not None:
+            root = Path(directory)
+            if root.exists() and not root.is_dir():
+                raise NotADirectoryError(
+                    f"the feature cache {root} is a file, not a folder: give a folder "
+                    "(its entries are files kept inside it)"
+                )
             self.key = CacheKey.for_model(model, weights, storage_dtype)
-            self.directory = Path(directory) / self.key.digest[:20]
+            self.directory = root / self.key.digest[:20]
             description = self.directory / "key.json"
             if not description.is_file():
-                atomic_write_json(description, {**asdict(self.key), "digest": self.key.digest})
+                try:
+                    atomic_write_json(description, {**asdict(self.key), "digest": self.key.digest})
+                except WriteFailedError as error:
+                    self._stop_writing(error)
 
     @property
     def enabled(self) -> bool:
@@ -194,18 +203,19 @@ class FeatureCache:
         record = {"format": ENTRY_FORMAT, "version": ENTRY_VERSION, "key": self.key.digest}
         record.update(content=content, **_moved(entry, torch.device("cpu")))
         record["checksum"] = entry_checksum(record)
-        path = self._entry_path(content)
         try:
-            atomic_torch_save(record, path)
-        except (OSError, RuntimeError) as error:  # torch reports a full disk as RuntimeError
-            self._disk_writable = False
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            logger.warning(
-                "cannot write to the feature cache (%s: %s); no more entries are written "
-                "there this run, the work goes on",
-                path.parent,
-                reason,
-            )
+            atomic_torch_save(record, self._entry_path(content))
+        except WriteFailedError as error:  # a full disk included, whatever torch's writer said
+            self._stop_writing(error)
+
+    def _stop_writing(self, error: WriteFailedError) -> None:
+        """A failed write ends the disk cache for this run, never the run: one warning."""
+        self._disk_writable = False
+        logger.warning(
+            "feature cache disabled for the rest of this run: %s; embeddings are computed "
+            "as needed (cached entries are still read)",
+            error,
+        )
 
     def _remember(self, content: str, entry: dict[str, Any]) -> None:
         if not self.memory:

@@ -22,13 +22,18 @@ to the others, so only rank 0's machine needs the output folder.
 
 Files in the output folder: ``epoch_<n>.pt`` after every epoch (a prompt checkpoint that
 ``anomalyclip test --checkpoint`` and ``AnomalyCLIP.from_pretrained`` load, with the
-optimiser and RNG states in its ``extra``), ``train_log.csv`` and ``train_log.json``.
+optimiser and RNG states and their checksum in its ``extra``), ``train_log.csv`` and
+``train_log.json``. A resume starts from the newest checkpoint that reads and matches its
+checksum; newer damaged ones are renamed ``epoch_<n>.pt.damaged``, never deleted. A write
+that fails (a full disk) stops the run in one error naming the file; the previous epoch's
+checkpoint stays complete, as every write is atomic.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -47,14 +52,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anomalyclip import distributed
-from anomalyclip.checkpoint import apply_prompt_state, read_checkpoint, save_checkpoint
+from anomalyclip.checkpoint import (
+    PromptCheckpoint,
+    apply_prompt_state,
+    read_checkpoint,
+    save_checkpoint,
+)
 from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.data.core import AnomalyDataset, Sample
-from anomalyclip.feature_cache import FeatureCache
+from anomalyclip.feature_cache import FeatureCache, tensors_sha256
 from anomalyclip.losses import local_loss
 from anomalyclip.model import AnomalyCLIP, ImageEmbeddings
 from anomalyclip.preprocess import PreProcessor
-from anomalyclip.utils.atomic import atomic_write_json, atomic_write_text
+from anomalyclip.utils.atomic import WriteFailedError, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -316,15 +326,14 @@ def _check_pixel_truth(dataset: AnomalyDataset, pixel_truth: list[bool], loss: s
 def _resume(
     model: AnomalyCLIP,
     optimizer: torch.optim.Optimizer,
-    checkpoint_path: Path,
+    checkpoint: PromptCheckpoint,
     options: TrainOptions,
     fingerprint: str,
 ) -> list[EpochLog]:
     """Load prompts, optimiser and RNG state of a run's checkpoint; its epoch history."""
-    checkpoint = distributed.run_on_main(lambda: read_checkpoint(checkpoint_path))
     extra = checkpoint.extra
     if checkpoint.config is None or "optimizer" not in extra:
-        raise ValueError(f"{checkpoint_path} is not a training checkpoint of anomalyclip train")
+        raise ValueError(f"{checkpoint.path} is not a training checkpoint of anomalyclip train")
     problems = _differences(
         checkpoint.config.to_dict(), model.config.to_dict(), ignore=("backbone",)
     )
@@ -332,11 +341,77 @@ def _resume(
     if extra.get("dataset_fingerprint") != fingerprint:
         problems.append("the training images differ from those of the checkpoint")
     if problems:
-        raise ValueError(f"cannot resume from {checkpoint_path}: " + "; ".join(problems))
+        raise ValueError(f"cannot resume from {checkpoint.path}: " + "; ".join(problems))
     apply_prompt_state(model, checkpoint)
     optimizer.load_state_dict(extra["optimizer"])
     torch.set_rng_state(extra["rng"]["torch"])
     return [EpochLog(**entry) for entry in extra.get("history", [])]
+
+
+def state_checksum(prompt_state: dict[str, Tensor], extra: dict[str, Any]) -> str:
+    """SHA-256 over what a resume loads (prompts, optimiser, RNG): bytes that changed on
+    disk but still unpickle would otherwise continue the run from garbage."""
+    named = _named_tensors({k: v.detach().float() for k, v in prompt_state.items()}, "prompts")
+    named += _named_tensors(extra.get("optimizer"), "optimizer")
+    named += _named_tensors(extra.get("rng"), "rng")
+    return tensors_sha256(sorted(named, key=lambda item: item[0]))
+
+
+def _named_tensors(value: Any, name: str) -> list[tuple[str, Tensor]]:
+    if isinstance(value, Tensor):
+        return [(name, value)]
+    if isinstance(value, dict):
+        items: list[tuple[Any, Any]] = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        items = list(enumerate(value))
+    else:
+        return []
+    return [pair for key, item in items for pair in _named_tensors(item, f"{name}.{key}")]
+
+
+def latest_intact(checkpoints: dict[int, Path]) -> tuple[int, PromptCheckpoint] | None:
+    """The newest checkpoint that reads and matches its checksum, with its epoch.
+
+    A newer damaged one (a disk error, bytes overwritten) is set aside, renamed to
+    ``epoch_<n>.pt.damaged`` and never deleted, with a warning naming both files; the
+    run then resumes from the previous complete epoch, as a user would ask for anyway.
+    None when there are no checkpoints; an error when none of them is intact.
+    """
+    damaged: list[tuple[Path, str]] = []
+    for epoch in sorted(checkpoints, reverse=True):
+        path = checkpoints[epoch]
+        try:
+            checkpoint = read_checkpoint(path)
+        except ValueError as error:  # unreadable, truncated, refused or malformed
+            damaged.append((path, str(error)))
+            continue
+        recorded = checkpoint.extra.get("checksum")
+        if recorded is not None and recorded != state_checksum(
+            checkpoint.prompt_state, checkpoint.extra
+        ):
+            damaged.append((path, f"{path}: checksum mismatch (its bytes changed on disk)"))
+            continue
+        for bad, reason in damaged:
+            kept = _set_aside(bad)
+            logger.warning("%s; resuming from %s instead (kept as %s)", reason, path, kept.name)
+        return epoch, checkpoint
+    if damaged:
+        raise ValueError(
+            f"cannot resume: no checkpoint in {damaged[0][0].parent} is intact "
+            f"({damaged[0][1]}); move them away to start again"
+        )
+    return None
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint so that no resume reads it and no epoch overwrites it."""
+    for number in range(1, 10_000):
+        suffix = ".damaged" if number == 1 else f".damaged-{number}"
+        target = path.with_name(path.name + suffix)
+        if not target.exists():
+            path.rename(target)
+            return target
+    raise FileExistsError(f"too many damaged copies of {path} beside it")
 
 
 class _PromptGradients(nn.Module):
@@ -514,18 +589,19 @@ def train(
 
     history: list[EpochLog] = []
     existing = distributed.run_on_main(lambda: find_checkpoints(output_dir))
-    last_checkpoint = existing[max(existing)] if existing else None
-    if last_checkpoint is not None and not resume:
+    if existing and not resume:
         raise FileExistsError(
-            f"{output_dir} already holds checkpoints ({last_checkpoint.name}); resume the run "
-            "or choose another output folder"
+            f"{output_dir} already holds checkpoints ({existing[max(existing)].name}); resume "
+            "the run or choose another output folder"
         )
-    if last_checkpoint is not None:
-        history = _resume(model, optimizer, last_checkpoint, options, fingerprint)
-        logger.info("resuming from %s (epoch %d done)", last_checkpoint, max(existing))
+    found = distributed.run_on_main(lambda: latest_intact(existing)) if existing else None
+    last_checkpoint = Path(found[1].path) if found is not None else None
+    if found is not None:
+        history = _resume(model, optimizer, found[1], options, fingerprint)
+        logger.info("resuming from %s (epoch %d done)", last_checkpoint, found[0])
     elif resume:
         logger.info("nothing to resume in %s: starting from epoch 1", output_dir)
-    start_epoch = max(existing, default=0) + 1
+    start_epoch = (found[0] if found is not None else 0) + 1
     result = TrainResult(output_dir, last_checkpoint, history, start_epoch - 1)
     if start_epoch > options.epochs:
         logger.info("all %d epochs are done already", options.epochs)
@@ -567,22 +643,39 @@ def train(
         start_epoch,
         options.epochs,
     )
+
+    def save(epoch: int) -> Path:
+        """Rank 0 writes the epoch's checkpoint and logs; a failed write stops every rank."""
+        path = output_dir / f"epoch_{epoch}.pt"
+        extra = {
+            "epoch": epoch,
+            "options": options.to_dict(),
+            "dataset_fingerprint": fingerprint,
+            "optimizer": optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state()},
+            "history": [e.to_dict() for e in history],
+        }
+        extra["checksum"] = state_checksum(model.prompt_learner.state_dict(), extra)
+        complete = result.checkpoint
+        try:
+            save_checkpoint(path, model, extra=extra)
+            complete = path
+            write_logs(output_dir, history, header)
+        except WriteFailedError as error:
+            kept = f"the last complete checkpoint is {complete}" if complete else "none is kept"
+            raise WriteFailedError(
+                error.filename,
+                f"{error.reason}; training stopped after epoch {epoch}, {kept} (make room, "
+                "then run again with --resume)",
+                error.errno,
+            ) from None
+        return path
+
     try:
         for epoch in range(start_epoch, options.epochs + 1):
             entry = epochs.run(epoch)
             history.append(entry)
-            result.checkpoint = output_dir / f"epoch_{epoch}.pt"
-            if main:
-                extra = {
-                    "epoch": epoch,
-                    "options": options.to_dict(),
-                    "dataset_fingerprint": fingerprint,
-                    "optimizer": optimizer.state_dict(),
-                    "rng": {"torch": torch.get_rng_state()},
-                    "history": [e.to_dict() for e in history],
-                }
-                save_checkpoint(result.checkpoint, model, extra=extra)
-                write_logs(output_dir, history, header)
+            result.checkpoint = distributed.run_on_main(functools.partial(save, epoch))
             _log_epoch(entry, options.epochs)
     finally:
         epochs.parallel = None  # releases DDP's hooks on the prompt parameters

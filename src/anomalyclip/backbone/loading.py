@@ -240,10 +240,46 @@ def _read_shards(index_path: Path) -> dict[str, Tensor]:
     weight_map = _read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict):
         raise WeightsError(f"{index_path} has no weight_map")
+    shards: dict[Path, None] = {}
+    for shard in weight_map.values():
+        shards.setdefault(_shard_file(index_path, shard))
     state_dict: dict[str, Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        state_dict.update(read_weights(index_path.parent / shard)[0])
+    for shard_path in sorted(shards):
+        state_dict.update(read_weights(shard_path)[0])
     return state_dict
+
+
+def _shard_file(index_path: Path, shard: object) -> Path:
+    """A shard the index names, if it is a plain file in the index's folder.
+
+    The index is data from whoever published the folder: a name like
+    ``../../../../etc/passwd``, an absolute path or a symlink pointing out would read (and
+    quote in errors) any file, and "." would read the folder again without end. Links
+    into Hugging Face's own cache (``snapshots/<rev>/x`` -> ``../../blobs/<hash>``), the
+    way that cache stores every file, are followed.
+    """
+    folder = index_path.parent
+    if not isinstance(shard, str):
+        problem = f"a JSON {type(shard).__name__}, not a file name"
+    elif shard in ("", ".", "..") or any(c in shard for c in "/\\\0"):
+        problem = "not a plain file name"
+    else:
+        path = folder / shard
+        real, inside = path.resolve(), folder.resolve()
+        hub_blobs = inside.parent.parent / "blobs"
+        roots = {inside, hub_blobs} if inside.parent.name == "snapshots" else {inside}
+        if real.parent not in roots:
+            problem = "a link to a file outside the folder"
+        elif real.is_file():
+            return path
+        elif real.exists():
+            problem = "not a file"
+        else:
+            raise WeightsError(f"{index_path}: shard {shard!r} is missing from {folder}")
+    shown = repr(shard) if len(repr(shard)) <= 120 else repr(shard)[:117] + "..."
+    raise WeightsError(
+        f"{index_path}: refusing shard {shown}: {problem} (shards must be files in the folder)"
+    )
 
 
 def _sibling_config(path: Path) -> dict[str, Any] | None:

@@ -11,12 +11,27 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    """ANOMALYCLIP_CACHE, else $XDG_CACHE_HOME/anomalyclip, else ~/.cache/anomalyclip."""
+    """ANOMALYCLIP_CACHE, else $XDG_CACHE_HOME/anomalyclip, else ~/.cache/anomalyclip.
+
+    A file there is refused with a hint: setting ANOMALYCLIP_CACHE to a weights file (to
+    use that file) is an easy mistake, and it would otherwise surface later as
+    ``[Errno 20] Not a directory`` on a path the user never wrote.
+    """
     configured = os.environ.get("ANOMALYCLIP_CACHE")
     if configured:
-        return Path(configured).expanduser().absolute()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return (Path(base).expanduser() / "anomalyclip").absolute()
+        folder = Path(configured).expanduser().absolute()
+        source = f"ANOMALYCLIP_CACHE={configured}"
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        folder = (Path(base).expanduser() / "anomalyclip").absolute()
+        source = f"the cache folder {folder}"
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(
+            f"{source} is a file, not a folder: point it at a folder (the cache keeps its "
+            "files inside it, one subfolder per file); to use a weights file directly, pass "
+            "its path (--clip-weights FILE)"
+        )
+    return folder
 
 
 def user_registry_path() -> Path:
