@@ -289,6 +289,30 @@ def test_csv_lists_need_an_image_column(tmp_path):
     ]
 
 
+def test_a_csv_row_with_more_cells_than_the_header_is_named_in_one_line(
+    tmp_path, tiny_model_files, caplog
+):
+    """Bug: the extra cells reached ``str.strip`` as a list: AttributeError, a traceback."""
+    listing = tmp_path / "list.csv"
+    listing.write_text("image,label\na.png,good\n\nb.png,bad,left edge\n")
+    with pytest.raises(ValueError) as raised:
+        read_image_csv(listing)
+    assert str(raised.value) == f"{listing}, line 4: 3 cells, but the header names 2 columns"
+    with caplog.at_level(logging.ERROR):
+        code = cli("predict", listing, *model_arguments(tiny_model_files), "--no-progress")
+    assert code == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        str(raised.value)
+    ]
+    assert "Traceback" not in caplog.text
+    # Named extra columns are kept (they travel into the results), short rows padded.
+    listing.write_text("image,label,line\na.png,good,L1\nb.png\n")
+    assert [r.columns for r in read_image_csv(listing)] == [
+        {"label": "good", "line": "L1"},
+        {"label": "", "line": ""},
+    ]
+
+
 def test_output_names_keep_stems_and_tell_twins_apart():
     names = output_names(
         [

@@ -53,7 +53,14 @@ def read_image_csv(path: str | Path) -> list[ImageRow]:
                     f"(found: {', '.join(columns) or 'no header'})"
                 )
             rows = []
-            for number, raw in enumerate(reader, start=2):
+            for raw in reader:
+                number = reader.line_num  # blank lines and quoted line breaks counted
+                if None in raw:  # DictReader files the cells beyond the header under None
+                    cells = len(raw) - 1 + len(raw[None])
+                    raise ValueError(
+                        f"{path}, line {number}: {cells} cells, but the header names "
+                        f"{len(columns)} columns"
+                    )
                 row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
                 if not row.get("image"):
                     raise ValueError(f"{path}, line {number}: the 'image' cell is empty")
