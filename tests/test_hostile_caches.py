@@ -250,3 +250,25 @@ def test_resume_with_no_intact_checkpoint_says_so_and_moves_nothing(glass_manife
     with pytest.raises(ValueError, match="cannot resume: no checkpoint in .* is intact"):
         train(tiny_model(), dataset, tmp_path, TrainOptions(epochs=2), resume=True)
     assert (tmp_path / "epoch_1.pt").is_file() and not list(tmp_path.glob("*.damaged*"))
+
+
+@pytest.mark.parametrize("garbage", [b"", b"damaged", b"PK\x03\x04" + bytes(60)])
+def test_an_unreadable_cache_entry_is_recomputed_saying_why(
+    glass_manifest, tmp_path, caplog, garbage
+):
+    """The reason is never empty (the attack saw "unreadable ()")."""
+    images = [s.image for s in open_dataset(glass_manifest)][:1]
+    first = FeatureCache(tiny_model(), tmp_path, memory=False)
+    expected = first.embeddings(images)
+    (entry,) = first.directory.rglob("*.pt")
+    entry.write_bytes(garbage)
+    with caplog.at_level(logging.WARNING, logger="anomalyclip.feature_cache"):
+        again = FeatureCache(tiny_model(), tmp_path, memory=False)
+        got = again.embeddings(images)
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "anomalyclip.feature_cache"]
+    assert f"{entry} is not a readable feature cache entry: " in warning
+    assert warning.endswith("; recomputing") and "()" not in warning
+    if garbage:
+        assert warning.split("entry: ", 1)[1].removesuffix("; recomputing").strip()
+    assert again.stats.computed == 1
+    assert torch.equal(got.global_embedding, expected.global_embedding)

@@ -36,6 +36,7 @@ from anomalyclip.model import AnomalyCLIP, ImageEmbeddings
 from anomalyclip.preprocess import load_image
 from anomalyclip.utils.atomic import WriteFailedError, atomic_torch_save, atomic_write_json
 from anomalyclip.utils.hashing import file_digest
+from anomalyclip.utils.safe_load import SafeLoadError, safe_torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -174,8 +175,12 @@ class FeatureCache:
         path = self._entry_path(content)
         if not path.is_file():
             return None
+        try:  # the shared safe loader: no pickled code, bounded unpickling, one-line reasons
+            data = safe_torch_load(path, "feature cache entry")
+        except SafeLoadError as error:
+            logger.warning("%s; recomputing", error)
+            return None
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
             valid = (
                 isinstance(data, dict)
                 and data.get("format") == ENTRY_FORMAT
@@ -184,10 +189,8 @@ class FeatureCache:
                 and sorted(int(k) for k in data["patch"]) == list(self.key.layers)
             )
             intact = valid and data.get("checksum") == entry_checksum(data)
-        except Exception as error:  # noqa: BLE001 - any unreadable entry is recomputed
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            logger.warning("feature cache entry %s is unreadable (%s); recomputing", path, reason)
-            return None
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError):
+            valid = intact = False  # the right format's name on the wrong structure
         if not valid:
             logger.warning("feature cache entry %s does not match its key; recomputing", path)
             return None
