@@ -124,3 +124,13 @@ def test_json_results_refuse_nan(tmp_path):
     with pytest.raises(ValueError, match="not JSON compliant"):
         atomic_write_json(tmp_path / "s.json", {"score": float("nan")})
     assert not (tmp_path / "s.json").exists()
+
+
+def test_a_write_failure_survives_pickling_between_processes(tmp_path):
+    import pickle
+
+    from anomalyclip.utils.atomic import WriteFailedError
+
+    error = WriteFailedError(tmp_path / "c.pt", "no space left on device", 28)
+    copy = pickle.loads(pickle.dumps(error))
+    assert (str(copy), copy.filename, copy.disk_full) == (str(error), error.filename, True)

@@ -38,6 +38,11 @@ class WriteFailedError(OSError):
     def __str__(self) -> str:
         return str(self.args[1])
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # OSError's own pickling passes (errno, message) back to __init__, which wants a
+        # path: torchrun sends rank 0's failure to the other ranks this way.
+        return (type(self), (self.filename, self.reason, self.errno))
+
     @property
     def disk_full(self) -> bool:
         return self.errno in NO_SPACE_ERRNOS
