@@ -74,6 +74,7 @@ def test_arguments(manifest: Path, clip_file: Path, output: Path, args) -> list[
     return [
         "test",
         f"csv={manifest}",
+        "--allow-outside-paths",  # the manifest lists the dataset's images from scratch_dir
         *("--clip-weights", str(clip_file), "--checkpoint", "none"),
         *("--device", args.device, "--batch-size", str(args.batch_size)),
         *("-o", str(output), "--no-progress"),

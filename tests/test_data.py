@@ -480,6 +480,77 @@ def test_csv_manifest_reports_every_bad_row_by_line(tmp_path):
         read_csv_manifest(manifest)
 
 
+def test_index_paths_outside_the_dataset_folder_are_refused_unless_allowed(tmp_path):
+    """Bug: a manifest, VisA split file or meta.json naming ``../x.png`` or an absolute
+    path elsewhere had those files read as part of the dataset."""
+    root = build_folder(tmp_path / "parts")
+    outside = image(tmp_path / "private" / "x.png")
+    manifest = root / "list.csv"
+    for listed in ("../private/x.png", str(outside), "good/../../private/x.png"):
+        manifest.write_text(f"image,label\ngood/a.png,0\n{listed},1\n")
+        with pytest.raises(DatasetError) as error:
+            read_csv_manifest(manifest)
+        assert str(error.value) == (
+            f"{manifest}, line 3: image {listed!r} is outside the dataset folder {root}; "
+            "pass --allow-outside-paths to read it if you trust this index"
+        )
+        allowed = read_csv_manifest(manifest, allow_outside_paths=True)
+        assert allowed.samples[1].image == root / listed
+    manifest.write_text("image,label,mask\nscratch/c.png,1,../../m.png\n")
+    with pytest.raises(DatasetError, match="line 2: mask '../../m.png' is outside"):
+        read_csv_manifest(manifest)
+    # Inside the folder, however written, is fine.
+    manifest.write_text(f"image,label\n./good/../good/a.png,0\n{root / 'good/b.png'},0\n")
+    assert len(read_csv_manifest(manifest)) == 2
+    assert open_dataset(manifest, allow_outside_paths=True).samples[0].image.name == "a.png"
+
+    meta_root = build_mvtec(tmp_path / "mvtec")
+    write_meta_json(meta_root, {"test": read_mvtec(meta_root)})
+    meta = json.loads((meta_root / "meta.json").read_text())
+    meta["test"]["bottle"][2]["mask_path"] = str(outside)
+    (meta_root / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match=r"test/bottle\[2\]: mask_path '/.*x.png' is outside"):
+        read_meta_json(meta_root)
+    assert read_meta_json(meta_root, allow_outside_paths=True).samples[2].mask == outside
+    meta["test"]["bottle"][0]["img_path"] = "../private/x.png"
+    meta["test"]["bottle"][1]["img_path"] = 7
+    (meta_root / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match=r"bottle\[0\]: img_path '../private/x.png' is out"):
+        open_dataset(meta_root, "meta")
+    assert open_dataset(meta_root).name == "mvtec"  # recognition falls back to the tree
+    with pytest.raises(DatasetError, match=r"bottle\[1\]: img_path must be a path, not 7"):
+        read_meta_json(meta_root, allow_outside_paths=True)
+
+    visa = build_visa(tmp_path / "visa")
+    split = visa / "split_csv" / "1cls.csv"
+    rows = split.read_text().splitlines()
+    split.write_text("\n".join([*rows, "candle,test,anomaly,../../private/x.png,"]) + "\n")
+    with pytest.raises(DatasetError, match=f"1cls.csv, line {len(rows) + 1}: image '../../priv"):
+        read_visa(visa)
+
+
+def test_cli_refuses_outside_paths_in_one_line_and_takes_the_flag(tmp_path, caplog):
+    from anomalyclip.cli import main
+
+    root = build_folder(tmp_path / "parts")
+    image(tmp_path / "elsewhere.png")
+    manifest = root / "list.csv"
+    manifest.write_text("image,label\ngood/a.png,0\n../../elsewhere.png,1\n")
+    assert main(["test", f"csv={manifest}", "--checkpoint", "none"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [
+        f"{manifest}, line 3: image '../../elsewhere.png' is outside the dataset folder {root}; "
+        "pass --allow-outside-paths to read it if you trust this index"
+    ]
+    assert not any(record.exc_info for record in caplog.records)
+    # With the flag the path is read: the next problem is that it does not exist.
+    caplog.clear()
+    arguments = ["test", f"csv={manifest}", "--checkpoint", "none", "--allow-outside-paths"]
+    assert main(arguments) == 2
+    assert "line 3: image" in caplog.text and "elsewhere.png not found" in caplog.text
+    assert "is outside" not in caplog.text
+
+
 def test_meta_json_round_trip_in_the_original_format(tmp_path):
     root = build_mvtec(tmp_path / "mvtec")
     test, train = read_mvtec(root), read_mvtec(root, "train")

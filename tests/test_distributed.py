@@ -26,6 +26,7 @@ TINY_FLAGS = [
     *("--image-size", "32", "--features", "2", "4", "--dpam-layers", "3"),
     *("--prompt-depth", "2", "--n-ctx", "4", "--deep-prompt-length", "2"),
     "--no-progress",
+    "--allow-outside-paths",  # the manifests here list shared/'s images from tmp_path
 ]
 TORCHRUN_SECONDS = 180
 
@@ -243,7 +244,7 @@ def test_torchrun_musc_evaluation_gives_the_single_process_results(shared_dir, c
     manifest = write_manifest(tmp_path / "test.csv", rows)
     common = [f"csv={manifest}", "--method", "musc", "--clip-weights", str(clip_file)]
     common += ["--image-size", "32", "--features", "2", "4", "--musc-degrees", "1", "3"]
-    common += ["--batch-size", "3", "--save-maps", "--no-progress"]
+    common += ["--batch-size", "3", "--save-maps", "--no-progress", "--allow-outside-paths"]
 
     assert main(["test", *common, "-o", str(tmp_path / "single")]) == 0
     done = torchrun(["test", *common, "-o", str(tmp_path / "split")], tmp_path)

@@ -32,6 +32,7 @@ TINY_FLAGS = [
     *("--image-size", "32", "--features", "2", "4", "--dpam-layers", "3"),
     *("--prompt-depth", "2", "--n-ctx", "4", "--deep-prompt-length", "2"),
     *("--batch-size", "4", "--no-progress"),
+    "--allow-outside-paths",  # the manifests here list shared/'s images from tmp_path
 ]
 
 
@@ -119,7 +120,7 @@ def test_options_are_checked():
 
 
 def test_training_lowers_the_loss_and_writes_checkpoints_and_logs(glass_manifest, tmp_path):
-    dataset = open_dataset(glass_manifest)
+    dataset = open_dataset(glass_manifest, allow_outside_paths=True)
     model = tiny_model()
     start = prompt_state(model)
     result = train(model, dataset, tmp_path, TrainOptions(epochs=3, batch_size=4), progress=False)
@@ -157,7 +158,7 @@ def test_training_lowers_the_loss_and_writes_checkpoints_and_logs(glass_manifest
 
 
 def test_cached_and_recomputed_features_give_the_same_losses(glass_manifest, tmp_path):
-    dataset = open_dataset(glass_manifest)
+    dataset = open_dataset(glass_manifest, allow_outside_paths=True)
     options = TrainOptions(epochs=2, batch_size=4)
     cached_model = tiny_model()
     cached = train(cached_model, dataset, tmp_path / "cached", options, progress=False)
@@ -179,7 +180,7 @@ def test_cached_and_recomputed_features_give_the_same_losses(glass_manifest, tmp
 
 
 def test_disk_cache_is_reused_only_for_the_same_key(glass_manifest, tmp_path):
-    dataset = open_dataset(glass_manifest)
+    dataset = open_dataset(glass_manifest, allow_outside_paths=True)
     images = [s.image for s in dataset][:3]
     model = tiny_model()
     first = FeatureCache(model, tmp_path, memory=False)
@@ -218,7 +219,7 @@ def test_overwritten_bytes_inside_a_cache_entry_are_caught_by_its_checksum(
     glass_manifest, tmp_path, caplog
 ):
     """Bug: 64 overwritten bytes inside an entry loaded fine and fed 1e31 into training."""
-    images = [s.image for s in open_dataset(glass_manifest)][:2]
+    images = [s.image for s in open_dataset(glass_manifest, allow_outside_paths=True)][:2]
     first = FeatureCache(tiny_model(), tmp_path, memory=False)
     expected = first.embeddings(images)
     entry = sorted(first.directory.rglob("*.pt"))[0]
@@ -244,7 +245,7 @@ def test_cache_key_covers_what_the_embeddings_depend_on():
 
 
 def test_image_level_data_trains_the_global_loss_and_says_so(headct_manifest, tmp_path, caplog):
-    dataset = open_dataset(headct_manifest)
+    dataset = open_dataset(headct_manifest, allow_outside_paths=True)
     assert not dataset.pixel_level
     with caplog.at_level(logging.WARNING, logger="anomalyclip.training"):
         result = train(tiny_model(), dataset, tmp_path, TrainOptions(epochs=1), progress=False)
@@ -259,7 +260,7 @@ def test_a_trainable_backbone_is_refused(glass_manifest, tmp_path):
     model = tiny_model()
     model.clip.visual.proj.requires_grad_(True)
     with pytest.raises(RuntimeError, match="must be frozen"):
-        train(model, open_dataset(glass_manifest), tmp_path)
+        train(model, open_dataset(glass_manifest, allow_outside_paths=True), tmp_path)
 
 
 # the command line ---------------------------------------------------------------------

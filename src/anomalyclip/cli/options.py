@@ -419,6 +419,8 @@ def open_spec(spec: DatasetSpec, args: argparse.Namespace) -> AnomalyDataset:
         options["categories"] = args.categories
     if args.allow_missing_masks:
         options["allow_missing_masks"] = True
+    if getattr(args, "allow_outside_paths", False):
+        options["allow_outside_paths"] = True
     if getattr(args, "mask_mismatch", "error") != "error":
         options["mask_mismatch"] = args.mask_mismatch
     if getattr(args, "normal_folder", None):
@@ -446,6 +448,13 @@ def add_data_arguments(parser: argparse.ArgumentParser, many: bool) -> None:
         "--allow-missing-masks",
         action="store_true",
         help="keep anomalous images without a mask (image-level only)",
+    )
+    group.add_argument(
+        "--allow-outside-paths",
+        action="store_true",
+        help="read the files a manifest, VisA split file or meta.json names outside the "
+        "dataset's folder (../ or absolute paths), refused by default: for an index of your "
+        "own, not one that came with downloaded data",
     )
     group.add_argument(
         "--mask-mismatch",

@@ -7,7 +7,8 @@ Folder dataset::
     root/masks/scratch/a_mask.png   optional masks (``masks=``), matched by stem plus
     root/masks/a_mask.png           ``mask_suffix``, in a per-defect sub-folder or not
 
-CSV manifest (header required; paths relative to the CSV file, or absolute)::
+CSV manifest (header required; paths relative to the CSV file, or absolute; inside the
+CSV's folder unless outside paths are allowed, :mod:`anomalyclip.data.paths`)::
 
     image,label,mask,category,defect
     good/001.png,0,,bottle,
@@ -41,6 +42,7 @@ from anomalyclip.data.core import (
     list_images,
     parse_label,
 )
+from anomalyclip.data.paths import listed_path
 
 MASK_DIR_NAMES = ("masks", "mask", "ground_truth", "groundtruth", "gt")
 # The normal folder when none is named, in this order: for read_folder and detection alike.
@@ -160,11 +162,13 @@ def read_csv_manifest(
     allow_missing_masks: bool = False,
     mask_mismatch: MaskMismatch = "error",
     verify: bool = False,
+    allow_outside_paths: bool = False,
 ) -> AnomalyDataset:
     """A CSV of ``image,label[,mask][,category][,defect]`` rows.
 
     Rows without a category get ``category`` (default: the CSV's file stem). Every bad
-    row is reported, by line number, in one :class:`DatasetError`.
+    row is reported, by line number, in one :class:`DatasetError`. A path outside the
+    CSV's folder is refused unless ``allow_outside_paths`` (:mod:`anomalyclip.data.paths`).
     """
     path = Path(path)
     if not path.is_file():
@@ -208,7 +212,8 @@ def read_csv_manifest(
         if not cells["image"]:
             problems.append(f"{path}, line {line}: empty image path")
             continue
-        image = base / cells["image"]
+        where = f"{path}, line {line}"
+        image = listed_path(base, cells["image"], where, "image", allow_outside_paths)
         if not image.is_file():
             problems.append(f"{path}, line {line}: image {image} not found")
             continue
@@ -219,7 +224,11 @@ def read_csv_manifest(
             )
             continue
         first_line[key] = line
-        mask = base / cells["mask"] if cells.get("mask") else None
+        mask = (
+            listed_path(base, cells["mask"], where, "mask", allow_outside_paths)
+            if cells.get("mask")
+            else None
+        )
         if mask is not None and not mask.is_file():
             problems.append(f"{path}, line {line}: mask {mask} not found")
             continue

@@ -39,6 +39,7 @@ from anomalyclip.data.core import (
     list_images,
     select_categories,
 )
+from anomalyclip.data.paths import listed_path
 from anomalyclip.preprocess import ImageLoadError, load_mask_array
 
 MVTEC_MASK_SUFFIXES = ("_mask", "")
@@ -157,8 +158,10 @@ def read_visa(
     allow_missing_masks: bool = False,
     mask_mismatch: MaskMismatch = "error",
     verify: bool = False,
+    allow_outside_paths: bool = False,
 ) -> AnomalyDataset:
-    """VisA through its split file (``split_csv/1cls.csv`` by default)."""
+    """VisA through its split file (``split_csv/1cls.csv`` by default); its paths must
+    stay inside ``root`` unless ``allow_outside_paths`` (:mod:`anomalyclip.data.paths`)."""
     root = Path(root)
     csv_path = root / split_csv
     if not csv_path.is_file():
@@ -195,10 +198,16 @@ def read_visa(
         if not row["image"]:
             problems.append(f"{csv_path}, line {line}: empty image path")
             continue
-        mask = root / row["mask"] if label == 1 and row["mask"] else None
+        where = f"{csv_path}, line {line}"
+        image = listed_path(root, row["image"], where, "image", allow_outside_paths)
+        mask = (
+            listed_path(root, row["mask"], where, "mask", allow_outside_paths)
+            if label == 1 and row["mask"]
+            else None
+        )
         samples.append(
             Sample(
-                image=root / row["image"],
+                image=image,
                 label=label,
                 mask=mask,
                 category=row["object"],

@@ -8,7 +8,8 @@ Its ``generate_dataset_json/*.py`` scripts write, and its ``dataset.py`` reads::
              "cls_name": "bottle", "specie_name": "broken_large", "anomaly": 1}
 
 Paths are joined to the root the way ``os.path.join`` does, so the absolute paths some
-of its scripts wrote work too. A ``mask_path`` that names a folder (or is empty) means
+of its scripts wrote work too (inside the root; others only when allowed,
+:mod:`anomalyclip.data.paths`). A ``mask_path`` that names a folder (or is empty) means
 "no mask", as in the original, and so does the ``mask_path`` of a normal entry (the
 original's ``dataset.py`` gives normal images an empty mask whatever the entry says). The
 split key is matched ignoring case (its DAGM script wrote ``Train``/``Test``). Training
@@ -32,6 +33,7 @@ from anomalyclip.data.core import (
     Sample,
     select_categories,
 )
+from anomalyclip.data.paths import listed_path
 from anomalyclip.utils.atomic import atomic_write_json
 
 META_FILE = "meta.json"
@@ -59,11 +61,14 @@ def read_meta_json(
     allow_missing_masks: bool = False,
     mask_mismatch: MaskMismatch = "error",
     verify: bool = False,
+    allow_outside_paths: bool = False,
 ) -> AnomalyDataset:
     """A dataset from ``meta.json``.
 
     ``root`` is the folder its paths are relative to, or the index file itself (its
-    folder then being the root); ``meta_file`` names an index kept elsewhere.
+    folder then being the root); ``meta_file`` names an index kept elsewhere. A path
+    outside ``root`` (absolute ones included) is refused unless ``allow_outside_paths``
+    (:mod:`anomalyclip.data.paths`).
     """
     root = Path(root)
     if meta_file is not None:
@@ -97,15 +102,18 @@ def read_meta_json(
             if label not in (0, 1) or isinstance(label, bool):
                 problems.append(f"{where}: anomaly must be 0 or 1, not {label!r}")
                 continue
+            image = listed_path(root, entry["img_path"], where, "img_path", allow_outside_paths)
             mask_path = entry.get("mask_path") or ""
             mask = None
-            if label == 1 and mask_path and not (root / mask_path).is_dir():
-                mask = root / mask_path
-                pixel_level = True
+            if label == 1 and mask_path:
+                listed = listed_path(root, mask_path, where, "mask_path", allow_outside_paths)
+                if not listed.is_dir():
+                    mask = listed
+                    pixel_level = True
             defect = entry.get("specie_name") or UNKNOWN_DEFECT
             samples.append(
                 Sample(
-                    image=root / entry["img_path"],
+                    image=image,
                     label=label,
                     mask=mask,
                     category=category,
