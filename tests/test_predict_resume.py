@@ -210,7 +210,7 @@ def test_a_full_disk_under_the_jsonl_cuts_it_back_to_whole_lines(
     assert final_outputs(out) == expected
 
 
-def test_a_line_cut_short_is_scored_again(tmp_path, tiny_model_files, uninterrupted):
+def test_a_line_cut_short_is_scored_again(tmp_path, tiny_model_files, uninterrupted, capsys):
     images, expected = uninterrupted
     out = tmp_path / "out"
     flags = run_flags(tiny_model_files, out)
@@ -218,9 +218,23 @@ def test_a_line_cut_short_is_scored_again(tmp_path, tiny_model_files, uninterrup
     lines = expected["jsonl"].splitlines(keepends=True)
     (out / "predictions.jsonl").write_text("".join(lines[:4]) + lines[4][:30])
     (out / "summary.json").unlink()
+    leftover = out / "overlays" / ".img_009.png.k2j4x.tmp"  # a write a kill interrupted
+    leftover.write_bytes(b"half an overlay")
     assert cli("predict", images, *flags, "--resume") == 0
     assert final_outputs(out) == expected
     assert json.loads((out / "summary.json").read_text())["resumed"] == 4
+    assert "4 of them scored by the run this one resumed" in capsys.readouterr().out
+
+
+def test_resume_continues_a_results_file_without_an_output_folder(tmp_path, tiny_model_files):
+    images = generated_images(tmp_path / "images", 6)
+    results = tmp_path / "scores.jsonl"
+    flags = [*model_arguments(tiny_model_files), "--output", results, "--batch-size", BATCH]
+    assert cli("predict", images, *flags, "--no-progress") == 0
+    whole = results.read_text()
+    results.write_text("".join(whole.splitlines(keepends=True)[:2]))
+    assert cli("predict", images, *flags, "--no-progress", "--resume") == 0
+    assert results.read_text() == whole
 
 
 def test_resume_refuses_results_made_with_other_settings(

@@ -133,10 +133,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = _inspect(args, paths, model, output)
     except WriteFailedError as error:
+        remedy = "make room and run" if error.disk_full else "run"
         raise WriteFailedError(
             error.filename,
-            f"{error.reason}; the images finished so far are kept: make room and run again "
-            "with --resume",
+            f"{error.reason}; the images finished so far are kept: {remedy} again with --resume",
             error.errno,
         ) from None
     sys.stdout.write(summary_text(summary) + "\n")
@@ -195,6 +195,8 @@ def summary_text(summary: InspectionSummary) -> str:
         )
     else:
         lines[0] += " (no image threshold: scores only; calibrate or pass --threshold)"
+    if summary.resumed:
+        lines.append(f"{summary.resumed} of them scored by the run this one resumed")
     ranked = sorted(summary.results, key=lambda r: r.score, reverse=True)[:TOP_SHOWN]
     if ranked:
         lines.append("highest scores:")
