@@ -147,7 +147,7 @@ def test_a_full_feature_cache_disk_disables_the_cache_once_and_training_goes_on(
     glass_manifest, tmp_path, caplog, monkeypatch, kind
 ):
     """Bug: training died with `[enforce fail at inline_container.cc:672] . unexpected pos`."""
-    images = [s.image for s in open_dataset(glass_manifest)][:3]
+    images = [s.image for s in open_dataset(glass_manifest, allow_outside_paths=True)][:3]
     expected = FeatureCache(tiny_model(), memory=False).embeddings(images)
     if kind == "enospc":  # every atomic write fails, the cache's key.json first
         monkeypatch.setattr(atomic.os, "fsync", disk_full(kind))
@@ -218,7 +218,7 @@ def truncate(path: Path) -> None:
 
 @pytest.mark.parametrize("damage", [truncate, overwrite_inside_a_tensor])
 def test_resume_falls_back_from_a_damaged_last_checkpoint(glass_manifest, tmp_path, caplog, damage):
-    dataset = open_dataset(glass_manifest)
+    dataset = open_dataset(glass_manifest, allow_outside_paths=True)
     whole = train(tiny_model(), dataset, tmp_path / "whole", TrainOptions(epochs=3), progress=False)
     run = tmp_path / "run"
     train(tiny_model(), dataset, run, TrainOptions(epochs=2), progress=False)
@@ -244,7 +244,7 @@ def test_resume_falls_back_from_a_damaged_last_checkpoint(glass_manifest, tmp_pa
 
 
 def test_resume_with_no_intact_checkpoint_says_so_and_moves_nothing(glass_manifest, tmp_path):
-    dataset = open_dataset(glass_manifest)
+    dataset = open_dataset(glass_manifest, allow_outside_paths=True)
     train(tiny_model(), dataset, tmp_path, TrainOptions(epochs=1), progress=False)
     truncate(tmp_path / "epoch_1.pt")
     with pytest.raises(ValueError, match="cannot resume: no checkpoint in .* is intact"):
@@ -257,7 +257,7 @@ def test_an_unreadable_cache_entry_is_recomputed_saying_why(
     glass_manifest, tmp_path, caplog, garbage
 ):
     """The reason is never empty (the attack saw "unreadable ()")."""
-    images = [s.image for s in open_dataset(glass_manifest)][:1]
+    images = [s.image for s in open_dataset(glass_manifest, allow_outside_paths=True)][:1]
     first = FeatureCache(tiny_model(), tmp_path, memory=False)
     expected = first.embeddings(images)
     (entry,) = first.directory.rglob("*.pt")
