@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
     "anomalyclip.utils": 0,
     "anomalyclip.config": 0,
     "anomalyclip.preprocess": 0,
+    "anomalyclip.decoding": 0,
     "anomalyclip.postprocess": 0,
     "anomalyclip.predictor": 0,
     "anomalyclip.maps": 0,

@@ -45,7 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     megapixels = getattr(args, "max_megapixels", None)
     try:
         max_pixels = None if megapixels is None else int(megapixels * 1_000_000)
-        with decoding(getattr(args, "bit_depth", None), max_pixels):
+        with decoding(
+            getattr(args, "bit_depth", None),
+            max_pixels,
+            getattr(args, "max_side", None),
+            getattr(args, "max_aspect", None),
+        ):
             return int(args.func(args) or 0)
     except KeyboardInterrupt:
         logger.error("interrupted")

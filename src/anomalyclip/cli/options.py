@@ -84,7 +84,8 @@ def add_model_arguments(
     group.add_argument(
         "--trust-torchscript",
         action="store_true",
-        help="load a TorchScript CLIP archive that is not a registered, checksummed file",
+        help="deprecated, no effect: TorchScript archives are read as data (their tensors, "
+        "never their code), so none needs trusting",
     )
     if training:
         group.add_argument(
@@ -208,7 +209,7 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
-    """How image files are read: the bit depth of 16-bit data and the pixel limit."""
+    """How image files are read: the bit depth of 16-bit data and the size limits."""
     group = parser.add_argument_group("reading images")
     group.add_argument(
         "--bit-depth",
@@ -223,6 +224,18 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         metavar="MP",
         help="refuse (skip) images larger than this (default 179: a decompression bomb)",
+    )
+    group.add_argument(
+        "--max-side",
+        type=int,
+        metavar="PIXELS",
+        help="refuse (skip) images with a longer side, from the header (default 65535)",
+    )
+    group.add_argument(
+        "--max-aspect",
+        type=float,
+        metavar="RATIO",
+        help="refuse (skip) images more elongated than RATIO:1, from the header (default 100)",
     )
 
 

@@ -42,6 +42,7 @@ from typing import Literal, get_args
 
 from PIL import Image
 
+from anomalyclip.decoding import open_image
 from anomalyclip.preprocess import IMAGE_EXTENSIONS, ImageLoadError, load_image, load_mask_array
 
 logger = logging.getLogger(__name__)
@@ -286,7 +287,7 @@ def oriented_size(path: Path) -> tuple[int, int] | None:
     rotation is taken only when its header carried it.
     """
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             width, height = image.size
             if image.format == "PNG":
                 exif = Image.Exif()
@@ -296,7 +297,7 @@ def oriented_size(path: Path) -> tuple[int, int] | None:
             else:
                 exif = image.getexif()
             orientation = exif.get(EXIF_ORIENTATION, 1)
-    except Exception:  # any header Pillow cannot parse; verify and loading report it
+    except ImageLoadError:  # verify and loading report it, naming the file
         return None
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import Dataset
 
 from anomalyclip.data.core import AnomalyDataset
-from anomalyclip.preprocess import PreProcessor, load_image
+from anomalyclip.preprocess import PreProcessor
 
 
 class AnomalyTorchDataset(Dataset):
@@ -30,6 +30,6 @@ class AnomalyTorchDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         sample = self.dataset.samples[index]
-        image = self.preprocessor.tensor(load_image(sample.image))
+        image = self.preprocessor.load(sample.image)
         mask = self.preprocessor.load_mask(sample.mask if sample.label == 1 else None)
         return image, mask, sample.label, index

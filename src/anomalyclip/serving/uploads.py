@@ -9,12 +9,12 @@ entry among good ones).
 
 from __future__ import annotations
 
-import io
+import dataclasses
 from dataclasses import dataclass
 
 from fastapi import UploadFile
-from PIL import Image, UnidentifiedImageError
 
+from anomalyclip.decoding import ImageLoadError, current_settings, open_image
 from anomalyclip.serving.settings import ServiceSettings
 
 ACCEPTED_OCTET_TYPES = ("application/octet-stream", "")
@@ -71,22 +71,25 @@ def check_upload(upload: Upload, settings: ServiceSettings) -> None:
         )
     if not upload.data:
         raise InvalidUpload(f"{name} is empty (0 bytes)")
+    header_size(upload, settings)
+
+
+def header_size(upload: Upload, settings: ServiceSettings) -> tuple[int, int]:
+    """(width, height) from the upload's header, within the service's pixel limit and the
+    side and aspect-ratio limits; whatever the decoder raises is this upload's error."""
+    limits = dataclasses.replace(current_settings(), max_pixels=settings.max_pixels)
+    name = upload.filename
     try:
-        with Image.open(io.BytesIO(upload.data)) as image:
-            width, height = image.size
-    except UnidentifiedImageError:
-        raise UnsupportedUpload(
-            f"{name} is not an image in a format the service reads ({READABLE_FORMATS})"
-        ) from None
-    except Image.DecompressionBombError as error:
-        raise UploadTooLarge(f"{name} refused as a decompression bomb: {error}") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as error:
-        raise InvalidUpload(f"{name}: corrupt or truncated image ({error})") from None
-    if width * height > settings.max_pixels:
-        raise UploadTooLarge(
-            f"{name} is {width}x{height} = {width * height:,} pixels, over the limit of "
-            f"{settings.max_pixels:,}"
-        )
+        with open_image(upload.data, name, limits) as image:
+            return image.size
+    except ImageLoadError as error:
+        if error.kind == "unsupported":
+            raise UnsupportedUpload(
+                f"{name} is not an image in a format the service reads ({READABLE_FORMATS})"
+            ) from None
+        if error.kind == "too-large":
+            raise UploadTooLarge(f"{name} is {error.reason}") from None
+        raise InvalidUpload(f"{name}: {error.reason}") from None
 
 
 def check_batch_size(count: int, settings: ServiceSettings) -> None:
@@ -107,8 +110,8 @@ def check_set(uploads: list[Upload], settings: ServiceSettings) -> None:
         )
     total = 0
     for upload in uploads:
-        with Image.open(io.BytesIO(upload.data)) as image:
-            total += image.width * image.height
+        width, height = header_size(upload, settings)
+        total += width * height
     if total > settings.max_set_pixels:
         raise UploadTooLarge(
             f"the set's images hold {total:,} pixels together, over the limit of "
