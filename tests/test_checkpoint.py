@@ -144,7 +144,7 @@ def test_non_finite_prompts_are_refused_naming_the_tensor(tmp_path):
         ),
         (
             lambda d: d["config"].update(features=["a"]),
-            "configuration field 'features' must be a list of numbers",
+            "configuration field 'features' must be a list of integers",
         ),
         (
             lambda d: d["prompt_learner"].update(ctx_pos="not a tensor"),

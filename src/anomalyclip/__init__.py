@@ -5,6 +5,7 @@ from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.inference import InspectionResult, InspectionSummary, inspect
 from anomalyclip.methods.musc import MuSc, MuScConfig, create_musc, score_set
 from anomalyclip.model import AnomalyCLIP, AnomalyOutput, AnomalyPrediction
+from anomalyclip.predictor import NonFiniteScoreError
 from anomalyclip.preprocess import ImageLoadError, load_image
 from anomalyclip.visualize import defect_mask, overlay
 
@@ -21,6 +22,7 @@ __all__ = [
     "AnomalyOutput",
     "AnomalyPrediction",
     "ImageLoadError",
+    "NonFiniteScoreError",
     "load_image",
     "MuSc",
     "MuScConfig",

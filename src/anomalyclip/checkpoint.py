@@ -4,7 +4,9 @@ Ours hold the configuration, the prompt state and what identifies the backbone, 
 checkpoint loads without its hyper-parameters repeated. The authors' hold only
 ``{"prompt_learner": state_dict}``; their n_ctx, depth and prompt length are read off the
 tensor shapes. Everything is read with ``torch.load(weights_only=True)``: no pickled code
-runs.
+runs. The structure is checked field by field, so a damaged or hostile file is one
+``ValueError`` naming the file and the field, never a traceback; prompt tensors holding
+NaN or infinity are refused, as their scores would be NaN and a NaN reads as "normal".
 """
 
 from __future__ import annotations
@@ -14,15 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from torch import Tensor
 
 from anomalyclip.backbone.identity import BackboneIdentity
-from anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.config import AnomalyCLIPConfig, shown
 from anomalyclip.model import AnomalyCLIP
 from anomalyclip.prompts import PromptShape
 from anomalyclip.utils.atomic import atomic_torch_save
-from anomalyclip.utils.safe_load import safe_torch_load
+from anomalyclip.utils.safe_load import refuse_non_finite, safe_torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -60,16 +61,18 @@ def read_checkpoint(path: str | Path) -> PromptCheckpoint:
     elif "prompt_learner" in data and isinstance(data["prompt_learner"], dict):
         checkpoint = PromptCheckpoint(str(path), "authors", dict(data["prompt_learner"]))
     else:
-        keys = ", ".join(sorted(map(str, data))[:10])
+        keys = ", ".join(shown(key, 30) for key in sorted(map(str, data))[:10])
         raise ValueError(
             f"{path} is not an AnomalyCLIP prompt checkpoint (top-level keys: {keys}); "
             "expected {'prompt_learner': ...}"
         )
     _check_tensors(path, checkpoint.prompt_state)
     try:
-        checkpoint.shape  # noqa: B018 - validates the tensors
-    except (ValueError, KeyError) as error:
+        shape = checkpoint.shape
+    except (ValueError, KeyError, IndexError) as error:
         raise ValueError(f"{path}: {error}") from None
+    if checkpoint.config is not None:
+        _check_config_matches(path, checkpoint.config, shape)
     return checkpoint
 
 
@@ -77,7 +80,7 @@ def _ours(path: Path, data: dict[str, Any]) -> PromptCheckpoint:
     """Our layout, its structure checked field by field: one line names what is wrong."""
     version = data.get("format_version", 0)
     if not isinstance(version, int) or isinstance(version, bool):
-        raise ValueError(f"{path}: format_version must be an integer, got {version!r}")
+        raise ValueError(f"{path}: format_version must be an integer, got {shown(version)}")
     if version > FORMAT_VERSION:
         raise ValueError(
             f"{path} was written by a newer anomalyclip (format version {version}); "
@@ -97,6 +100,7 @@ def _ours(path: Path, data: dict[str, Any]) -> PromptCheckpoint:
         config = AnomalyCLIPConfig.from_dict(data["config"])
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: {error}") from None
+    _check_backbone(path, data.get("backbone") or {})
     return PromptCheckpoint(
         str(path),
         "anomalyclip",
@@ -107,20 +111,48 @@ def _ours(path: Path, data: dict[str, Any]) -> PromptCheckpoint:
     )
 
 
-def _check_tensors(path: Path, state: dict[str, Any]) -> None:
-    """Every prompt entry is a finite tensor: NaN prompts would give NaN scores, and a
-    NaN compares as "normal" against any threshold."""
+def _check_backbone(path: Path, backbone: dict[str, Any]) -> None:
+    """The recorded identity: a name, a SHA-256 and an architecture, each of its type."""
+    for key, kind, expected in (
+        ("name", str, "a string"),
+        ("sha256", str, "a string"),
+        ("architecture", dict, "a dictionary"),
+    ):
+        value = backbone.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise ValueError(f"{path}: backbone.{key} must be {expected}, got {shown(value)}")
+    for key, value in (backbone.get("architecture") or {}).items():
+        if not isinstance(value, (str, int, float, type(None))):
+            raise ValueError(
+                f"{path}: backbone.architecture.{key} must be a number or a name, "
+                f"got {shown(value)}"
+            )
+
+
+def _check_tensors(path: Path, state: dict[Any, Any]) -> None:
+    """Every prompt entry is a named tensor, finite if floating-point: NaN prompts would give
+    NaN scores, and a NaN compares as "normal" against any threshold."""
+    if not state:
+        raise ValueError(f"{path}: prompt_learner is empty")
     for name, value in state.items():
+        if not isinstance(name, str):
+            raise ValueError(f"{path}: prompt_learner has a key {shown(name)}, not a name")
         if not isinstance(value, Tensor):
             raise ValueError(
                 f"{path}: prompt_learner.{name} is a {type(value).__name__}, not a tensor"
             )
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
-            raise ValueError(
-                f"{path}: prompt_learner.{name} holds {bad} non-finite values (NaN or inf); "
-                "the checkpoint is damaged"
-            )
+    refuse_non_finite(state, f"{path}: prompt_learner.")
+
+
+def _check_config_matches(path: Path, config: AnomalyCLIPConfig, shape: PromptShape) -> None:
+    """The recorded configuration agrees with the tensors (a model is built from it)."""
+    found = [
+        f"{name} {getattr(config, name)} in config, {getattr(shape, name)} in the tensors"
+        for name in ("n_ctx", "prompt_depth", "deep_prompt_length")
+        if getattr(config, name) != getattr(shape, name)
+    ]
+    if found:
+        raise ValueError(f"{path}: the configuration contradicts the prompts: {'; '.join(found)}")
 
 
 def config_for(checkpoint: PromptCheckpoint, base: AnomalyCLIPConfig) -> AnomalyCLIPConfig:
@@ -175,6 +207,15 @@ def apply_prompt_state(model: AnomalyCLIP, checkpoint: PromptCheckpoint) -> None
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         raise ValueError(f"{checkpoint.path}: missing {missing}, unexpected {unexpected}")
+    wrong = [
+        f"{name} {tuple(value.shape)} (expected {tuple(own[name].shape)})"
+        for name, value in state.items()
+        if value.shape != own[name].shape
+    ]
+    if wrong:
+        raise ValueError(
+            f"{checkpoint.path}: prompt tensors of the wrong shape: {', '.join(wrong)}"
+        )
     model.prompt_learner.load_state_dict(
         {k: v.to(own[k].dtype) for k, v in state.items()}, strict=True
     )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
+from string import Formatter
 from typing import Any, Literal, get_args
 
 from anomalyclip.postprocess import PostProcessor
@@ -13,6 +15,11 @@ from anomalyclip.preprocess import CLIP_MEAN, CLIP_STD, RESIZE_MODES, PreProcess
 logger = logging.getLogger(__name__)
 
 PAPER_FEATURES = (6, 12, 18, 24)
+# Four times the paper's 518 (16x its tokens, minutes per image on a CPU); a file asking for
+# more would only exhaust memory and time in attention (big images: tile them instead).
+MAX_IMAGE_SIZE = 2048
+# The Gaussian's kernel spans 8 sigma: beyond this it is wider than any map.
+MAX_SIGMA = MAX_IMAGE_SIZE / 8
 
 # Each choice list once: validation here and the CLI's ``choices`` read these.
 DpamMode = Literal["vv", "qq", "kk"]
@@ -75,8 +82,8 @@ class AnomalyCLIPConfig:
 
     def validate(self) -> None:
         problems = []
-        if self.image_size <= 0:
-            problems.append(f"image_size must be positive, got {self.image_size}")
+        if not 0 < self.image_size <= MAX_IMAGE_SIZE:
+            problems.append(f"image_size must be 1 to {MAX_IMAGE_SIZE}, got {self.image_size}")
         if not self.features or min(self.features) < 1:
             problems.append(f"features must be 1-based layer numbers, got {self.features}")
         if self.dpam_layers < 0:
@@ -96,10 +103,36 @@ class AnomalyCLIPConfig:
             problems.append(f"mean and std need 3 values, std > 0; got {self.mean}, {self.std}")
         if self.n_ctx < 1 or self.prompt_depth < 1 or self.deep_prompt_length < 0:
             problems.append("n_ctx and prompt_depth must be >= 1, deep_prompt_length >= 0")
-        if self.sigma < 0:
-            problems.append(f"sigma must be >= 0, got {self.sigma}")
+        if not 0 <= self.sigma <= MAX_SIGMA:
+            problems.append(f"sigma must be 0 to {MAX_SIGMA:g}, got {self.sigma}")
+        for name in ("normal_template", "abnormal_template"):
+            if not _is_template(getattr(self, name)):
+                problems.append(
+                    f"{name} may hold one {{}} for the object name and no other braces, "
+                    f"got {getattr(self, name)!r}"
+                )
+        if not self.temperature > 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        problems += self._non_finite()
         if problems:
             raise ValueError("invalid AnomalyCLIP configuration: " + "; ".join(problems))
+
+    def _non_finite(self) -> list[str]:
+        """Numbers that must be finite: a NaN threshold makes every verdict "normal", a
+        NaN mean or std every score NaN."""
+        values = {
+            "image_threshold": self.image_threshold,
+            "pixel_threshold": self.pixel_threshold,
+            "temperature": self.temperature,
+            "sigma": self.sigma,
+            "mean": self.mean,
+            "std": self.std,
+        }
+        return [
+            f"{name} must be finite, got {value}"
+            for name, value in values.items()
+            if value is not None and not all(math.isfinite(v) for v in _numbers(value))
+        ]
 
     @property
     def map_range(self) -> tuple[float, float]:
@@ -124,8 +157,10 @@ class AnomalyCLIPConfig:
     def from_dict(cls, data: dict[str, Any]) -> AnomalyCLIPConfig:
         """A configuration read from a file: every value's type is checked, so a damaged
         file gives one line naming the field instead of a traceback."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a configuration must be a dictionary, got a {type(data).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
+        unknown = sorted(map(str, set(data) - set(fields)))
         if unknown:
             logger.warning("ignoring unknown configuration keys: %s", ", ".join(unknown))
         values = {}
@@ -137,6 +172,30 @@ class AnomalyCLIPConfig:
     def replace(self, **changes: Any) -> AnomalyCLIPConfig:
         """A copy with ``changes``; None is a value (``image_threshold=None`` clears it)."""
         return dataclasses.replace(self, **changes)
+
+
+def _is_template(text: str) -> bool:
+    """At most one bare ``{}``: ``str.format`` fills it with the object name, and a field
+    like ``{0.__class__}`` or ``{name}`` would read attributes or fail."""
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in Formatter().parse(text) if f is not None]
+    except ValueError:
+        return False
+    return len(fields) <= 1 and all(f == "" and not spec and not conv for f, spec, conv in fields)
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A value as one short line for an error message: a tensor by its shape and dtype
+    (its repr spans lines), anything else by its repr, cut at ``limit`` characters."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and hasattr(value, "dtype"):
+        return f"a {type(value).__name__} of shape {tuple(shape)} ({value.dtype})"
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _numbers(value: float | tuple[float, ...]) -> tuple[float, ...]:
+    return value if isinstance(value, tuple) else (value,)
 
 
 def _default_of(spec: dataclasses.Field) -> Any:
@@ -163,11 +222,16 @@ def _checked(name: str, value: Any, default: Any) -> Any:
         ok, expected = number(value), "a number"
     elif isinstance(default, str):
         ok, expected = isinstance(value, str), "a string"
+    elif isinstance(default, tuple) and all(isinstance(item, int) for item in default):
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(item, int) and not isinstance(item, bool) for item in value
+        )
+        expected = "a list of integers"
     elif isinstance(default, tuple):
         ok = isinstance(value, (list, tuple)) and all(number(item) for item in value)
         expected = "a list of numbers"
     else:
         ok, expected = isinstance(value, dict), "a dictionary"
     if not ok:
-        raise ValueError(f"configuration field {name!r} must be {expected}, got {value!r}")
+        raise ValueError(f"configuration field {name!r} must be {expected}, got {shown(value)}")
     return value

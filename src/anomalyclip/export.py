@@ -78,9 +78,9 @@ def _metadata_suffix(model: AnomalyCLIP, object_name: str | None) -> bytes:
     entries = {
         "anomalyclip_format": FORMAT,
         "anomalyclip_format_version": str(FORMAT_VERSION),
-        "anomalyclip_config": json.dumps(model.config.to_dict(), default=str),
-        "anomalyclip_backbone": json.dumps(model.backbone.to_dict(), default=str),
-        "anomalyclip_postprocessor": json.dumps(model.postprocessor.to_dict()),
+        "anomalyclip_config": json.dumps(model.config.to_dict(), default=str, allow_nan=False),
+        "anomalyclip_backbone": json.dumps(model.backbone.to_dict(), default=str, allow_nan=False),
+        "anomalyclip_postprocessor": json.dumps(model.postprocessor.to_dict(), allow_nan=False),
         "anomalyclip_object_name": object_name or model.config.object_name,
     }
     proto = onnx.ModelProto()

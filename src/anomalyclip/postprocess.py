@@ -5,17 +5,29 @@ resolves each threshold as *given > calibrated > none*: an explicit value wins, 
 one calibration stored in the checkpoint, else there is no threshold and hence no verdict
 (image) or no mask (pixel). Inventing a threshold from the map's range would give a
 defect area of 100 % on one dataset and 0 % on the next, so none is invented.
+
+A NaN compares as False against any threshold, so a damaged model would answer "normal"
+for every image: a non-finite score, map or threshold is an error here, never a verdict.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
 ThresholdSource = Literal["given", "calibrated"]
+
+
+class NonFiniteScoreError(ValueError):
+    """A score or map holds NaN or infinity: the model or its inputs are damaged.
+
+    Raised wherever such a value is found instead of answering a verdict; importable from
+    :mod:`anomalyclip.predictor` too, where the scoring loop raises it.
+    """
 
 
 @dataclass(frozen=True)
@@ -35,9 +47,15 @@ class PostProcessor:
 
     def __post_init__(self) -> None:
         low, high = (float(v) for v in self.map_range)
-        if not low < high:
-            raise ValueError(f"map_range must be (low, high) with low < high, got {self.map_range}")
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(
+                f"map_range must be finite (low, high) with low < high, got {self.map_range}"
+            )
         object.__setattr__(self, "map_range", (low, high))
+        for name in ("image_threshold", "pixel_threshold"):
+            value = getattr(self, name)
+            if value is not None and math.isnan(value):
+                raise ValueError(f"{name} is NaN: no score can be compared with it")
 
     @classmethod
     def calibrated(
@@ -67,14 +85,25 @@ class PostProcessor:
         return dataclasses.replace(self, **changes)
 
     def verdict(self, score: float) -> bool | None:
-        """Anomalous when ``score >= image_threshold``; None without a threshold."""
+        """Anomalous when ``score >= image_threshold``; None without a threshold.
+
+        A non-finite score raises :class:`NonFiniteScoreError`, threshold or not.
+        """
+        if not math.isfinite(score):
+            raise NonFiniteScoreError(f"the anomaly score is {score}: no verdict can be given")
         return None if self.image_threshold is None else bool(score >= self.image_threshold)
 
     def mask(self, anomaly_map: np.ndarray) -> np.ndarray | None:
-        """Boolean defect mask ``map >= pixel_threshold``; None without a threshold."""
+        """Boolean defect mask ``map >= pixel_threshold``; None without a threshold.
+
+        A map holding NaN or infinity raises :class:`NonFiniteScoreError`.
+        """
         if self.pixel_threshold is None:
             return None
-        return np.asarray(anomaly_map) >= self.pixel_threshold
+        values = np.asarray(anomaly_map)
+        if not np.isfinite(values).all():
+            raise NonFiniteScoreError("the anomaly map holds NaN or infinite values: no mask")
+        return values >= self.pixel_threshold
 
     def defect_fraction(self, anomaly_map: np.ndarray) -> float | None:
         mask = self.mask(anomaly_map)

@@ -11,7 +11,8 @@ needs the whole set at once (its images score each other) sets ``scores_sets``; 
 then hands it every image in one call.
 
 The workflows (``inspect``, evaluation, calibration), the CLI and the service are written
-against this interface only.
+against this interface only. A score or map holding NaN or infinity is never a result: it
+raises :class:`NonFiniteScoreError` (a NaN compares as "normal" against any threshold).
 """
 
 from __future__ import annotations
@@ -26,10 +27,29 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anomalyclip.postprocess import PostProcessor
+from anomalyclip.postprocess import NonFiniteScoreError, PostProcessor
 from anomalyclip.preprocess import ImageLoadError, ImageSource, PreProcessor, describe, load_image
 
 ErrorPolicy = Literal["raise", "skip"]
+
+__all__ = [
+    "AnomalyPrediction",
+    "ErrorPolicy",
+    "NonFiniteScoreError",
+    "Predictor",
+    "SkippedImage",
+    "check_finite",
+]
+
+
+def check_finite(method: str, image: str, score: float, anomaly_map: np.ndarray) -> None:
+    """Raise :class:`NonFiniteScoreError` naming the method and the image if ``score`` or
+    ``anomaly_map`` holds NaN or infinity: damaged weights, never a verdict."""
+    if not math.isfinite(score) or not np.isfinite(anomaly_map).all():
+        raise NonFiniteScoreError(
+            f"{method} produced a non-finite score or map for {image}; the model's weights "
+            "(or a checkpoint's values) are damaged"
+        )
 
 
 @dataclass
@@ -57,6 +77,9 @@ class AnomalyPrediction:
     original_size: tuple[int, int]  # (width, height)
     preprocessor: PreProcessor | None = None
     postprocessor: PostProcessor = field(default_factory=PostProcessor)
+
+    def __post_init__(self) -> None:
+        check_finite("the model", self.source, self.score, self.anomaly_map)
 
     @property
     def threshold(self) -> float | None:
@@ -123,11 +146,7 @@ class Predictor(ABC):
         results = []
         for index, image in enumerate(images):
             score = float(scores[index])
-            if not math.isfinite(score) or not np.isfinite(maps[index]).all():
-                raise ValueError(
-                    f"{self.method} produced a non-finite score or map for image {index + 1} "
-                    "of the batch; the model's weights are damaged"
-                )
+            check_finite(self.method, f"image {index + 1} of the batch", score, maps[index])
             results.append(
                 AnomalyPrediction(
                     describe(image), score, maps[index], image.size, preprocessor, postprocessor

@@ -27,7 +27,12 @@ from anomalyclip.backbone.clip import CLIP, Activation
 from anomalyclip.backbone.layouts import LayoutError, detect_layout, to_openai_layout
 from anomalyclip.hub import is_registered_file, resolve_backbone
 from anomalyclip.utils.hashing import file_digest
-from anomalyclip.utils.safe_load import SafeLoadError, UnsafeFileError, safe_torch_load
+from anomalyclip.utils.safe_load import (
+    SafeLoadError,
+    UnsafeFileError,
+    refuse_non_finite,
+    safe_torch_load,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +77,7 @@ def load_clip(
     """
     path = resolve_weights_path(path_or_name)
     state_dict, config = read_weights(path, trust_torchscript=trust_torchscript)
+    refuse_non_finite(state_dict, f"{path}: ")
     try:
         converted, arch = to_openai_layout(
             state_dict,

@@ -41,7 +41,7 @@ from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import Predictor
 from anomalyclip.preprocess import ImageSource, PreProcessor, describe
 from anomalyclip.utils.atomic import atomic_open
-from anomalyclip.utils.safe_load import safe_torch_load
+from anomalyclip.utils.safe_load import refuse_non_finite, safe_torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,10 @@ class MuScWithReferences(Predictor):
             (int(key.split(",")[0]), int(key.split(",")[1])): value.float()
             for key, value in data["vectors"].items()
         }
+        # NaN vectors would make every score NaN, which reads as "normal"
+        refuse_non_finite(
+            {f"vectors.{d},{layer}": v for (d, layer), v in bank.items()}, f"{path}: "
+        )
         loaded = cls(musc, bank, data["sources"])
         differences = identity_differences(data["identity"], loaded.identity())
         if differences:

@@ -47,7 +47,7 @@ from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import Predictor
 from anomalyclip.preprocess import ImageSource, PreProcessor, describe, load_image
 from anomalyclip.utils.atomic import atomic_open
-from anomalyclip.utils.safe_load import safe_torch_load
+from anomalyclip.utils.safe_load import refuse_non_finite, safe_torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class ReferenceBank:
             raise ReferenceError(f"{path} is not a reference bank written by anomalyclip")
         if int(data.get("version", 0)) > BANK_VERSION:
             raise ReferenceError(f"{path} was written by a newer anomalyclip; upgrade it")
-        return cls(
+        bank = cls(
             {int(k): v for k, v in data["patches"].items()},
             (int(data["grid"][0]), int(data["grid"][1])),
             int(data["count"]),
@@ -142,6 +142,11 @@ class ReferenceBank:
             list(data["sources"]),
             str(data["digest"]),
         )
+        # NaN embeddings or scale would make every score NaN, which reads as "normal"
+        refuse_non_finite({f"patches.{k}": v for k, v in bank.patches.items()}, f"{path}: ")
+        if not math.isfinite(bank.reference_max):
+            raise ReferenceError(f"{path}: reference_max is {bank.reference_max}; it is damaged")
+        return bank
 
 
 def identity_differences(recorded: dict[str, Any], expected: dict[str, Any]) -> list[str]:

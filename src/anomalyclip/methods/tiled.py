@@ -33,7 +33,7 @@ from PIL import Image
 
 from anomalyclip.maps import upsample
 from anomalyclip.postprocess import PostProcessor
-from anomalyclip.predictor import AnomalyPrediction, Predictor
+from anomalyclip.predictor import AnomalyPrediction, Predictor, check_finite
 from anomalyclip.preprocess import PreProcessor, describe
 
 
@@ -151,11 +151,7 @@ class TiledPredictor(Predictor):
             own = [position for position, (owner, _) in enumerate(tiles) if owner == index]
             stitched = self._stitch(image.size, [tiles[p][1] for p in own], maps[own])
             score = float(scores[own].max())
-            if not math.isfinite(score) or not np.isfinite(stitched).all():
-                raise ValueError(
-                    f"{self.method} produced a non-finite score or map for image {index + 1} "
-                    "of the batch; the model's weights are damaged"
-                )
+            check_finite(self.method, f"image {index + 1} of the batch", score, stitched)
             results.append(
                 AnomalyPrediction(
                     describe(image),
