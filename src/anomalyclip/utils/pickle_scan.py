@@ -2,7 +2,7 @@
 
 ``torch.load(weights_only=True)`` refuses code but not cost: a thousand bytes of tuples
 that refer to each other through the memo (``a = (a, a)`` sixty times) unpickle into a
-tree of 2**60 nodes, and hashing one as a dict key runs for hours. This module replays
+tree of 2**60 nodes, and hashing one as a dict key would run for centuries. This module replays
 the opcodes on a stack of *node ids* instead of objects, so it sees the graph the pickle
 would build (who contains whom, shared references included) at the cost of a few list
 operations per opcode, and measures it before anything is unpickled:
@@ -14,7 +14,8 @@ operations per opcode, and measures it before anything is unpickled:
 - the pickle's size against the file's, for a compressed ``data.pkl`` (a zip bomb).
 
 The limits are far above anything ``torch.save`` writes for a model: the reference CLIP
-(398 tensors) is about 12,000 opcodes and 13,000 objects, 9 levels deep.
+(398 tensors) is 13,693 opcodes and 9,223 objects, 6 levels deep, scanned in about 20 ms;
+a training checkpoint with its optimiser state is 10 levels deep.
 """
 
 from __future__ import annotations
@@ -45,10 +46,6 @@ SCALAR_KINDS = frozenset(
 MUTATORS = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
 MARK = -1
 LEAF = 0
-
-
-class PickleLimitError(ValueError):
-    """A pickle that would cost far more to unpickle than any real checkpoint does."""
 
 
 @dataclass

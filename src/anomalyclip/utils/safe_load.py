@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from anomalyclip.utils.pickle_scan import PickleLimitError, scan_file
+from anomalyclip.utils.pickle_scan import scan_file
 
 
 class SafeLoadError(ValueError):
@@ -38,7 +38,7 @@ class UnreadableFileError(SafeLoadError):
     """The file is not a readable PyTorch file: empty, truncated, damaged or no pickle."""
 
 
-class OversizedPickleError(SafeLoadError, PickleLimitError):
+class OversizedPickleError(SafeLoadError):
     """The file's pickle would cost far more to unpickle than any real checkpoint."""
 
 
@@ -73,11 +73,6 @@ def safe_torch_load(path: str | os.PathLike[str], what: str) -> Any:
         raise UnreadableFileError(f"{path} is not a readable {what}: {detail}") from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise UnreadableFileError(f"{path} is not a readable {what}: {error}") from None
-
-
-def pickled_globals(path: str | os.PathLike[str]) -> list[str]:
-    """Names a pickle would import, beyond what ``weights_only`` accepts, sorted."""
-    return scan_file(path).globals
 
 
 def refuse_non_finite(tensors: Mapping[str, Any], where: str) -> None:
