@@ -195,12 +195,18 @@ def test_non_finite_stored_thresholds_are_refused(tmp_path, field, value):
         read_checkpoint(path)
 
 
-def test_non_finite_clip_weights_are_refused_naming_the_tensor(tmp_path):
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_non_finite_clip_weights_are_refused_naming_the_tensor(tmp_path, suffix):
+    from safetensors.torch import save_file
+
     state = tiny_clip().state_dict()
     state["visual.conv1.weight"].view(-1)[:2] = float("nan")
-    path = tmp_path / "clip.pt"
-    torch.save(state, path)
-    expected = r"clip.pt: visual\.conv1\.weight holds 2 non-finite values"
+    path = tmp_path / f"clip{suffix}"
+    if suffix == ".pt":
+        torch.save(state, path)
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    expected = rf"clip{suffix}: visual\.conv1\.weight holds 2 non-finite values"
     with pytest.raises(ValueError, match=expected):
         load_clip(path)
     with pytest.raises(ValueError, match=expected):
