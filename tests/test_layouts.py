@@ -22,8 +22,6 @@ from anomalyclip.backbone import loading
 from anomalyclip.backbone.clip import CLIP
 from anomalyclip.backbone.layouts import LayoutError, detect_layout, to_openai_layout
 from anomalyclip.backbone.loading import UntrustedFileError, WeightsError, load_clip
-from anomalyclip.hub import BACKBONES, RemoteFile
-from anomalyclip.utils.hashing import file_digest
 from tests.factories import tiny_clip
 
 WIDTH, HEADS, EMBED, PATCH, GRID, LAYERS, VOCAB, CONTEXT = 128, 2, 32, 8, 4, 2, 1000, 16
@@ -231,6 +229,7 @@ def test_hf_fixture_is_what_transformers_computes(source, expected):
     "name",
     [
         "openai.pt",
+        "torchscript.pt",
         "open_clip.safetensors",
         "open_clip_custom_text.pt",
         "hf_safetensors",
@@ -255,42 +254,17 @@ def test_hf_folder_is_split_into_shards(files):
     assert len(set(index["weight_map"].values())) > 1
 
 
-def test_torchscript_archive_refused_unless_trusted_or_registered(
-    files, expected, tmp_path, monkeypatch
-):
-    archive = files["torchscript.pt"]
-    monkeypatch.setenv("ANOMALYCLIP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("ANOMALYCLIP_REGISTRY", str(tmp_path / "registry.json"))
-    with pytest.raises(UntrustedFileError) as refusal:
-        load_clip(archive)
-    message = str(refusal.value)
-    assert str(archive) in message and file_digest(archive) in message
-    assert "TorchScript" in message and "trust_torchscript=True" in message
+def test_torchscript_archive_loads_as_data_without_trust(files, expected, monkeypatch):
+    """No trust flag and no TorchScript: the default backbone's format survives jit's removal."""
 
-    trusted = load_clip(archive, trust_torchscript=True)
-    assert {p.dtype for p in trusted.parameters()} == {torch.float32}
-    assert_same_features(trusted, expected)
+    def no_jit(*_args, **_kwargs):
+        raise AssertionError("torch.jit was asked to load the archive")
 
-    registered = RemoteFile("test", "https://h/t.pt", "t.pt", sha256=file_digest(archive))
-    monkeypatch.setitem(BACKBONES, "test", registered)
-    assert_same_features(load_clip(archive), expected)
-
-
-def test_torchscript_registration_is_asked_of_the_hub(files, expected, monkeypatch):
-    archive = files["torchscript.pt"]
-    asked = []
-    registered = {"answer": False}
-
-    def is_registered_file(path):
-        asked.append(Path(path))
-        return registered["answer"]
-
-    monkeypatch.setattr(loading, "is_registered_file", is_registered_file)
-    with pytest.raises(UntrustedFileError):
-        load_clip(archive)
-    registered["answer"] = True
-    assert_same_features(load_clip(archive), expected)
-    assert asked == [archive, archive]
+    monkeypatch.setattr(torch.jit, "load", no_jit)
+    model = load_clip(files["torchscript.pt"])
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert_same_features(model, expected)
+    assert_same_features(load_clip(files["torchscript.pt"], trust_torchscript=True), expected)
 
 
 def test_registered_name_resolves_through_the_hub(files, expected, tmp_path, monkeypatch):

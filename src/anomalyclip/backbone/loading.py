@@ -2,10 +2,10 @@
 
 Reads OpenAI's TorchScript archives and plain state dicts, safetensors files, Hugging
 Face ``CLIPModel`` folders and open_clip checkpoints. Pickles are only ever read with
-``torch.load(weights_only=True)``, so no file can run code by being loaded; TorchScript
-archives can, so they are opened only when their SHA-256 is that of a registered
-backbone or the caller says it trusts the file. Names and checksums come from
-:mod:`anomalyclip.hub`, the one registry.
+``torch.load(weights_only=True)``, and TorchScript archives as data
+(:mod:`~anomalyclip.backbone.torchscript_archive`: their tensors, never their code), so no
+file can run code by being loaded and none needs to be trusted first. Names and
+checksums come from :mod:`anomalyclip.hub`, the one registry.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import struct
-import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,8 +24,8 @@ from torch import Tensor
 
 from anomalyclip.backbone.clip import CLIP, Activation
 from anomalyclip.backbone.layouts import LayoutError, detect_layout, to_openai_layout
-from anomalyclip.hub import is_registered_file, resolve_backbone
-from anomalyclip.utils.hashing import file_digest
+from anomalyclip.backbone.torchscript_archive import read_torchscript_state_dict
+from anomalyclip.hub import resolve_backbone
 from anomalyclip.utils.safe_load import (
     SafeLoadError,
     UnsafeFileError,
@@ -74,9 +73,12 @@ def load_clip(
     Weights are float32 unless ``dtype`` asks otherwise (fp16/bf16 is for GPUs).
     ``activation``, ``vision_heads`` and ``text_heads`` override what neither the tensors
     nor a config tell: open_clip's own (non-OpenAI) models use ``activation="gelu"``.
+    ``trust_torchscript`` is deprecated and ignored: TorchScript archives are read as data.
     """
+    if trust_torchscript:
+        logger.info("trust_torchscript is no longer needed: TorchScript archives run no code")
     path = resolve_weights_path(path_or_name)
-    state_dict, config = read_weights(path, trust_torchscript=trust_torchscript)
+    state_dict, config = read_weights(path)
     refuse_non_finite(state_dict, f"{path}: ")
     try:
         converted, arch = to_openai_layout(
@@ -116,9 +118,7 @@ def resolve_weights_path(path_or_name: str | os.PathLike) -> Path:
     return resolve_backbone(str(path_or_name))
 
 
-def read_weights(
-    path: str | os.PathLike, *, trust_torchscript: bool = False
-) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
     """The state dict in a file or model folder, in its own layout, and its config if any."""
     path = Path(path)
     if path.is_dir():
@@ -127,7 +127,7 @@ def read_weights(
         raise FileNotFoundError(f"CLIP weights {path} not found")
     kind = sniff_file(path)
     if kind == "torchscript":
-        state_dict = _read_torchscript(path, trust_torchscript)
+        state_dict = _read_torchscript(path)
     elif kind == "safetensors":
         state_dict = _read_safetensors(path)
     else:
@@ -163,24 +163,14 @@ def sniff_file(path: Path) -> FileKind:
     raise WeightsError(f"{path} is not a recognised weights file ({detail}); expected: {FORMATS}")
 
 
-def _read_torchscript(path: Path, trust: bool) -> dict[str, Tensor]:
-    """Only a registered file or an explicitly trusted one: TorchScript can run code."""
-    if not trust and not is_registered_file(path):
-        raise UntrustedFileError(
-            f"refusing to load {path}: it is a TorchScript archive, which can run code when "
-            f"loaded, and its SHA-256 ({file_digest(path)}) is not that of a registered "
-            "backbone. If you trust its source, pass trust_torchscript=True "
-            "(--trust-torchscript on the command line)"
-        )
+def _read_torchscript(path: Path) -> dict[str, Tensor]:
+    """The archive's tensors, read as data: nothing in it is compiled or run."""
     try:
-        with warnings.catch_warnings():
-            # torch points users of jit.load to torch.export, which cannot read these files.
-            warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", DeprecationWarning)
-            module = torch.jit.load(str(path), map_location="cpu")
-    except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise WeightsError(f"{path} is a damaged TorchScript archive: {first_line}") from None
-    return dict(module.state_dict())
+        return read_torchscript_state_dict(path)
+    except UnsafeFileError as error:
+        raise UntrustedFileError(str(error)) from None
+    except SafeLoadError as error:
+        raise WeightsError(str(error)) from None
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:

@@ -2,9 +2,7 @@
 
 A name resolves to a verified cached file, downloaded when needed; an existing path is
 taken as it is, so every option that accepts a registered name accepts a file too. The
-other way round, a file is recognised as a registered backbone by its SHA-256: TorchScript
-archives can run code when loaded, and only registered ones are opened without the
-user's say-so.
+other way round, a file is recognised as a registered backbone by its SHA-256.
 """
 
 from __future__ import annotations
@@ -79,8 +77,8 @@ def download(name: str, progress: bool = True) -> Path:
 def registered_sha256_for(path: str | os.PathLike) -> str | None:
     """The name of the registered backbone whose SHA-256 this file has, else None.
 
-    TorchScript archives can run code when loaded; one is trusted when it is a registered
-    file. A cached copy verified earlier is recognised without hashing it again.
+    A cached copy is recognised as :func:`~anomalyclip.hub.cache.is_verified` checks it
+    (without hashing it again when it is a data-only file unchanged since its last check).
     """
     path = Path(path)
     backbones = known_backbones()
@@ -93,7 +91,7 @@ def registered_sha256_for(path: str | os.PathLike) -> str | None:
 
 
 def is_registered_file(path: str | os.PathLike) -> bool:
-    """Whether a file's SHA-256 is that of a registered backbone (the TorchScript gate)."""
+    """Whether a file's SHA-256 is that of a registered backbone."""
     return registered_sha256_for(path) is not None
 
 
