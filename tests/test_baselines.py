@@ -160,6 +160,7 @@ def test_cli_evaluates_a_baseline_preset_without_a_checkpoint(glass_sample, clip
         [
             "test",
             str(glass_sample),
+            "--allow-outside-paths",
             "--preset",
             "winclip",
             "--clip-weights",
@@ -194,6 +195,7 @@ def test_cli_single_layer_preset_uses_the_last_layer(glass_sample, clip_file, tm
             [
                 "test",
                 str(glass_sample),
+                "--allow-outside-paths",
                 "--checkpoint",
                 "none",
                 "--preset",
