@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import shutil
 import socket
 import threading
 import time
+import warnings
 from collections import namedtuple
 from pathlib import Path
 
@@ -21,10 +23,11 @@ import torch
 from PIL import Image
 
 from anomalyclip import hub
+from anomalyclip.backbone.loading import load_clip
 from anomalyclip.checkpoint import read_checkpoint, save_checkpoint
 from anomalyclip.cli import main
 from anomalyclip.config import AnomalyCLIPConfig
-from anomalyclip.hub import entries, transfer
+from anomalyclip.hub import cache, entries, transfer
 from anomalyclip.model import AnomalyCLIP
 from anomalyclip.utils import hashing
 from anomalyclip.utils.hashing import file_digest
@@ -159,6 +162,78 @@ def test_same_size_tampering_with_restored_mtime_is_still_detected(host):
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert not hub.is_verified(entry, path)
     assert hub.fetch(entry, progress=False).read_bytes() == PAYLOAD
+    assert len(Host.requests) == 2
+
+
+def tiny_torchscript(seed: int) -> bytes:
+    """A small TorchScript archive, as bytes: a format that could run code when loaded."""
+    torch.manual_seed(seed)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), buffer)
+    return buffer.getvalue()
+
+
+def forge(entry: hub.RemoteFile, content: bytes) -> Path:
+    """What an attacker with write access to the cache does: new bytes, and a marker
+    vouching for them exactly as the package would have written it."""
+    path = entry.cache_path()
+    path.write_bytes(content)
+    cache.remember_verified(entry, path)
+    return path
+
+
+def test_code_capable_cached_file_is_hashed_at_every_load_whatever_its_marker(
+    host, monkeypatch, capsys
+):
+    archive = tiny_torchscript(0)
+    Host.files["/clip.pt"] = archive
+    entry = hub.RemoteFile(
+        "scripted", f"{host}/clip.pt", "clip.pt", sha256=hashlib.sha256(archive).hexdigest()
+    )
+    monkeypatch.setitem(hub.BACKBONES, "scripted", entry)
+    path = hub.fetch(entry, progress=False)
+    hashed = []
+    monkeypatch.setattr(entries, "file_digest", lambda *a: hashed.append(a) or file_digest(*a))
+    assert hub.fetch(entry, progress=False) == path and len(hashed) == 1
+
+    forge(entry, tiny_torchscript(1))
+    assert not hub.is_verified(entry, path)
+    assert not Path(f"{path}.verified").exists()
+    forge(entry, tiny_torchscript(1))
+    assert main(["info"]) == 0
+    assert "| scripted | backbone | mismatch |" in capsys.readouterr().out
+
+    forge(entry, tiny_torchscript(1))
+    monkeypatch.setenv("ANOMALYCLIP_OFFLINE", "1")
+    with pytest.raises(hub.OfflineError, match="does not match its checksum"):
+        load_clip("scripted")
+    monkeypatch.delenv("ANOMALYCLIP_OFFLINE")
+    assert hub.fetch(entry, progress=False).read_bytes() == archive  # fetched again
+    assert len(Host.requests) == 2
+
+
+def test_forged_data_only_file_is_reported_by_info_verify(host, monkeypatch, capsys, caplog):
+    entry = sha256_entry(host)
+    monkeypatch.setitem(hub.BACKBONES, "demo", entry)
+    path = hub.fetch(entry, progress=False)
+    marker = json.loads(Path(f"{path}.verified").read_text())
+    stat = path.stat()
+    assert (marker["inode"], marker["device"], marker["size"]) == (
+        stat.st_ino,
+        stat.st_dev,
+        stat.st_size,
+    )
+    assert main(["info", "--verify"]) == 0
+    assert "| demo | backbone | ok |" in capsys.readouterr().out
+
+    forge(entry, b"\1" * len(PAYLOAD))
+    assert main(["info", "--verify", "--json"]) == 1
+    files = {f["name"]: f for f in json.loads(capsys.readouterr().out)["files"]}
+    assert files["demo"]["status"] == "mismatch"
+    assert "do not match their checksums: demo" in caplog.text
+    assert hub.fetch(entry, progress=False).read_bytes() == PAYLOAD  # the lie is forgotten
     assert len(Host.requests) == 2
 
 

@@ -35,9 +35,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "info",
         help="list registered weights, the cache and each file's checksum status",
         description="List every registered name, where its file is (or would be) cached and "
-        "whether that copy matches its checksum (ok, mismatch, partial, missing).",
+        "whether that copy matches its checksum (ok, mismatch, partial, missing). Files that "
+        "could run code (TorchScript, pickles of other objects) are hashed every time; "
+        "data-only files are taken as verified when unchanged since their last check.",
     )
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.add_argument(
+        "--verify",
+        action="store_true",
+        help="hash every cached file again, whatever its .verified marker says; exit 1 on "
+        "a mismatch",
+    )
     info.set_defaults(func=run_info)
 
 
@@ -86,7 +94,11 @@ def _hint_backbone(name: str) -> None:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    entries = hub.list_cached()
+    entries = hub.list_cached(verify=args.verify)
+    mismatched = [e.name for e in entries if e.status == "mismatch"]
+    if args.verify and mismatched:
+        logger.error("cached files that do not match their checksums: %s", ", ".join(mismatched))
+    code = 1 if args.verify and mismatched else 0
     checkpoints = hub.known_checkpoints()
     registry = hub.user_registry_path()
     if args.json:
@@ -94,6 +106,7 @@ def run_info(args: argparse.Namespace) -> int:
             "cache": str(hub.cache_dir()),
             "registry": str(registry),
             "offline": hub.offline(),
+            "verified_by_hashing": args.verify,
             "files": [
                 {
                     "name": e.name,
@@ -117,7 +130,7 @@ def run_info(args: argparse.Namespace) -> int:
             },
         }
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
-        return 0
+        return code
     lines = [
         f"cache: {hub.cache_dir()} (ANOMALYCLIP_CACHE)",
         f"registry file: {registry} ({'present' if registry.is_file() else 'none'};"
@@ -130,10 +143,15 @@ def run_info(args: argparse.Namespace) -> int:
     for entry in entries:
         size = f"{entry.size / 1e6:.1f} MB" if entry.size is not None else "-"
         lines.append(f"| {entry.name} | {entry.kind} | {entry.status} | {size} | {entry.path} |")
+    if not args.verify:
+        lines.append(
+            "ok: matches its checksum; data-only files as checked when they last changed "
+            "(--verify hashes every file again)"
+        )
     lines.append("")
     for name, checkpoint in checkpoints.items():
         settings = ", ".join(f"{k}={v}" for k, v in checkpoint.config.items() if k != "backbone")
         trained = f"trained on {checkpoint.trained_on}; " if checkpoint.trained_on else ""
         lines.append(f"{name}: {trained}backbone {checkpoint.backbone}; {settings}")
     sys.stdout.write("\n".join(lines) + "\n")
-    return 0
+    return code

@@ -1,14 +1,19 @@
 """The cache of registered files: verification remembered beside each file, and a listing.
 
 Files are content-addressed under :func:`~anomalyclip.hub.settings.cache_dir`. Hashing a
-multi-GB backbone on every run would cost seconds, so a successful check is recorded in a
-``.verified`` marker keyed by size and times, which any change to the file invalidates.
+multi-GB file on every run would cost seconds, so a successful check is recorded in a
+``.verified`` marker bound to the file's size, times, inode and device, which any change
+to the file invalidates. Whoever can write the cache can write a marker too, so a marker
+is believed only for data-only files (safetensors, weights-only pickles): a file whose
+format could run code (a TorchScript archive, a pickle of other objects) is hashed at
+every check, and ``verify=True`` (``anomalyclip info --verify``) hashes everything.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +22,7 @@ from anomalyclip.hub.entries import RemoteFile
 from anomalyclip.hub.registry import known_backbones, known_checkpoints
 from anomalyclip.hub.settings import cache_dir
 from anomalyclip.utils.atomic import atomic_write_json
+from anomalyclip.utils.pickle_scan import scan_file
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +44,31 @@ class CacheEntry:
 
 
 def _stamp(path: Path) -> dict[str, int]:
-    """What changes when a file's content can have changed (ctime cannot be set back)."""
+    """What changes when a file's content can have changed: ctime cannot be set back, and a
+    file renamed over the cached one has another inode."""
     stat = path.stat()
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
+    return {
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "ctime_ns": stat.st_ctime_ns,
+        "inode": stat.st_ino,
+        "device": stat.st_dev,
+    }
+
+
+def could_run_code(path: Path) -> bool:
+    """Whether a file's format could run code when loaded by the usual tools: a TorchScript
+    archive (``torch.jit.load`` compiles its code), or a pickle that imports more than
+    ``torch.load(weights_only=True)`` allows or is built to hang it. Read, never loaded."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                if any("/code/" in name for name in archive.namelist()):
+                    return True
+    except (OSError, zipfile.BadZipFile):
+        return True  # unreadable as a zip after looking like one: trust no marker
+    scan = scan_file(path)
+    return bool(scan.globals) or scan.problem is not None
 
 
 def _verified_marker(path: Path) -> Path:
@@ -55,23 +83,38 @@ def remember_verified(file: RemoteFile, path: Path) -> None:
         logger.debug("cannot record the verification of %s: %s", path, error)
 
 
-def is_verified(file: RemoteFile, path: Path) -> bool:
-    """Whether ``path`` holds ``file``; the result is remembered beside it, keyed by size
-    and times, so multi-GB files are hashed once rather than on every run."""
+def is_verified(file: RemoteFile, path: Path, *, verify: bool = False) -> bool:
+    """Whether ``path`` holds ``file``.
+
+    A data-only file's result is remembered beside it, bound to its size, times and inode,
+    so multi-GB files are hashed once rather than on every run; a file that could run
+    code, or any file when ``verify`` is set, is hashed whatever the marker says.
+    """
     if not path.is_file():
         return False
-    try:
-        if json.loads(_verified_marker(path).read_text()) == {
-            "checksum": file.checksum,
-            **_stamp(path),
-        }:
-            return True
-    except (OSError, ValueError):
-        pass
+    if not verify and _marker_matches(file, path) and not could_run_code(path):
+        return True
     if not file.matches(path):
+        _forget_verified(path)
         return False
     remember_verified(file, path)
     return True
+
+
+def _forget_verified(path: Path) -> None:
+    """Remove a marker that vouches for content the file no longer has."""
+    try:
+        _verified_marker(path).unlink(missing_ok=True)
+    except OSError as error:  # a read-only shared cache: the file is hashed again anyway
+        logger.debug("cannot remove the marker of %s: %s", path, error)
+
+
+def _marker_matches(file: RemoteFile, path: Path) -> bool:
+    try:
+        marker = json.loads(_verified_marker(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(marker == {"checksum": file.checksum, **_stamp(path)})
 
 
 def _registered_files() -> Iterable[tuple[str, RemoteFile]]:
@@ -82,9 +125,10 @@ def _registered_files() -> Iterable[tuple[str, RemoteFile]]:
             yield "checkpoint", info.file
 
 
-def list_cached() -> list[CacheEntry]:
+def list_cached(*, verify: bool = False) -> list[CacheEntry]:
     """Every registered file, where it is (or would be) cached and the state of that copy,
-    then files in the cache that no registered name claims."""
+    then files in the cache that no registered name claims. ``verify`` hashes every
+    cached copy again, believing no marker."""
     entries = []
     claimed = set()
     for kind, file in _registered_files():
@@ -92,7 +136,7 @@ def list_cached() -> list[CacheEntry]:
         claimed.add(path)
         partial = path.with_name(path.name + ".part")
         if path.is_file():
-            status = "ok" if is_verified(file, path) else "mismatch"
+            status = "ok" if is_verified(file, path, verify=verify) else "mismatch"
             size: int | None = path.stat().st_size
         elif partial.is_file():
             status, size = "partial", partial.stat().st_size
