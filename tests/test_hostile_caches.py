@@ -268,7 +268,7 @@ def test_an_unreadable_cache_entry_is_recomputed_saying_why(
     (warning,) = [r.getMessage() for r in caplog.records if r.name == "anomalyclip.feature_cache"]
     assert f"{entry} is not a readable feature cache entry: " in warning
     assert warning.endswith("; recomputing") and "()" not in warning
-    if garbage:
-        assert warning.split("entry: ", 1)[1].removesuffix("; recomputing").strip()
+    reason = warning.split("entry: ", 1)[1].removesuffix("; recomputing").strip()
+    assert reason == "the file is empty" if not garbage else reason
     assert again.stats.computed == 1
     assert torch.equal(got.global_embedding, expected.global_embedding)

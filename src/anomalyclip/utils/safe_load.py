@@ -71,8 +71,13 @@ def safe_torch_load(path: str | os.PathLike[str], what: str) -> Any:
                 f"({names}); only tensors and plain containers are accepted"
             ) from None
         raise UnreadableFileError(f"{path} is not a readable {what}: {detail}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise UnreadableFileError(f"{path} is not a readable {what}: {error}") from None
+    except EOFError:
+        size = path.stat().st_size if path.exists() else 0
+        detail = "the file is empty" if size == 0 else f"truncated (ends after {size} bytes)"
+        raise UnreadableFileError(f"{path} is not a readable {what}: {detail}") from None
+    except (RuntimeError, OSError, ValueError) as error:
+        detail = _first_line(error)
+        raise UnreadableFileError(f"{path} is not a readable {what}: {detail}") from None
 
 
 def refuse_non_finite(tensors: Mapping[str, Any], where: str) -> None:
