@@ -79,7 +79,6 @@ def load_clip(
         logger.info("trust_torchscript is no longer needed: TorchScript archives run no code")
     path = resolve_weights_path(path_or_name)
     state_dict, config = read_weights(path)
-    refuse_non_finite(state_dict, f"{path}: ")
     try:
         converted, arch = to_openai_layout(
             state_dict,
@@ -90,6 +89,8 @@ def load_clip(
         )
     except LayoutError as error:
         raise WeightsError(f"{path}: {error}") from None
+    # After conversion: open_clip's causal attn_mask holds -inf by design and is dropped.
+    refuse_non_finite(converted, f"{path}: ")
     logger.info(
         "loaded %s (%s layout, %d+%d layers, %s)",
         path,
