@@ -264,7 +264,7 @@ def test_torchscript_archive_loads_as_data_without_trust(files, expected, monkey
     model = load_clip(files["torchscript.pt"])
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert_same_features(model, expected)
-    assert_same_features(load_clip(files["torchscript.pt"], trust_torchscript=True), expected)
+    assert_same_features(load_clip(files["torchscript.pt"]), expected)
 
 
 def test_registered_name_resolves_through_the_hub(files, expected, tmp_path, monkeypatch):

@@ -41,7 +41,6 @@ def create_model(
     overrides: Mapping[str, Any] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-    trust_torchscript: bool = False,
     seed: int = 0,
 ) -> AnomalyCLIP:
     """Backbone, prompts and configuration in one call.
@@ -75,7 +74,7 @@ def create_model(
 
         recorded = _recorded_identity(prompts, config)
         path, identity = _resolve_backbone(recorded, clip_weights, prompts)
-        clip = load_clip(path, trust_torchscript=trust_torchscript)
+        clip = load_clip(path)
     identity = BackboneIdentity(identity.name, identity.sha256, clip.arch.to_dict())
     if changes.get("features") == LAST_LAYER:
         changes["features"] = (clip.visual.num_layers,)
@@ -96,7 +95,6 @@ def load_backbone(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-    trust_torchscript: bool = False,
 ) -> tuple[CLIP, BackboneIdentity]:
     """A backbone alone, for methods with no checkpoint (MuSc): the one resolution path.
 
@@ -110,7 +108,7 @@ def load_backbone(
         from anomalyclip.backbone.loading import load_clip
 
         path, identity = _resolve_backbone(BackboneIdentity(default), clip_weights, None)
-        clip = load_clip(path, device=device, dtype=dtype, trust_torchscript=trust_torchscript)
+        clip = load_clip(path, device=device, dtype=dtype)
     clip = clip.to(device=device, dtype=dtype) if dtype is not None else clip.to(device)
     return clip.eval(), BackboneIdentity(identity.name, identity.sha256, clip.arch.to_dict())
 

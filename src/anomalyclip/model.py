@@ -114,7 +114,6 @@ class AnomalyCLIP(nn.Module, Predictor):
         clip_weights: str | Path | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
-        trust_torchscript: bool = False,
         **overrides: Any,
     ) -> AnomalyCLIP:
         """Backbone and prompts from names or paths: :func:`anomalyclip.factory.create_model`.
@@ -131,7 +130,6 @@ class AnomalyCLIP(nn.Module, Predictor):
             clip_weights=clip_weights,
             device=device,
             dtype=dtype,
-            trust_torchscript=trust_torchscript,
             overrides=overrides,
         )
 

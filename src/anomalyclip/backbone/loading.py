@@ -63,7 +63,6 @@ def load_clip(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-    trust_torchscript: bool = False,
     activation: Activation | None = None,
     vision_heads: int | None = None,
     text_heads: int | None = None,
@@ -73,10 +72,8 @@ def load_clip(
     Weights are float32 unless ``dtype`` asks otherwise (fp16/bf16 is for GPUs).
     ``activation``, ``vision_heads`` and ``text_heads`` override what neither the tensors
     nor a config tell: open_clip's own (non-OpenAI) models use ``activation="gelu"``.
-    ``trust_torchscript`` is deprecated and ignored: TorchScript archives are read as data.
+    TorchScript archives (OpenAI's files) are read as data: no code in them runs.
     """
-    if trust_torchscript:
-        logger.info("trust_torchscript is no longer needed: TorchScript archives run no code")
     path = resolve_weights_path(path_or_name)
     state_dict, config = read_weights(path)
     try:

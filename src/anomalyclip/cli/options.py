@@ -162,7 +162,6 @@ def build_model(args: argparse.Namespace, seed: int = 0) -> AnomalyCLIP:
         preset=preset,
         overrides=model_overrides(args),
         device=args.device,
-        trust_torchscript=args.trust_torchscript,
         seed=seed,
     )
 
@@ -379,7 +378,6 @@ def build_method(args: argparse.Namespace, seed: int = 0) -> Predictor:
         args.clip_weights,
         overrides=overrides,
         device=args.device,
-        trust_torchscript=args.trust_torchscript,
     )
     # a set takes minutes on a CPU: the command shows a bar over its scoring, which the
     # library leaves off; commands without --no-progress show none

@@ -15,7 +15,7 @@ from anomalyclip.predictor import Predictor
 __all__ = ["METHODS", "MuSc", "MuScConfig", "create_musc", "create_predictor"]
 
 # Builders by the name ``--method`` takes; each is called as
-# builder(clip_weights, overrides=..., device=..., dtype=..., trust_torchscript=...).
+# builder(clip_weights, overrides=..., device=..., dtype=...).
 # AnomalyCLIP itself is built by anomalyclip.factory.create_model (it has a checkpoint).
 METHODS: dict[str, Callable[..., Predictor]] = {"musc": create_musc}
 

@@ -531,7 +531,6 @@ class MuSc(Predictor):
         config: MuScConfig | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
-        trust_torchscript: bool = False,
         **settings: Any,
     ) -> MuSc:
         """MuSc on a backbone found as ``create_model`` finds one (see :func:`create_musc`)."""
@@ -541,7 +540,6 @@ class MuSc(Predictor):
             overrides=settings,
             device=device,
             dtype=dtype,
-            trust_torchscript=trust_torchscript,
         )
 
     @property
@@ -745,7 +743,6 @@ def create_musc(
     overrides: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-    trust_torchscript: bool = False,
 ) -> MuSc:
     """MuSc in one call, as :func:`~anomalyclip.factory.create_model` builds AnomalyCLIP.
 
@@ -767,7 +764,6 @@ def create_musc(
         config.backbone,
         device=device,
         dtype=dtype,
-        trust_torchscript=trust_torchscript,
     )
     config = dataclasses.replace(config, **changes, backbone=identity.name)
     return MuSc(clip, config, identity)

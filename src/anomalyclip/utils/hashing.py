@@ -1,8 +1,8 @@
 """One way to hash a file, remembered while the file stays unchanged.
 
-The hub verifies multi-GB backbones against registered checksums, the backbone loader
-asks whether a TorchScript archive is a registered file, and the feature cache keys
-embeddings by each image's bytes. They share this helper and its memo, so a file hashed
+The hub verifies multi-GB backbones against registered checksums (and hashes a file that
+could run code at every check), and the feature cache keys embeddings by each image's
+bytes. They share this helper and its memo, so a file hashed
 for one of them is not read again for another in the same process.
 """
 
