@@ -19,7 +19,8 @@ from anomalyclip.backbone.loading import WeightsError, read_weights
 from anomalyclip.cli import main
 from anomalyclip.data import open_dataset
 from anomalyclip.feature_cache import FeatureCache
-from anomalyclip.training import TrainOptions, find_checkpoints, train
+from anomalyclip.training import TrainOptions, train
+from anomalyclip.training_checkpoints import find_checkpoints
 from anomalyclip.utils import atomic
 from tests.factories import shared_rows, write_manifest
 from tests.test_training import TINY_FLAGS, tiny_model
@@ -225,12 +226,14 @@ def test_resume_falls_back_from_a_damaged_last_checkpoint(glass_manifest, tmp_pa
     damage(run / "epoch_2.pt")
     damaged = (run / "epoch_2.pt").read_bytes()
 
-    with caplog.at_level(logging.WARNING, logger="anomalyclip.training"):
+    with caplog.at_level(logging.WARNING, logger="anomalyclip.training_checkpoints"):
         result = train(
             tiny_model(), dataset, run, TrainOptions(epochs=3), resume=True, progress=False
         )
     assert result.resumed_from == 1
-    (warning,) = [r.getMessage() for r in caplog.records if r.name == "anomalyclip.training"]
+    (warning,) = [
+        r.getMessage() for r in caplog.records if r.name == "anomalyclip.training_checkpoints"
+    ]
     assert str(run / "epoch_2.pt") in warning and f"resuming from {run / 'epoch_1.pt'}" in warning
     if damage is overwrite_inside_a_tensor:
         assert "checksum mismatch" in warning

@@ -52,6 +52,7 @@ LAYERS: dict[str, int] = {
     "anomalyclip.evaluation": 4,
     "anomalyclip.evaluation_tables": 4,
     "anomalyclip.training": 4,
+    "anomalyclip.training_checkpoints": 4,
     # 5 interfaces
     "anomalyclip.cli": 5,
     "anomalyclip.serving": 5,

@@ -20,13 +20,9 @@ of the whole batch's mean. Adam then takes the same step on every rank. Only ran
 writes checkpoints and logs; a resumed run reads the checkpoint on rank 0 and sends it
 to the others, so only rank 0's machine needs the output folder.
 
-Files in the output folder: ``epoch_<n>.pt`` after every epoch (a prompt checkpoint that
-``anomalyclip test --checkpoint`` and ``AnomalyCLIP.from_pretrained`` load, with the
-optimiser and RNG states and their checksum in its ``extra``), ``train_log.csv`` and
-``train_log.json``. A resume starts from the newest checkpoint that reads and matches its
-checksum; newer damaged ones are renamed ``epoch_<n>.pt.damaged``, never deleted. A write
-that fails (a full disk) stops the run in one error naming the file; the previous epoch's
-checkpoint stays complete, as every write is atomic.
+Files in the output folder: ``epoch_<n>.pt`` after every epoch, written, verified and
+chosen for a resume by :mod:`anomalyclip.training_checkpoints`; ``train_log.csv`` and
+``train_log.json``.
 """
 
 from __future__ import annotations
@@ -40,7 +36,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -52,24 +47,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anomalyclip import distributed
-from anomalyclip.checkpoint import (
-    PromptCheckpoint,
-    apply_prompt_state,
-    read_checkpoint,
-    save_checkpoint,
-)
+from anomalyclip.checkpoint import PromptCheckpoint, apply_prompt_state
 from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.data.core import AnomalyDataset, Sample
-from anomalyclip.feature_cache import FeatureCache, tensors_sha256
+from anomalyclip.feature_cache import FeatureCache
 from anomalyclip.losses import local_loss
 from anomalyclip.model import AnomalyCLIP, ImageEmbeddings
 from anomalyclip.preprocess import PreProcessor
-from anomalyclip.utils.atomic import WriteFailedError, atomic_write_json, atomic_write_text
+from anomalyclip.training_checkpoints import find_checkpoints, latest_intact, save_epoch
+from anomalyclip.utils.atomic import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 LOSSES = ("glocal", "global", "local")
-CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d+)\.pt$")
 LOG_FIELDS = ("epoch", "loss", "image_loss", "local_loss", "seconds", "images_encoded")
 
 
@@ -238,16 +228,6 @@ class MaskStore:
         return mask.float()
 
 
-def find_checkpoints(output_dir: Path) -> dict[int, Path]:
-    found = {}
-    if output_dir.is_dir():
-        for path in output_dir.iterdir():
-            match = CHECKPOINT_PATTERN.match(path.name)
-            if match:
-                found[int(match.group(1))] = path
-    return dict(sorted(found.items()))
-
-
 def _differences(
     recorded: dict[str, Any], current: dict[str, Any], ignore: Sequence[str] = ()
 ) -> list[str]:
@@ -346,72 +326,6 @@ def _resume(
     optimizer.load_state_dict(extra["optimizer"])
     torch.set_rng_state(extra["rng"]["torch"])
     return [EpochLog(**entry) for entry in extra.get("history", [])]
-
-
-def state_checksum(prompt_state: dict[str, Tensor], extra: dict[str, Any]) -> str:
-    """SHA-256 over what a resume loads (prompts, optimiser, RNG): bytes that changed on
-    disk but still unpickle would otherwise continue the run from garbage."""
-    named = _named_tensors({k: v.detach().float() for k, v in prompt_state.items()}, "prompts")
-    named += _named_tensors(extra.get("optimizer"), "optimizer")
-    named += _named_tensors(extra.get("rng"), "rng")
-    return tensors_sha256(sorted(named, key=lambda item: item[0]))
-
-
-def _named_tensors(value: Any, name: str) -> list[tuple[str, Tensor]]:
-    if isinstance(value, Tensor):
-        return [(name, value)]
-    if isinstance(value, dict):
-        items: list[tuple[Any, Any]] = list(value.items())
-    elif isinstance(value, (list, tuple)):
-        items = list(enumerate(value))
-    else:
-        return []
-    return [pair for key, item in items for pair in _named_tensors(item, f"{name}.{key}")]
-
-
-def latest_intact(checkpoints: dict[int, Path]) -> tuple[int, PromptCheckpoint] | None:
-    """The newest checkpoint that reads and matches its checksum, with its epoch.
-
-    A newer damaged one (a disk error, bytes overwritten) is set aside, renamed to
-    ``epoch_<n>.pt.damaged`` and never deleted, with a warning naming both files; the
-    run then resumes from the previous complete epoch, as a user would ask for anyway.
-    None when there are no checkpoints; an error when none of them is intact.
-    """
-    damaged: list[tuple[Path, str]] = []
-    for epoch in sorted(checkpoints, reverse=True):
-        path = checkpoints[epoch]
-        try:
-            checkpoint = read_checkpoint(path)
-        except ValueError as error:  # unreadable, truncated, refused or malformed
-            damaged.append((path, str(error)))
-            continue
-        recorded = checkpoint.extra.get("checksum")
-        if recorded is not None and recorded != state_checksum(
-            checkpoint.prompt_state, checkpoint.extra
-        ):
-            damaged.append((path, f"{path}: checksum mismatch (its bytes changed on disk)"))
-            continue
-        for bad, reason in damaged:
-            kept = _set_aside(bad)
-            logger.warning("%s; resuming from %s instead (kept as %s)", reason, path, kept.name)
-        return epoch, checkpoint
-    if damaged:
-        raise ValueError(
-            f"cannot resume: no checkpoint in {damaged[0][0].parent} is intact "
-            f"({damaged[0][1]}); move them away to start again"
-        )
-    return None
-
-
-def _set_aside(path: Path) -> Path:
-    """Rename a damaged checkpoint so that no resume reads it and no epoch overwrites it."""
-    for number in range(1, 10_000):
-        suffix = ".damaged" if number == 1 else f".damaged-{number}"
-        target = path.with_name(path.name + suffix)
-        if not target.exists():
-            path.rename(target)
-            return target
-    raise FileExistsError(f"too many damaged copies of {path} beside it")
 
 
 class _PromptGradients(nn.Module):
@@ -646,7 +560,6 @@ def train(
 
     def save(epoch: int) -> Path:
         """Rank 0 writes the epoch's checkpoint and logs; a failed write stops every rank."""
-        path = output_dir / f"epoch_{epoch}.pt"
         extra = {
             "epoch": epoch,
             "options": options.to_dict(),
@@ -655,21 +568,14 @@ def train(
             "rng": {"torch": torch.get_rng_state()},
             "history": [e.to_dict() for e in history],
         }
-        extra["checksum"] = state_checksum(model.prompt_learner.state_dict(), extra)
-        complete = result.checkpoint
-        try:
-            save_checkpoint(path, model, extra=extra)
-            complete = path
-            write_logs(output_dir, history, header)
-        except WriteFailedError as error:
-            kept = f"the last complete checkpoint is {complete}" if complete else "none is kept"
-            raise WriteFailedError(
-                error.filename,
-                f"{error.reason}; training stopped after epoch {epoch}, {kept} (make room, "
-                "then run again with --resume)",
-                error.errno,
-            ) from None
-        return path
+        return save_epoch(
+            model,
+            output_dir,
+            epoch,
+            extra,
+            result.checkpoint,
+            functools.partial(write_logs, output_dir, history, header),
+        )
 
     try:
         for epoch in range(start_epoch, options.epochs + 1):
