@@ -34,12 +34,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from anomalyclip.utils.pickle_scan import scan_file
 from anomalyclip.utils.safe_load import (
-    OversizedPickleError,
     SafeLoadError,
     UnreadableFileError,
     UnsafeFileError,
+    scanned_within_bounds,
 )
 
 # The element types TorchScript names its storages by.
@@ -107,12 +106,7 @@ def read_torchscript_state_dict(path: str | os.PathLike[str]) -> dict[str, Tenso
     and :class:`UnreadableFileError` for a damaged or unexpected archive.
     """
     path = Path(path)
-    scan = scan_file(path)
-    if scan.problem is not None:
-        raise OversizedPickleError(
-            f"refusing to load {path}: {scan.problem}, far beyond any real TorchScript "
-            "archive; the file is damaged or built to hang the loader"
-        )
+    scanned_within_bounds(path, "TorchScript archive")
     try:
         with zipfile.ZipFile(path) as archive:
             prefix = _record_prefix(archive, path)

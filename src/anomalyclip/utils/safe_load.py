@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from anomalyclip.utils.pickle_scan import scan_file
+from anomalyclip.utils.pickle_scan import PickleScan, scan_file
 
 
 class SafeLoadError(ValueError):
@@ -46,18 +46,25 @@ class NonFiniteTensorError(SafeLoadError):
     """A loaded tensor holds NaN or infinity; the message names the file and the tensor."""
 
 
-def safe_torch_load(path: str | os.PathLike[str], what: str) -> Any:
-    """The object in a ``torch.save`` file, on the CPU, or a :class:`SafeLoadError`.
-
-    ``what`` names the kind of file in messages ("PyTorch checkpoint", "PyTorch file").
-    """
-    path = Path(path)
+def scanned_within_bounds(path: Path, what: str) -> PickleScan:
+    """The opcode scan of every pickle in ``path``, or :class:`OversizedPickleError` when it
+    would build more than any real ``what`` does (the loader would hang or exhaust memory)."""
     scan = scan_file(path)
     if scan.problem is not None:
         raise OversizedPickleError(
             f"refusing to load {path}: {scan.problem}, far beyond any real {what}; "
             "the file is damaged or built to hang the loader"
         )
+    return scan
+
+
+def safe_torch_load(path: str | os.PathLike[str], what: str) -> Any:
+    """The object in a ``torch.save`` file, on the CPU, or a :class:`SafeLoadError`.
+
+    ``what`` names the kind of file in messages ("PyTorch checkpoint", "PyTorch file").
+    """
+    path = Path(path)
+    scan = scanned_within_bounds(path, what)
     if scan.unreadable is not None:
         raise UnreadableFileError(f"{path} is not a readable {what}: {scan.unreadable}")
     try:
