@@ -187,7 +187,10 @@ def test_batch_over_the_file_limit_is_refused(client):
     files = [("files", (f"{i}.png", noise_png(16, 16), "image/png")) for i in range(5)]
     response = client.post("/v1/predict/batch", files=files)
     assert response.status_code == 413
-    assert response.json()["detail"] == "5 files in one batch; the limit is 4"
+    assert response.json()["detail"] == (
+        "5 or more files in one request; the limit is 4 (refused at part 5 without reading "
+        "the rest)"
+    )
 
 
 def test_concurrent_requests_each_get_their_own_result(client):
@@ -449,36 +452,49 @@ def test_invalid_settings_are_refused():
 # the command ---------------------------------------------------------------------------
 
 
-def test_serve_command_builds_the_app_and_runs_uvicorn(monkeypatch, model):
+def capture_server(monkeypatch, calls: dict) -> None:
     import uvicorn
 
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.update(app=app, **kwargs))
+
+
+def test_serve_command_builds_the_app_and_runs_uvicorn(monkeypatch, model):
     import anomalyclip.cli.serve as serve
 
-    calls = {}
+    calls: dict = {}
     monkeypatch.setattr(serve, "build_predictor", lambda args: model)
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.update(app=app, **kwargs))
+    capture_server(monkeypatch, calls)
     args = build_parser().parse_args(
         ["serve", "--checkpoint", "prompts.pt", "--clip-weights", "clip.pt", "--port", "8123"]
         + ["--max-upload-mb", "2", "--max-megapixels", "1.5", "--image-threshold", "0.4"]
+        + ["--max-connections", "100", "--header-timeout", "3", "--body-timeout", "4"]
+        + ["--max-inflight-mb", "64", "--max-group-images", "2", "--max-concurrent", "8"]
     )
     assert args.host == "127.0.0.1"
     assert args.func(args) == 0
     assert (calls["host"], calls["port"]) == ("127.0.0.1", 8123)
     settings = calls["app"].state.settings
+    assert calls["timeout_keep_alive"] == 5
+    assert calls["http"].header_timeout_s == 3.0 and calls["http"].max_connections == 100
     assert settings.max_upload_bytes == 2 * 1024 * 1024
     assert settings.max_pixels == 1_500_000
     assert settings.image_threshold == 0.4
+    assert (settings.max_connections, settings.header_timeout_s, settings.body_timeout_s) == (
+        100,
+        3.0,
+        4.0,
+    )
+    assert settings.max_inflight_bytes == 64 * 1024 * 1024
+    assert (settings.max_group_images, settings.max_concurrent_requests) == (2, 8)
     with TestClient(calls["app"]) as test_client:
         assert test_client.get("/v1/model").json()["image_threshold"] == 0.4
 
 
 def test_serve_warns_when_listening_beyond_this_machine(monkeypatch, model, caplog):
-    import uvicorn
-
     import anomalyclip.cli.serve as serve
 
     monkeypatch.setattr(serve, "build_predictor", lambda args: model)
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
+    capture_server(monkeypatch, {})
     for host, warned in (("0.0.0.0", True), ("::1", False), ("localhost", False)):
         caplog.clear()
         args = build_parser().parse_args(["serve", "--host", host])

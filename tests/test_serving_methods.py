@@ -136,7 +136,10 @@ def test_set_limits_on_count_and_total_pixels():
     with TestClient(create_app(MeanDistanceSet(), settings)) as client:
         many = client.post("/v1/predict/set", files=set_files([noise_png(8, 8)] * 4))
         assert many.status_code == 413
-        assert many.json()["detail"] == "4 images in one set; the limit is 3"
+        assert many.json()["detail"] == (
+            "4 or more files in one request; the limit is 3 (refused at part 4 without "
+            "reading the rest)"
+        )
         large = client.post("/v1/predict/set", files=set_files([noise_png(50, 40)] * 3))
         assert large.status_code == 413
         assert large.json()["detail"] == (

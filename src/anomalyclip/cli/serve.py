@@ -64,6 +64,59 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     service.add_argument(
         "--max-pending", type=int, default=32, help="requests allowed to wait (then 503)"
     )
+    connections = parser.add_argument_group(
+        "connections",
+        "bounds on what slow or hostile clients can hold; the defaults fit `ulimit -n 1024`",
+    )
+    connections.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        help="open sockets at once; a connection beyond is answered 503 and closed",
+    )
+    connections.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=64,
+        help="requests handled at once (then 503)",
+    )
+    connections.add_argument(
+        "--max-inflight-mb",
+        type=float,
+        default=512.0,
+        help="upload bytes all requests may hold together (then 503; one request always fits)",
+    )
+    connections.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client has to send its request headers (then 408, closed)",
+    )
+    connections.add_argument(
+        "--body-timeout",
+        type=float,
+        default=15.0,
+        help="seconds the body may stall between two pieces (then 408, closed)",
+    )
+    connections.add_argument(
+        "--body-deadline",
+        type=float,
+        default=120.0,
+        help="seconds the whole body may take (then 408, closed)",
+    )
+    connections.add_argument(
+        "--keep-alive",
+        type=float,
+        default=5.0,
+        help="seconds an idle kept-alive connection stays open",
+    )
+    service.add_argument(
+        "--max-group-images",
+        type=int,
+        default=4,
+        help="images scored in one call; a request that times out or whose client leaves "
+        "stops between groups",
+    )
     service.add_argument(
         "--image-threshold",
         type=float,
@@ -87,6 +140,14 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
         max_batch_size=args.max_batch,
         request_timeout_s=args.timeout,
         max_pending=args.max_pending,
+        max_inflight_bytes=int(args.max_inflight_mb * 1024 * 1024),
+        max_group_images=args.max_group_images,
+        max_connections=args.max_connections,
+        max_concurrent_requests=args.max_concurrent,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        body_deadline_s=args.body_deadline,
+        keep_alive_s=args.keep_alive,
         image_threshold=args.image_threshold,
         pixel_threshold=args.pixel_threshold,
     )
@@ -118,9 +179,8 @@ def is_loopback(host: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
-
         from anomalyclip.serving import create_app
+        from anomalyclip.serving.connections import run_server
     except ImportError as error:
         raise RuntimeError(
             f"anomalyclip serve needs the 'serve' extra ({error}): pip install 'anomalyclip[serve]'"
@@ -135,5 +195,5 @@ def run(args: argparse.Namespace) -> int:
             args.host,
         )
     logger.info("serving on http://%s:%d (API description at /docs)", args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    run_server(app, settings, args.host, args.port, args.log_level)
     return 0

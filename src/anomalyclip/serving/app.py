@@ -21,14 +21,13 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from fastapi.responses import Response
 
 import anomalyclip
 from anomalyclip.methods.references import ReferenceError
 from anomalyclip.postprocess import PostProcessor
-from anomalyclip.predictor import Predictor
+from anomalyclip.predictor import NonFiniteScoreError, Predictor
+from anomalyclip.serving.guards import RequestGuard, UploadRoute, error_response
 from anomalyclip.serving.rendering import Rendered
 from anomalyclip.serving.schemas import (
     ERROR_RESPONSES,
@@ -54,7 +53,13 @@ from anomalyclip.serving.uploads import (
     check_set,
     display_name,
 )
-from anomalyclip.serving.worker import InferenceTimeout, InferenceWorker, Outcome, ServiceBusy
+from anomalyclip.serving.worker import (
+    ClientGone,
+    InferenceTimeout,
+    InferenceWorker,
+    Outcome,
+    ServiceBusy,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,58 +87,14 @@ def upload_status(error: UploadError) -> int:
     return UPLOAD_STATUS.get(type(error), 422)
 
 
-class UploadGuard:
-    """Refuses oversized bodies before they are read, and non-multipart uploads.
+def left(request: Request) -> Callable[[], Awaitable[object]]:
+    """What returns once the client has closed its connection (its body already read)."""
 
-    A declared Content-Length over the limit is answered 413 at once; a chunked body is
-    counted as it arrives and cut off when it passes the limit.
-    """
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
-    def __init__(self, app: ASGIApp, limits: dict[str, int], default_limit: int) -> None:
-        self.app = app
-        self.limits = limits
-        self.default_limit = default_limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        limit = self.limits.get(path, self.default_limit)
-        headers = Headers(scope=scope)
-        declared = headers.get("content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                await error_response(400, "invalid Content-Length header")(scope, receive, send)
-                return
-            if int(declared) > limit:
-                message = f"request body of {int(declared):,} bytes exceeds the limit of {limit:,}"
-                await error_response(413, message)(scope, receive, send)
-                return
-        if path in self.limits:
-            content_type = headers.get("content-type", "")
-            if not content_type.lower().startswith("multipart/form-data"):
-                message = (
-                    f"send images as multipart/form-data (got {content_type or 'no content type'})"
-                )
-                await error_response(415, message)(scope, receive, send)
-                return
-        received = 0
-
-        async def counted_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise HTTPException(413, f"request body exceeds the limit of {limit:,} bytes")
-            return message
-
-        await self.app(scope, counted_receive, send)
-
-
-def error_response(status: int, detail: str, headers: dict[str, str] | None = None) -> Response:
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+    return wait
 
 
 def load_static() -> dict[str, bytes]:
@@ -167,7 +128,8 @@ def model_info(
         method=name,
         methods=methods,
         scores_sets=predictor.scores_sets,
-        backbone=method_settings.get("backbone") or identity.get("name"),
+        backbone=sanitised(method_settings.get("backbone") or identity.get("name")),
+        backbone_sha256=identity.get("sha256"),
         image_size=description["image_size"],
         features=None if features is None else [int(layer) for layer in features],
         image_threshold=post.image_threshold,
@@ -228,14 +190,16 @@ def create_app(
     app.state.reference_sets = reference_sets
     per_file = settings.max_upload_bytes + MULTIPART_SLACK_BYTES
     app.add_middleware(
-        UploadGuard,
-        limits={
-            "/v1/predict": per_file,
-            "/v1/predict/batch": per_file * settings.max_batch_size,
-            "/v1/predict/set": per_file * settings.max_set_size,
-            "/v1/references": per_file * settings.max_set_size,
+        RequestGuard,
+        settings=settings,
+        routes={
+            "/v1/predict": UploadRoute(per_file, 1),
+            "/v1/predict/batch": UploadRoute(
+                per_file * settings.max_batch_size, settings.max_batch_size
+            ),
+            "/v1/predict/set": UploadRoute(per_file * settings.max_set_size, settings.max_set_size),
+            "/v1/references": UploadRoute(per_file * settings.max_set_size, settings.max_set_size),
         },
-        default_limit=MULTIPART_SLACK_BYTES,
     )
 
     @app.exception_handler(RequestValidationError)
@@ -257,6 +221,15 @@ def create_app(
     @app.exception_handler(InferenceTimeout)
     async def timed_out(_: Request, error: InferenceTimeout) -> Response:
         return error_response(504, str(error))
+
+    @app.exception_handler(NonFiniteScoreError)
+    async def no_verdict(_: Request, error: NonFiniteScoreError) -> Response:
+        logger.error("%s", error)
+        return error_response(500, f"{error}; no verdict given")
+
+    @app.exception_handler(ClientGone)
+    async def client_left(_: Request, error: ClientGone) -> Response:
+        return error_response(499, str(error))  # nobody reads it: the connection is closed
 
     @app.exception_handler(ReferenceError)
     async def unusable_references(_: Request, error: ReferenceError) -> Response:
@@ -295,6 +268,7 @@ def create_app(
         )
 
     async def analyse(
+        request: Request,
         name: str,
         predictor: Predictor,
         uploads: list[Upload],
@@ -306,7 +280,7 @@ def create_app(
         started = time.perf_counter()
         size = sum(len(upload.data) for upload in uploads)
         outcomes: list[Outcome] = await worker.run(
-            worker.analyse, predictor, uploads, post, as_set, size=size
+            worker.analyse, predictor, uploads, post, as_set, size=size, gone=left(request)
         )
         logger.debug(
             "%s: %d image(s) in %.0f ms", name, len(uploads), 1e3 * (time.perf_counter() - started)
@@ -351,8 +325,10 @@ def create_app(
     references_query = Query(
         None, description="score against a reference set uploaded to /v1/references"
     )
-    threshold_query = Query(None, description="image threshold (default: the method's)")
-    pixel_query = Query(None, description="mask threshold, in the map's units")
+    threshold_query = Query(
+        None, allow_inf_nan=False, description="image threshold (default: the method's)"
+    )
+    pixel_query = Query(None, allow_inf_nan=False, description="mask threshold, in the map's units")
 
     @app.post(
         "/v1/predict",
@@ -364,6 +340,7 @@ def create_app(
         summary="Score one image",
     )
     async def predict(
+        request: Request,
         file: UploadFile = File(..., description="the image: PNG, JPEG, BMP, TIFF or WebP"),
         output_format: Literal["json", "png"] = Query(
             "json", alias="format", description="png returns the part asked for as the body"
@@ -383,7 +360,7 @@ def create_app(
             )
         upload = await accept_upload(file, settings)
         (outcome,) = await analyse(
-            name, predictor, [upload], threshold, pixel_threshold, as_set=False
+            request, name, predictor, [upload], threshold, pixel_threshold, as_set=False
         )
         if isinstance(outcome, UploadError):
             raise outcome
@@ -415,6 +392,7 @@ def create_app(
         summary="Score several images, each on its own; a bad file fails alone",
     )
     async def predict_batch(
+        request: Request,
         files: list[UploadFile] = File(..., description="the images"),
         method: str | None = method_query,
         references: str | None = references_query,
@@ -422,7 +400,9 @@ def create_app(
         pixel_threshold: float | None = pixel_query,
     ) -> BatchResult:
         check_batch_size(len(files), settings)
-        return await score_all(files, method, references, threshold, pixel_threshold, False)
+        return await score_all(
+            request, files, method, references, threshold, pixel_threshold, False
+        )
 
     @app.post(
         "/v1/predict/set",
@@ -431,15 +411,17 @@ def create_app(
         summary="Score a set of images together (MuSc: they score each other)",
     )
     async def predict_set(
+        request: Request,
         files: list[UploadFile] = File(..., description="the images of one set"),
         method: str | None = method_query,
         references: str | None = references_query,
         threshold: float | None = threshold_query,
         pixel_threshold: float | None = pixel_query,
     ) -> BatchResult:
-        return await score_all(files, method, references, threshold, pixel_threshold, True)
+        return await score_all(request, files, method, references, threshold, pixel_threshold, True)
 
     async def score_all(
+        request: Request,
         files: list[UploadFile],
         method: str | None,
         references: str | None,
@@ -455,7 +437,9 @@ def create_app(
         together = as_set or predictor.scores_sets
         if together:
             check_set(uploads, settings)
-        outcomes = await analyse(name, predictor, uploads, threshold, pixel_threshold, together)
+        outcomes = await analyse(
+            request, name, predictor, uploads, threshold, pixel_threshold, together
+        )
         return merged(slots, outcomes)
 
     @app.post(
@@ -465,6 +449,7 @@ def create_app(
         summary="Keep known-good images to score later images against (few-shot)",
     )
     async def upload_references(
+        request: Request,
         files: list[UploadFile] = File(..., description="known-good images, 1 to 16 typically"),
         method: str | None = method_query,
     ) -> ReferenceSet:
@@ -477,7 +462,7 @@ def create_app(
             digest.update(hashlib.sha256(upload.data).digest())
         size = sum(len(upload.data) for upload in uploads)
         few_shot, failures = await worker.run(
-            worker.build_references, predictor, uploads, size=size
+            worker.build_references, predictor, uploads, size=size, gone=left(request)
         )
         identifier = digest.hexdigest()[:16]
         reference_sets[identifier] = (name, few_shot)

@@ -7,6 +7,7 @@ is then null rather than invented, so a client can tell "normal" from "not decid
 from __future__ import annotations
 
 import math
+from pathlib import PurePath
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -85,7 +86,8 @@ class ModelInfo(BaseModel):
     with the thresholds in force and the service's limits.
 
     ``backbone``, ``features`` and ``architecture`` are read from the method's settings
-    where it records them (AnomalyCLIP, in torch or ONNX, does), else null.
+    where it records them (AnomalyCLIP, in torch or ONNX, does), else null. No field holds
+    a path on the server: files are named by base name, and the backbone by its checksum.
     """
 
     method: str
@@ -95,7 +97,8 @@ class ModelInfo(BaseModel):
     scores_sets: bool = Field(
         description="the method's images score each other: send them together to /v1/predict/set"
     )
-    backbone: str | None
+    backbone: str | None = Field(description="the backbone's name (a file's base name, no path)")
+    backbone_sha256: str | None = Field(description="checksum of the backbone's weights")
     image_size: int
     features: list[int] | None
     image_threshold: float | None
@@ -135,14 +138,39 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+FILE_SUFFIXES = {
+    ".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".onnx", ".json", ".yaml", ".csv",
+    ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp",
+}  # fmt: skip
+
+
+def without_path(text: str) -> str:
+    """A file's base name in place of its path on the server; other text unchanged.
+
+    Absolute and home paths always count as paths; relative ones when they name a file
+    of a kind the project reads ("refs/good.png"), so that names with a slash, such as
+    "ViT-L/14@336px", are left alone.
+    """
+    unified = text.strip().replace("\\", "/")
+    absolute = unified.startswith(("/", "~")) or (len(unified) > 2 and unified[1:3] == ":/")
+    relative_file = "/" in unified and PurePath(unified).suffix.lower() in FILE_SUFFIXES
+    if not (absolute or relative_file):
+        return text
+    return unified.rstrip("/").rsplit("/", 1)[-1] or "(a folder)"
+
+
 def sanitised(data: Any) -> Any:
-    """JSON-safe settings: non-finite floats become None, keys strings, tuples lists.
+    """JSON-safe settings for any client: non-finite floats become None, keys strings,
+    tuples lists, and paths on the server their base names.
 
     Settings come from checkpoints (calibration records and the like) and may hold NaN,
-    which strict JSON cannot carry.
+    which strict JSON cannot carry, and file paths (weights, reference images), which
+    tell a client where the server keeps its files.
     """
     if isinstance(data, float) and not math.isfinite(data):
         return None
+    if isinstance(data, str):
+        return without_path(data)
     if isinstance(data, dict):
         return {str(key): sanitised(value) for key, value in data.items()}
     if isinstance(data, (list, tuple)):

@@ -14,6 +14,14 @@ class ServiceSettings:
     <anomalyclip.postprocess.PostProcessor.with_given>`), and a request's own query
     thresholds over both. Left as None with nothing calibrated, there is no threshold: no
     verdict and no mask, rather than one guessed from the map's range.
+
+    The connection limits keep a slow or hostile client from holding the service: each
+    open socket is a file descriptor, so ``max_connections`` stays well under the usual
+    ``ulimit -n 1024``; a client gets ``header_timeout_s`` to send its request line and
+    headers, and ``body_timeout_s`` between two pieces of its body (``body_deadline_s``
+    for all of it). ``max_inflight_bytes`` bounds the upload bytes held by all requests
+    together, from the first byte read to the response (a single request is always let
+    in when no other holds any).
     """
 
     max_upload_bytes: int = 20 * 1024 * 1024
@@ -24,6 +32,15 @@ class ServiceSettings:
     request_timeout_s: float = 60.0
     max_pending: int = 32
     max_pending_bytes: int = 256 * 1024 * 1024
+    max_inflight_bytes: int = 512 * 1024 * 1024
+    max_group_images: int = 4  # scored in one call; a cancelled request stops between groups
+    max_connections: int = 256
+    max_concurrent_requests: int = 64
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 15.0
+    body_deadline_s: float = 120.0
+    keep_alive_s: float = 5.0
+    max_header_bytes: int = 64 * 1024
     image_threshold: float | None = None
     pixel_threshold: float | None = None
     max_reference_sets: int = 4  # kept in memory, the least recently used dropped first
@@ -40,11 +57,22 @@ class ServiceSettings:
             "max_reference_sets",
             "max_pending",
             "max_pending_bytes",
+            "max_inflight_bytes",
+            "max_group_images",
+            "max_connections",
+            "max_concurrent_requests",
+            "max_header_bytes",
             "map_max_side",
             "overlay_max_side",
         )
         problems = [f"{name} must be positive" for name in positive if getattr(self, name) < 1]
-        if not self.request_timeout_s > 0:
-            problems.append("request_timeout_s must be positive")
+        timeouts = (
+            "request_timeout_s",
+            "header_timeout_s",
+            "body_timeout_s",
+            "body_deadline_s",
+            "keep_alive_s",
+        )
+        problems += [f"{name} must be positive" for name in timeouts if not getattr(self, name) > 0]
         if problems:
             raise ValueError("invalid service settings: " + "; ".join(problems))

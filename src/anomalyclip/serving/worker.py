@@ -1,17 +1,22 @@
 """The one inference thread: requests queue for it, so memory stays bounded under load.
 
 Free of HTTP: a full queue raises :class:`ServiceBusy`, a request that waits too long
-:class:`InferenceTimeout`, an undecodable file becomes an
-:class:`~anomalyclip.serving.uploads.InvalidUpload` in its slot; the routes decide what
-status each one means.
+:class:`InferenceTimeout`, one whose client left :class:`ClientGone`, an undecodable file
+becomes an :class:`~anomalyclip.serving.uploads.InvalidUpload` in its slot; the routes
+decide what status each one means.
+
+Work nobody waits for is stopped: a request that timed out or whose client left is
+cancelled between images (between groups of at most ``max_group_images``), so it neither
+holds the thread nor makes the requests queued behind it time out too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -24,6 +29,8 @@ from anomalyclip.serving.rendering import Rendered, render
 from anomalyclip.serving.settings import ServiceSettings
 from anomalyclip.serving.uploads import InvalidUpload, TooFewImages, Upload, UploadError
 
+logger = logging.getLogger(__name__)
+
 
 class ServiceBusy(Exception):
     """Too many requests (or bytes) are already waiting for the model."""
@@ -31,6 +38,14 @@ class ServiceBusy(Exception):
 
 class InferenceTimeout(Exception):
     """A request waited for, or ran on, the model longer than the request timeout."""
+
+
+class ClientGone(Exception):
+    """The client closed its connection before the answer was ready."""
+
+
+class Abandoned(Exception):
+    """Raised on the worker thread: the job's request no longer waits (stopped early)."""
 
 
 Outcome = Rendered | UploadError
@@ -51,6 +66,7 @@ class InferenceWorker:
         self._count_lock = threading.Lock()
         self._pending = 0
         self._pending_bytes = 0
+        self._cancel: threading.Event | None = None  # the running job's; one thread only
 
     @property
     def pending(self) -> int:
@@ -73,19 +89,58 @@ class InferenceWorker:
             self._pending -= 1
             self._pending_bytes -= size
 
-    async def run(self, job: Callable[..., Any], *args: Any, size: int = 0) -> Any:
-        """``job(*args)`` on the worker thread; ``size`` is the bytes it holds while waiting."""
+    async def run(
+        self,
+        job: Callable[..., Any],
+        *args: Any,
+        size: int = 0,
+        gone: Callable[[], Awaitable[object]] | None = None,
+    ) -> Any:
+        """``job(*args)`` on the worker thread; ``size`` is the bytes it holds while waiting.
+
+        ``gone``, if given, returns once the client has left. The job is then, as on a
+        timeout, marked cancelled: not started if still queued, stopped at its next
+        :meth:`check_cancelled` if running.
+        """
         self._admit(size)
-        future = self._executor.submit(job, *args)
+        cancel = threading.Event()
+        future = self._executor.submit(self._guarded, cancel, job, *args)
         future.add_done_callback(lambda _: self._release(size))
+        result = asyncio.wrap_future(future)
+        watcher = asyncio.ensure_future(gone()) if gone is not None else None
+        waiting: set[asyncio.Future[Any]] = {result} if watcher is None else {result, watcher}
         try:
-            return await asyncio.wait_for(
-                asyncio.wrap_future(future), self.settings.request_timeout_s
+            done, _ = await asyncio.wait(
+                waiting, timeout=self.settings.request_timeout_s, return_when="FIRST_COMPLETED"
             )
-        except asyncio.TimeoutError:
+            if result in done:
+                return result.result()
+            if watcher is not None and watcher in done:
+                raise ClientGone("the client closed the connection; its work was cancelled")
             raise InferenceTimeout(
                 f"inference did not finish within {self.settings.request_timeout_s:g} s"
-            ) from None
+            )
+        finally:
+            if not result.done():
+                cancel.set()
+                result.cancel()  # drops a queued job; a running one stops at its next check
+            if watcher is not None:
+                watcher.cancel()
+
+    def _guarded(self, cancel: threading.Event, job: Callable[..., Any], *args: Any) -> Any:
+        if cancel.is_set():
+            raise Abandoned("cancelled before it started")
+        self._cancel = cancel
+        try:
+            return job(*args)
+        finally:
+            self._cancel = None
+
+    def check_cancelled(self, done: int, total: int) -> None:
+        """Called by jobs between images: stop if their request no longer waits."""
+        if self._cancel is not None and self._cancel.is_set():
+            logger.info("request abandoned: stopped after %d of %d images", done, total)
+            raise Abandoned(f"stopped after {done} of {total} images")
 
     def analyse(
         self,
@@ -96,8 +151,9 @@ class InferenceWorker:
     ) -> list[Outcome]:
         """Decode, score and render, in upload order; a file that fails to decode fails alone.
 
-        Images are scored in groups of at most ``max_pixels`` decoded pixels, so a batch of
-        large images holds about one of them in memory at a time. A set (``as_set``, or a
+        Images are scored in groups of at most ``max_group_images`` and ``max_pixels``
+        decoded pixels, so a batch of large images holds about one of them in memory at a
+        time, and a cancelled request stops within one group. A set (``as_set``, or a
         method whose images score each other) is scored in one call: its decoded size is
         bounded by ``max_set_pixels`` instead, checked before decoding.
         """
@@ -106,6 +162,7 @@ class InferenceWorker:
         whole_set = as_set or predictor.scores_sets
 
         def score_group() -> None:
+            self.check_cancelled(sum(outcome is not None for outcome in outcomes), len(uploads))
             with self._model_lock:
                 predictions = predictor.predict_images([image for _, image in group])
             for (index, image), prediction in zip(group, predictions, strict=True):
@@ -114,17 +171,17 @@ class InferenceWorker:
             group.clear()
 
         for index, upload in enumerate(uploads):
+            self.check_cancelled(index, len(uploads))
             try:
                 image = load_image(upload.data, self.settings.max_pixels)
             except ImageLoadError as error:
                 outcomes[index] = InvalidUpload(f"{upload.filename}: {error.reason}")
                 continue
             pixels = sum(item.width * item.height for _, item in group)
-            if (
-                not whole_set
-                and group
-                and pixels + image.width * image.height > (self.settings.max_pixels)
-            ):
+            full = len(group) >= self.settings.max_group_images or (
+                pixels + image.width * image.height > self.settings.max_pixels
+            )
+            if not whole_set and group and full:
                 score_group()
             group.append((index, image))
         if whole_set and predictor.scores_sets and len(group) < 2:
@@ -147,6 +204,7 @@ class InferenceWorker:
         images: list[Image.Image] = []
         failures: list[tuple[int, UploadError]] = []
         for index, upload in enumerate(uploads):
+            self.check_cancelled(index, len(uploads))
             try:
                 images.append(load_image(upload.data, self.settings.max_pixels))
             except ImageLoadError as error:

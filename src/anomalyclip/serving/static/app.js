@@ -67,7 +67,8 @@ async function loadModelInfo() {
       pixel: info.pixel_threshold ?? middle,
     };
     fillMethodChoice(info.methods);
-    const backbone = info.backbone ? `backbone ${info.backbone} at ` : "";
+    const checksum = info.backbone_sha256 ? ` (sha256 ${info.backbone_sha256.slice(0, 12)}…)` : "";
+    const backbone = info.backbone ? `backbone ${info.backbone}${checksum} at ` : "";
     const sets = info.scores_sets ? " Images dropped together are scored as one set." : "";
     $("#model-info").textContent =
       `${info.method}: ${backbone}${info.image_size} px; ` +

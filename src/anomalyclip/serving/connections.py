@@ -1,0 +1,238 @@
+"""Sockets under control: uvicorn with header timeouts, a connection cap and a quiet log.
+
+uvicorn times out idle keep-alive connections but not a client that connects and never
+finishes its headers, and it accepts every connection it can: about a thousand idle
+sockets exhaust the usual ``ulimit -n 1024``, and asyncio then logs "socket.accept() out
+of system resource" with a traceback thousands of times a second. Here:
+
+- :class:`GuardedH11Protocol` gives each request ``header_timeout_s`` to send its request
+  line and headers (then 408 and close), and answers a connection beyond
+  ``max_connections`` with 503 and closes it at once, so sockets stay bounded;
+- the accept backlog is bounded too (asyncio accepts up to ``backlog`` sockets at a time
+  before any can be refused);
+- :class:`RepeatedErrorFilter` lets one "too many open files" record through per interval,
+  with the count of those it held back, and drops their tracebacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from typing import Any
+
+import h11
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from anomalyclip.serving.settings import ServiceSettings
+
+logger = logging.getLogger(__name__)
+
+FD_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+FD_ERROR_TEXT = ("Too many open files", "out of system resource")
+LOGGERS_FILTERED = ("asyncio", "uvicorn.error")
+SPARE_DESCRIPTORS = 128  # model files, threads' pipes, the log: what is not a socket
+
+
+def raw_response(status: str, detail: str) -> bytes:
+    body = ('{"detail": "' + detail + '"}').encode()
+    head = (
+        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n"
+    )
+    if status.startswith("503"):
+        head += "retry-after: 1\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a header timeout and a cap on open connections.
+
+    The two limits are class attributes, set by :func:`guarded_protocol` for a service.
+    """
+
+    header_timeout_s: float = 10.0
+    max_connections: int = 256
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._waiting_cycle: object = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            refused.note(self.max_connections)
+            detail = f"too many connections (over {self.max_connections}); retry shortly"
+            transport.write(raw_response("503 Service Unavailable", detail))
+            transport.close()
+            return
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm_header_timer()  # the next request on a kept-alive connection
+        super().data_received(data)
+        if self._header_timer is not None and self.cycle is not self._waiting_cycle:
+            self._disarm_header_timer()  # its headers are in: the body has its own timeout
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        self._waiting_cycle = self.cycle
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        """Close; with a 408 unless this cycle was already answered (a client still
+        sending the body of a refused request, which uvicorn would otherwise keep)."""
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        if self.conn.our_state is h11.IDLE:
+            detail = f"the request headers did not arrive within {self.header_timeout_s:g} s"
+            self.transport.write(raw_response("408 Request Timeout", detail))
+        self.transport.close()
+
+
+class RefusalCount:
+    """Connections refused over the cap, logged at most once per interval."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self.interval_s = interval_s
+        self.count = 0
+        self.last = 0.0
+
+    def note(self, limit: int) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= self.interval_s:
+            logger.warning(
+                "refused %d connection(s) over the limit of %d open in the last %g s",
+                self.count,
+                limit,
+                self.interval_s,
+            )
+            self.count, self.last = 0, now
+
+
+refused = RefusalCount()
+
+
+def guarded_protocol(settings: ServiceSettings) -> type[GuardedH11Protocol]:
+    """The protocol class with this service's limits."""
+    return type(
+        "GuardedH11Protocol",
+        (GuardedH11Protocol,),
+        {
+            "header_timeout_s": settings.header_timeout_s,
+            "max_connections": settings.max_connections,
+        },
+    )
+
+
+class RepeatedErrorFilter(logging.Filter):
+    """One "out of file descriptors" record per ``interval_s``, without its traceback.
+
+    The record let through says how many were held back since the last one, so the log
+    still shows how often it happened; other records pass untouched.
+    """
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self.suppressed = 0
+        self.last = float("-inf")
+
+    @staticmethod
+    def is_fd_error(record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, OSError) and error.errno in FD_ERRORS:
+            return True
+        message = record.getMessage()
+        return any(text in message for text in FD_ERROR_TEXT)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.is_fd_error(record):
+            return True
+        now = time.monotonic()
+        if now - self.last < self.interval_s:
+            self.suppressed += 1
+            return False
+        error = record.exc_info[1] if record.exc_info else None
+        cause = f" ({error})" if error is not None else ""
+        record.msg = (
+            f"{record.getMessage()}{cause}; {self.suppressed} more like it in the last "
+            f"{self.interval_s:g} s were not logged: the process is out of file descriptors "
+            "(raise `ulimit -n` or lower --max-connections)"
+        )
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+        self.suppressed, self.last = 0, now
+        return True
+
+
+def install_log_filter(interval_s: float = 10.0) -> RepeatedErrorFilter:
+    """Put one shared :class:`RepeatedErrorFilter` on the loggers that repeat the error."""
+    shared = RepeatedErrorFilter(interval_s)
+    for name in LOGGERS_FILTERED:
+        target = logging.getLogger(name)
+        for existing in [f for f in target.filters if isinstance(f, RepeatedErrorFilter)]:
+            target.removeFilter(existing)
+        target.addFilter(shared)
+    return shared
+
+
+def descriptors_needed(settings: ServiceSettings) -> int:
+    """Descriptors the service may hold: capped connections, the accept burst, the rest."""
+    return settings.max_connections + backlog(settings) + SPARE_DESCRIPTORS
+
+
+def backlog(settings: ServiceSettings) -> int:
+    return min(128, settings.max_connections)
+
+
+def check_descriptor_limit(settings: ServiceSettings) -> None:
+    """Warn when ``ulimit -n`` is too low for the connection limit (Unix only)."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit to check
+        return
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = descriptors_needed(settings)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        logger.warning(
+            "ulimit -n is %d, below the %d descriptors that --max-connections %d may take; "
+            "lower --max-connections or raise the limit",
+            soft,
+            needed,
+            settings.max_connections,
+        )
+
+
+def server_options(settings: ServiceSettings) -> dict[str, Any]:
+    """uvicorn's options (``uvicorn.run``, ``uvicorn.Config``) for the connection limits."""
+    return {
+        "http": guarded_protocol(settings),
+        "timeout_keep_alive": max(1, round(settings.keep_alive_s)),
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+        "backlog": backlog(settings),
+    }
+
+
+def run_server(
+    app: Any, settings: ServiceSettings, host: str, port: int, log_level: str = "info"
+) -> None:
+    """Serve ``app`` until interrupted, within the limits above."""
+    install_log_filter()
+    check_descriptor_limit(settings)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **server_options(settings))

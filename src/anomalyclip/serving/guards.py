@@ -1,0 +1,285 @@
+"""What a request may take before a route sees it: time, sockets' share, bytes and parts.
+
+A pure ASGI middleware, so it works the same under any server and in-process tests:
+
+- at most ``max_concurrent_requests`` are handled at once; beyond, 503 with Retry-After;
+- a declared Content-Length over the route's limit is 413 before a byte is read, and one
+  that does not fit the bytes all requests may hold together (``max_inflight_bytes``) is
+  503; a chunked body is counted against both as it arrives;
+- the body of an upload is parsed *as it streams* only to count: part ``N + 1`` of a route
+  that takes ``N`` files is refused there (413), as is a part over the per-file limit,
+  without reading the rest;
+- a body that stops arriving for ``body_timeout_s``, or is not complete after
+  ``body_deadline_s``, is answered 408 and the connection closed.
+
+Refusals made with the body unread say ``Connection: close``, so the server drops the
+socket rather than reading what the client still sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from fastapi import HTTPException
+from fastapi.responses import JSONResponse
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from anomalyclip.serving.settings import ServiceSettings
+from anomalyclip.serving.uploads import display_name
+
+logger = logging.getLogger(__name__)
+
+SMALL_BODY_LIMIT = 64 * 1024  # any other request: nothing the service reads is larger
+CLOSE = {"Connection": "close"}
+RETRY = {"Retry-After": "1", **CLOSE}
+
+
+def error_response(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+@dataclass(frozen=True)
+class UploadRoute:
+    """The most a route's body may hold: bytes in all, and files (parts)."""
+
+    max_bytes: int
+    max_parts: int
+
+
+class ByteBudget:
+    """Upload bytes held by all requests together, from arrival to response.
+
+    A request holding nothing is let in whatever its size when nobody else holds any, so
+    a single request within its route's limit is always served.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int, already: int = 0) -> bool:
+        with self._lock:
+            if self.in_use - already > 0 and self.in_use + size > self.limit:
+                return False
+            self.in_use += size
+            return True
+
+    def give_back(self, size: int) -> None:
+        with self._lock:
+            self.in_use -= size
+
+
+class TooManyParts(Exception):
+    """Raised from the streaming parser's callbacks: the body breaks a part limit."""
+
+
+class PartCounter:
+    """Counts a multipart body's parts and their sizes as it streams, holding nothing.
+
+    Multipart delimits parts by a boundary that cannot occur inside them, so counting is
+    exact; a body that is not valid multipart is left for the form parser to refuse.
+    """
+
+    def __init__(self, boundary: bytes, route: UploadRoute, max_file_bytes: int) -> None:
+        self.route = route
+        self.max_file_bytes = max_file_bytes
+        self.parts = 0
+        self.part_bytes = 0
+        self.header_name = b""
+        self.header_value = b""
+        self.filename = "upload"
+        self.broken = False
+        self.parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self.on_part_begin,
+                "on_part_data": self.on_part_data,
+                "on_header_field": self.on_header_field,
+                "on_header_value": self.on_header_value,
+                "on_header_end": self.on_header_end,
+            },
+        )
+
+    def on_part_begin(self) -> None:
+        self.parts += 1
+        self.part_bytes = 0
+        self.filename = "upload"
+        if self.parts > self.route.max_parts:
+            raise TooManyParts(
+                f"{self.parts} or more files in one request; the limit is "
+                f"{self.route.max_parts} (refused at part {self.parts} without reading the rest)"
+            )
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self.part_bytes += end - start
+        if self.part_bytes > self.max_file_bytes:
+            raise TooManyParts(
+                f"{self.filename} is larger than the upload limit of {self.max_file_bytes:,} bytes"
+            )
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if self.header_name.lower() == b"content-disposition":
+            _, options = parse_options_header(self.header_value)
+            name = options.get(b"filename")
+            if name is not None:
+                self.filename = display_name(name.decode("utf-8", "replace"))
+        self.header_name = self.header_value = b""
+
+    def feed(self, chunk: bytes) -> None:
+        if self.broken:
+            return
+        try:
+            self.parser.write(chunk)
+        except FormParserError:
+            self.broken = True  # not multipart after all: the form parser says so
+
+
+def boundary_of(content_type: str) -> bytes | None:
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    return boundary or None
+
+
+class RequestGuard:
+    """The limits above, around the whole application (see the module's docstring)."""
+
+    def __init__(
+        self, app: ASGIApp, settings: ServiceSettings, routes: dict[str, UploadRoute]
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.routes = routes
+        self.budget = ByteBudget(settings.max_inflight_bytes)
+        self.active = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.settings.max_concurrent_requests:
+            detail = f"the service is busy ({self.active} requests in progress); retry shortly"
+            await error_response(503, detail, RETRY)(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            await self.guarded(scope, receive, send)
+        finally:
+            self.active -= 1
+
+    async def guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = self.routes.get(scope["path"])
+        if route is not None and scope["method"] != "POST":
+            await self.app(scope, receive, send)  # 405 from the router, the body unread
+            return
+        headers = Headers(scope=scope)
+        limit = route.max_bytes if route is not None else SMALL_BODY_LIMIT
+        declared_text = headers.get("content-length")
+        declared = 0
+        if declared_text is not None:
+            if not declared_text.isdigit():
+                await error_response(400, "invalid Content-Length header", CLOSE)(
+                    scope, receive, send
+                )
+                return
+            declared = int(declared_text)
+            if declared > limit:
+                detail = f"request body of {declared:,} bytes exceeds the limit of {limit:,}"
+                await error_response(413, detail, CLOSE)(scope, receive, send)
+                return
+        counter = None
+        if route is not None:
+            content_type = headers.get("content-type", "")
+            boundary = boundary_of(content_type)
+            if not content_type.lower().startswith("multipart/form-data") or boundary is None:
+                got = content_type or "no content type"
+                detail = f"send images as multipart/form-data (got {got})"
+                await error_response(415, detail)(scope, receive, send)
+                return
+            counter = PartCounter(boundary, route, self.settings.max_upload_bytes)
+        if not self.budget.take(declared):
+            await error_response(503, self.busy_detail(), RETRY)(scope, receive, send)
+            return
+        body = BodyReader(self, receive, limit, declared, counter)
+        try:
+            await self.app(scope, body.receive, send)
+        finally:
+            self.budget.give_back(body.held)
+
+    def busy_detail(self) -> str:
+        return (
+            f"the service holds {self.budget.in_use:,} bytes of uploads, near its limit of "
+            f"{self.settings.max_inflight_bytes:,}; retry shortly"
+        )
+
+
+class BodyReader:
+    """One request's ``receive``: timed, counted against the limits, parts counted."""
+
+    def __init__(
+        self,
+        guard: RequestGuard,
+        receive: Receive,
+        limit: int,
+        declared: int,
+        counter: PartCounter | None,
+    ) -> None:
+        self.guard = guard
+        self.upstream = receive
+        self.limit = limit
+        self.held = declared  # budget taken: the declared length, or what has arrived
+        self.received = 0
+        self.counter = counter
+        self.complete = False
+        self.deadline = time.monotonic() + guard.settings.body_deadline_s
+
+    async def receive(self) -> Message:
+        if self.complete:  # after the body only a disconnect can come: not timed
+            return await self.upstream()
+        settings = self.guard.settings
+        wait = min(settings.body_timeout_s, self.deadline - time.monotonic())
+        try:
+            message = await asyncio.wait_for(self.upstream(), max(wait, 0.0))
+        except asyncio.TimeoutError:
+            logger.info("request body not received in time after %d bytes", self.received)
+            raise HTTPException(
+                408,
+                f"the request body did not arrive in time ({self.received:,} bytes in; the "
+                f"service waits {settings.body_timeout_s:g} s for each piece and "
+                f"{settings.body_deadline_s:g} s for all)",
+                headers=CLOSE,
+            ) from None
+        if message["type"] != "http.request":
+            self.complete = True
+            return message
+        chunk = message.get("body", b"")
+        self.received += len(chunk)
+        self.complete = not message.get("more_body", False)
+        if self.received > self.limit:
+            raise HTTPException(
+                413, f"request body exceeds the limit of {self.limit:,} bytes", headers=CLOSE
+            )
+        if self.received > self.held:
+            extra = self.received - self.held
+            if not self.guard.budget.take(extra, already=self.held):
+                raise HTTPException(503, self.guard.busy_detail(), headers=RETRY)
+            self.held += extra
+        if self.counter is not None:
+            try:
+                self.counter.feed(chunk)
+            except TooManyParts as error:
+                raise HTTPException(413, str(error), headers=CLOSE) from None
+        return message

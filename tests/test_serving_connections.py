@@ -1,0 +1,174 @@
+"""Slow and idle clients against a real uvicorn server on 127.0.0.1, with real sockets:
+header and body timeouts, the connection and request caps, and cancelled work."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from anomalyclip.serving import ServiceSettings, create_app
+from anomalyclip.serving.connections import server_options
+from tests.test_serving import noise_png, tiny_model
+from tests.test_serving_limits import SlowCalls
+
+FAST = {"header_timeout_s": 0.5, "body_timeout_s": 0.5, "body_deadline_s": 1.5}
+
+
+@contextmanager
+def running(model: Any, settings: ServiceSettings) -> Iterator[str]:
+    """The service on a free port of 127.0.0.1, in a thread, for the block's duration."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = create_app(model, settings)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", **server_options(settings)
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    return sock
+
+
+def read_all(sock: socket.socket, limit_s: float = 5.0) -> tuple[bytes, float]:
+    """Everything until the server closes, and how long that took."""
+    started = time.monotonic()
+    sock.settimeout(limit_s)
+    data = b""
+    while True:
+        try:
+            piece = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not piece:
+            break
+        data += piece
+    return data, time.monotonic() - started
+
+
+def head(path: str, length: int, boundary: str = "b0undary") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {length}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n"
+    ).encode()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def healthy(url: str) -> bool:
+    response = httpx.get(f"{url}/healthz", timeout=5)
+    return response.status_code == 200 and response.json()["pending"] == 0
+
+
+def test_idle_and_slow_header_clients_get_408_and_are_closed(model):
+    with running(model, ServiceSettings(**FAST)) as url:
+        idle, partial = connect(url), connect(url)
+        partial.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: test\r\n")  # and no more
+        for sock in (idle, partial):
+            answer, waited = read_all(sock)
+            assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
+            assert b"did not arrive within 0.5 s" in answer
+            assert waited < 2.0
+            sock.close()
+        assert healthy(url)
+
+
+def test_a_body_that_stops_or_never_ends_gets_408_within_the_timeouts(model):
+    with running(model, ServiceSettings(**FAST)) as url:
+        stalled = connect(url)
+        stalled.sendall(head("/v1/predict", 100_000) + b"--b0undary\r\n")
+        answer, waited = read_all(stalled)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b"did not arrive in time (12 bytes in" in answer
+        assert waited < 1.5
+        # a trickle that never stalls long enough is cut at the body deadline instead
+        trickle = connect(url)
+        trickle.sendall(
+            head("/v1/predict", 100_000)
+            + b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="a.png"'
+            + b"\r\nContent-Type: image/png\r\n\r\n"
+        )
+        started = time.monotonic()
+        try:
+            while time.monotonic() - started < 4:
+                trickle.sendall(b"x")
+                time.sleep(0.1)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer, _ = read_all(trickle)
+        assert b" 408 " in answer.split(b"\r\n")[0], answer
+        assert time.monotonic() - started < 3.0
+        stalled.close(), trickle.close()
+        assert healthy(url)
+
+
+def test_connections_and_requests_beyond_the_caps_get_503(model):
+    settings = ServiceSettings(max_connections=6, max_concurrent_requests=2, **FAST)
+    with running(model, settings) as url:
+        held = [connect(url) for _ in range(2)]
+        for sock in held:  # two requests in progress: their bodies are slow
+            sock.sendall(head("/v1/predict", 1000))
+        time.sleep(0.1)
+        third = httpx.get(f"{url}/healthz", timeout=5)
+        assert third.status_code == 503
+        assert third.json()["detail"].startswith("the service is busy (2 requests in progress)")
+        assert third.headers["retry-after"] == "1"
+        idle = [connect(url) for _ in range(4)]  # with the two: the cap of 6 sockets
+        refused = connect(url)
+        answer, waited = read_all(refused)
+        assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
+        assert b"too many connections (over 6)" in answer and waited < 1.0
+        for sock in held + idle + [refused]:
+            sock.close()
+        time.sleep(0.2)
+        assert healthy(url)
+
+
+def test_a_client_that_leaves_has_its_batch_cancelled(monkeypatch):
+    slow_model = tiny_model()
+    slow = SlowCalls(slow_model, 0.2)
+    monkeypatch.setattr(slow_model, "predict_images", slow)
+    with running(slow_model, ServiceSettings(max_group_images=1, **FAST)) as url:
+        files = [("files", (f"{i}.png", noise_png(32, 32, seed=i), "image/png")) for i in range(12)]
+        request = httpx.Request("POST", f"{url}/v1/predict/batch", files=files)
+        body = request.read()
+        sock = connect(url)
+        sock.sendall(
+            f"POST /v1/predict/batch HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: {request.headers['content-type']}\r\n\r\n".encode()
+            + body
+        )
+        time.sleep(0.5)  # two or three images in
+        sock.close()
+        calls_when_left = len(slow.calls)
+        time.sleep(1.0)  # five more images' time
+        calls_after = len(slow.calls)
+        response = httpx.post(f"{url}/v1/predict", files={"file": ("a.png", noise_png(32, 32))})
+        assert response.status_code == 200
+    assert 1 <= calls_when_left < 12
+    assert calls_after - calls_when_left <= 2, (calls_when_left, slow.calls)
