@@ -1,8 +1,12 @@
 """Load and soak test of ``anomalyclip serve``: concurrent clients, a share of malformed
 requests, the server's memory watched through /proc.
 
-Every request has the status it must get (200 for good images; 413, 415 or 422 for the
-malformed ones); any other answer, or a connection error, counts as an error.
+Every request has the status it must get (200 for good images; 405, 413, 415 or 422 for
+the malformed ones; 503 and 504, the documented "busy" answers, are counted apart); any
+other answer, or a connection error, counts as an error. ``--hostile`` adds clients that
+misbehave at the socket level (``hostile_clients.py``: idle sockets, slow headers, stalled
+and never-ending bodies, slow uploads) and ``--flood-every`` bursts of idle sockets over
+the service's connection cap; each must get its 408 or 503 within the service's timeouts.
 
 Against a running service (give its process id to watch its memory):
 
@@ -13,6 +17,8 @@ takes the command line of a server; without it the script starts one itself with
 small random model (enough to exercise the service, not the model):
 
     python benchmarks/load_test.py --duration 300 --json soak.json
+    bash -c 'ulimit -n 1024; python benchmarks/load_test.py --duration 300 --hostile 4 \\
+        --flood-every 30 --flood-size 400 --json soak.json'
     python benchmarks/load_test.py --duration 300 \\
         --serve "anomalyclip serve --checkpoint c.pt --clip-weights w.pt --port 8765"
 """
@@ -40,7 +46,14 @@ import httpx
 import numpy as np
 from PIL import Image, ImageDraw
 
+try:
+    from benchmarks.hostile_clients import HOSTILE, Answer, flood
+except ImportError:  # run as a script: benchmarks/ is on the path, not the repository
+    from hostile_clients import HOSTILE, Answer, flood  # type: ignore[no-redef]
+
 GARBAGE = bytes(range(7, 250)) * 4  # no image format starts like this
+BUSY = (503, 504)  # documented: too much waiting, or inference too slow
+SHORT_TIMEOUTS = {"header_timeout_s": 1.0, "body_timeout_s": 1.0, "body_deadline_s": 3.0}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
@@ -88,6 +101,16 @@ class ServerProcess:
         self._log.seek(0)
         return self._log.read().decode("utf-8", "replace")[-size:]
 
+    def log_summary(self) -> dict[str, Any]:
+        """How much the server logged: lines, tracebacks, and its last lines."""
+        self._log.seek(0)
+        lines = self._log.read().decode("utf-8", "replace").splitlines()
+        return {
+            "lines": len(lines),
+            "tracebacks": sum(line.startswith("Traceback") for line in lines),
+            "last_lines": lines[-5:],
+        }
+
     def __enter__(self) -> ServerProcess:
         self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.startup_timeout_s
@@ -118,17 +141,17 @@ class ServerProcess:
         self._log.close()
 
 
-def run_random_server(port: int, max_pending: int) -> None:
+def run_random_server(port: int, max_pending: int, short_timeouts: bool = False) -> None:
     """Serve a randomly initialised small CLIP: exercises decoding, queueing and rendering
     (AnomalyCLIP, the default method, and MuSc on the same backbone)."""
     import torch
-    import uvicorn
 
     from anomalyclip.backbone.clip import CLIP, CLIPArchitecture
     from anomalyclip.config import AnomalyCLIPConfig
     from anomalyclip.methods.musc import MuSc, MuScConfig
     from anomalyclip.model import AnomalyCLIP
     from anomalyclip.serving import ServiceSettings, create_app
+    from anomalyclip.serving.connections import run_server
 
     torch.manual_seed(0)
     torch.set_num_threads(1)  # a model this small only loses from more threads
@@ -159,8 +182,10 @@ def run_random_server(port: int, max_pending: int) -> None:
     # MuSc beside it on the same backbone, so the page's method choice and sets are served
     musc = MuSc(clip, MuScConfig(backbone="random-tiny", image_size=64, features=(2, 4)))
     methods = {"anomalyclip": model, "musc": musc}
-    app = create_app(methods, ServiceSettings(max_pending=max_pending))
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    settings = ServiceSettings(
+        max_pending=max_pending, **(SHORT_TIMEOUTS if short_timeouts else {})
+    )
+    run_server(create_app(methods, settings), settings, "127.0.0.1", port, "warning")
 
 
 # what is sent --------------------------------------------------------------------------
@@ -209,6 +234,14 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def corrupt_png(side: int = 64) -> bytes:
+    """A PNG whose header reads but whose pixel data is damaged: refused at decoding."""
+    rng = np.random.default_rng(1)
+    data = png_bytes(Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)))
+    start = data.index(b"IDAT") + 24
+    return data[:start] + b"\xab" * 200 + data[start + 200 :]
+
+
 @dataclass
 class Request:
     kind: str
@@ -226,6 +259,10 @@ def request_kinds(
     bomb = png_bytes(Image.new("L", (side, side)))  # a few kB on the wire, too many pixels
     oversized = b"\0" * (limits["max_upload_bytes"] + 256 * 1024)  # refused on its header
     truncated = png_bytes(Image.new("RGB", (64, 64), (200, 10, 10)))[:80]
+    corrupt = corrupt_png()
+    tiny = png_bytes(Image.new("L", (4, 4)))
+    many_parts = [("files", (f"{i}.png", tiny, "image/png")) for i in range(1000)]
+    heavy = [("files", (f"heavy{i}.png", GARBAGE * 6000, "image/png")) for i in range(16)]
 
     def upload(name: str, data: bytes, content_type: str) -> dict[str, Any]:
         return {"files": {"file": (name, data, content_type)}}
@@ -265,6 +302,25 @@ def request_kinds(
         "not_multipart": lambda rng: Request(
             "not_multipart", 415, "POST", "/v1/predict", {"json": {"image": "a.png"}}
         ),
+        "wrong_method": lambda rng: Request(
+            "wrong_method", 405, rng.choice(["PUT", "DELETE"]), "/v1/predict", {}
+        ),
+        "inf_threshold": lambda rng: Request(
+            "inf_threshold",
+            422,
+            "POST",
+            f"/v1/predict?{rng.choice(['pixel_threshold', 'threshold'])}=inf",
+            upload(*images[0]),
+        ),
+        "corrupt_image": lambda rng: Request(
+            "corrupt_image", 422, "POST", "/v1/predict", upload("bad.png", corrupt, "image/png")
+        ),
+        "thousand_parts": lambda rng: Request(
+            "thousand_parts", 413, "POST", "/v1/predict/batch", {"files": many_parts}
+        ),
+        "heavy_batch": lambda rng: Request(  # 16 x 5.8 MB, none an image: each fails alone
+            "heavy_batch", 200, "POST", "/v1/predict/batch", {"files": heavy}
+        ),
     }
 
 
@@ -290,7 +346,8 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.status == self.expected
+        """The expected answer, or a documented busy one (counted apart)."""
+        return self.error is None
 
 
 @dataclass
@@ -332,7 +389,7 @@ def send(client: httpx.Client, request: Request) -> Outcome:
         response = client.request(request.method, request.path, **request.options)
         status = response.status_code
         error = None
-        if status != request.expected:
+        if status != request.expected and status not in BUSY:
             error = f"HTTP {status} (expected {request.expected}): {response.text[:300]}"
         elif status >= 400 and not response.json().get("detail"):
             error = f"HTTP {status} without a JSON detail message"
@@ -352,9 +409,15 @@ def run_load(
     warmup: int = 8,
     seed: int = 0,
     timeout_s: float = 120.0,
+    hostile: int = 0,
+    flood_every_s: float | None = None,
+    flood_size: int = 0,
 ) -> dict[str, Any]:
     """Send requests from ``concurrency`` threads until ``requests`` are done or
     ``duration_s`` has passed; returns the report (see :func:`summarise`).
+
+    ``hostile`` more threads run the socket-level misbehaviours of ``hostile_clients``
+    meanwhile, and every ``flood_every_s`` a burst of ``flood_size`` idle sockets opens.
     """
     if requests is None and duration_s is None:
         raise ValueError("give a number of requests, a duration, or both")
@@ -391,18 +454,61 @@ def run_load(
                 with lock:
                     outcomes.append(outcome)
 
+    clients_done = threading.Event()
+
+    def record(kind: str, expected: int, answer: Answer) -> None:
+        with lock:
+            outcomes.append(Outcome(kind, expected, answer.status, answer.seconds, answer.error))
+
+    def hostile_loop(worker: int) -> None:
+        rng = random.Random(seed * 1000 + 500 + worker)
+        while not clients_done.is_set():
+            kind = rng.choice(sorted(HOSTILE))
+            try:
+                answer = HOSTILE[kind](url, limits)
+            except OSError as error:  # could not even connect: the service is down
+                answer = Answer(None, 0.0, f"{type(error).__name__}: {error}")
+            record(kind, 200 if kind == "slow_upload" else 408, answer)
+
+    def flood_loop() -> None:
+        assert flood_every_s is not None
+        while not clients_done.wait(flood_every_s):
+            for answer in flood(url, limits, flood_size):
+                record("idle_flood", 408, answer)
+
     with watch:
         threads = [
             threading.Thread(target=client_loop, args=(index,), daemon=True)
             for index in range(concurrency)
         ]
-        for thread in threads:
+        others = [
+            threading.Thread(target=hostile_loop, args=(i,), daemon=True) for i in range(hostile)
+        ]
+        if flood_every_s is not None and flood_size > 0:
+            others.append(threading.Thread(target=flood_loop, daemon=True))
+        for thread in threads + others:
             thread.start()
         for thread in threads:
             thread.join()
+        clients_done.set()
+        for thread in others:
+            thread.join()
     elapsed = time.monotonic() - started
     rss_end = watch.sample()
-    return summarise(url, concurrency, elapsed, outcomes, watch, rss_start, rss_end)
+    report = summarise(url, concurrency, elapsed, outcomes, watch, rss_start, rss_end)
+    report["healthy_after"] = health(url)
+    return report
+
+
+def health(url: str) -> dict[str, Any]:
+    """/healthz and one good request after the run: the service still serves."""
+    try:
+        state = httpx.get(f"{url}/healthz", timeout=10).json()
+        image = synthetic_images(1, seed=99, max_side=64)[0]
+        scored = httpx.post(f"{url}/v1/predict", files={"file": image}, timeout=60)
+        return {"healthz": state, "predict_status": scored.status_code}
+    except (httpx.HTTPError, ValueError) as error:
+        return {"error": f"{type(error).__name__}: {error}"}
 
 
 def summarise(
@@ -427,8 +533,10 @@ def summarise(
             "errors": sum(not o.ok for o in chosen),
             "statuses": dict(Counter(str(o.status) for o in chosen)),
             "p50_ms": round(statistics.median(latencies), 1),
-            "p95_ms": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 1),
+            "p95_ms": percentile(latencies, 0.95),
+            "p99_ms": percentile(latencies, 0.99),
         }
+    good = sorted(o.seconds * 1e3 for o in outcomes if o.kind in GOOD_WEIGHTS and o.status == 200)
     peak = max((value for _, value in watch.samples), default=None)
     return {
         "url": url,
@@ -437,6 +545,12 @@ def summarise(
         "requests": len(outcomes),
         "errors": sum(not o.ok for o in outcomes),
         "malformed": sum(o.expected != 200 for o in outcomes),
+        "busy": sum(o.status in BUSY for o in outcomes),
+        "server_errors": sum(
+            o.status is not None and o.status >= 500 and o.status not in BUSY for o in outcomes
+        ),
+        "good_p50_ms": percentile(good, 0.5),
+        "good_p99_ms": percentile(good, 0.99),
         "throughput_rps": round(len(outcomes) / elapsed_s, 2) if elapsed_s > 0 else None,
         "by_kind": by_kind,
         "memory": {
@@ -444,7 +558,7 @@ def summarise(
             "rss_start_mb": mb(rss_start),
             "rss_end_mb": mb(rss_end),
             "rss_peak_mb": mb(peak),
-            "growth_mb": None if None in (rss_start, rss_end) else mb(rss_end - rss_start),
+            "growth_mb": None if rss_start is None or rss_end is None else mb(rss_end - rss_start),
             "samples_mb": [
                 (round(t, 1), mb(v)) for t, v in watch.samples[:: max(1, len(watch.samples) // 200)]
             ],
@@ -453,12 +567,21 @@ def summarise(
     }
 
 
+def percentile(sorted_values: list[float], share: float) -> float | None:
+    if not sorted_values:
+        return None
+    return round(sorted_values[min(len(sorted_values) - 1, int(share * len(sorted_values)))], 1)
+
+
 def report_lines(report: dict[str, Any]) -> list[str]:
     memory = report["memory"]
     lines = [
         f"{report['requests']} requests ({report['malformed']} malformed) from "
         f"{report['concurrency']} clients in {report['duration_s']} s "
-        f"({report['throughput_rps']} req/s): {report['errors']} errors",
+        f"({report['throughput_rps']} req/s): {report['errors']} errors, {report['busy']} busy "
+        f"(503/504), {report['server_errors']} other 5xx",
+        f"good requests answered 200: p50 {report['good_p50_ms']} ms, "
+        f"p99 {report['good_p99_ms']} ms",
         f"server memory (RSS): start {memory['rss_start_mb']} MB, end {memory['rss_end_mb']} MB, "
         f"peak {memory['rss_peak_mb']} MB, growth {memory['growth_mb']} MB",
     ]
@@ -466,8 +589,10 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"  {kind:<16} {stats['count']:>6}  expected {stats['expected']}"
             f"  got {stats['statuses']}"
-            f"  p50 {stats['p50_ms']} ms  p95 {stats['p95_ms']} ms  errors {stats['errors']}"
+            f"  p50 {stats['p50_ms']} ms  p99 {stats['p99_ms']} ms  errors {stats['errors']}"
         )
+    if "healthy_after" in report:
+        lines.append(f"after the run: {report['healthy_after']}")
     lines += [f"  error: {example}" for example in report["error_examples"]]
     return lines
 
@@ -489,11 +614,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--images", type=Path, help="folder of images to send (default: synthetic)")
     parser.add_argument("--max-pending", type=int, default=32, help=argparse.SUPPRESS)
+    parser.add_argument("--hostile", type=int, default=0, help="socket-level misbehaving clients")
+    parser.add_argument(
+        "--flood-every",
+        type=float,
+        metavar="SECONDS",
+        help="open a burst of idle sockets this often",
+    )
+    parser.add_argument("--flood-size", type=int, default=400, help="idle sockets per burst")
+    parser.add_argument(
+        "--short-timeouts",
+        action="store_true",
+        help="the random server times out headers and bodies in 1 s, bodies in all in 3 s",
+    )
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
 
     if args.run_random_server is not None:
-        run_random_server(args.run_random_server, args.max_pending)
+        run_random_server(args.run_random_server, args.max_pending, args.short_timeouts)
         return 0
     requests = args.requests if args.requests or args.duration else 50
     images = folder_images(args.images, 24) if args.images else None
@@ -508,6 +646,9 @@ def main(argv: list[str] | None = None) -> int:
             images=images,
             server_pid=pid,
             warmup=args.warmup,
+            hostile=args.hostile,
+            flood_every_s=args.flood_every,
+            flood_size=args.flood_size,
         )
 
     if args.url:
@@ -518,10 +659,11 @@ def main(argv: list[str] | None = None) -> int:
             port = args.port or int(command[command.index("--port") + 1])
         else:
             port = free_port()
-            command = random_server_command(port)
+            command = random_server_command(port, *(["--short-timeouts"] * args.short_timeouts))
         url = f"http://127.0.0.1:{port}"
         with ServerProcess(command, url) as server:
             report = execute(url, server.pid)
+            report["server_log"] = server.log_summary()
     for line in report_lines(report):
         print(line)
     if args.json:
@@ -529,7 +671,8 @@ def main(argv: list[str] | None = None) -> int:
 
         atomic_write_json(args.json, report)
         print(f"report written to {args.json}")
-    return 0 if report["errors"] == 0 else 1
+    healthy = report.get("healthy_after", {}).get("predict_status") == 200
+    return 0 if report["errors"] == 0 and report["server_errors"] == 0 and healthy else 1
 
 
 if __name__ == "__main__":

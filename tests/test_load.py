@@ -12,6 +12,7 @@ import sys
 import httpx
 import pytest
 
+from benchmarks.hostile_clients import HOSTILE
 from benchmarks.load_test import (
     GOOD_WEIGHTS,
     ServerProcess,
@@ -55,7 +56,8 @@ def test_eight_clients_fifty_six_requests_no_errors_bounded_memory(service):
     assert memory["rss_start_mb"] > 50
     assert memory["growth_mb"] < MEMORY_GROWTH_LIMIT_MB, memory
     assert memory["rss_peak_mb"] < memory["rss_start_mb"] + 2 * MEMORY_GROWTH_LIMIT_MB, memory
-    assert report_lines(report)[0].endswith(": 0 errors")
+    assert report_lines(report)[0].endswith(": 0 errors, 0 busy (503/504), 0 other 5xx")
+    assert report["healthy_after"]["predict_status"] == 200
 
 
 def test_malformed_requests_get_clear_4xx_answers(service):
@@ -80,6 +82,60 @@ def test_malformed_requests_get_clear_4xx_answers(service):
             assert send(client, request).ok
         # the service is still healthy and answering after the bad requests
         assert client.get("/healthz").json()["pending"] == 0
+
+
+def test_every_malformed_kind_gets_its_own_answer(service):
+    limits = httpx.get(f"{service.url}/v1/model").json()["limits"]
+    builders = request_kinds(synthetic_images(2), limits)
+    expected = {
+        "wrong_method": (405, "Method Not Allowed"),
+        "inf_threshold": (422, "Input should be a finite number"),
+        "corrupt_image": (422, "bad.png: corrupt or truncated image"),
+        "thousand_parts": (413, "refused at part 17 without reading the rest"),
+    }
+    rng = random.Random(1)
+    with httpx.Client(base_url=service.url, timeout=60) as client:
+        for kind, (status, message) in expected.items():
+            request = builders[kind](rng)
+            response = client.request(request.method, request.path, **request.options)
+            assert response.status_code == status == request.expected, (kind, response.text)
+            assert message in response.json()["detail"], kind
+        heavy = send(client, builders["heavy_batch"](rng))
+        assert heavy.ok and heavy.status == 200
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads memory from /proc")
+def test_a_short_soak_with_hostile_clients_leaves_the_service_healthy():
+    """The soak's bounded form: every hostile kind, a burst over the connection cap, a few
+    seconds, with the server's timeouts shortened to 1 s (3 s for a whole body)."""
+    port = free_port()
+    command = random_server_command(port, "--short-timeouts")
+    with ServerProcess(command, f"http://127.0.0.1:{port}") as server:
+        report = run_load(
+            server.url,
+            requests=None,
+            duration_s=4,
+            concurrency=4,
+            malformed_share=0.5,
+            images=synthetic_images(max_side=96),
+            server_pid=server.pid,
+            warmup=0,
+            hostile=5,
+            flood_every_s=1.5,
+            flood_size=300,
+        )
+        log = server.log_summary()
+    assert report["errors"] == 0, report["error_examples"]
+    assert report["server_errors"] == 0
+    kinds = set(report["by_kind"])
+    assert {"idle_flood", "predict"} <= kinds
+    assert len(kinds & set(HOSTILE)) >= 3, kinds  # five threads, random kinds, a few seconds
+    assert report["by_kind"]["idle_flood"]["statuses"].get("503", 0) > 0  # over the cap of 256
+    assert report["healthy_after"]["predict_status"] == 200
+    assert report["healthy_after"]["healthz"]["pending"] == 0
+    assert report["memory"]["growth_mb"] < MEMORY_GROWTH_LIMIT_MB
+    assert log["tracebacks"] == 0, log
 
 
 def test_concurrent_malformed_and_good_requests_mixed(service):

@@ -237,6 +237,9 @@ def test_health_and_model_information(client):
         "max_set_size": 64,
         "max_set_pixels": 200_000_000,
         "request_timeout_s": 60.0,
+        "header_timeout_s": 10.0,
+        "body_timeout_s": 15.0,
+        "body_deadline_s": 120.0,
     }
     assert info["settings"]["n_ctx"] == 4
     assert client.get("/v1/model", params={"method": "musc"}).status_code == 422

@@ -172,3 +172,25 @@ def test_a_client_that_leaves_has_its_batch_cancelled(monkeypatch):
         assert response.status_code == 200
     assert 1 <= calls_when_left < 12
     assert calls_after - calls_when_left <= 2, (calls_when_left, slow.calls)
+
+
+def test_a_refused_body_is_drained_for_the_answer_but_not_for_ever(model):
+    with running(model, ServiceSettings(max_upload_bytes=10_000, **FAST)) as url:
+        sock = connect(url)
+        sock.sendall(head("/v1/predict", 10**9))
+        started = time.monotonic()
+        sent = 0
+        try:
+            while time.monotonic() - started < 4:
+                sock.sendall(b"x" * 1000)  # an honest client still sending its body
+                sent += 1000
+                time.sleep(0.05)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        closed_after = time.monotonic() - started
+        answer, _ = read_all(sock, 1.0)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+        assert b"request body of 1,000,000,000 bytes exceeds the limit of" in answer
+        assert closed_after < 2.0, closed_after  # the header timeout (0.5 s) plus slack
+        assert healthy(url)

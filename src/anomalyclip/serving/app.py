@@ -146,6 +146,9 @@ def model_info(
             max_set_size=settings.max_set_size,
             max_set_pixels=settings.max_set_pixels,
             request_timeout_s=settings.request_timeout_s,
+            header_timeout_s=settings.header_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
+            body_deadline_s=settings.body_deadline_s,
         ),
         version=anomalyclip.__version__,
     )

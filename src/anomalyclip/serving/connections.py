@@ -116,7 +116,8 @@ class RefusalCount:
         now = time.monotonic()
         if now - self.last >= self.interval_s:
             logger.warning(
-                "refused %d connection(s) over the limit of %d open in the last %g s",
+                "refused %d connection(s) over the limit of %d open since the last such "
+                "message (one per %g s at most)",
                 self.count,
                 limit,
                 self.interval_s,

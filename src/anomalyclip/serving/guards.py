@@ -12,8 +12,10 @@ A pure ASGI middleware, so it works the same under any server and in-process tes
 - a body that stops arriving for ``body_timeout_s``, or is not complete after
   ``body_deadline_s``, is answered 408 and the connection closed.
 
-Refusals made with the body unread say ``Connection: close``, so the server drops the
-socket rather than reading what the client still sends.
+A refusal made with the body unread (413, 503) lets the server read and drop the rest,
+so that an ordinary client, still sending, gets the answer rather than a reset socket;
+:class:`~anomalyclip.serving.connections.GuardedH11Protocol` bounds that drain by the
+header timeout. A body that is too slow is answered with ``Connection: close``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 SMALL_BODY_LIMIT = 64 * 1024  # any other request: nothing the service reads is larger
 CLOSE = {"Connection": "close"}
-RETRY = {"Retry-After": "1", **CLOSE}
+RETRY = {"Retry-After": "1"}
 
 
 def error_response(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -198,7 +200,7 @@ class RequestGuard:
             declared = int(declared_text)
             if declared > limit:
                 detail = f"request body of {declared:,} bytes exceeds the limit of {limit:,}"
-                await error_response(413, detail, CLOSE)(scope, receive, send)
+                await error_response(413, detail)(scope, receive, send)
                 return
         counter = None
         if route is not None:
@@ -269,9 +271,7 @@ class BodyReader:
         self.received += len(chunk)
         self.complete = not message.get("more_body", False)
         if self.received > self.limit:
-            raise HTTPException(
-                413, f"request body exceeds the limit of {self.limit:,} bytes", headers=CLOSE
-            )
+            raise HTTPException(413, f"request body exceeds the limit of {self.limit:,} bytes")
         if self.received > self.held:
             extra = self.received - self.held
             if not self.guard.budget.take(extra, already=self.held):
@@ -281,5 +281,5 @@ class BodyReader:
             try:
                 self.counter.feed(chunk)
             except TooManyParts as error:
-                raise HTTPException(413, str(error), headers=CLOSE) from None
+                raise HTTPException(413, str(error)) from None
         return message

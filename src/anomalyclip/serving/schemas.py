@@ -79,6 +79,9 @@ class Limits(BaseModel):
     max_set_size: int
     max_set_pixels: int
     request_timeout_s: float
+    header_timeout_s: float = Field(description="to send the request line and headers (408)")
+    body_timeout_s: float = Field(description="most the body may stall between pieces (408)")
+    body_deadline_s: float = Field(description="most the whole body may take (408)")
 
 
 class ModelInfo(BaseModel):
