@@ -16,11 +16,12 @@ Soak: start a server for the run and keep 8 clients busy for five minutes. ``--s
 takes the command line of a server; without it the script starts one itself with a
 small random model (enough to exercise the service, not the model):
 
-    python benchmarks/load_test.py --duration 300 --json soak.json
-    bash -c 'ulimit -n 1024; python benchmarks/load_test.py --duration 300 --hostile 4 \\
-        --flood-every 30 --flood-size 400 --json soak.json'
+    bash -c 'ulimit -n 1024; python benchmarks/load_test.py --duration 300 --json soak.json'
     python benchmarks/load_test.py --duration 300 \\
         --serve "anomalyclip serve --checkpoint c.pt --clip-weights w.pt --port 8765"
+
+A soak (``--duration``) runs 4 hostile clients and a burst of 700 idle sockets every 30 s
+beside the 8 HTTP clients unless told otherwise (``--hostile 0``, ``--flood-every``).
 """
 
 from __future__ import annotations
@@ -614,14 +615,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--images", type=Path, help="folder of images to send (default: synthetic)")
     parser.add_argument("--max-pending", type=int, default=32, help=argparse.SUPPRESS)
-    parser.add_argument("--hostile", type=int, default=0, help="socket-level misbehaving clients")
+    parser.add_argument(
+        "--hostile",
+        type=int,
+        help="socket-level misbehaving clients (default: 4 with --duration, else none)",
+    )
     parser.add_argument(
         "--flood-every",
         type=float,
         metavar="SECONDS",
-        help="open a burst of idle sockets this often",
+        help="open a burst of idle sockets this often (default: 30 with --duration, else never)",
     )
-    parser.add_argument("--flood-size", type=int, default=400, help="idle sockets per burst")
+    parser.add_argument(
+        "--flood-size",
+        type=int,
+        default=700,
+        help="idle sockets per burst (default 700: over the cap of 256, within ulimit -n 1024)",
+    )
     parser.add_argument(
         "--short-timeouts",
         action="store_true",
@@ -634,6 +644,9 @@ def main(argv: list[str] | None = None) -> int:
         run_random_server(args.run_random_server, args.max_pending, args.short_timeouts)
         return 0
     requests = args.requests if args.requests or args.duration else 50
+    soak = args.duration is not None
+    hostile = args.hostile if args.hostile is not None else (4 if soak else 0)
+    flood_every = args.flood_every if args.flood_every is not None else (30.0 if soak else None)
     images = folder_images(args.images, 24) if args.images else None
 
     def execute(url: str, pid: int | None) -> dict[str, Any]:
@@ -646,8 +659,8 @@ def main(argv: list[str] | None = None) -> int:
             images=images,
             server_pid=pid,
             warmup=args.warmup,
-            hostile=args.hostile,
-            flood_every_s=args.flood_every,
+            hostile=hostile,
+            flood_every_s=flood_every,
             flood_size=args.flood_size,
         )
 

@@ -203,6 +203,15 @@ def test_a_timed_out_request_still_queued_never_runs(monkeypatch):
 # small ones ------------------------------------------------------------------------------
 
 
+def test_multipart_without_a_boundary_is_a_clear_400(model):
+    with TestClient(create_app(model)) as client:
+        response = client.post(
+            "/v1/predict", content=b"abc", headers={"content-type": "multipart/form-data"}
+        )
+    assert response.status_code == 400
+    assert response.json() == {"detail": "multipart/form-data without a boundary parameter"}
+
+
 def test_wrong_methods_on_upload_routes_answer_405(model):
     with TestClient(create_app(model)) as client:
         for method in ("PUT", "DELETE", "PATCH"):

@@ -205,11 +205,15 @@ class RequestGuard:
         counter = None
         if route is not None:
             content_type = headers.get("content-type", "")
-            boundary = boundary_of(content_type)
-            if not content_type.lower().startswith("multipart/form-data") or boundary is None:
+            if not content_type.lower().startswith("multipart/form-data"):
                 got = content_type or "no content type"
                 detail = f"send images as multipart/form-data (got {got})"
                 await error_response(415, detail)(scope, receive, send)
+                return
+            boundary = boundary_of(content_type)
+            if boundary is None:
+                detail = "multipart/form-data without a boundary parameter"
+                await error_response(400, detail)(scope, receive, send)
                 return
             counter = PartCounter(boundary, route, self.settings.max_upload_bytes)
         if not self.budget.take(declared):
