@@ -46,6 +46,7 @@ LAYERS: dict[str, int] = {
     "anomalyclip.feature_cache": 3,
     # 4 workflows
     "anomalyclip.inference": 4,
+    "anomalyclip.inspection_files": 4,
     "anomalyclip.outputs": 4,
     "anomalyclip.report": 4,
     "anomalyclip.calibration": 4,

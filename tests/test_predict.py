@@ -15,8 +15,9 @@ from PIL import Image
 
 from anomalyclip.checkpoint import save_checkpoint
 from anomalyclip.config import AnomalyCLIPConfig
-from anomalyclip.inference import CSV_FIELDS, inspect, iter_predictions, output_names
+from anomalyclip.inference import inspect, iter_predictions, output_names
 from anomalyclip.inputs import gather_images, read_image_csv
+from anomalyclip.inspection_files import CSV_FIELDS
 from anomalyclip.model import AnomalyCLIP
 from tests.factories import tiny_clip
 

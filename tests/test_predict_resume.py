@@ -33,8 +33,8 @@ RUN_SPECIFIC = ("seconds", "resumed", "files", "output_dir")  # summary keys
 # The child scores slowly (50 ms an image) so that the kill lands in the middle of the run.
 LAUNCH = (
     "import sys, time; import anomalyclip.inference as inference; "
-    "draw = inference._write_images; "
-    "inference._write_images = lambda *a: (time.sleep(0.05), draw(*a))[1]; "
+    "draw = inference.write_images; "
+    "inference.write_images = lambda *a: (time.sleep(0.05), draw(*a))[1]; "
     "from anomalyclip.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 

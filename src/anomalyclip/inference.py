@@ -1,4 +1,4 @@
-"""Inspecting collections of images: batching, verdicts, files for people.
+"""Inspecting collections of images: batching, verdicts, resuming.
 
 :func:`inspect` is the whole workflow behind ``anomalyclip predict`` as one call (the
 inputs are gathered by :mod:`anomalyclip.inputs`)::
@@ -8,7 +8,9 @@ inputs are gathered by :mod:`anomalyclip.inputs`)::
     [r.image for r in summary.anomalous]
 
 It is written against the scoring-method seam (:class:`~anomalyclip.predictor.Predictor`)
-only, so every method (the torch model, its ONNX export, MuSc) gets it unchanged.
+only, so every method (the torch model, its ONNX export, MuSc) gets it unchanged. The
+files each result becomes (overlays, masks, maps, tables) are written by
+:mod:`anomalyclip.inspection_files`.
 
 Thresholds come from the model's :class:`~anomalyclip.postprocess.PostProcessor`, given >
 calibrated > none: the image verdict is ``score >= image_threshold`` and the defect mask
@@ -26,22 +28,29 @@ same, see :mod:`anomalyclip.outputs`).
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import json
 import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from anomalyclip.inputs import expand_sources, input_columns
+from anomalyclip.inspection_files import (
+    OVERLAY_FORMATS,
+    RECORD_FIELDS,
+    OverlayFormat,
+    OverlayStyle,
+    save_map,
+    write_images,
+    write_outputs,
+)
 from anomalyclip.outputs import (
     ResultStream,
     check_resumable,
@@ -50,38 +59,12 @@ from anomalyclip.outputs import (
 )
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, Predictor, SkippedImage
-from anomalyclip.preprocess import (
-    ImageLoadError,
-    ImageSource,
-    PreProcessor,
-    describe,
-    load_image,
-)
-from anomalyclip.utils.atomic import atomic_open, atomic_write_json
-from anomalyclip.visualize import colormap_table, defect_mask, overlay
+from anomalyclip.preprocess import ImageLoadError, ImageSource, describe, load_image
+from anomalyclip.visualize import colormap_table
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SkippedImage", "inspect", "iter_predictions"]
-THUMBNAIL_SIDE = 256
-OverlayFormat = Literal["png", "jpeg"]
-OVERLAY_FORMATS: tuple[str, ...] = get_args(OverlayFormat)
-CSV_FIELDS = (
-    "image",
-    "score",
-    "anomalous",
-    "image_threshold",
-    "defect_fraction",
-    "map_max",
-    "width",
-    "height",
-    "overlay",
-    "mask",
-    "map",
-)
-# The fields of every result record: the CSV's and the thumbnail (the input CSV's own
-# columns follow them).
-RECORD_FIELDS = frozenset((*CSV_FIELDS, "thumbnail"))
 
 
 def calibration_mismatches(settings: dict[str, Any]) -> list[str]:
@@ -390,7 +373,7 @@ def inspect(
             index = todo[outcome.index]
             result = _inspected(outcome, names[index], post, columns.get(Path(str(items[index]))))
             if out is not None:
-                _write_images(out, result, outcome.image, outcome.prediction, style)
+                write_images(out, result, outcome.image, outcome.prediction, style)
             if maps_dir is not None:
                 result.map = _relative(save_map(maps_dir, outcome.prediction, result.name), out)
             if not keep_maps:
@@ -402,7 +385,7 @@ def inspect(
                     written.commit()
     summary.results = [results[index] for index in sorted(results)]
     summary.seconds = time.perf_counter() - started
-    _write_outputs(summary, out, jsonl, written.records if written is not None else [], title)
+    write_outputs(summary, out, jsonl, written.records if written is not None else [], title)
     _log_outcome(summary)
     return summary
 
@@ -526,90 +509,6 @@ def _relative(path: Path, base: Path | None) -> str:
     return Path(os.path.relpath(path, base)).as_posix()
 
 
-def _save_image(image: Image.Image, path: Path, image_format: str, **options: Any) -> None:
-    with atomic_open(path, "wb") as handle:
-        image.save(handle, format=image_format, **options)
-
-
-@dataclass(frozen=True)
-class OverlayStyle:
-    """How overlays are drawn and stored."""
-
-    alpha: float = 0.5
-    colormap: str = "jet"
-    image_format: OverlayFormat = "png"
-    max_side: int | None = None
-
-    def size_for(self, size: tuple[int, int]) -> tuple[int, int]:
-        """(width, height) scaled down, aspect kept, to at most ``max_side``."""
-        width, height = size
-        if self.max_side is None or max(size) <= self.max_side:
-            return size
-        scale = self.max_side / max(size)
-        return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def _write_images(
-    out: Path,
-    result: InspectionResult,
-    image: Image.Image,
-    prediction: AnomalyPrediction,
-    style: OverlayStyle,
-) -> None:
-    full_map = prediction.map_at_original_size()
-    low, high = prediction.map_range
-    size = style.size_for(image.size)
-    if size == image.size:
-        shown, shown_map = image, full_map
-    else:
-        shown = image.resize(size, Image.Resampling.BILINEAR)
-        preprocessor = prediction.preprocessor or PreProcessor(prediction.anomaly_map.shape[-1])
-        shown_map = preprocessor.map_to_original(prediction.anomaly_map, size, fill=low)
-    blended = overlay(shown, shown_map, style.alpha, low, high, colormap=style.colormap)
-    if style.image_format == "jpeg":
-        result.overlay = f"overlays/{result.name}.jpg"
-        _save_image(blended, out / result.overlay, "JPEG", quality=90)
-    else:
-        result.overlay = f"overlays/{result.name}.png"
-        _save_image(blended, out / result.overlay, "PNG", compress_level=1)  # 2x faster
-    threshold = prediction.postprocessor.pixel_threshold
-    if threshold is not None:
-        result.mask = f"masks/{result.name}.png"
-        _save_image(defect_mask(full_map, threshold), out / result.mask, "PNG")
-    blended.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BILINEAR)
-    result.thumbnail = f"thumbnails/{result.name}.jpg"
-    _save_image(blended, out / result.thumbnail, "JPEG", quality=85)
-
-
-def _write_outputs(
-    summary: InspectionSummary,
-    out: Path | None,
-    jsonl: Path | None,
-    streamed: list[dict[str, Any]],
-    title: str,
-) -> None:
-    """The tables, report and summary; the JSON Lines are rewritten only when what was
-    streamed is not the final list in input order (a resumed run)."""
-    records = [r.to_record(summary.image_threshold) for r in summary.results]
-    extra_fields = list(
-        dict.fromkeys(k for r in summary.results for k in r.columns if k not in RECORD_FIELDS)
-    )
-    if jsonl is not None:
-        if records != streamed:
-            write_jsonl(jsonl, records)
-        summary.files["jsonl"] = str(jsonl)
-    if out is None:
-        return
-    write_csv(out / "predictions.csv", records, extra_fields)
-    summary.files["csv"] = str(out / "predictions.csv")
-    from anomalyclip.report import write_report
-
-    write_report(out / "report.html", records, summary.to_dict(), title=title)
-    summary.files["report"] = str(out / "report.html")
-    summary.files["summary"] = str(out / "summary.json")
-    atomic_write_json(out / "summary.json", summary.to_dict())
-
-
 def _log_outcome(summary: InspectionSummary) -> None:
     verdicts = (
         f", {len(summary.anomalous)} anomalous at threshold {summary.image_threshold:.4g}"
@@ -623,42 +522,3 @@ def _log_outcome(summary: InspectionSummary) -> None:
         logger.warning("skipped %d unreadable inputs:", len(summary.skipped))
         for item in summary.skipped:
             logger.warning("  %s: %s", item.image, item.reason)
-
-
-# writers ---------------------------------------------------------------------------------
-
-
-def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
-    """One JSON object per line; each has at least "image" and "score"."""
-    with atomic_open(path, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, allow_nan=False) + "\n")
-
-
-def write_csv(
-    path: str | Path, records: Iterable[dict[str, Any]], extra_fields: Sequence[str] = ()
-) -> None:
-    """The records as CSV: :data:`CSV_FIELDS`, then ``extra_fields`` (the input CSV's own
-    columns); a missing verdict or cell is empty."""
-    fields = [*CSV_FIELDS, *extra_fields]
-    with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for record in records:
-            writer.writerow({k: _csv_cell(record.get(k)) for k in fields})
-
-
-def _csv_cell(value: Any) -> Any:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return value
-
-
-def save_map(directory: str | Path, prediction: AnomalyPrediction, name: str | None = None) -> Path:
-    """The map at model resolution as ``<name>.npy`` (float32); name defaults to the stem."""
-    target = Path(directory) / f"{name or Path(prediction.source).stem}.npy"
-    with atomic_open(target, "wb") as handle:
-        np.save(handle, prediction.anomaly_map.astype(np.float32))
-    return target

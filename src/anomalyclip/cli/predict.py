@@ -15,7 +15,7 @@ from anomalyclip.cli.options import (
     add_model_arguments,
     add_scoring_arguments,
 )
-from anomalyclip.inference import OVERLAY_FORMATS
+from anomalyclip.inspection_files import OVERLAY_FORMATS
 from anomalyclip.utils.atomic import WriteFailedError
 from anomalyclip.utils.hashing import file_digest
 from anomalyclip.visualize import COLORMAPS

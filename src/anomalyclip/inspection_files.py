@@ -1,0 +1,176 @@
+"""The files an inspection leaves for people: overlays, masks, thumbnails, maps, tables.
+
+Split from :mod:`anomalyclip.inference` so that module keeps one job (the inspection
+loop: scoring, verdicts, resuming) and this one keeps the other (what each result
+becomes on disk and how the final tables look). Every file goes through
+:mod:`anomalyclip.utils.atomic`, so a run killed mid-write leaves no half file behind.
+The streamed JSON Lines and the output folder's ownership are in
+:mod:`anomalyclip.outputs`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+import numpy as np
+from PIL import Image
+
+from anomalyclip.predictor import AnomalyPrediction
+from anomalyclip.preprocess import PreProcessor
+from anomalyclip.report import write_report
+from anomalyclip.utils.atomic import atomic_open, atomic_write_json
+from anomalyclip.visualize import defect_mask, overlay
+
+if TYPE_CHECKING:
+    from anomalyclip.inference import InspectionResult, InspectionSummary
+
+THUMBNAIL_SIDE = 256
+OverlayFormat = Literal["png", "jpeg"]
+OVERLAY_FORMATS: tuple[str, ...] = get_args(OverlayFormat)
+CSV_FIELDS = (
+    "image",
+    "score",
+    "anomalous",
+    "image_threshold",
+    "defect_fraction",
+    "map_max",
+    "width",
+    "height",
+    "overlay",
+    "mask",
+    "map",
+)
+# The fields of every result record: the CSV's and the thumbnail (the input CSV's own
+# columns follow them).
+RECORD_FIELDS = frozenset((*CSV_FIELDS, "thumbnail"))
+
+
+# images ----------------------------------------------------------------------------------
+
+
+def _save_image(image: Image.Image, path: Path, image_format: str, **options: Any) -> None:
+    with atomic_open(path, "wb") as handle:
+        image.save(handle, format=image_format, **options)
+
+
+@dataclass(frozen=True)
+class OverlayStyle:
+    """How overlays are drawn and stored."""
+
+    alpha: float = 0.5
+    colormap: str = "jet"
+    image_format: OverlayFormat = "png"
+    max_side: int | None = None
+
+    def size_for(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) scaled down, aspect kept, to at most ``max_side``."""
+        width, height = size
+        if self.max_side is None or max(size) <= self.max_side:
+            return size
+        scale = self.max_side / max(size)
+        return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def write_images(
+    out: Path,
+    result: InspectionResult,
+    image: Image.Image,
+    prediction: AnomalyPrediction,
+    style: OverlayStyle,
+) -> None:
+    """The overlay, the mask (with a pixel threshold) and the thumbnail of one result;
+    their paths, relative to ``out``, go into ``result``."""
+    full_map = prediction.map_at_original_size()
+    low, high = prediction.map_range
+    size = style.size_for(image.size)
+    if size == image.size:
+        shown, shown_map = image, full_map
+    else:
+        shown = image.resize(size, Image.Resampling.BILINEAR)
+        preprocessor = prediction.preprocessor or PreProcessor(prediction.anomaly_map.shape[-1])
+        shown_map = preprocessor.map_to_original(prediction.anomaly_map, size, fill=low)
+    blended = overlay(shown, shown_map, style.alpha, low, high, colormap=style.colormap)
+    if style.image_format == "jpeg":
+        result.overlay = f"overlays/{result.name}.jpg"
+        _save_image(blended, out / result.overlay, "JPEG", quality=90)
+    else:
+        result.overlay = f"overlays/{result.name}.png"
+        _save_image(blended, out / result.overlay, "PNG", compress_level=1)  # 2x faster
+    threshold = prediction.postprocessor.pixel_threshold
+    if threshold is not None:
+        result.mask = f"masks/{result.name}.png"
+        _save_image(defect_mask(full_map, threshold), out / result.mask, "PNG")
+    blended.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BILINEAR)
+    result.thumbnail = f"thumbnails/{result.name}.jpg"
+    _save_image(blended, out / result.thumbnail, "JPEG", quality=85)
+
+
+def save_map(directory: str | Path, prediction: AnomalyPrediction, name: str | None = None) -> Path:
+    """The map at model resolution as ``<name>.npy`` (float32); name defaults to the stem."""
+    target = Path(directory) / f"{name or Path(prediction.source).stem}.npy"
+    with atomic_open(target, "wb") as handle:
+        np.save(handle, prediction.anomaly_map.astype(np.float32))
+    return target
+
+
+# tables ----------------------------------------------------------------------------------
+
+
+def write_outputs(
+    summary: InspectionSummary,
+    out: Path | None,
+    jsonl: Path | None,
+    streamed: list[dict[str, Any]],
+    title: str,
+) -> None:
+    """The tables, report and summary; the JSON Lines are rewritten only when what was
+    streamed is not the final list in input order (a resumed run)."""
+    records = [r.to_record(summary.image_threshold) for r in summary.results]
+    extra_fields = list(
+        dict.fromkeys(k for r in summary.results for k in r.columns if k not in RECORD_FIELDS)
+    )
+    if jsonl is not None:
+        if records != streamed:
+            write_jsonl(jsonl, records)
+        summary.files["jsonl"] = str(jsonl)
+    if out is None:
+        return
+    write_csv(out / "predictions.csv", records, extra_fields)
+    summary.files["csv"] = str(out / "predictions.csv")
+    write_report(out / "report.html", records, summary.to_dict(), title=title)
+    summary.files["report"] = str(out / "report.html")
+    summary.files["summary"] = str(out / "summary.json")
+    atomic_write_json(out / "summary.json", summary.to_dict())
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
+    """One JSON object per line; each has at least "image" and "score"."""
+    with atomic_open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, allow_nan=False) + "\n")
+
+
+def write_csv(
+    path: str | Path, records: Iterable[dict[str, Any]], extra_fields: Sequence[str] = ()
+) -> None:
+    """The records as CSV: :data:`CSV_FIELDS`, then ``extra_fields`` (the input CSV's own
+    columns); a missing verdict or cell is empty."""
+    fields = [*CSV_FIELDS, *extra_fields]
+    with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for record in records:
+            writer.writerow({k: _csv_cell(record.get(k)) for k in fields})
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
