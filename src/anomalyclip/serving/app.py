@@ -139,17 +139,7 @@ def model_info(
         map_range=post.map_range,
         architecture=identity.get("architecture") or None,
         settings=sanitised(method_settings),
-        limits=Limits(
-            max_upload_bytes=settings.max_upload_bytes,
-            max_pixels=settings.max_pixels,
-            max_batch_size=settings.max_batch_size,
-            max_set_size=settings.max_set_size,
-            max_set_pixels=settings.max_set_pixels,
-            request_timeout_s=settings.request_timeout_s,
-            header_timeout_s=settings.header_timeout_s,
-            body_timeout_s=settings.body_timeout_s,
-            body_deadline_s=settings.body_deadline_s,
-        ),
+        limits=Limits(**{name: getattr(settings, name) for name in Limits.model_fields}),
         version=anomalyclip.__version__,
     )
 
