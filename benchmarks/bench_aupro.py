@@ -1,4 +1,5 @@
-"""AUPRO: the binned ``anomalyclip.metrics.aupro`` against the original evaluation's loop.
+"""AUPRO: the binned ``anomalyclip.evaluation.metrics.aupro`` against the original evaluation's
+loop.
 
 The loop is AnomalyCLIP's ``cal_pro_score`` as written: for each threshold of its grid
 (``numpy.arange`` in 200 steps, which can yield 201 thresholds), binarise every map,
@@ -38,7 +39,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from anomalyclip.metrics import aupro
+from anomalyclip.evaluation.metrics import aupro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_counters, cpu_model, others_cpu_share, write_results  # noqa: E402

@@ -36,9 +36,9 @@ import torch
 from bench_training import architecture, random_clip, shared_dataset, synthetic_dataset
 from common import PAPER_CONFIG, machine_info, markdown_table, write_results
 
-from anomalyclip import evaluation
 from anomalyclip.cli import main as cli_main
 from anomalyclip.data.core import AnomalyDataset
+from anomalyclip.evaluation import evaluate as evaluation
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

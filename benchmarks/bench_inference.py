@@ -82,7 +82,7 @@ def images(count: int, size: int, seed: int) -> np.ndarray:
 
 
 def torch_runner(engine: str, spec: dict[str, Any]) -> Runner:
-    from anomalyclip.quantize import quantize_dynamic
+    from anomalyclip.methods.anomalyclip.quantize import quantize_dynamic
 
     device = spec["device"]
     kind = engine.removeprefix("torch-")
@@ -113,7 +113,7 @@ def torch_runner(engine: str, spec: dict[str, Any]) -> Runner:
 
 
 def onnx_runner(engine: str, spec: dict[str, Any]) -> Runner:
-    from anomalyclip.export import OnnxAnomalyModel
+    from anomalyclip.methods.anomalyclip.onnx import OnnxAnomalyModel
 
     return OnnxAnomalyModel(spec["onnx_files"][engine], threads=spec["threads"])
 
@@ -185,7 +185,7 @@ def export_onnx_files(
     engines: list[str], args: argparse.Namespace, folder: Path
 ) -> tuple[dict[str, str], float]:
     """Export the random model once (and quantise it if asked), in this process."""
-    from anomalyclip.export import export_onnx, quantize_onnx
+    from anomalyclip.methods.anomalyclip.onnx import export_onnx, quantize_onnx
 
     wanted = [e for e in engines if e.startswith("onnx")]
     if not wanted:
@@ -211,7 +211,7 @@ def run_worker(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 def deviation(reference: Path, candidate: Path) -> dict[str, float]:
     """How far an engine's outputs are from float32 PyTorch on the same images."""
-    from anomalyclip.export import output_deviation
+    from anomalyclip.methods.anomalyclip.onnx import output_deviation
 
     ref, other = np.load(reference), np.load(candidate)
     return output_deviation((ref["scores"], ref["maps"]), (other["scores"], other["maps"]))

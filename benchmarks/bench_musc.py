@@ -4,7 +4,7 @@ MSM dominates MuSc: every patch of every image against every patch of every othe
 image, once per feature layer and aggregation degree (4 x 3 = 12 times with the official
 settings). This compares, on the same unit vectors in the same run:
 
-* ``blocked``: :func:`anomalyclip.methods.musc.mutual_scores` (nearest patch by matrix
+* ``blocked``: :func:`anomalyclip.methods.musc.model.mutual_scores` (nearest patch by matrix
   product, its distance computed directly, bounded blocks);
 * ``official``: the official ``compute_scores_fast`` re-derived literally: for each image,
   ``torch.cdist`` against all the others' patches at once, the minimum per image, the
@@ -45,7 +45,7 @@ from common import (  # noqa: E402
     write_results,
 )
 
-from anomalyclip.methods.musc import mutual_scores  # noqa: E402
+from anomalyclip.methods.musc.model import mutual_scores  # noqa: E402
 
 PATCHES = 37 * 37  # 518 px, patch 14
 REFERENCE_CHANNELS = 128  # the reference CLIP of shared/reference/paper

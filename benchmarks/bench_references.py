@@ -39,7 +39,11 @@ from common import (  # noqa: E402
     write_results,
 )
 
-from anomalyclip.methods.references import FewShotAnomalyCLIP, build_bank, nearest_distances  # noqa: E402
+from anomalyclip.methods.anomalyclip.few_shot import (  # noqa: E402
+    FewShotAnomalyCLIP,
+    build_bank,
+    nearest_distances,
+)
 
 
 def random_images(count: int, size: int, seed: int) -> list:

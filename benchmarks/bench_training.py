@@ -31,12 +31,12 @@ from common import VIT_L_14_336, machine_info, markdown_table, write_results
 from PIL import Image
 
 from anomalyclip.backbone.clip import CLIP, CLIPArchitecture
-from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.data.core import AnomalyDataset, Sample
 from anomalyclip.data.industrial import read_mvtec
-from anomalyclip.factory import create_model
-from anomalyclip.feature_cache import FeatureCache
-from anomalyclip.training import TrainOptions, make_deterministic, train
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.embedding_cache import FeatureCache
+from anomalyclip.methods.anomalyclip.model import create_model
+from anomalyclip.methods.anomalyclip.training import TrainOptions, make_deterministic, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

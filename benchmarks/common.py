@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from anomalyclip.backbone.clip import CLIP, CLIPArchitecture
-from anomalyclip.config import AnomalyCLIPConfig
-from anomalyclip.model import AnomalyCLIP
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 from anomalyclip.utils.atomic import atomic_write_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -148,9 +148,9 @@ def run_random_server(port: int, max_pending: int, short_timeouts: bool = False)
     import torch
 
     from anomalyclip.backbone.clip import CLIP, CLIPArchitecture
-    from anomalyclip.config import AnomalyCLIPConfig
-    from anomalyclip.methods.musc import MuSc, MuScConfig
-    from anomalyclip.model import AnomalyCLIP
+    from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+    from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
+    from anomalyclip.methods.musc.model import MuSc, MuScConfig
     from anomalyclip.serving import ServiceSettings, create_app
     from anomalyclip.serving.connections import run_server
 

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from anomalyclip.backbone.tokenizer import tokenize
-from anomalyclip.baselines import (
+from anomalyclip.cli import main
+from anomalyclip.data import open_dataset
+from anomalyclip.methods.anomalyclip.baselines import (
     ABNORMAL_STATES,
     NORMAL_STATES,
     PRESETS,
@@ -21,10 +23,8 @@ from anomalyclip.baselines import (
     get_preset,
     handcrafted_text_features,
 )
-from anomalyclip.cli import main
-from anomalyclip.config import AnomalyCLIPConfig
-from anomalyclip.data import open_dataset
-from anomalyclip.model import AnomalyCLIP
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 from tests.factories import tiny_clip
 
 TINY = dict(

@@ -17,8 +17,8 @@ from anomalyclip.calibration import (
     quantile_threshold,
     read_labels,
 )
-from anomalyclip.checkpoint import read_checkpoint
-from anomalyclip.model import AnomalyCLIP
+from anomalyclip.methods.anomalyclip.checkpoint import read_checkpoint
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 from tests.factories import tiny_clip
 from tests.test_predict import (
     IMAGE_SIZE,

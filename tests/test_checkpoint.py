@@ -7,9 +7,14 @@ import pickle
 import pytest
 import torch
 
-from anomalyclip.checkpoint import apply_prompt_state, config_for, read_checkpoint, save_checkpoint
-from anomalyclip.config import AnomalyCLIPConfig
-from anomalyclip.model import AnomalyCLIP
+from anomalyclip.methods.anomalyclip.checkpoint import (
+    apply_prompt_state,
+    config_for,
+    read_checkpoint,
+    save_checkpoint,
+)
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 from tests.factories import tiny_clip
 
 SMALL = dict(

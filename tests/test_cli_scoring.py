@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from anomalyclip.cli import build_parser
-from anomalyclip.methods.musc_references import MuScWithReferences
-from anomalyclip.methods.references import FewShotAnomalyCLIP, ReferenceBank
+from anomalyclip.methods.anomalyclip.few_shot import FewShotAnomalyCLIP, ReferenceBank
+from anomalyclip.methods.musc.few_shot import MuScWithReferences
 from anomalyclip.methods.tiled import TiledPredictor
 from tests.test_predict import cli, copy_tiles, model_arguments, write_tiny_model
 

@@ -280,7 +280,7 @@ def test_torchrun_shards_a_wrapped_per_image_method(shared_dir, clip_file, tmp_p
 MUSC_SHARDING_SCRIPT = """
 import sys, torch, torch.nn.functional as F
 from anomalyclip import distributed
-from anomalyclip.methods.musc import mutual_scores
+from anomalyclip.methods.musc.model import mutual_scores
 distributed.init_from_env("cpu")
 vectors = F.normalize(torch.randn(9, 16, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
 steps = []
@@ -300,7 +300,7 @@ def test_torchrun_mutual_scoring_in_both_modes_is_the_single_process_result(tmp_
     """Pairs once (the distance table summed) and image by image (the scores summed)."""
     import torch.nn.functional as F
 
-    from anomalyclip.methods.musc import mutual_scores
+    from anomalyclip.methods.musc.model import mutual_scores
 
     script = tmp_path / "shard.py"
     script.write_text(MUSC_SHARDING_SCRIPT)

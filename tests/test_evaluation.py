@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from anomalyclip import metrics
 from anomalyclip.backbone.loading import load_clip
-from anomalyclip.checkpoint import save_checkpoint
 from anomalyclip.cli import main
-from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.data.core import AnomalyDataset, Sample
-from anomalyclip.evaluation import METRICS, class_metrics, evaluate, load_masks
-from anomalyclip.model import AnomalyCLIP
+from anomalyclip.evaluation import metrics
+from anomalyclip.evaluation.evaluate import METRICS, class_metrics, evaluate, load_masks
+from anomalyclip.methods.anomalyclip.checkpoint import save_checkpoint
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 from tests.factories import tiny_clip
 
 TINY = dict(

@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 
 from anomalyclip.backbone.loading import load_clip
-from anomalyclip.checkpoint import save_checkpoint
 from anomalyclip.cli import main
-from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.data.core import AnomalyDataset, Sample
-from anomalyclip.evaluation import METRICS, class_metrics, evaluate, load_masks
-from anomalyclip.model import AnomalyCLIP
+from anomalyclip.evaluation.evaluate import METRICS, class_metrics, evaluate, load_masks
+from anomalyclip.methods.anomalyclip.checkpoint import save_checkpoint
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import Predictor
 from anomalyclip.preprocess import PreProcessor

@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from anomalyclip.checkpoint import save_checkpoint
-from anomalyclip.config import AnomalyCLIPConfig
-from anomalyclip.export import OnnxAnomalyModel, export_onnx, output_deviation
-from anomalyclip.model import AnomalyCLIP
+from anomalyclip.methods.anomalyclip.checkpoint import save_checkpoint
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
+from anomalyclip.methods.anomalyclip.onnx import OnnxAnomalyModel, export_onnx, output_deviation
+from anomalyclip.methods.anomalyclip.quantize import quantize_dynamic
 from anomalyclip.preprocess import ImageLoadError
-from anomalyclip.quantize import quantize_dynamic
 from tests.factories import tiny_clip
 
 ATOL = 1e-4
@@ -214,7 +214,7 @@ def test_cli_export_writes_a_model_that_predict_can_use(tmp_path, caplog):
 
 
 def test_the_inspection_workflow_runs_on_the_onnx_model(exported, tmp_path):
-    from anomalyclip.inference import inspect
+    from anomalyclip.inspection.run import inspect
 
     model, path = exported
     folder = tmp_path / "images"

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from anomalyclip.checkpoint import read_checkpoint, save_checkpoint
 from anomalyclip.cli import main as cli
-from anomalyclip.config import AnomalyCLIPConfig
-from anomalyclip.factory import create_model
+from anomalyclip.methods.anomalyclip.checkpoint import read_checkpoint, save_checkpoint
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.model import create_model
 from anomalyclip.utils.atomic import atomic_torch_save
 from tests.factories import tiny_clip
 

@@ -18,9 +18,9 @@ from anomalyclip import hub
 from anomalyclip.backbone.loading import WeightsError, read_weights
 from anomalyclip.cli import main
 from anomalyclip.data import open_dataset
-from anomalyclip.feature_cache import FeatureCache
-from anomalyclip.training import TrainOptions, train
-from anomalyclip.training_checkpoints import find_checkpoints
+from anomalyclip.methods.anomalyclip.embedding_cache import FeatureCache
+from anomalyclip.methods.anomalyclip.training import TrainOptions, train
+from anomalyclip.methods.anomalyclip.training_checkpoints import find_checkpoints
 from anomalyclip.utils import atomic
 from tests.factories import shared_rows, write_manifest
 from tests.test_training import TINY_FLAGS, tiny_model
@@ -226,13 +226,17 @@ def test_resume_falls_back_from_a_damaged_last_checkpoint(glass_manifest, tmp_pa
     damage(run / "epoch_2.pt")
     damaged = (run / "epoch_2.pt").read_bytes()
 
-    with caplog.at_level(logging.WARNING, logger="anomalyclip.training_checkpoints"):
+    with caplog.at_level(
+        logging.WARNING, logger="anomalyclip.methods.anomalyclip.training_checkpoints"
+    ):
         result = train(
             tiny_model(), dataset, run, TrainOptions(epochs=3), resume=True, progress=False
         )
     assert result.resumed_from == 1
     (warning,) = [
-        r.getMessage() for r in caplog.records if r.name == "anomalyclip.training_checkpoints"
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "anomalyclip.methods.anomalyclip.training_checkpoints"
     ]
     assert str(run / "epoch_2.pt") in warning and f"resuming from {run / 'epoch_1.pt'}" in warning
     if damage is overwrite_inside_a_tensor:
@@ -265,10 +269,14 @@ def test_an_unreadable_cache_entry_is_recomputed_saying_why(
     expected = first.embeddings(images)
     (entry,) = first.directory.rglob("*.pt")
     entry.write_bytes(garbage)
-    with caplog.at_level(logging.WARNING, logger="anomalyclip.feature_cache"):
+    with caplog.at_level(logging.WARNING, logger="anomalyclip.methods.anomalyclip.embedding_cache"):
         again = FeatureCache(tiny_model(), tmp_path, memory=False)
         got = again.embeddings(images)
-    (warning,) = [r.getMessage() for r in caplog.records if r.name == "anomalyclip.feature_cache"]
+    (warning,) = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "anomalyclip.methods.anomalyclip.embedding_cache"
+    ]
     assert f"{entry} is not a readable feature cache entry: " in warning
     assert warning.endswith("; recomputing") and "()" not in warning
     reason = warning.split("entry: ", 1)[1].removesuffix("; recomputing").strip()

@@ -20,14 +20,13 @@ from PIL import Image
 
 from anomalyclip import NonFiniteScoreError
 from anomalyclip.backbone.loading import load_clip
-from anomalyclip.checkpoint import read_checkpoint, save_checkpoint
 from anomalyclip.cli import main as cli
-from anomalyclip.config import AnomalyCLIPConfig
-from anomalyclip.factory import create_model
-from anomalyclip.methods import musc_references
-from anomalyclip.methods.references import ReferenceBank
+from anomalyclip.methods.anomalyclip.checkpoint import read_checkpoint, save_checkpoint
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.few_shot import ReferenceBank
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP, create_model
+from anomalyclip.methods.musc import few_shot as musc_few_shot
 from anomalyclip.methods.tiled import TiledPredictor, Tiling
-from anomalyclip.model import AnomalyCLIP
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, Predictor
 from anomalyclip.preprocess import PreProcessor
@@ -278,14 +277,14 @@ def test_reference_banks_with_nan_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"bank.pt: patches\.2 holds 1 non-finite"):
         ReferenceBank.load(bank.save(tmp_path / "bank.pt"))
     record = {
-        "format": musc_references.BANK_FORMAT,
+        "format": musc_few_shot.BANK_FORMAT,
         "vectors": {"1,2": torch.full((2, 4, 8), float("inf"))},
         "identity": {},
         "sources": ["a.png"],
     }
     torch.save(record, tmp_path / "musc.pt")
     with pytest.raises(ValueError, match=r"musc.pt: vectors\.1,2 holds 64 non-finite"):
-        musc_references.MuScWithReferences.load(None, tmp_path / "musc.pt")  # type: ignore[arg-type]
+        musc_few_shot.MuScWithReferences.load(None, tmp_path / "musc.pt")  # type: ignore[arg-type]
 
 
 # ------------------------------------------- item 14: malformed files, one line each

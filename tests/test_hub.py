@@ -24,11 +24,11 @@ from PIL import Image
 
 from anomalyclip import hub
 from anomalyclip.backbone.loading import load_clip
-from anomalyclip.checkpoint import read_checkpoint, save_checkpoint
 from anomalyclip.cli import main
-from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.hub import cache, entries, transfer
-from anomalyclip.model import AnomalyCLIP
+from anomalyclip.methods.anomalyclip.checkpoint import read_checkpoint, save_checkpoint
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 from anomalyclip.utils import hashing
 from anomalyclip.utils.hashing import file_digest
 from tests.factories import tiny_clip
@@ -518,7 +518,6 @@ def test_user_registry_shares_names(host, tmp_path):
     [
         ({"url": "http://x/y.pth"}, "needs a sha256 or git_blob"),
         ({"path": "a.pth", "sha265": "0"}, "unknown keys sha265"),
-        ({"path": "a.pth", "config": {"image_sise": 1}}, "unknown config keys image_sise"),
         ({"note": "x"}, "needs a 'path' or a 'url'"),
         (
             {"kind": "backbone", "url": "http://x/y.pt", "git_blob": "0" * 40},
@@ -530,6 +529,19 @@ def test_user_registry_mistakes_are_named(host, tmp_path, entry, problem):
     write_registry(tmp_path, {"bad": entry})
     with pytest.raises(ValueError, match=f"registry file .*registry.json.*{problem}"):
         hub.known_checkpoints()
+
+
+def test_registry_config_mistakes_are_named_by_the_method(host, tmp_path):
+    """The hub knows no method's configuration; AnomalyCLIP checks the names when it
+    builds from the entry, before reading any file, naming the registry file."""
+    from anomalyclip.methods.anomalyclip.model import create_model
+
+    write_registry(tmp_path, {"bad": {"path": "a.pth", "config": {"image_sise": 1}}})
+    hub.known_checkpoints()  # reading the registry is fine
+    with pytest.raises(
+        ValueError, match="registry file .*registry.json.*unknown config keys image_sise"
+    ):
+        create_model("bad")
 
 
 def test_user_registry_in_toml(host, tmp_path, monkeypatch):

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 
-from anomalyclip import metrics
-from anomalyclip.metrics import (
+from anomalyclip.evaluation import metrics
+from anomalyclip.evaluation.metrics import (
     aupro,
     image_ap,
     image_auroc,
@@ -382,11 +382,11 @@ def test_binned_aupro_searches_where_float_rounding_squeezes_the_grid(caplog) ->
     masks = blob_masks(rng, (3, 16, 16))
     smooth = random_maps(rng, masks, "smooth", np.float64)
     tiny = ((smooth - smooth.min()) / np.ptp(smooth) * 1e-38).astype(np.float32)
-    with caplog.at_level(logging.DEBUG, logger="anomalyclip.metrics"):
+    with caplog.at_level(logging.DEBUG, logger="anomalyclip.evaluation.metrics"):
         assert aupro(masks, tiny) == pytest.approx(slow_aupro_original(masks, tiny), abs=1e-9)
     assert "searching instead" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="anomalyclip.metrics"):
+    with caplog.at_level(logging.DEBUG, logger="anomalyclip.evaluation.metrics"):
         aupro(masks, smooth)
     assert "searching instead" not in caplog.text
 
@@ -394,7 +394,7 @@ def test_binned_aupro_searches_where_float_rounding_squeezes_the_grid(caplog) ->
 def test_binned_aupro_of_constant_maps_is_undefined(caplog) -> None:
     masks = blob_masks(np.random.default_rng(0), (3, 8, 8))
     for dtype in DTYPES:
-        with caplog.at_level(logging.WARNING, logger="anomalyclip.metrics"):
+        with caplog.at_level(logging.WARNING, logger="anomalyclip.evaluation.metrics"):
             assert math.isnan(aupro(masks, np.full(masks.shape, 0.75, dtype)))
         assert "every map value equals 0.75" in caplog.text
 
@@ -405,7 +405,7 @@ def test_binned_aupro_of_constant_maps_is_undefined(caplog) -> None:
 @pytest.mark.parametrize("metric", [image_auroc, image_ap, image_f1_max])
 @pytest.mark.parametrize("label", [0, 1])
 def test_one_class_labels_give_nan_and_a_warning(metric, label, caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="anomalyclip.metrics"):
+    with caplog.at_level(logging.WARNING, logger="anomalyclip.evaluation.metrics"):
         assert math.isnan(metric([label] * 4, [0.1, 0.2, 0.3, 0.4]))
     kind = "anomalous" if label else "normal"
     assert f"undefined: all 4 labels are {kind}" in caplog.text
@@ -413,7 +413,7 @@ def test_one_class_labels_give_nan_and_a_warning(metric, label, caplog) -> None:
 
 def test_undefined_aupro_gives_nan_and_a_warning(caplog) -> None:
     maps = np.linspace(0, 1, 32).reshape(2, 4, 4)
-    with caplog.at_level(logging.WARNING, logger="anomalyclip.metrics"):
+    with caplog.at_level(logging.WARNING, logger="anomalyclip.evaluation.metrics"):
         assert math.isnan(aupro(np.zeros((2, 4, 4)), maps))
         assert math.isnan(aupro(np.ones((2, 4, 4)), maps))
         assert math.isnan(aupro(np.eye(4)[None], np.full((1, 4, 4), 0.25)))

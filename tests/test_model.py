@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from anomalyclip.config import AnomalyCLIPConfig
-from anomalyclip.losses import glocal_loss
 from anomalyclip.maps import gaussian_smooth
-from anomalyclip.model import AnomalyCLIP
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.losses import glocal_loss
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 from tests.factories import tiny_clip
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from anomalyclip.methods.musc import (
+from anomalyclip.methods.musc.model import (
     MuSc,
     MuScConfig,
     divide_indices,

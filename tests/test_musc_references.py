@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from anomalyclip.methods.musc import MuSc, MuScConfig, lnamd
-from anomalyclip.methods.musc_references import MuScWithReferences
-from anomalyclip.methods.references import ReferenceError, with_references
-from anomalyclip.metrics import image_auroc, pixel_auroc
+from anomalyclip.evaluation.metrics import image_auroc, pixel_auroc
+from anomalyclip.methods.assemble import with_references
+from anomalyclip.methods.musc.few_shot import MuScWithReferences
+from anomalyclip.methods.musc.model import MuSc, MuScConfig, lnamd
+from anomalyclip.methods.references import ReferenceError
 from tests.factories import tiny_clip
 
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from anomalyclip.checkpoint import save_checkpoint
-from anomalyclip.config import AnomalyCLIPConfig
-from anomalyclip.inference import inspect, iter_predictions, output_names
 from anomalyclip.inputs import gather_images, read_image_csv
-from anomalyclip.inspection_files import CSV_FIELDS
-from anomalyclip.model import AnomalyCLIP
+from anomalyclip.inspection.records import CSV_FIELDS
+from anomalyclip.inspection.run import inspect, iter_predictions, output_names
+from anomalyclip.methods.anomalyclip.checkpoint import save_checkpoint
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 from tests.factories import tiny_clip
 
 IMAGE_SIZE = 64

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomalyclip.report import captions
+from anomalyclip.inspection.report import captions
 from tests.test_predict import cli, copy_tiles, model_arguments, write_tiny_model
 
 
@@ -95,8 +95,7 @@ def test_overlays_as_jpeg_scaled_down_masks_at_full_size(tmp_path, tiny_model_fi
 
 
 def test_record_fields_name_every_field_of_a_record():
-    from anomalyclip.inference import InspectionResult
-    from anomalyclip.inspection_files import RECORD_FIELDS
+    from anomalyclip.inspection.records import RECORD_FIELDS, InspectionResult
 
     result = InspectionResult("a.png", "a", 0.5, None, 4, 3, 1.0, None, columns={"line": "L1"})
     assert set(result.to_record()) == RECORD_FIELDS | {"line"}

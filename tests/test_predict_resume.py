@@ -20,9 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-from anomalyclip import outputs
-from anomalyclip.inference import inspect
-from anomalyclip.model import AnomalyCLIP
+from anomalyclip.inspection import run_folder
+from anomalyclip.inspection.run import inspect
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import Predictor
 from anomalyclip.preprocess import PreProcessor
@@ -32,7 +32,7 @@ BATCH = "2"
 RUN_SPECIFIC = ("seconds", "resumed", "files", "output_dir")  # summary keys
 # The child scores slowly (50 ms an image) so that the kill lands in the middle of the run.
 LAUNCH = (
-    "import sys, time; import anomalyclip.inference as inference; "
+    "import sys, time; import anomalyclip.inspection.run as inference; "
     "draw = inference.write_images; "
     "inference.write_images = lambda *a: (time.sleep(0.05), draw(*a))[1]; "
     "from anomalyclip.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -199,7 +199,7 @@ def test_a_full_disk_under_the_jsonl_cuts_it_back_to_whole_lines(
     def filling_open(path, mode="r", **kwargs):
         return FillingFile(open(path, mode, **kwargs), len(first_batches) + 40)
 
-    monkeypatch.setattr(outputs, "open", filling_open, raising=False)
+    monkeypatch.setattr(run_folder, "open", filling_open, raising=False)
     with caplog.at_level(logging.ERROR):
         assert cli("predict", images, *run_flags(tiny_model_files, out)) == 2
     monkeypatch.undo()

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from anomalyclip.backbone.tokenizer import tokenize
-from anomalyclip.checkpoint import apply_prompt_state, read_checkpoint
-from anomalyclip.config import AnomalyCLIPConfig
-from anomalyclip.losses import glocal_loss
-from anomalyclip.model import AnomalyCLIP
+from anomalyclip.methods.anomalyclip.checkpoint import apply_prompt_state, read_checkpoint
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.losses import glocal_loss
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 from anomalyclip.preprocess import PreProcessor
 
 ATOL = 1e-4
@@ -185,7 +185,7 @@ def test_cli_predict_reproduces_reference(tmp_path, shared_dir, reference_dir, r
 
 
 def test_authors_layout_round_trip(tmp_path, reference_model, reference_dir):
-    from anomalyclip.checkpoint import save_checkpoint
+    from anomalyclip.methods.anomalyclip.checkpoint import save_checkpoint
 
     authors = save_checkpoint(tmp_path / "epoch_15.pth", reference_model, layout="authors")
     original = torch.load(reference_dir / "prompt_learner_checkpoint.pth", weights_only=True)

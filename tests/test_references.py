@@ -9,14 +9,14 @@ import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from anomalyclip.config import AnomalyCLIPConfig
-from anomalyclip.methods.references import (
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.few_shot import (
     FewShotAnomalyCLIP,
     ReferenceBank,
     ReferenceError,
     build_bank,
 )
-from anomalyclip.model import AnomalyCLIP
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 from tests.factories import tiny_clip
 
 SIZE = 64  # a 8 x 8 grid with the tiny CLIP's 8-pixel patches

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from anomalyclip.report import render_report, write_report
+from anomalyclip.inspection.report import render_report, write_report
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, require_browser
 
 

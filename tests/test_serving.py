@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from anomalyclip.cli import build_parser
-from anomalyclip.config import AnomalyCLIPConfig
-from anomalyclip.model import AnomalyCLIP
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 from anomalyclip.serving import ServiceSettings, create_app
 from anomalyclip.serving.uploads import display_name
 from anomalyclip.serving.worker import InferenceWorker, ServiceBusy

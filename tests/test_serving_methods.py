@@ -10,7 +10,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from anomalyclip.cli import build_parser
-from anomalyclip.export import OnnxAnomalyModel, export_onnx
+from anomalyclip.methods.anomalyclip.onnx import OnnxAnomalyModel, export_onnx
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import Predictor
 from anomalyclip.preprocess import PreProcessor
@@ -170,7 +170,7 @@ def test_an_onnx_export_is_served_like_the_torch_model(tmp_path, monkeypatch):
 
 
 def test_reference_sets_are_kept_and_used_by_later_requests():
-    from anomalyclip.methods.references import FewShotAnomalyCLIP
+    from anomalyclip.methods.anomalyclip.few_shot import FewShotAnomalyCLIP
 
     model = tiny_model()
     references = [noise_png(64, 64, seed=40 + i) for i in range(3)]

@@ -13,10 +13,10 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from anomalyclip.backbone.clip import CLIP, QuickGELU
-from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.maps import gaussian_smooth, smoothing_matrix
-from anomalyclip.model import AnomalyCLIP
-from anomalyclip.quantize import is_quantized, quantize_dynamic
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
+from anomalyclip.methods.anomalyclip.quantize import is_quantized, quantize_dynamic
 from tests.conftest import REPO_ROOT
 from tests.factories import tiny_clip
 

@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from anomalyclip.cli import main
-from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.data import open_dataset
-from anomalyclip.factory import create_model
-from anomalyclip.feature_cache import CacheKey, FeatureCache
-from anomalyclip.losses import glocal_loss, local_loss
-from anomalyclip.model import AnomalyCLIP
-from anomalyclip.training import (
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.embedding_cache import CacheKey, FeatureCache
+from anomalyclip.methods.anomalyclip.losses import glocal_loss, local_loss
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP, create_model
+from anomalyclip.methods.anomalyclip.training import (
     TrainOptions,
     batch_loss,
     select_embeddings,
@@ -247,7 +246,7 @@ def test_cache_key_covers_what_the_embeddings_depend_on():
 def test_image_level_data_trains_the_global_loss_and_says_so(headct_manifest, tmp_path, caplog):
     dataset = open_dataset(headct_manifest, allow_outside_paths=True)
     assert not dataset.pixel_level
-    with caplog.at_level(logging.WARNING, logger="anomalyclip.training"):
+    with caplog.at_level(logging.WARNING, logger="anomalyclip.methods.anomalyclip.training"):
         result = train(tiny_model(), dataset, tmp_path, TrainOptions(epochs=1), progress=False)
     assert "training on image-level labels only: global loss" in caplog.text
     entry = result.history[0]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomalyclip.config import AnomalyCLIPConfig
-from anomalyclip.model import AnomalyPrediction
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.model import AnomalyPrediction
 from anomalyclip.visualize import (
     COLORMAPS,
     colorbar,
@@ -80,7 +80,11 @@ def test_default_overlay_of_a_prediction_uses_the_models_map_range():
     config = AnomalyCLIPConfig(features=(24,))  # the registered mvtec/visa setting
     image = Image.new("RGB", (8, 8), (0, 0, 0))
     prediction = AnomalyPrediction(
-        "x", 0.9, np.full((8, 8), 1.0, np.float32), (8, 8), config.preprocessor(),
+        "x",
+        0.9,
+        np.full((8, 8), 1.0, np.float32),
+        (8, 8),
+        config.preprocessor(),
         config.postprocessor(),
     )
     top = tuple(colormap_table("jet")[255])

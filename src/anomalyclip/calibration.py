@@ -32,12 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.data.core import ANOMALOUS_LABELS, NORMAL_LABELS
 from anomalyclip.data.core import parse_label as parse_dataset_label
-from anomalyclip.inference import iter_predictions
 from anomalyclip.inputs import expand_sources, read_image_csv
-from anomalyclip.model import AnomalyCLIP
+from anomalyclip.inspection.run import iter_predictions
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 from anomalyclip.predictor import Predictor, SkippedImage
 from anomalyclip.preprocess import ImageSource
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -126,6 +126,11 @@ class Predictor(ABC):
     @abstractmethod
     def score_tensors(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Scores (B,) and maps (B, S, S), float32 numpy, for preprocessed (B, 3, S, S)."""
+
+    def layers(self) -> tuple[Predictor, Callable[[Predictor], Predictor]]:
+        """The method under any wrappers (tiles), and how to wrap another the same way:
+        references given later apply to the method itself, then the wrappers again."""
+        return self, lambda method: method
 
     def describe(self) -> dict[str, Any]:
         """What the service and reports show about the model."""

@@ -144,7 +144,8 @@ class SelfAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)
-        # A module standing in for in_proj_weight/bias (see anomalyclip.quantize).
+        # A module standing in for in_proj_weight/bias (see
+        # anomalyclip.methods.anomalyclip.quantize).
         self.in_proj: nn.Module | None = None
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from anomalyclip.cli import options
 from anomalyclip.cli.options import (
     add_decoding_arguments,
     add_model_arguments,
     add_scoring_arguments,
-    build_model,
 )
 
 if TYPE_CHECKING:
+    from anomalyclip.methods.anomalyclip.few_shot import ReferenceBank
+    from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
     from anomalyclip.predictor import Predictor
 
 logger = logging.getLogger(__name__)
@@ -132,8 +134,8 @@ def _source_extra(checkpoint: str | None) -> dict:
     """The extra data of the checkpoint being calibrated, kept in the calibrated one."""
     if checkpoint is None:
         return {}
-    from anomalyclip.checkpoint import read_checkpoint
     from anomalyclip.hub import resolve_checkpoint
+    from anomalyclip.methods.anomalyclip.checkpoint import read_checkpoint
 
     path, _ = resolve_checkpoint(checkpoint)
     return dict(read_checkpoint(path).extra)
@@ -141,24 +143,32 @@ def _source_extra(checkpoint: str | None) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from anomalyclip.calibration import calibrate
-    from anomalyclip.checkpoint import save_checkpoint
+    from anomalyclip.methods.anomalyclip.checkpoint import save_checkpoint
     from anomalyclip.utils.atomic import atomic_write_json
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     import torch
 
-    from anomalyclip.methods.references import FewShotAnomalyCLIP
+    from anomalyclip.methods.anomalyclip.few_shot import FewShotAnomalyCLIP
+    from anomalyclip.methods.assemble import assemble
+    from anomalyclip.methods.references import bank_path_for
+    from anomalyclip.methods.tiled import TiledPredictor, Tiling
 
-    model = build_model(args)
-    bank = options.reference_bank(model, args)
+    spec = options.spec_from_args(args)
+    untiled = assemble(dataclasses.replace(spec, tile_size=None))
+    # calibrate writes AnomalyCLIP's checkpoint: the model, and the bank of its reference
+    # mode when it has one (the few-shot model holds both)
+    model = cast("AnomalyCLIP", getattr(untiled, "model", untiled))
+    bank: ReferenceBank | None = getattr(untiled, "bank", None)
     good, anomalous, masks = _examples(args, references=bank is not None)
     scorer: Predictor = model
     if bank is not None:
         # without other good images, the references are scored against each other
         scorer = FewShotAnomalyCLIP(model, bank, leave_one_out=not good)
         good = good or list(bank.sources)
-    scorer = options.with_tiles(scorer, args)
+    if spec.tile_size:
+        scorer = TiledPredictor(scorer, Tiling(spec.tile_size, spec.tile_overlap), spec.batch_size)
     result = calibrate(
         scorer,
         good,
@@ -174,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     extra = {**_source_extra(args.checkpoint), "calibration": details}
     if bank is not None:  # first: a checkpoint never names a bank that is not there
         stored = bank.to(torch.float16) if args.bank_dtype == "float16" else bank
-        stored.save(options.bank_path_for(args.output))
+        stored.save(bank_path_for(args.output))
     save_checkpoint(args.output, model, extra=extra)
     if args.summary:
         atomic_write_json(args.summary, details)

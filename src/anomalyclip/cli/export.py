@@ -17,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Export the image path (preprocessed images -> image scores and "
         "smoothed anomaly maps at model resolution) as ONNX, the text features baked in. "
         "The file carries the configuration; score with `anomalyclip predict --onnx FILE` "
-        "or anomalyclip.export.OnnxAnomalyModel. The batch size stays free, the image size "
+        "or anomalyclip.methods.anomalyclip.onnx.OnnxAnomalyModel. The batch size stays free, the "
+        "image size "
         "is fixed at export.",
     )
     add_model_arguments(parser)
@@ -39,7 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from anomalyclip.export import OnnxAnomalyModel, compare_with_torch, export_onnx
+    from anomalyclip.methods.anomalyclip.onnx import (
+        OnnxAnomalyModel,
+        compare_with_torch,
+        export_onnx,
+    )
 
     model = build_model(args)
     path = export_onnx(model, args.output, quantize=args.quantize, opset=args.opset)

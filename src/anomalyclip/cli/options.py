@@ -3,7 +3,7 @@
 ``predict``, ``calibrate``, ``export``, ``serve``, ``test`` and ``train`` all take the
 same model options (weights, checkpoint, configuration overrides, device); ``test`` and
 ``train`` add the ablation knobs and the dataset arguments. :func:`build_model` hands
-them to :func:`anomalyclip.factory.create_model`.
+them to :func:`anomalyclip.methods.anomalyclip.model.create_model`.
 """
 
 from __future__ import annotations
@@ -14,13 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from anomalyclip.config import DPAM_MODES, GLOBAL_HEADS, PROMPT_MODES, TEXT_PROMPTS
+from anomalyclip.methods.anomalyclip.config import (
+    DPAM_MODES,
+    GLOBAL_HEADS,
+    PROMPT_MODES,
+    TEXT_PROMPTS,
+)
 
 if TYPE_CHECKING:
     from anomalyclip.data.core import AnomalyDataset
-    from anomalyclip.feature_cache import FeatureCache
-    from anomalyclip.methods.references import ReferenceBank
-    from anomalyclip.model import AnomalyCLIP
+    from anomalyclip.methods.anomalyclip.embedding_cache import FeatureCache
+    from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
+    from anomalyclip.methods.assemble import PredictorSpec
     from anomalyclip.predictor import Predictor
 
 logger = logging.getLogger(__name__)
@@ -38,10 +43,14 @@ ABLATION_OPTIONS = (
 )
 
 
+# What --checkpoint says when not given, for the commands that score with a checkpoint.
+CHECKPOINT_DEFAULT = "mvtec"
+
+
 def add_model_arguments(
     parser: argparse.ArgumentParser,
     *,
-    checkpoint: str | None = "mvtec",
+    checkpoint: str | None = CHECKPOINT_DEFAULT,
     with_checkpoint: bool = True,
     ablations: bool = False,
     training: bool = False,
@@ -99,7 +108,7 @@ def add_model_arguments(
 
 
 def _add_ablation_arguments(parser: argparse.ArgumentParser, training: bool) -> None:
-    from anomalyclip.baselines import PRESETS
+    from anomalyclip.methods.anomalyclip.baselines import PRESETS
 
     group = parser.add_argument_group("method and ablations (defaults: the paper's)")
     group.add_argument(
@@ -145,19 +154,15 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_model(args: argparse.Namespace, seed: int = 0) -> AnomalyCLIP:
-    """The one place a command turns its options into a model."""
-    from anomalyclip.baselines import get_preset
-    from anomalyclip.factory import NO_CHECKPOINT, create_model
+    """AnomalyCLIP itself, for the commands that need the model rather than a scorer
+    (``train``: fresh prompts unless ``--init`` names some)."""
+    from anomalyclip.methods.anomalyclip.baselines import get_preset
+    from anomalyclip.methods.anomalyclip.factory import NO_CHECKPOINT
+    from anomalyclip.methods.anomalyclip.model import create_model
 
     preset = get_preset(args.preset) if getattr(args, "preset", None) else None
-    if hasattr(args, "init"):  # training: fresh prompts unless --init names some
-        checkpoint = args.init or NO_CHECKPOINT
-    else:
-        checkpoint = getattr(args, "checkpoint", NO_CHECKPOINT)
-    if checkpoint is None:
-        checkpoint = NO_CHECKPOINT if preset is not None and not preset.trained else "mvtec"
     return create_model(
-        checkpoint,
+        args.init or NO_CHECKPOINT,
         clip_weights=args.clip_weights,
         preset=preset,
         overrides=model_overrides(args),
@@ -178,7 +183,7 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument(
         "--method",
-        choices=[DEFAULT_METHOD, *METHODS],
+        choices=list(METHODS),
         default=DEFAULT_METHOD,
         help="scoring method: anomalyclip (learned prompts, image by image) or musc (no "
         "prompts, no training: the images given score each other, as one set; default "
@@ -266,104 +271,78 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def with_references_and_tiles(predictor: Predictor, args: argparse.Namespace) -> Predictor:
-    """``predictor`` with ``--reference`` (or the bank its checkpoint was calibrated
-    with) and then ``--tile-size`` applied."""
-    from anomalyclip.methods.musc import MuSc
+def spec_from_args(args: argparse.Namespace, seed: int = 0) -> PredictorSpec:
+    """What the options describe, for :func:`anomalyclip.methods.assemble.assemble`."""
+    from anomalyclip.methods import method_named
+    from anomalyclip.methods.assemble import PredictorSpec
 
-    references = getattr(args, "reference", None)
-    if isinstance(predictor, MuSc) and references:
-        from anomalyclip.inputs import gather_images
-        from anomalyclip.methods.musc_references import MuScWithReferences
-        from anomalyclip.methods.references import with_references
-
-        if len(references) == 1 and Path(references[0]).suffix == ".pt":
-            predictor = MuScWithReferences.load(predictor, references[0])
-        else:
-            predictor = with_references(predictor, gather_images(references))
-        return with_tiles(predictor, args)
-    bank = reference_bank(predictor, args)
-    if bank is not None:
-        from anomalyclip.methods.references import FewShotAnomalyCLIP
-        from anomalyclip.model import AnomalyCLIP
-
-        assert isinstance(predictor, AnomalyCLIP)  # reference_bank refuses anything else
-        predictor = FewShotAnomalyCLIP(predictor, bank)
-    return with_tiles(predictor, args)
-
-
-def with_tiles(predictor: Predictor, args: argparse.Namespace) -> Predictor:
-    tile_size = getattr(args, "tile_size", None)
-    if not tile_size:
-        return predictor
-    from anomalyclip.methods.tiled import TiledPredictor, Tiling
-
-    tiling = Tiling(tile_size, getattr(args, "tile_overlap", 0.25))
-    return TiledPredictor(predictor, tiling, getattr(args, "batch_size", 8))
-
-
-def bank_path_for(checkpoint: str | Path) -> Path:
-    """Where ``calibrate --reference`` writes the bank: beside the checkpoint."""
-    return Path(checkpoint).with_suffix(".bank.pt")
-
-
-def reference_bank(predictor: Predictor, args: argparse.Namespace) -> ReferenceBank | None:
-    """The bank ``--reference`` names (images, or a bank file), else the one the
-    checkpoint was calibrated with (found beside it), else None."""
-    from anomalyclip.methods.references import ReferenceBank, ReferenceError, build_bank
-    from anomalyclip.model import AnomalyCLIP
-
-    references = getattr(args, "reference", None)
-    recorded = None
-    if isinstance(predictor, AnomalyCLIP):
-        recorded = (predictor.config.extra.get("calibrated_with") or {}).get("reference_bank")
-    if not references and recorded is None:
-        return None
-    if not isinstance(predictor, AnomalyCLIP):
-        raise ValueError(f"--reference is not available for --method {predictor.method} yet")
-    if references and len(references) == 1 and Path(references[0]).suffix == ".pt":
-        bank = ReferenceBank.load(references[0])
-    elif references:
-        from anomalyclip.inputs import gather_images
-
-        bank = build_bank(predictor, gather_images(references))
-    else:
-        path = bank_path_for(getattr(args, "checkpoint", None) or "")
-        if not path.is_file():
-            raise ReferenceError(
-                f"the checkpoint was calibrated with reference images, but their bank {path} "
-                "is missing; pass --reference with the bank file or the images"
-            )
-        bank = ReferenceBank.load(path)
-        if bank.digest != recorded:
-            raise ReferenceError(
-                f"{path} holds other references than the checkpoint was calibrated with; "
-                "pass --reference with the right bank file or images"
-            )
-    logger.info("reference bank: %d images, %.1f MB in memory", bank.count, bank.nbytes / 1e6)
-    return bank
+    name = getattr(args, "method", DEFAULT_METHOD)
+    method = method_named(name)
+    return PredictorSpec(
+        method=name,
+        checkpoint=_checkpoint(args) if method.has_checkpoint else _stray_checkpoint(args),
+        weights=args.clip_weights,
+        overrides=_anomalyclip_overrides(args) if method.has_checkpoint else _set_overrides(args),
+        references=tuple(getattr(args, "reference", None) or ()),
+        tile_size=getattr(args, "tile_size", None),
+        tile_overlap=getattr(args, "tile_overlap", 0.25),
+        batch_size=getattr(args, "batch_size", 8),
+        onnx=getattr(args, "onnx", None),
+        device=args.device,
+        seed=seed,
+        progress=not getattr(args, "no_progress", True),
+    )
 
 
 def build_predictor(args: argparse.Namespace, seed: int = 0) -> Predictor:
-    """The scoring method ``--method`` names, built from the shared model options, with
-    references and tiling applied where the command offers them."""
-    return with_references_and_tiles(build_method(args, seed), args)
+    """The scoring method the options name, with references and tiles where the command
+    offers them: the one way every command builds what it scores with."""
+    from anomalyclip.methods.assemble import assemble
+
+    return assemble(spec_from_args(args, seed))
 
 
 def build_method(args: argparse.Namespace, seed: int = 0) -> Predictor:
-    """The scoring method ``--method`` names, as it is."""
-    method = getattr(args, "method", DEFAULT_METHOD)
-    if method == DEFAULT_METHOD:
-        return build_model(args, seed=seed)
-    from anomalyclip.methods import create_predictor
+    """The scoring method ``--method`` names, as it is (no references, no tiles)."""
+    from anomalyclip.methods.assemble import build_method as build
 
+    return build(spec_from_args(args, seed))
+
+
+def _checkpoint(args: argparse.Namespace) -> str:
+    """``--checkpoint``; without one, ``mvtec``, or none for an untrained baseline preset."""
+    from anomalyclip.methods.anomalyclip.baselines import get_preset
+    from anomalyclip.methods.anomalyclip.factory import NO_CHECKPOINT
+
+    checkpoint = getattr(args, "checkpoint", NO_CHECKPOINT)
+    if checkpoint is None:
+        preset = get_preset(args.preset) if getattr(args, "preset", None) else None
+        checkpoint = NO_CHECKPOINT if preset is not None and not preset.trained else "mvtec"
+    return str(checkpoint)
+
+
+def _stray_checkpoint(args: argparse.Namespace) -> str | None:
+    """A ``--checkpoint`` given to a method that has none (the method refuses it); the
+    option's own default is not one."""
+    checkpoint = getattr(args, "checkpoint", None)
+    return None if checkpoint in (None, CHECKPOINT_DEFAULT) else str(checkpoint)
+
+
+def _anomalyclip_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {**model_overrides(args), "preset": getattr(args, "preset", None)}
+
+
+def _set_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings of a method other than AnomalyCLIP; AnomalyCLIP's own options are
+    refused with it, not silently ignored."""
+    method = getattr(args, "method", DEFAULT_METHOD)
     given = [f"--{n.replace('_', '-')}" for n in ANOMALYCLIP_ONLY if getattr(args, n, None)]
     if given:
         raise ValueError(f"{', '.join(given)} apply to AnomalyCLIP only, not --method {method}")
     rscin_k = getattr(args, "rscin_k", None)
     features = getattr(args, "features", None)
     degrees = getattr(args, "musc_degrees", None)
-    overrides = {
+    return {
         "image_size": getattr(args, "image_size", None),
         "features": tuple(features) if features else None,
         "degrees": tuple(degrees) if degrees else None,
@@ -371,21 +350,7 @@ def build_method(args: argparse.Namespace, seed: int = 0) -> Predictor:
         "rscin_k": None if rscin_k is None else tuple(k for k in rscin_k if k != 0),
         "divide_num": getattr(args, "musc_divide_num", None),
         "batch_size": getattr(args, "batch_size", None),
-        "seed": seed,
     }
-    predictor = create_predictor(
-        method,
-        args.clip_weights,
-        overrides=overrides,
-        device=args.device,
-    )
-    # a set takes minutes on a CPU: the command shows a bar over its scoring, which the
-    # library leaves off; commands without --no-progress show none
-    from anomalyclip.methods.musc import MuSc
-
-    if isinstance(predictor, MuSc):
-        predictor.progress = not getattr(args, "no_progress", True)
-    return predictor
 
 
 def add_progress_argument(parser: argparse.ArgumentParser) -> None:
@@ -486,7 +451,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, many: bool) -> None:
 
 def make_cache(model: AnomalyCLIP, args: argparse.Namespace, memory: bool) -> FeatureCache:
     """The embedding cache, keyed by the backbone's checksum when it has one."""
-    from anomalyclip.feature_cache import DEFAULT_MEMORY_LIMIT, FeatureCache
+    from anomalyclip.methods.anomalyclip.embedding_cache import DEFAULT_MEMORY_LIMIT, FeatureCache
 
     limit = getattr(args, "cache_memory_gb", None)
     return FeatureCache(

@@ -15,13 +15,13 @@ from anomalyclip.cli.options import (
     add_model_arguments,
     add_scoring_arguments,
 )
-from anomalyclip.inspection_files import OVERLAY_FORMATS
+from anomalyclip.inspection.files import OVERLAY_FORMATS
 from anomalyclip.utils.atomic import WriteFailedError
 from anomalyclip.utils.hashing import file_digest
 from anomalyclip.visualize import COLORMAPS
 
 if TYPE_CHECKING:
-    from anomalyclip.inference import InspectionSummary
+    from anomalyclip.inspection.records import InspectionSummary
     from anomalyclip.predictor import Predictor
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
     paths = gather_images(args.inputs, include_annotations=args.include_annotations)
-    model = build_predictor(args)
+    model = options.build_predictor(args)
     output = args.output
     if output is None and args.output_dir is None:
         output = "predictions.jsonl"
@@ -146,8 +146,8 @@ def run(args: argparse.Namespace) -> int:
 def _inspect(
     args: argparse.Namespace, paths: list[Path], model: Predictor, output: str | None
 ) -> InspectionSummary:
-    from anomalyclip.inference import inspect
     from anomalyclip.inputs import input_columns
+    from anomalyclip.inspection.run import inspect
 
     return inspect(
         paths,
@@ -208,16 +208,3 @@ def summary_text(summary: InspectionSummary) -> str:
     elif "jsonl" in summary.files:
         lines.append(f"results: {summary.files['jsonl']}")
     return "\n".join(lines)
-
-
-def build_predictor(args: argparse.Namespace) -> Predictor:
-    """The scoring method the options name: an exported ONNX model, or ``--method``'s."""
-    if getattr(args, "onnx", None):
-        from anomalyclip.export import OnnxAnomalyModel
-
-        if getattr(args, "method", options.DEFAULT_METHOD) != options.DEFAULT_METHOD:
-            raise ValueError("--onnx scores with an exported AnomalyCLIP; drop --method")
-        if getattr(args, "reference", None):
-            raise ValueError("--reference needs the torch model; drop --onnx")
-        return options.with_tiles(OnnxAnomalyModel(args.onnx), args)
-    return options.build_predictor(args)

@@ -13,7 +13,6 @@ from anomalyclip.cli.options import (
     add_model_arguments,
     add_scoring_arguments,
 )
-from anomalyclip.cli.predict import build_predictor
 
 if TYPE_CHECKING:
     from anomalyclip.predictor import Predictor
@@ -38,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--offer",
         nargs="+",
         default=[],
-        choices=[options.DEFAULT_METHOD, *METHODS],
+        choices=list(METHODS),
         metavar="METHOD",
         help="also offer these methods (with their default settings and the same "
         "--clip-weights); requests and the page choose with ?method=NAME",
@@ -155,13 +154,17 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
 
 def served_methods(args: argparse.Namespace) -> dict[str, Predictor]:
     """The main method (``--method``, ``--onnx``), then each of ``--offer``."""
-    main = build_predictor(args)
+    main = options.build_predictor(args)
     methods = {main.method: main}
     for name in args.offer:
         if name in methods:
             continue
         # the main method's own options (its checkpoint, say) are not the offered one's
-        own = {} if name == options.DEFAULT_METHOD else dict.fromkeys(options.ANOMALYCLIP_ONLY)
+        own = (
+            {}
+            if name == options.DEFAULT_METHOD
+            else dict.fromkeys((*options.ANOMALYCLIP_ONLY, "checkpoint"))
+        )
         changes = {"method": name, "reference": None, "tile_size": None, **own}
         offered = argparse.Namespace(**{**vars(args), **changes})
         methods[name] = options.build_method(offered)

@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
 def evaluate_on(args: argparse.Namespace) -> int:
     """The evaluation of one process (of several under torchrun); rank 0 writes."""
     from anomalyclip import distributed
-    from anomalyclip.evaluation import evaluate, summary_table, write_summary
-    from anomalyclip.model import AnomalyCLIP
+    from anomalyclip.evaluation.evaluate import evaluate, summary_table, write_summary
+    from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")

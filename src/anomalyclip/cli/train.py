@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from anomalyclip import distributed
 
     if args.deterministic:
-        from anomalyclip.training import make_deterministic
+        from anomalyclip.methods.anomalyclip.training import make_deterministic
 
         make_deterministic()
     with distributed.process_group(args.device) as device:
@@ -98,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
 def train_on(args: argparse.Namespace, device: torch.device) -> int:
     """The training run of one process (of several under torchrun) on ``device``."""
     from anomalyclip import distributed
-    from anomalyclip.baselines import get_preset
-    from anomalyclip.training import TrainOptions, train
+    from anomalyclip.methods.anomalyclip.baselines import get_preset
+    from anomalyclip.methods.anomalyclip.training import TrainOptions, train
 
     preset = get_preset(args.preset) if args.preset else None
     if preset is not None and not preset.trained:

@@ -73,9 +73,11 @@ class RemoteFile:
 class CheckpointInfo:
     """A named prompt checkpoint, the backbone it belongs to and the settings published with it.
 
-    ``config`` holds :class:`~anomalyclip.config.AnomalyCLIPConfig` field overrides; they
-    apply to checkpoints in the authors' layout, which carry no configuration of their own.
-    A name is either downloadable (``file``) or a local file (``path``).
+    ``config`` holds configuration field overrides of the method the checkpoint belongs
+    to; they apply to checkpoints in the authors' layout, which carry no configuration of
+    their own, and the method checks their names when it uses them (the hub knows no
+    method). A name is either downloadable (``file``) or a local file (``path``);
+    ``where`` says where it was defined, for messages.
     """
 
     name: str
@@ -85,3 +87,4 @@ class CheckpointInfo:
     trained_on: str = ""
     note: str = ""
     path: str | None = None
+    where: str = "the built-in registry"

@@ -8,14 +8,12 @@ built-in ones, in a registry file; it is read at every lookup, so edits apply at
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.hub.entries import CheckpointInfo, RemoteFile
 from anomalyclip.hub.settings import user_registry_path
 
@@ -185,13 +183,6 @@ def _checkpoint_from_entry(
     config = entry.get("config", {})
     if not isinstance(config, dict):
         raise ValueError(f"{where}: entry {name!r}: 'config' must be an object")
-    known_fields = {f.name for f in dataclasses.fields(AnomalyCLIPConfig)}
-    unknown = sorted(set(config) - known_fields)
-    if unknown:
-        raise ValueError(
-            f"{where}: entry {name!r}: unknown config keys {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(known_fields))}"
-        )
     config = dict(config)
     if entry.get("backbone"):
         config["backbone"] = str(entry["backbone"])
@@ -207,6 +198,7 @@ def _checkpoint_from_entry(
         str(entry.get("trained_on", "")),
         str(entry.get("note", "")),
         local,
+        where,
     )
 
 

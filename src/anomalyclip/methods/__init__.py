@@ -1,31 +1,130 @@
-"""Scoring methods beyond the AnomalyCLIP model, each a :class:`~anomalyclip.predictor.Predictor`.
+"""Scoring methods, one folder each, and the one registry ``--method`` reads.
 
-:mod:`anomalyclip.methods.musc`: MuSc (Li et al., ICLR 2024), zero-shot, no prompts and
-no training: the images of a set score each other with a frozen CLIP's patch features.
+Each method is a :class:`~anomalyclip.predictor.Predictor` in ``methods/<name>/``
+(``model.py``, and ``few_shot.py`` for its reference mode). What it can do is declared in
+its :class:`Method` entry, never found out with ``isinstance``: whether its images
+score each other (a set), whether it has a reference mode, whether it is trained. The
+one place that turns a description into something to score with is
+:mod:`anomalyclip.methods.assemble`; adding a method is its folder plus one entry here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from anomalyclip.methods.musc import MuSc, MuScConfig, create_musc
-from anomalyclip.predictor import Predictor
+if TYPE_CHECKING:
+    from anomalyclip.predictor import Predictor
+    from anomalyclip.preprocess import ImageSource
 
-__all__ = ["METHODS", "MuSc", "MuScConfig", "create_musc", "create_predictor"]
+__all__ = ["METHODS", "Method", "method_named"]
 
-# Builders by the name ``--method`` takes; each is called as
-# builder(clip_weights, overrides=..., device=..., dtype=...).
-# AnomalyCLIP itself is built by anomalyclip.factory.create_model (it has a checkpoint).
-METHODS: dict[str, Callable[..., Predictor]] = {"musc": create_musc}
+# (weights, checkpoint, overrides, device, seed) -> the method, as it is
+Builder = Callable[[Any, Any, Mapping[str, Any], str, int], "Predictor"]
 
 
-def create_predictor(method: str, clip_weights: Any = None, **options: Any) -> Predictor:
-    """The registered method ``method``, built from a backbone and its settings."""
+@dataclass(frozen=True)
+class Method:
+    """A registered scoring method and what it can do."""
+
+    name: str
+    summary: str
+    build: Builder
+    scores_sets: bool = False  # its images score each other: it needs a set
+    has_checkpoint: bool = False  # it reads learned weights (--checkpoint)
+    trainable: bool = False  # `anomalyclip train` fits it
+    # its reference mode, from known-good images or from a bank file saved earlier
+    with_references: Callable[[Predictor, Sequence[ImageSource]], Predictor] | None = None
+    load_bank: Callable[[Predictor, Path], Predictor] | None = None
+
+
+# The entries' functions import their method when called, so that reading the registry
+# (the CLI's --help lists the names) loads no torch.
+
+
+def _build_anomalyclip(
+    weights: Any, checkpoint: Any, overrides: Mapping[str, Any], device: str, seed: int
+) -> Predictor:
+    from anomalyclip.methods.anomalyclip.model import create_model
+
+    preset = overrides.get("preset")
+    fields = {k: v for k, v in overrides.items() if k != "preset"}
+    return create_model(
+        checkpoint,
+        clip_weights=weights,
+        preset=preset,
+        overrides=fields,
+        device=device,
+        seed=seed,
+        references_applied=True,  # the assembler applies the bank or refuses
+    )
+
+
+def _build_musc(
+    weights: Any, checkpoint: Any, overrides: Mapping[str, Any], device: str, seed: int
+) -> Predictor:
+    if checkpoint is not None:
+        raise ValueError(
+            f"--checkpoint {checkpoint}: MuSc has no checkpoint (it learns nothing); drop "
+            "--checkpoint"
+        )
+    from anomalyclip.methods.musc.model import create_musc
+
+    return create_musc(weights, overrides={**overrides, "seed": seed}, device=device)
+
+
+def _anomalyclip_references(predictor: Predictor, images: Sequence[ImageSource]) -> Predictor:
+    from anomalyclip.methods.anomalyclip.few_shot import references_for
+
+    return references_for(predictor, images)
+
+
+def _anomalyclip_bank(predictor: Predictor, path: Path) -> Predictor:
+    from anomalyclip.methods.anomalyclip.few_shot import bank_for
+
+    return bank_for(predictor, path)
+
+
+def _musc_references(predictor: Predictor, images: Sequence[ImageSource]) -> Predictor:
+    from anomalyclip.methods.musc.few_shot import references_for
+
+    return references_for(predictor, images)
+
+
+def _musc_bank(predictor: Predictor, path: Path) -> Predictor:
+    from anomalyclip.methods.musc.few_shot import bank_for
+
+    return bank_for(predictor, path)
+
+
+METHODS: dict[str, Method] = {
+    "anomalyclip": Method(
+        "anomalyclip",
+        "learned object-agnostic prompts on a frozen CLIP, image by image",
+        _build_anomalyclip,
+        has_checkpoint=True,
+        trainable=True,
+        with_references=_anomalyclip_references,
+        load_bank=_anomalyclip_bank,
+    ),
+    "musc": Method(
+        "musc",
+        "no prompts, no training: the images given score each other, as one set",
+        _build_musc,
+        scores_sets=True,
+        with_references=_musc_references,
+        load_bank=_musc_bank,
+    ),
+}
+
+
+def method_named(name: str) -> Method:
+    """The registered method ``name``; an unknown name lists the known ones."""
     try:
-        builder = METHODS[method]
+        return METHODS[name]
     except KeyError:
         raise ValueError(
-            f"unknown scoring method {method!r}; registered: {', '.join(METHODS)}"
+            f"unknown scoring method {name!r}; registered: {', '.join(METHODS)}"
         ) from None
-    return builder(clip_weights, **options)

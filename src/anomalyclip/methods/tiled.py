@@ -23,7 +23,7 @@ vanishes from the map. :class:`TiledPredictor` wraps any per-image
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +104,10 @@ class TiledPredictor(Predictor):
         self.tiling = tiling
         self.batch_size = batch_size
         self.method = inner.method
+
+    def layers(self) -> tuple[Predictor, Callable[[Predictor], Predictor]]:
+        inner, wrap = self.inner.layers()
+        return inner, lambda method: TiledPredictor(wrap(method), self.tiling, self.batch_size)
 
     @property
     def preprocessor(self) -> PreProcessor:

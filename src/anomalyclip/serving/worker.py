@@ -199,7 +199,7 @@ class InferenceWorker:
         self, predictor: Predictor, uploads: list[Upload]
     ) -> tuple[Predictor, list[tuple[int, UploadError]]]:
         """The predictor's few-shot form for the readable uploads, and the failures."""
-        from anomalyclip.methods.references import with_references
+        from anomalyclip.methods.assemble import with_references
 
         images: list[Image.Image] = []
         failures: list[tuple[int, UploadError]] = []

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from anomalyclip.model import AnomalyCLIP, ImageEmbeddings
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP, ImageEmbeddings
 
 FOCAL_SMOOTH = 1e-5
 

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from anomalyclip.backbone.clip import CLIP
 from anomalyclip.backbone.tokenizer import tokenize
-from anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """Benchmark evaluation: per-class image and pixel metrics, as the paper's tables report them.
 
-Every image is encoded once (through a :class:`~anomalyclip.feature_cache.FeatureCache`,
+Every image is encoded once (through a
+:class:`~anomalyclip.methods.anomalyclip.embedding_cache.FeatureCache`,
 which can also keep the embeddings on disk for later evaluations of other prompts). Maps
 are evaluated at model resolution (S x S), against masks resized as the original does
 (binary, bilinear, > 0.5). Pixel metrics use only images whose pixels are known (normal
@@ -20,7 +21,7 @@ listed with the results instead of aborting the run: one damaged file in thousan
 not cost the evaluation. A batch that fails is probed image by image, so a healthy batch
 is still decoded once; every rank skips the same images of the same batches, so sharded
 runs stay equal to one process. The tables themselves (and the per-image scores, defect
-rows, pooled row and verdicts at the threshold) live in :mod:`anomalyclip.evaluation_tables`.
+rows, pooled row and verdicts at the threshold) live in :mod:`anomalyclip.evaluation.tables`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ import torch
 
 from anomalyclip import distributed
 from anomalyclip.data.core import AnomalyDataset, Sample
-from anomalyclip.evaluation_tables import (
+from anomalyclip.evaluation.metrics import AuproMethod
+from anomalyclip.evaluation.tables import (
     METRICS,
     ClassResult,
     Details,
@@ -49,12 +51,11 @@ from anomalyclip.evaluation_tables import (
     summary_table,
     write_summary,
 )
-from anomalyclip.feature_cache import FeatureCache
-from anomalyclip.metrics import AuproMethod
-from anomalyclip.model import AnomalyCLIP, ImageEmbeddings
+from anomalyclip.methods.anomalyclip.embedding_cache import FeatureCache
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP, ImageEmbeddings
+from anomalyclip.methods.anomalyclip.training import object_name
 from anomalyclip.predictor import AnomalyPrediction, Predictor
 from anomalyclip.preprocess import ImageLoadError, PreProcessor, load_image
-from anomalyclip.training import object_name
 from anomalyclip.utils.atomic import atomic_open
 
 __all__ = [

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from anomalyclip.backbone.clip import CLIP
-from anomalyclip.model import AnomalyCLIP, ImageEmbeddings
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP, ImageEmbeddings
 from anomalyclip.preprocess import load_image
 from anomalyclip.utils.atomic import WriteFailedError, atomic_torch_save, atomic_write_json
 from anomalyclip.utils.hashing import file_digest

@@ -8,7 +8,7 @@ the text features only on the prompts (so they are computed once per prompt stat
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +20,25 @@ from torch import Tensor, nn
 
 from anomalyclip.backbone.clip import CLIP
 from anomalyclip.backbone.identity import BackboneIdentity
-from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.maps import gaussian_smooth, layer_map, patch_probabilities, upsample
+from anomalyclip.methods.anomalyclip.baselines import LAST_LAYER, Preset, get_preset
+from anomalyclip.methods.anomalyclip.checkpoint import (
+    PromptCheckpoint,
+    apply_prompt_state,
+    config_for,
+)
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.factory import (
+    read_prompts,
+    recorded_identity,
+    registry_entry,
+    resolve_backbone_file,
+)
+from anomalyclip.methods.anomalyclip.prompts import PromptLearner
+from anomalyclip.methods.references import ReferenceError, bank_path_for
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, Predictor
 from anomalyclip.preprocess import ImageSource, PreProcessor
-from anomalyclip.prompts import PromptLearner
 
 __all__ = ["AnomalyCLIP", "AnomalyOutput", "AnomalyPrediction", "ImageEmbeddings"]
 
@@ -61,7 +74,8 @@ class AnomalyOutput:
 class AnomalyCLIP(nn.Module, Predictor):
     """A frozen CLIP plus the learnable prompts; only ``prompt_learner`` has gradients.
 
-    Build one with :func:`anomalyclip.factory.create_model` (or ``from_pretrained``),
+    Build one with :func:`create_model` (or
+    ``from_pretrained``),
     which also records the backbone's identity for checkpoints.
     """
 
@@ -116,15 +130,14 @@ class AnomalyCLIP(nn.Module, Predictor):
         dtype: torch.dtype | None = None,
         **overrides: Any,
     ) -> AnomalyCLIP:
-        """Backbone and prompts from names or paths: :func:`anomalyclip.factory.create_model`.
+        """Backbone and prompts from names or paths:
+        :func:`create_model`.
 
         ``checkpoint`` is a registered name ("mvtec", "visa"), a file of ours or the
         authors', or None for untrained prompts. ``clip_weights`` defaults to the backbone
         the checkpoint names. Keyword overrides change configuration fields (image_size,
         features, dpam_layers, sigma, ...).
         """
-        from anomalyclip.factory import create_model
-
         return create_model(
             checkpoint,
             clip_weights=clip_weights,
@@ -170,7 +183,7 @@ class AnomalyCLIP(nn.Module, Predictor):
     def compute_text_features(self, object_name: str | None = None) -> Tensor:
         """(2, E) L2-normalised [normal, abnormal] features from the prompts, with gradients."""
         if self.config.text_prompts != "learned":
-            from anomalyclip.baselines import handcrafted_text_features
+            from anomalyclip.methods.anomalyclip.baselines import handcrafted_text_features
 
             return handcrafted_text_features(self.clip, self.config, object_name)
         static = None
@@ -264,3 +277,85 @@ class AnomalyCLIP(nn.Module, Predictor):
     def forward(self, images: Tensor, keep_layer_maps: bool = False) -> AnomalyOutput:
         with torch.no_grad():
             return self.score(self.encode_image(images), self.text_features(), keep_layer_maps)
+
+
+def create_model(
+    checkpoint: str | Path | PromptCheckpoint | None = None,
+    clip_weights: str | Path | CLIP | None = None,
+    *,
+    config: AnomalyCLIPConfig | None = None,
+    preset: str | Preset | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    references_applied: bool = False,
+) -> AnomalyCLIP:
+    """Backbone, prompts and configuration in one call.
+
+    ``checkpoint``: a registered name ("mvtec"), a file of ours or the authors', an
+    already read :class:`PromptCheckpoint`, or None / "none" for fresh prompts (seeded
+    with ``seed``, so runs repeat) or hand-written ones (baseline presets).
+    ``clip_weights``: a registered backbone name, a file/folder, or a CLIP already in
+    memory; default: the backbone the checkpoint records. ``config``: the starting
+    configuration when there is no checkpoint (default: the paper's). ``overrides``:
+    configuration fields; None values mean "not given" and are ignored. ``preset``: a row
+    of the paper's tables (:mod:`anomalyclip.methods.anomalyclip.baselines`).
+
+    A checkpoint calibrated with reference images holds thresholds for the few-shot
+    maps only, so it is refused here unless ``references_applied`` (the caller applies
+    the bank or refuses, as :func:`anomalyclip.methods.assemble.assemble` does).
+    """
+    info = registry_entry(checkpoint)
+    prompts = read_prompts(checkpoint)
+    config = config or AnomalyCLIPConfig()
+    if prompts is not None:
+        if info is not None and prompts.config is None:
+            config = AnomalyCLIPConfig.from_dict({**config.to_dict(), **info.config})
+        config = config_for(prompts, config)
+        if not references_applied:
+            refuse_without_bank(prompts.path, config)
+    changes: dict[str, Any] = {}
+    if preset is not None:
+        changes.update((get_preset(preset) if isinstance(preset, str) else preset).config)
+    changes.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if isinstance(clip_weights, CLIP):
+        clip, identity = clip_weights, BackboneIdentity(config.backbone)
+    else:
+        from anomalyclip.backbone.loading import load_clip
+
+        recorded = recorded_identity(prompts, config)
+        path, identity = resolve_backbone_file(recorded, clip_weights, prompts)
+        clip = load_clip(path)
+    identity = BackboneIdentity(identity.name, identity.sha256, clip.arch.to_dict())
+    if changes.get("features") == LAST_LAYER:
+        changes["features"] = (clip.visual.num_layers,)
+    config = config.replace(backbone=identity.name, **changes)
+    if prompts is None:
+        torch.manual_seed(seed)  # fresh prompts: the same in every run with this seed
+    model = AnomalyCLIP(clip, config, backbone=identity)
+    if prompts is not None:
+        apply_prompt_state(model, prompts)
+    elif config.text_prompts == "learned":
+        logger.warning("no prompt checkpoint given: the prompts are untrained")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def recorded_bank(settings: Mapping[str, Any]) -> str | None:
+    """The digest of the reference bank a model's thresholds were calibrated with."""
+    calibrated = (settings.get("extra") or {}).get("calibrated_with") or {}
+    bank = calibrated.get("reference_bank")
+    return None if bank is None else str(bank)
+
+
+def refuse_without_bank(checkpoint: str | Path, config: AnomalyCLIPConfig) -> None:
+    """Refuse a reference-calibrated checkpoint built without its bank: its thresholds
+    would be applied to zero-shot maps, on another scale, without a word."""
+    if recorded_bank(config.to_dict()) is None:
+        return
+    raise ReferenceError(
+        f"{checkpoint} was calibrated with reference images, and its thresholds hold only "
+        f"with them: build it with anomalyclip.assemble(PredictorSpec(checkpoint=...)), "
+        f"which applies its bank {bank_path_for(checkpoint)}, or on the command line pass "
+        "--checkpoint (and --reference with the bank file or the images)"
+    )

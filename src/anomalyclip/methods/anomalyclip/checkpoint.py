@@ -14,14 +14,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from torch import Tensor
 
+from anomalyclip.backbone.clip import CLIP
 from anomalyclip.backbone.identity import BackboneIdentity
-from anomalyclip.config import AnomalyCLIPConfig, shown
-from anomalyclip.model import AnomalyCLIP
-from anomalyclip.prompts import PromptShape
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig, shown
+from anomalyclip.methods.anomalyclip.prompts import PromptLearner, PromptShape
 from anomalyclip.utils.atomic import atomic_torch_save
 from anomalyclip.utils.safe_load import refuse_non_finite, safe_torch_load
 
@@ -32,6 +32,23 @@ FORMAT_VERSION = 1
 TOKEN_BUFFERS = ("token_prefix_pos", "token_suffix_pos", "token_prefix_neg", "token_suffix_neg")
 
 Layout = Literal["anomalyclip", "authors"]
+
+
+class PromptedModel(Protocol):
+    """What reading and writing prompts needs of a model (the model module builds on
+    this one, so it is described here rather than imported)."""
+
+    @property
+    def config(self) -> AnomalyCLIPConfig: ...
+
+    @property
+    def backbone(self) -> BackboneIdentity: ...
+
+    @property
+    def clip(self) -> CLIP: ...
+
+    @property
+    def prompt_learner(self) -> PromptLearner: ...
 
 
 @dataclass
@@ -167,7 +184,7 @@ def config_for(checkpoint: PromptCheckpoint, base: AnomalyCLIPConfig) -> Anomaly
     )
 
 
-def apply_prompt_state(model: AnomalyCLIP, checkpoint: PromptCheckpoint) -> None:
+def apply_prompt_state(model: PromptedModel, checkpoint: PromptCheckpoint) -> None:
     """Load the prompts, refusing a checkpoint made for another backbone or shape."""
     recorded = BackboneIdentity.from_dict(checkpoint.backbone)
     differences = recorded.differences(model.backbone)
@@ -223,7 +240,7 @@ def apply_prompt_state(model: AnomalyCLIP, checkpoint: PromptCheckpoint) -> None
 
 def save_checkpoint(
     path: str | Path,
-    model: AnomalyCLIP,
+    model: PromptedModel,
     layout: Layout = "anomalyclip",
     extra: dict[str, Any] | None = None,
 ) -> Path:

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from anomalyclip.config import AnomalyCLIPConfig
-from anomalyclip.model import AnomalyCLIP
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import Predictor
 from anomalyclip.preprocess import PreProcessor
@@ -93,7 +93,8 @@ def quantize_onnx(source: str | Path, target: str | Path) -> Path:
     """ONNX Runtime's dynamic int8 quantisation of an exported model's weight MatMuls.
 
     Weights per output channel, activations per tensor at run time, as the torch path
-    (:mod:`anomalyclip.quantize`); the metadata is kept. Weights use 7 bits of range, as
+    (:mod:`anomalyclip.methods.anomalyclip.quantize`); the metadata is kept. Weights use 7 bits of
+    range, as
     torch's fbgemm does: on CPUs without VNNI (AVX2 only) ONNX Runtime's u8 x s8 products
     saturate in 16 bits with 8-bit weights, which made scores differ by 0.03 instead of
     0.006 on the test model.
@@ -142,9 +143,10 @@ def export_onnx(
 
     ``quantize="int8"`` additionally runs ONNX Runtime's dynamic int8 quantisation of the
     linear layers (about 4x smaller; see ``benchmarks/`` for speed and deviation). The
-    model must be in float32: export before :func:`anomalyclip.quantize.quantize_dynamic`.
+    model must be in float32: export before
+    :func:`anomalyclip.methods.anomalyclip.quantize.quantize_dynamic`.
     """
-    from anomalyclip.quantize import is_quantized
+    from anomalyclip.methods.anomalyclip.quantize import is_quantized
 
     if quantize not in ("none", "int8"):
         raise ValueError(f"quantize must be 'none' or 'int8', got {quantize!r}")
@@ -236,7 +238,7 @@ class OnnxAnomalyModel(Predictor):
     the peak grows with the number of layers; ``MALLOC_MMAP_THRESHOLD_=131072`` in the
     environment brings ViT-L at 518 px in float32 from 2.7 to 1.9 GB. The int8 graph
     needs more still (peak 4.5 GB at batch 1, 7.8 GB at batch 2); prefer
-    :mod:`anomalyclip.quantize` where memory is tight.
+    :mod:`anomalyclip.methods.anomalyclip.quantize` where memory is tight.
     """
 
     method = "anomalyclip"

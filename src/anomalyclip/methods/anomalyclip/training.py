@@ -8,7 +8,8 @@ Reproducibility: the sample order of epoch ``e`` comes from a generator seeded w
 ``seed + e``, and each epoch's checkpoint holds the optimiser state, so a run resumed
 from any epoch continues exactly as the uninterrupted run would: bit for bit on CPU, and
 on CUDA after :func:`make_deterministic`.
-Image embeddings come from a :class:`~anomalyclip.feature_cache.FeatureCache`, so they are
+Image embeddings come from a
+:class:`~anomalyclip.methods.anomalyclip.embedding_cache.FeatureCache`, so they are
 computed once per image rather than once per epoch.
 
 Under ``torchrun`` (an initialised process group, see :mod:`anomalyclip.distributed`) the
@@ -21,7 +22,8 @@ writes checkpoints and logs; a resumed run reads the checkpoint on rank 0 and se
 to the others, so only rank 0's machine needs the output folder.
 
 Files in the output folder: ``epoch_<n>.pt`` after every epoch, written, verified and
-chosen for a resume by :mod:`anomalyclip.training_checkpoints`; ``train_log.csv`` and
+chosen for a resume by :mod:`anomalyclip.methods.anomalyclip.training_checkpoints`;
+``train_log.csv`` and
 ``train_log.json``.
 """
 
@@ -47,14 +49,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anomalyclip import distributed
-from anomalyclip.checkpoint import PromptCheckpoint, apply_prompt_state
-from anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.data.core import AnomalyDataset, Sample
-from anomalyclip.feature_cache import FeatureCache
-from anomalyclip.losses import local_loss
-from anomalyclip.model import AnomalyCLIP, ImageEmbeddings
+from anomalyclip.methods.anomalyclip.checkpoint import PromptCheckpoint, apply_prompt_state
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.embedding_cache import FeatureCache
+from anomalyclip.methods.anomalyclip.losses import local_loss
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP, ImageEmbeddings
+from anomalyclip.methods.anomalyclip.training_checkpoints import (
+    find_checkpoints,
+    latest_intact,
+    save_epoch,
+)
 from anomalyclip.preprocess import PreProcessor
-from anomalyclip.training_checkpoints import find_checkpoints, latest_intact, save_epoch
 from anomalyclip.utils.atomic import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -176,7 +182,7 @@ def batch_loss(
     Images whose pixels are unknown (no mask) count in the global term only; with
     object-aware prompts (``names`` given) each class uses its own text features. Both
     are weighted so that the result is the mean over the batch: with one class and masks
-    for every image it equals :func:`anomalyclip.losses.glocal_loss`.
+    for every image it equals :func:`anomalyclip.methods.anomalyclip.losses.glocal_loss`.
     """
     batch = labels.shape[0]
     groups: dict[str | None, list[int]] = {}

@@ -10,7 +10,7 @@ inputs are gathered by :mod:`anomalyclip.inputs`)::
 It is written against the scoring-method seam (:class:`~anomalyclip.predictor.Predictor`)
 only, so every method (the torch model, its ONNX export, MuSc) gets it unchanged. The
 files each result becomes (overlays, masks, maps, tables) are written by
-:mod:`anomalyclip.inspection_files`.
+:mod:`anomalyclip.inspection.files`.
 
 Thresholds come from the model's :class:`~anomalyclip.postprocess.PostProcessor`, given >
 calibrated > none: the image verdict is ``score >= image_threshold`` and the defect mask
@@ -22,7 +22,7 @@ Results reach ``predictions.jsonl`` a batch at a time, as they are made; the tab
 summary and the report are written at the end. ``resume=True`` continues a run that was
 killed or stopped by a full disk: images already in its JSON Lines are not scored again,
 and their results are part of the tables and the report (the run's settings must be the
-same, see :mod:`anomalyclip.outputs`).
+same, see :mod:`anomalyclip.inspection.run_folder`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +42,16 @@ import numpy as np
 from PIL import Image
 
 from anomalyclip.inputs import expand_sources, input_columns
-from anomalyclip.inspection_files import (
+from anomalyclip.inspection.files import (
     OVERLAY_FORMATS,
-    RECORD_FIELDS,
     OverlayFormat,
     OverlayStyle,
     save_map,
     write_images,
     write_outputs,
 )
-from anomalyclip.outputs import (
+from anomalyclip.inspection.records import InspectionResult, InspectionSummary
+from anomalyclip.inspection.run_folder import (
     ResultStream,
     check_resumable,
     claim_output_dir,
@@ -178,114 +178,6 @@ def iter_predictions(
         bar.close()
 
 
-# the workflow ----------------------------------------------------------------------------
-
-
-@dataclass
-class InspectionResult:
-    """One image's outcome; file paths are relative to the output folder."""
-
-    image: str
-    name: str
-    score: float
-    anomalous: bool | None
-    width: int
-    height: int
-    map_max: float
-    defect_fraction: float | None
-    overlay: str | None = None
-    mask: str | None = None
-    thumbnail: str | None = None
-    map: str | None = None
-    prediction: AnomalyPrediction | None = None  # with the map, when kept
-    columns: dict[str, str] = field(default_factory=dict)  # the input CSV's other cells
-
-    @classmethod
-    def from_record(
-        cls, record: dict[str, Any], name: str, columns: dict[str, str]
-    ) -> InspectionResult:
-        """An earlier run's result from its JSON Lines record (a resumed run's)."""
-
-        def text(key: str) -> str | None:
-            value = record.get(key)
-            return value if isinstance(value, str) else None
-
-        anomalous = record.get("anomalous")
-        fraction = record.get("defect_fraction")
-        return cls(
-            image=str(record["image"]),
-            name=name,
-            score=float(record["score"]),
-            anomalous=anomalous if isinstance(anomalous, bool) else None,
-            width=int(record["width"]),
-            height=int(record["height"]),
-            map_max=float(record["map_max"]),
-            defect_fraction=None if fraction is None else float(fraction),
-            overlay=text("overlay"),
-            mask=text("mask"),
-            thumbnail=text("thumbnail"),
-            map=text("map"),
-            columns=columns,
-        )
-
-    def to_record(self, image_threshold: float | None = None) -> dict[str, Any]:
-        """The result's fields, then the input CSV's other columns (ours win a clash)."""
-        record = {
-            "image": self.image,
-            "score": self.score,
-            "anomalous": self.anomalous,
-            "image_threshold": image_threshold,
-            "defect_fraction": self.defect_fraction,
-            "map_max": self.map_max,
-            "width": self.width,
-            "height": self.height,
-            "overlay": self.overlay,
-            "mask": self.mask,
-            "map": self.map,
-            "thumbnail": self.thumbnail,
-        }
-        extra = {k: v for k, v in self.columns.items() if k not in RECORD_FIELDS}
-        return {**record, **extra}
-
-
-@dataclass
-class InspectionSummary:
-    """Everything a run produced; ``to_dict`` is what ``summary.json`` holds."""
-
-    results: list[InspectionResult] = field(default_factory=list)
-    skipped: list[SkippedImage] = field(default_factory=list)
-    image_threshold: float | None = None
-    image_threshold_source: str | None = None
-    pixel_threshold: float | None = None
-    pixel_threshold_source: str | None = None
-    map_range: tuple[float, float] = (0.0, 1.0)
-    output_dir: str | None = None
-    files: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-    resumed: int = 0  # results taken from the run this one continued
-
-    @property
-    def anomalous(self) -> list[InspectionResult]:
-        return [r for r in self.results if r.anomalous]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "inputs": len(self.results) + len(self.skipped),
-            "scored": len(self.results),
-            "anomalous": None if self.image_threshold is None else len(self.anomalous),
-            "skipped": [s.to_record() for s in self.skipped],
-            "image_threshold": self.image_threshold,
-            "image_threshold_source": self.image_threshold_source,
-            "pixel_threshold": self.pixel_threshold,
-            "pixel_threshold_source": self.pixel_threshold_source,
-            "map_range": list(self.map_range),
-            "output_dir": self.output_dir,
-            "files": self.files,
-            "seconds": round(self.seconds, 3),
-            "resumed": self.resumed,
-        }
-
-
 def inspect(
     sources: str | Path | Sequence[ImageSource],
     model: Predictor,
@@ -317,7 +209,7 @@ def inspect(
     ``keep_maps=False`` drops each map once written, so memory stays flat over large
     collections. Unreadable inputs are skipped and listed in the summary. An
     ``output_dir`` with another run's results is refused unless ``overwrite``, which
-    removes that run's files (:mod:`anomalyclip.outputs`). Overlays are PNG or JPEG
+    removes that run's files (:mod:`anomalyclip.inspection.run_folder`). Overlays are PNG or JPEG
     (``overlay_format``; JPEG is about ten times smaller on photographs), scaled down to
     ``overlay_max_side`` when larger; masks stay at the original resolution. ``columns``:
     other cells per image to carry into the records (default: those of the CSV inputs).

@@ -2,7 +2,7 @@
 
 Zero-shot MuSc needs a set: its images score each other. With a few known-good parts a
 user can score a single image instead: the references take the place of the set's other
-images, with everything else as in :mod:`anomalyclip.methods.musc`:
+images, with everything else as in :mod:`anomalyclip.methods.musc.model`:
 
 * the references' LNAMD vectors (per feature layer and aggregation degree) are computed
   once, from the same features, and kept as the bank;
@@ -31,12 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from anomalyclip.methods.musc import MAP_RANGE, MuSc, lnamd, neighbour_count
-from anomalyclip.methods.references import (
-    ReferenceError,
-    identity_differences,
-    load_references,
-)
+from anomalyclip.methods.musc.model import MAP_RANGE, MuSc, lnamd, neighbour_count
+from anomalyclip.methods.references import ReferenceError, identity_differences, load_references
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import Predictor
 from anomalyclip.preprocess import ImageSource, PreProcessor, describe
@@ -191,3 +187,23 @@ class MuScWithReferences(Predictor):
         with torch.no_grad():
             maps, maxima = self.musc.maps_from_patch_scores(self.patch_scores(images))
         return maxima.astype(np.float32), maps
+
+
+def _bare(predictor: Predictor) -> MuSc:
+    """The method under a reference mode (new references replace the old ones); anything
+    else of this name (an exported model) has no reference mode."""
+    bare = predictor.musc if isinstance(predictor, MuScWithReferences) else predictor
+    if not isinstance(bare, MuSc):
+        raise ReferenceError(f"references need the torch {predictor.method} model")
+    return bare
+
+
+def references_for(predictor: Predictor, references: Sequence[ImageSource]) -> MuScWithReferences:
+    """The reference mode of ``predictor`` for these known-good images (the registry's
+    entry point: :mod:`anomalyclip.methods`)."""
+    return MuScWithReferences.from_images(_bare(predictor), references)
+
+
+def bank_for(predictor: Predictor, path: str | Path) -> MuScWithReferences:
+    """The reference mode of ``predictor`` for a bank saved earlier."""
+    return MuScWithReferences.load(_bare(predictor), path)

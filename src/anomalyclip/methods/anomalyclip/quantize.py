@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from anomalyclip.backbone.clip import ResidualAttentionBlock
-from anomalyclip.model import AnomalyCLIP
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 
 logger = logging.getLogger(__name__)
 

@@ -744,7 +744,8 @@ def create_musc(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> MuSc:
-    """MuSc in one call, as :func:`~anomalyclip.factory.create_model` builds AnomalyCLIP.
+    """MuSc in one call, as :func:`~anomalyclip.methods.anomalyclip.model.create_model` builds
+    AnomalyCLIP.
 
     ``clip_weights``: a registered name, a file or folder, or a CLIP in memory; default:
     ``config.backbone`` (the registered ViT-L/14@336px, MuSc's published backbone).
@@ -752,7 +753,7 @@ def create_musc(
     backbone goes through the factory's resolution (registry, cache, checksum), so the
     results record its name and SHA-256.
     """
-    from anomalyclip.factory import load_backbone
+    from anomalyclip.methods.anomalyclip.factory import load_backbone
 
     config = config or MuScConfig()
     changes = {k: v for k, v in (overrides or {}).items() if v is not None}

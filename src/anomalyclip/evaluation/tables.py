@@ -1,6 +1,6 @@
 """The evaluation's tables beyond the paper's: what a user checks before trusting a model.
 
-The per-class table (:mod:`anomalyclip.evaluation`) answers "how good is the ranking";
+The per-class table (:mod:`anomalyclip.evaluation.evaluate`) answers "how good is the ranking";
 a user deciding whether to deploy also asks which images scored what, which defect types
 are missed, how the model does with one threshold for every class, and what the
 calibrated threshold does on labelled images. This module holds those tables and the
@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from anomalyclip import metrics
-from anomalyclip.metrics import AuproMethod
+from anomalyclip.evaluation import metrics
+from anomalyclip.evaluation.metrics import AuproMethod
 from anomalyclip.utils.atomic import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)

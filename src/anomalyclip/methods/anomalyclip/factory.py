@@ -1,8 +1,9 @@
-"""The one way to build an AnomalyCLIP model, as open_clip's ``create_model`` and timm's
-``build_model_with_cfg`` are for theirs.
+"""What an AnomalyCLIP model is built from: its prompts, its configuration, its backbone.
 
-Every command and the Python API come here with (checkpoint, weights, preset, overrides,
-device, dtype). The order of precedence is fixed: the checkpoint's own configuration (or,
+:func:`~anomalyclip.methods.anomalyclip.model.create_model` (the one way to build the
+model, as open_clip's ``create_model`` and timm's ``build_model_with_cfg`` are for
+theirs) resolves its ingredients here, from (checkpoint, weights, preset, overrides).
+The order of precedence is fixed: the checkpoint's own configuration (or,
 for the authors' files, the settings published with them and the shapes of their
 tensors), then the preset, then explicit overrides. The backbone is found by identity,
 never by a machine path: the weights given, else the recorded name through the registry
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,71 +22,34 @@ import torch
 
 from anomalyclip.backbone.clip import CLIP
 from anomalyclip.backbone.identity import BackboneIdentity, display_name, looks_like_path
-from anomalyclip.baselines import LAST_LAYER, Preset, get_preset
-from anomalyclip.checkpoint import PromptCheckpoint, apply_prompt_state, config_for, read_checkpoint
-from anomalyclip.config import AnomalyCLIPConfig
-from anomalyclip.model import AnomalyCLIP
+from anomalyclip.hub.entries import CheckpointInfo
+from anomalyclip.methods.anomalyclip.checkpoint import (
+    PromptCheckpoint,
+    read_checkpoint,
+)
+from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
 
 logger = logging.getLogger(__name__)
 
 NO_CHECKPOINT = "none"
 
 
-def create_model(
-    checkpoint: str | Path | PromptCheckpoint | None = None,
-    clip_weights: str | Path | CLIP | None = None,
-    *,
-    config: AnomalyCLIPConfig | None = None,
-    preset: str | Preset | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    seed: int = 0,
-) -> AnomalyCLIP:
-    """Backbone, prompts and configuration in one call.
-
-    ``checkpoint``: a registered name ("mvtec"), a file of ours or the authors', an
-    already read :class:`PromptCheckpoint`, or None / "none" for fresh prompts (seeded
-    with ``seed``, so runs repeat) or hand-written ones (baseline presets).
-    ``clip_weights``: a registered backbone name, a file/folder, or a CLIP already in
-    memory; default: the backbone the checkpoint records. ``config``: the starting
-    configuration when there is no checkpoint (default: the paper's). ``overrides``:
-    configuration fields; None values mean "not given" and are ignored. ``preset``: a row
-    of the paper's tables (:mod:`anomalyclip.baselines`).
-    """
+def registry_entry(checkpoint: Any) -> CheckpointInfo | None:
+    """The registry entry ``checkpoint`` names, its configuration fields checked first
+    (before any file is read), so a typing mistake is named where it was written."""
     from anomalyclip.hub import lookup_checkpoint
 
-    prompts = _read_prompts(checkpoint)
-    config = config or AnomalyCLIPConfig()
-    if prompts is not None:
-        info = lookup_checkpoint(str(checkpoint)) if isinstance(checkpoint, str) else None
-        if info is not None and prompts.config is None:
-            config = AnomalyCLIPConfig.from_dict({**config.to_dict(), **info.config})
-        config = config_for(prompts, config)
-    changes: dict[str, Any] = {}
-    if preset is not None:
-        changes.update((get_preset(preset) if isinstance(preset, str) else preset).config)
-    changes.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    if isinstance(clip_weights, CLIP):
-        clip, identity = clip_weights, BackboneIdentity(config.backbone)
-    else:
-        from anomalyclip.backbone.loading import load_clip
-
-        recorded = _recorded_identity(prompts, config)
-        path, identity = _resolve_backbone(recorded, clip_weights, prompts)
-        clip = load_clip(path)
-    identity = BackboneIdentity(identity.name, identity.sha256, clip.arch.to_dict())
-    if changes.get("features") == LAST_LAYER:
-        changes["features"] = (clip.visual.num_layers,)
-    config = config.replace(backbone=identity.name, **changes)
-    if prompts is None:
-        torch.manual_seed(seed)  # fresh prompts: the same in every run with this seed
-    model = AnomalyCLIP(clip, config, backbone=identity)
-    if prompts is not None:
-        apply_prompt_state(model, prompts)
-    elif config.text_prompts == "learned":
-        logger.warning("no prompt checkpoint given: the prompts are untrained")
-    return model.to(device=device, dtype=dtype).eval()
+    info = lookup_checkpoint(checkpoint) if isinstance(checkpoint, str) else None
+    if info is None:
+        return None
+    known_fields = {f.name for f in dataclasses.fields(AnomalyCLIPConfig)}
+    unknown = sorted(set(info.config) - known_fields)
+    if unknown:
+        raise ValueError(
+            f"{info.where}: entry {info.name!r}: unknown config keys {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(known_fields))}"
+        )
+    return info
 
 
 def load_backbone(
@@ -107,13 +70,13 @@ def load_backbone(
     else:
         from anomalyclip.backbone.loading import load_clip
 
-        path, identity = _resolve_backbone(BackboneIdentity(default), clip_weights, None)
+        path, identity = resolve_backbone_file(BackboneIdentity(default), clip_weights, None)
         clip = load_clip(path, device=device, dtype=dtype)
     clip = clip.to(device=device, dtype=dtype) if dtype is not None else clip.to(device)
     return clip.eval(), BackboneIdentity(identity.name, identity.sha256, clip.arch.to_dict())
 
 
-def _read_prompts(checkpoint: str | Path | PromptCheckpoint | None) -> PromptCheckpoint | None:
+def read_prompts(checkpoint: str | Path | PromptCheckpoint | None) -> PromptCheckpoint | None:
     from anomalyclip.hub import resolve_checkpoint
 
     if checkpoint is None or isinstance(checkpoint, PromptCheckpoint):
@@ -124,7 +87,7 @@ def _read_prompts(checkpoint: str | Path | PromptCheckpoint | None) -> PromptChe
     return read_checkpoint(path)
 
 
-def _recorded_identity(
+def recorded_identity(
     prompts: PromptCheckpoint | None, config: AnomalyCLIPConfig
 ) -> BackboneIdentity:
     """What the checkpoint says its backbone is (the configuration's name otherwise)."""
@@ -134,7 +97,7 @@ def _recorded_identity(
     return BackboneIdentity(config.backbone)
 
 
-def _resolve_backbone(
+def resolve_backbone_file(
     recorded: BackboneIdentity,
     clip_weights: str | Path | None,
     prompts: PromptCheckpoint | None,

@@ -1,6 +1,7 @@
 """Training checkpoints on disk: write each epoch's, verify them, find the one to resume from.
 
-Kept apart from the training loop (:mod:`anomalyclip.training`) because this part is about
+Kept apart from the training loop (:mod:`anomalyclip.methods.anomalyclip.training`) because this
+part is about
 files that outlive the process and may come back damaged, not about optimisation: a
 full disk during a write, bytes changed on disk after it, a run killed mid-epoch.
 
@@ -23,9 +24,13 @@ from typing import Any
 
 from torch import Tensor
 
-from anomalyclip.checkpoint import PromptCheckpoint, read_checkpoint, save_checkpoint
-from anomalyclip.feature_cache import tensors_sha256
-from anomalyclip.model import AnomalyCLIP
+from anomalyclip.methods.anomalyclip.checkpoint import (
+    PromptCheckpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from anomalyclip.methods.anomalyclip.embedding_cache import tensors_sha256
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 from anomalyclip.utils.atomic import WriteFailedError
 
 logger = logging.getLogger(__name__)

@@ -1,11 +1,11 @@
 """The files an inspection leaves for people: overlays, masks, thumbnails, maps, tables.
 
-Split from :mod:`anomalyclip.inference` so that module keeps one job (the inspection
+Split from :mod:`anomalyclip.inspection.run` so that module keeps one job (the inspection
 loop: scoring, verdicts, resuming) and this one keeps the other (what each result
 becomes on disk and how the final tables look). Every file goes through
 :mod:`anomalyclip.utils.atomic`, so a run killed mid-write leaves no half file behind.
 The streamed JSON Lines and the output folder's ownership are in
-:mod:`anomalyclip.outputs`.
+:mod:`anomalyclip.inspection.run_folder`.
 """
 
 from __future__ import annotations
@@ -15,39 +15,26 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 from PIL import Image
 
+from anomalyclip.inspection.records import (
+    CSV_FIELDS,
+    RECORD_FIELDS,
+    InspectionResult,
+    InspectionSummary,
+)
+from anomalyclip.inspection.report import write_report
 from anomalyclip.predictor import AnomalyPrediction
 from anomalyclip.preprocess import PreProcessor
-from anomalyclip.report import write_report
 from anomalyclip.utils.atomic import atomic_open, atomic_write_json
 from anomalyclip.visualize import defect_mask, overlay
-
-if TYPE_CHECKING:
-    from anomalyclip.inference import InspectionResult, InspectionSummary
 
 THUMBNAIL_SIDE = 256
 OverlayFormat = Literal["png", "jpeg"]
 OVERLAY_FORMATS: tuple[str, ...] = get_args(OverlayFormat)
-CSV_FIELDS = (
-    "image",
-    "score",
-    "anomalous",
-    "image_threshold",
-    "defect_fraction",
-    "map_max",
-    "width",
-    "height",
-    "overlay",
-    "mask",
-    "map",
-)
-# The fields of every result record: the CSV's and the thumbnail (the input CSV's own
-# columns follow them).
-RECORD_FIELDS = frozenset((*CSV_FIELDS, "thumbnail"))
 
 
 # images ----------------------------------------------------------------------------------

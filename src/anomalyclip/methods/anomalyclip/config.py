@@ -43,7 +43,8 @@ class AnomalyCLIPConfig:
     prompt_mode: "agnostic" (the word "object") or "aware" (``object_name`` is the class).
     prompt_depth: text layers reached by prompts (deep prompts go into layers 1..depth-1).
     text_prompts: "learned" (AnomalyCLIP) or a hand-written baseline from
-    :mod:`anomalyclip.baselines` ("plain": one normal/abnormal sentence pair as in plain
+    :mod:`anomalyclip.methods.anomalyclip.baselines` ("plain": one normal/abnormal sentence pair as
+    in plain
     CLIP; "winclip": WinCLIP-style state words times templates).
     image_threshold / pixel_threshold: verdict thresholds set by calibration, or None.
     backbone: the backbone's registered name or its weights file's name, never a path
