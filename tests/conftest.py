@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.factories import tiny_clip
+from tests.factories import shared_rows, tiny_clip, write_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,3 +43,9 @@ def clip_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("clip") / "tiny_clip.pt"
     torch.save(tiny_clip().state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def glass_manifest(shared_dir: Path, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("glass")
+    return write_manifest(folder / "glass.csv", shared_rows(shared_dir, "glass", 6, 6))

@@ -211,7 +211,7 @@ def test_cli_pixel_limit_skips_larger_images(tmp_path):
     import json
 
     from anomalyclip.cli import main
-    from tests.test_predict import model_arguments, write_tiny_model
+    from tests.helpers import model_arguments, write_tiny_model
 
     files = write_tiny_model(tmp_path / "model")
     (tmp_path / "in").mkdir()

@@ -20,7 +20,7 @@ from anomalyclip.calibration import (
 from anomalyclip.methods.anomalyclip.checkpoint import read_checkpoint
 from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 from tests.factories import tiny_clip
-from tests.test_predict import (
+from tests.helpers import (
     IMAGE_SIZE,
     TILE,
     cli,

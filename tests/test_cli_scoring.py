@@ -15,7 +15,7 @@ from anomalyclip.cli import build_parser
 from anomalyclip.methods.anomalyclip.few_shot import FewShotAnomalyCLIP, ReferenceBank
 from anomalyclip.methods.musc.few_shot import MuScWithReferences
 from anomalyclip.methods.tiled import TiledPredictor
-from tests.test_predict import cli, copy_tiles, model_arguments, write_tiny_model
+from tests.helpers import cli, copy_tiles, model_arguments, write_tiny_model
 
 
 @pytest.fixture(scope="module")

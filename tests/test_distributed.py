@@ -20,35 +20,7 @@ from anomalyclip import distributed
 from anomalyclip.cli import main
 from anomalyclip.distributed import LaunchEnvironment, RankFilter
 from tests.factories import shared_rows, write_manifest
-
-WORLD = 2
-TINY_FLAGS = [
-    *("--image-size", "32", "--features", "2", "4", "--dpam-layers", "3"),
-    *("--prompt-depth", "2", "--n-ctx", "4", "--deep-prompt-length", "2"),
-    "--no-progress",
-    "--allow-outside-paths",  # the manifests here list shared/'s images from tmp_path
-]
-TORCHRUN_SECONDS = 180
-
-
-def torchrun(arguments: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``torchrun --standalone --nproc_per_node 2 -m anomalyclip ARGUMENTS``."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node", str(WORLD), "-m", "anomalyclip", *arguments]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        environment.pop(name, None)
-    done = subprocess.run(
-        command,
-        cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=TORCHRUN_SECONDS,
-    )
-    assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stderr[-6000:]}"
-    return done
-
+from tests.helpers import TORCHRUN_FLAGS, TORCHRUN_SECONDS, WORLD, torchrun
 
 # the launch environment and the helpers in one process ---------------------------------
 
@@ -163,7 +135,7 @@ def test_torchrun_training_gives_the_single_process_prompts(shared_dir, clip_fil
     rows = shared_rows(shared_dir, "glass", 2, 2, unmasked=1)
     rows += shared_rows(shared_dir, "metal_plate", 2, 2)
     manifest = write_manifest(tmp_path / "train.csv", rows)
-    common = [f"csv={manifest}", "--clip-weights", str(clip_file), *TINY_FLAGS]
+    common = [f"csv={manifest}", "--clip-weights", str(clip_file), *TORCHRUN_FLAGS]
     common += ["--prompt-mode", "aware", "--allow-missing-masks", "--batch-size", "4"]
     assert len(rows) == 9  # batches of 4, 4 and 1
 
@@ -220,7 +192,7 @@ def test_torchrun_evaluation_gives_the_single_process_metrics(shared_dir, clip_f
     every map saved by the rank that scored it."""
     rows = shared_rows(shared_dir, "glass", 4, 3) + shared_rows(shared_dir, "metal_plate", 3, 4)
     manifest = write_manifest(tmp_path / "test.csv", rows)
-    common = [f"csv={manifest}", "--clip-weights", str(clip_file), *TINY_FLAGS]
+    common = [f"csv={manifest}", "--clip-weights", str(clip_file), *TORCHRUN_FLAGS]
     common += ["--checkpoint", "none", "--batch-size", "3", "--save-maps"]
 
     assert main(["test", *common, "-o", str(tmp_path / "single")]) == 0
@@ -265,7 +237,7 @@ def test_torchrun_shards_a_wrapped_per_image_method(shared_dir, clip_file, tmp_p
     AnomalyCLIP's are (not computed by every rank): the same tables and maps."""
     rows = shared_rows(shared_dir, "glass", 4, 3) + shared_rows(shared_dir, "metal_plate", 3, 4)
     manifest = write_manifest(tmp_path / "test.csv", rows)
-    common = [f"csv={manifest}", "--clip-weights", str(clip_file), *TINY_FLAGS]
+    common = [f"csv={manifest}", "--clip-weights", str(clip_file), *TORCHRUN_FLAGS]
     common += ["--checkpoint", "none", "--batch-size", "3", "--save-maps", "--tile-size", "200"]
 
     assert main(["test", *common, "-o", str(tmp_path / "single")]) == 0

@@ -318,7 +318,7 @@ def test_torchrun_skips_the_same_images_and_writes_the_same_files(shared_dir, cl
     """A truncated image in a batch of rank 1 and a damaged mask: two processes skip the
     same images and write the same tables, scores and breakdown as one process."""
     from tests.factories import shared_rows, write_manifest
-    from tests.test_distributed import TINY_FLAGS, torchrun
+    from tests.helpers import TORCHRUN_FLAGS, torchrun
 
     rows = shared_rows(shared_dir, "glass", 4, 3) + shared_rows(shared_dir, "metal_plate", 3, 4)
     broken = tmp_path / "broken.png"
@@ -328,7 +328,7 @@ def test_torchrun_skips_the_same_images_and_writes_the_same_files(shared_dir, cl
     rows[4] = (broken, rows[4][1], rows[4][2], rows[4][3])
     rows[9] = (rows[9][0], 1, bad_mask, rows[9][3])
     manifest = write_manifest(tmp_path / "test.csv", rows)
-    common = [f"csv={manifest}", "--clip-weights", str(clip_file), *TINY_FLAGS]
+    common = [f"csv={manifest}", "--clip-weights", str(clip_file), *TORCHRUN_FLAGS]
     common += ["--checkpoint", "none", "--batch-size", "3"]
 
     assert main(["test", *common, "-o", str(tmp_path / "single")]) == 0

@@ -22,16 +22,9 @@ from anomalyclip.methods.anomalyclip.embedding_cache import FeatureCache
 from anomalyclip.methods.anomalyclip.training import TrainOptions, train
 from anomalyclip.methods.anomalyclip.training_checkpoints import find_checkpoints
 from anomalyclip.utils import atomic
-from tests.factories import shared_rows, write_manifest
-from tests.test_training import TINY_FLAGS, tiny_model
+from tests.helpers import TRAINING_FLAGS, tiny_training_model
 
 SECRET = b"root:x:0:0:secret-bytes\n"
-
-
-@pytest.fixture(scope="module")
-def glass_manifest(shared_dir: Path, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("glass")
-    return write_manifest(folder / "glass.csv", shared_rows(shared_dir, "glass", 6, 6))
 
 
 def disk_full(kind: str):
@@ -137,7 +130,7 @@ def test_feature_cache_that_is_a_file_is_refused_with_a_hint(tmp_path):
     not_a_folder = tmp_path / "features"
     not_a_folder.write_text("")
     with pytest.raises(NotADirectoryError, match=f"{not_a_folder} is a file, not a folder"):
-        FeatureCache(tiny_model(), not_a_folder)
+        FeatureCache(tiny_training_model(), not_a_folder)
 
 
 # a full disk under the feature cache -------------------------------------------------------
@@ -149,13 +142,13 @@ def test_a_full_feature_cache_disk_disables_the_cache_once_and_training_goes_on(
 ):
     """Bug: training died with `[enforce fail at inline_container.cc:672] . unexpected pos`."""
     images = [s.image for s in open_dataset(glass_manifest, allow_outside_paths=True)][:3]
-    expected = FeatureCache(tiny_model(), memory=False).embeddings(images)
+    expected = FeatureCache(tiny_training_model(), memory=False).embeddings(images)
     if kind == "enospc":  # every atomic write fails, the cache's key.json first
         monkeypatch.setattr(atomic.os, "fsync", disk_full(kind))
     else:  # torch's writer stops short inside the entries
         monkeypatch.setattr(torch, "save", disk_full(kind))
     with caplog.at_level(logging.WARNING):
-        cache = FeatureCache(tiny_model(), tmp_path / "features", memory=False)
+        cache = FeatureCache(tiny_training_model(), tmp_path / "features", memory=False)
         got = [cache.embeddings(images) for _ in range(2)]
     warnings = [r.getMessage() for r in caplog.records if "feature cache" in r.getMessage()]
     assert len(warnings) == 1, warnings
@@ -185,7 +178,7 @@ def test_a_full_output_disk_stops_training_in_one_line_and_keeps_the_last_epoch(
 
     monkeypatch.setattr(torch, "save", full_at_second_checkpoint)
     out = tmp_path / "run"
-    common = [f"csv={glass_manifest}", "--clip-weights", str(clip_file), *TINY_FLAGS]
+    common = [f"csv={glass_manifest}", "--clip-weights", str(clip_file), *TRAINING_FLAGS]
     with caplog.at_level(logging.ERROR):
         code = main(["train", *common, "-o", str(out), "--epochs", "3"])
     assert code == 2
@@ -220,9 +213,11 @@ def truncate(path: Path) -> None:
 @pytest.mark.parametrize("damage", [truncate, overwrite_inside_a_tensor])
 def test_resume_falls_back_from_a_damaged_last_checkpoint(glass_manifest, tmp_path, caplog, damage):
     dataset = open_dataset(glass_manifest, allow_outside_paths=True)
-    whole = train(tiny_model(), dataset, tmp_path / "whole", TrainOptions(epochs=3), progress=False)
+    whole = train(
+        tiny_training_model(), dataset, tmp_path / "whole", TrainOptions(epochs=3), progress=False
+    )
     run = tmp_path / "run"
-    train(tiny_model(), dataset, run, TrainOptions(epochs=2), progress=False)
+    train(tiny_training_model(), dataset, run, TrainOptions(epochs=2), progress=False)
     damage(run / "epoch_2.pt")
     damaged = (run / "epoch_2.pt").read_bytes()
 
@@ -230,7 +225,7 @@ def test_resume_falls_back_from_a_damaged_last_checkpoint(glass_manifest, tmp_pa
         logging.WARNING, logger="anomalyclip.methods.anomalyclip.training_checkpoints"
     ):
         result = train(
-            tiny_model(), dataset, run, TrainOptions(epochs=3), resume=True, progress=False
+            tiny_training_model(), dataset, run, TrainOptions(epochs=3), resume=True, progress=False
         )
     assert result.resumed_from == 1
     (warning,) = [
@@ -252,10 +247,10 @@ def test_resume_falls_back_from_a_damaged_last_checkpoint(glass_manifest, tmp_pa
 
 def test_resume_with_no_intact_checkpoint_says_so_and_moves_nothing(glass_manifest, tmp_path):
     dataset = open_dataset(glass_manifest, allow_outside_paths=True)
-    train(tiny_model(), dataset, tmp_path, TrainOptions(epochs=1), progress=False)
+    train(tiny_training_model(), dataset, tmp_path, TrainOptions(epochs=1), progress=False)
     truncate(tmp_path / "epoch_1.pt")
     with pytest.raises(ValueError, match="cannot resume: no checkpoint in .* is intact"):
-        train(tiny_model(), dataset, tmp_path, TrainOptions(epochs=2), resume=True)
+        train(tiny_training_model(), dataset, tmp_path, TrainOptions(epochs=2), resume=True)
     assert (tmp_path / "epoch_1.pt").is_file() and not list(tmp_path.glob("*.damaged*"))
 
 
@@ -265,12 +260,12 @@ def test_an_unreadable_cache_entry_is_recomputed_saying_why(
 ):
     """The reason is never empty (the attack saw "unreadable ()")."""
     images = [s.image for s in open_dataset(glass_manifest, allow_outside_paths=True)][:1]
-    first = FeatureCache(tiny_model(), tmp_path, memory=False)
+    first = FeatureCache(tiny_training_model(), tmp_path, memory=False)
     expected = first.embeddings(images)
     (entry,) = first.directory.rglob("*.pt")
     entry.write_bytes(garbage)
     with caplog.at_level(logging.WARNING, logger="anomalyclip.methods.anomalyclip.embedding_cache"):
-        again = FeatureCache(tiny_model(), tmp_path, memory=False)
+        again = FeatureCache(tiny_training_model(), tmp_path, memory=False)
         got = again.embeddings(images)
     (warning,) = [
         r.getMessage()

@@ -134,9 +134,9 @@ def test_service_answers_422_naming_the_file():
     from fastapi.testclient import TestClient
 
     from anomalyclip.serving import create_app
-    from tests.test_serving import tiny_model
+    from tests.helpers import tiny_service_model
 
-    with TestClient(create_app(tiny_model(), ServiceSettings())) as client:
+    with TestClient(create_app(tiny_service_model(), ServiceSettings())) as client:
         for name, make in (
             ("pixels.dds", dds_unknown_pixel_format),
             ("strips.tif", tiff_rational_strip_offsets),
@@ -179,7 +179,7 @@ def test_masks_have_the_same_limits(tmp_path):
 
 def test_cli_predict_skips_hostile_files_by_name_and_goes_on(tmp_path):
     from anomalyclip.cli import main
-    from tests.test_predict import model_arguments, write_tiny_model
+    from tests.helpers import model_arguments, write_tiny_model
 
     files = write_tiny_model(tmp_path / "model")
     folder = tmp_path / "in"

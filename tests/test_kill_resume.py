@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from anomalyclip.cli import main
-from tests.test_training import TINY_FLAGS, glass_manifest  # noqa: F401
+from tests.helpers import TRAINING_FLAGS
 
 EPOCHS = "8"
 LAUNCH = "import sys; from anomalyclip.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 @pytest.mark.slow
-def test_sigkilled_training_resumes_to_the_same_prompts(glass_manifest, clip_file, tmp_path):  # noqa: F811
-    common = [f"csv={glass_manifest}", "--clip-weights", str(clip_file), *TINY_FLAGS]
+def test_sigkilled_training_resumes_to_the_same_prompts(glass_manifest, clip_file, tmp_path):
+    common = [f"csv={glass_manifest}", "--clip-weights", str(clip_file), *TRAINING_FLAGS]
     killed = tmp_path / "killed"
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(

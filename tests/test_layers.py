@@ -19,6 +19,8 @@ LAYERS: dict[str, int] = {
     # 0 foundation: images in and decisions out, the seam, files, data, downloads
     "anomalyclip.utils": 0,
     "anomalyclip.preprocess": 0,
+    "anomalyclip.input_settings": 0,
+    "anomalyclip.colormaps": 0,
     "anomalyclip.decoding": 0,
     "anomalyclip.postprocess": 0,
     "anomalyclip.predictor": 0,

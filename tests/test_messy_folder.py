@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_predict import cli, write_tiny_model
+from tests.helpers import cli, write_tiny_model
 
 TILE = Path("datasets") / "magnetic_tile"
 

@@ -10,56 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from anomalyclip.inputs import gather_images, read_image_csv
 from anomalyclip.inspection.records import CSV_FIELDS
 from anomalyclip.inspection.run import inspect, iter_predictions, output_names
-from anomalyclip.methods.anomalyclip.checkpoint import save_checkpoint
-from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 from tests.factories import tiny_clip
-
-IMAGE_SIZE = 64
-TILE = Path("datasets") / "magnetic_tile"
-
-
-def tiny_config(clip_path: Path | str = "tiny", **changes) -> AnomalyCLIPConfig:
-    """A configuration the 4-layer test CLIP supports, at 64 px."""
-    fields = dict(
-        backbone=str(clip_path),
-        image_size=IMAGE_SIZE,
-        features=(1, 2, 3, 4),
-        dpam_layers=2,
-        n_ctx=4,
-        prompt_depth=2,
-        deep_prompt_length=2,
-    )
-    fields.update(changes)
-    return AnomalyCLIPConfig(**fields)
-
-
-def write_tiny_model(folder: Path) -> tuple[Path, Path, AnomalyCLIP]:
-    """(CLIP state-dict file, prompt checkpoint, the model): the files the CLI loads."""
-    folder.mkdir(parents=True, exist_ok=True)
-    clip = tiny_clip()
-    clip_path = folder / "tiny_clip.pt"
-    torch.save(clip.state_dict(), clip_path)
-    model = AnomalyCLIP(clip, tiny_config(clip_path)).eval()
-    checkpoint = save_checkpoint(folder / "prompts.pt", model)
-    return clip_path, checkpoint, model
-
-
-def copy_tiles(shared_dir: Path, target: Path, per_folder: dict[str, int]) -> list[Path]:
-    """The first images of some magnetic_tile test folders, copied into ``target``."""
-    copied = []
-    for folder, count in per_folder.items():
-        sources = sorted((shared_dir / TILE / "test" / folder).iterdir())[:count]
-        (target / folder).mkdir(parents=True, exist_ok=True)
-        for source in sources:
-            copied.append(Path(shutil.copy(source, target / folder / source.name)))
-    return copied
+from tests.helpers import (
+    IMAGE_SIZE,
+    cli,
+    copy_tiles,
+    model_arguments,
+    tiny_config,
+    write_tiny_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -78,17 +43,6 @@ def tile_folder(tmp_path, shared_dir) -> Path:
     shutil.copy(first_good, root / "line2" / first_good.name)
     (root / "good" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
     return root
-
-
-def cli(*arguments: str) -> int:
-    from anomalyclip.cli import main
-
-    return main([str(a) for a in arguments])
-
-
-def model_arguments(files: tuple[Path, Path, AnomalyCLIP]) -> list[str]:
-    clip_path, checkpoint, _ = files
-    return ["--clip-weights", clip_path, "--checkpoint", checkpoint, "--image-size", IMAGE_SIZE]
 
 
 def test_predict_writes_every_output_and_skips_the_corrupt_file(

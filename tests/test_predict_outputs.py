@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from anomalyclip.inspection.report import captions
-from tests.test_predict import cli, copy_tiles, model_arguments, write_tiny_model
+from tests.helpers import cli, copy_tiles, model_arguments, write_tiny_model
 
 
 @pytest.fixture(scope="module")

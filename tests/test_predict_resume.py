@@ -26,7 +26,7 @@ from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import Predictor
 from anomalyclip.preprocess import PreProcessor
-from tests.test_predict import cli, model_arguments, write_tiny_model
+from tests.helpers import cli, model_arguments, write_tiny_model
 
 BATCH = "2"
 RUN_SPECIFIC = ("seconds", "resumed", "files", "output_dir")  # summary keys

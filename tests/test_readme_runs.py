@@ -23,7 +23,7 @@ import pytest
 from anomalyclip import hub
 from anomalyclip.cli import main
 from anomalyclip.utils.hashing import file_digest
-from tests.test_readme import cli_arguments, readme_commands
+from tests.helpers import cli_arguments, readme_commands
 
 NOT_RUN = {
     "train": "needs the MVTec AD data set at /data/mvtec and a CUDA device",

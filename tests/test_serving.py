@@ -14,45 +14,18 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from anomalyclip.cli import build_parser
-from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
-from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 from anomalyclip.serving import ServiceSettings, create_app
 from anomalyclip.serving.uploads import display_name
 from anomalyclip.serving.worker import InferenceWorker, ServiceBusy
-from tests.factories import tiny_clip
-
-MAX_UPLOAD = 300_000
-MAX_PIXELS = 1_000_000
-
-
-def tiny_model(**config_changes) -> AnomalyCLIP:
-    config = AnomalyCLIPConfig(
-        image_size=64,
-        features=(2, 4),
-        dpam_layers=3,
-        n_ctx=4,
-        prompt_depth=2,
-        deep_prompt_length=2,
-        **config_changes,
-    )
-    return AnomalyCLIP(tiny_clip(), config)
-
-
-def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def noise_png(width: int = 96, height: int = 72, seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    return encode(Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)))
-
-
-def decode_png(data: str | bytes) -> Image.Image:
-    raw = base64.b64decode(data) if isinstance(data, str) else data
-    assert raw.startswith(b"\x89PNG\r\n\x1a\n")
-    return Image.open(io.BytesIO(raw))
+from tests.helpers import (
+    MAX_PIXELS,
+    MAX_UPLOAD,
+    decode_png,
+    encode,
+    noise_png,
+    post_image,
+    tiny_service_model,
+)
 
 
 def decode_map(payload: dict) -> np.ndarray:
@@ -62,9 +35,9 @@ def decode_map(payload: dict) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def model() -> AnomalyCLIP:
+def model():
     """Calibrated, so that responses carry verdicts and masks."""
-    return tiny_model(image_threshold=0.5, pixel_threshold=1.0)
+    return tiny_service_model(image_threshold=0.5, pixel_threshold=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +47,6 @@ def client(model):
     )
     with TestClient(create_app(model, settings)) as test_client:
         yield test_client
-
-
-def post_image(client, data: bytes, name: str = "part.png", content_type: str = "image/png", **q):
-    return client.post("/v1/predict", params=q, files={"file": (name, data, content_type)})
 
 
 # predictions -----------------------------------------------------------------------------
@@ -246,7 +215,7 @@ def test_health_and_model_information(client):
 
 
 def test_calibrated_thresholds_are_used_and_service_settings_override_them():
-    calibrated = tiny_model(image_threshold=0.3, pixel_threshold=1.2)
+    calibrated = tiny_service_model(image_threshold=0.3, pixel_threshold=1.2)
     with TestClient(create_app(calibrated)) as test_client:
         info = test_client.get("/v1/model").json()
         assert (info["image_threshold"], info["image_threshold_source"]) == (0.3, "calibrated")
@@ -380,7 +349,7 @@ def test_display_name_keeps_only_a_printable_base_name():
 
 
 def test_slow_inference_times_out_with_504(monkeypatch):
-    slow = tiny_model()
+    slow = tiny_service_model()
     original = slow.predict_images
 
     def predict_slowly(images):
@@ -426,7 +395,7 @@ def test_full_queue_answers_503_with_retry_after(model, settings, first_size, se
 
 
 def test_batch_of_large_images_is_scored_in_groups_within_the_pixel_budget(monkeypatch):
-    grouped = tiny_model()
+    grouped = tiny_service_model()
     original = grouped.predict_images
     group_sizes: list[int] = []
 
@@ -465,7 +434,7 @@ def test_serve_command_builds_the_app_and_runs_uvicorn(monkeypatch, model):
     import anomalyclip.cli.serve as serve
 
     calls: dict = {}
-    monkeypatch.setattr(serve, "build_predictor", lambda args: model)
+    monkeypatch.setattr(serve.options, "build_predictor", lambda args: model)
     capture_server(monkeypatch, calls)
     args = build_parser().parse_args(
         ["serve", "--checkpoint", "prompts.pt", "--clip-weights", "clip.pt", "--port", "8123"]
@@ -496,7 +465,7 @@ def test_serve_command_builds_the_app_and_runs_uvicorn(monkeypatch, model):
 def test_serve_warns_when_listening_beyond_this_machine(monkeypatch, model, caplog):
     import anomalyclip.cli.serve as serve
 
-    monkeypatch.setattr(serve, "build_predictor", lambda args: model)
+    monkeypatch.setattr(serve.options, "build_predictor", lambda args: model)
     capture_server(monkeypatch, {})
     for host, warned in (("0.0.0.0", True), ("::1", False), ("localhost", False)):
         caplog.clear()

@@ -16,8 +16,7 @@ import uvicorn
 
 from anomalyclip.serving import ServiceSettings, create_app
 from anomalyclip.serving.connections import server_options
-from tests.test_serving import noise_png, tiny_model
-from tests.test_serving_limits import SlowCalls
+from tests.helpers import SlowCalls, noise_png, tiny_service_model
 
 FAST = {"header_timeout_s": 0.5, "body_timeout_s": 0.5, "body_deadline_s": 1.5}
 
@@ -77,7 +76,7 @@ def head(path: str, length: int, boundary: str = "b0undary") -> bytes:
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_model()
+    return tiny_service_model()
 
 
 def healthy(url: str) -> bool:
@@ -150,7 +149,7 @@ def test_connections_and_requests_beyond_the_caps_get_503(model):
 
 
 def test_a_client_that_leaves_has_its_batch_cancelled(monkeypatch):
-    slow_model = tiny_model()
+    slow_model = tiny_service_model()
     slow = SlowCalls(slow_model, 0.2)
     monkeypatch.setattr(slow_model, "predict_images", slow)
     with running(slow_model, ServiceSettings(max_group_images=1, **FAST)) as url:

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from anomalyclip.serving import ServiceSettings, create_app
 from anomalyclip.serving.connections import RepeatedErrorFilter
 from anomalyclip.serving.schemas import sanitised, without_path
-from tests.test_serving import noise_png, post_image, tiny_model
+from tests.helpers import SlowCalls, noise_png, post_image, tiny_service_model
 
 BOUNDARY = b"limitsboundary"
 
@@ -81,12 +81,12 @@ async def call_app(
     return status, json.loads(payload), read["bytes"]
 
 
+# parts and bytes, as the body streams -------------------------------------------------
+
+
 @pytest.fixture(scope="module")
 def model():
-    return tiny_model()
-
-
-# parts and bytes, as the body streams -------------------------------------------------
+    return tiny_service_model()
 
 
 def test_a_thousand_part_body_is_refused_at_part_seventeen_unread(model):
@@ -144,22 +144,8 @@ def test_uploads_share_one_byte_budget_across_requests(model):
 # work nobody waits for -----------------------------------------------------------------
 
 
-class SlowCalls:
-    """Wraps a model's predict_images: each call takes ``delay`` seconds and is counted."""
-
-    def __init__(self, model: Any, delay: float) -> None:
-        self.original = model.predict_images
-        self.delay = delay
-        self.calls: list[int] = []
-
-    def __call__(self, images):
-        self.calls.append(len(images))
-        time.sleep(self.delay)
-        return self.original(images)
-
-
 def test_a_timed_out_batch_stops_after_at_most_one_more_image(monkeypatch):
-    slow_model = tiny_model()
+    slow_model = tiny_service_model()
     slow = SlowCalls(slow_model, 0.25)
     monkeypatch.setattr(slow_model, "predict_images", slow)
     settings = ServiceSettings(request_timeout_s=0.6, max_group_images=1)
@@ -180,7 +166,7 @@ def test_a_timed_out_batch_stops_after_at_most_one_more_image(monkeypatch):
 
 
 def test_a_timed_out_request_still_queued_never_runs(monkeypatch):
-    slow_model = tiny_model()
+    slow_model = tiny_service_model()
     slow = SlowCalls(slow_model, 0.5)
     monkeypatch.setattr(slow_model, "predict_images", slow)
     settings = ServiceSettings(request_timeout_s=0.3)
@@ -272,7 +258,7 @@ def test_paths_are_reduced_but_names_with_slashes_kept():
 def test_non_finite_scores_are_a_json_500_never_a_verdict(monkeypatch):
     from anomalyclip.predictor import NonFiniteScoreError
 
-    broken = tiny_model()
+    broken = tiny_service_model()
 
     def fail(images):
         raise NonFiniteScoreError("anomalyclip produced a non-finite score for image 1")

@@ -15,7 +15,7 @@ from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import Predictor
 from anomalyclip.preprocess import PreProcessor
 from anomalyclip.serving import ServiceSettings, create_app
-from tests.test_serving import decode_png, noise_png, post_image, tiny_model
+from tests.helpers import decode_png, noise_png, post_image, tiny_service_model
 
 
 class MeanDistanceSet(Predictor):
@@ -63,7 +63,7 @@ def set_files(images: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
 
 
 def test_without_thresholds_there_is_no_verdict_and_no_mask():
-    with TestClient(create_app(tiny_model())) as client:
+    with TestClient(create_app(tiny_service_model())) as client:
         info = client.get("/v1/model").json()
         assert (info["image_threshold"], info["image_threshold_source"]) == (None, None)
         assert (info["pixel_threshold"], info["pixel_threshold_source"]) == (None, None)
@@ -87,7 +87,7 @@ def test_without_thresholds_there_is_no_verdict_and_no_mask():
 def test_a_set_is_scored_together_with_the_chosen_method():
     images = [noise_png(40, 30, seed=s) for s in range(3)] + [noise_png(40, 30, seed=9)[:90]]
     meanset = MeanDistanceSet()
-    predictors = {"anomalyclip": tiny_model(image_threshold=0.5), "meanset": meanset}
+    predictors = {"anomalyclip": tiny_service_model(image_threshold=0.5), "meanset": meanset}
     with TestClient(create_app(predictors)) as client:
         assert client.get("/v1/model").json()["methods"] == ["anomalyclip", "meanset"]
         info = client.get("/v1/model", params={"method": "meanset"}).json()
@@ -150,7 +150,7 @@ def test_set_limits_on_count_and_total_pixels():
 def test_an_onnx_export_is_served_like_the_torch_model(tmp_path, monkeypatch):
     import uvicorn
 
-    model = tiny_model(image_threshold=0.4, pixel_threshold=1.1).eval()
+    model = tiny_service_model(image_threshold=0.4, pixel_threshold=1.1).eval()
     path = export_onnx(model, tmp_path / "model.onnx")
     calls: dict[str, Any] = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.update(app=app))
@@ -172,7 +172,7 @@ def test_an_onnx_export_is_served_like_the_torch_model(tmp_path, monkeypatch):
 def test_reference_sets_are_kept_and_used_by_later_requests():
     from anomalyclip.methods.anomalyclip.few_shot import FewShotAnomalyCLIP
 
-    model = tiny_model()
+    model = tiny_service_model()
     references = [noise_png(64, 64, seed=40 + i) for i in range(3)]
     settings = ServiceSettings(max_reference_sets=1)
     with TestClient(create_app(model, settings)) as client:

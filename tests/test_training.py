@@ -15,36 +15,15 @@ from anomalyclip.data import open_dataset
 from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.methods.anomalyclip.embedding_cache import CacheKey, FeatureCache
 from anomalyclip.methods.anomalyclip.losses import glocal_loss, local_loss
-from anomalyclip.methods.anomalyclip.model import AnomalyCLIP, create_model
+from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 from anomalyclip.methods.anomalyclip.training import (
     TrainOptions,
     batch_loss,
     select_embeddings,
     train,
 )
-from tests.factories import shared_rows, tiny_clip, write_manifest
-
-TINY = dict(
-    image_size=32, features=(2, 4), dpam_layers=3, prompt_depth=2, n_ctx=4, deep_prompt_length=2
-)
-TINY_FLAGS = [
-    *("--image-size", "32", "--features", "2", "4", "--dpam-layers", "3"),
-    *("--prompt-depth", "2", "--n-ctx", "4", "--deep-prompt-length", "2"),
-    *("--batch-size", "4", "--no-progress"),
-    "--allow-outside-paths",  # the manifests here list shared/'s images from tmp_path
-]
-
-
-def tiny_model(seed: int = 111, **overrides) -> AnomalyCLIP:
-    return create_model(
-        clip_weights=tiny_clip(), config=AnomalyCLIPConfig(**{**TINY, **overrides}), seed=seed
-    )
-
-
-@pytest.fixture(scope="module")
-def glass_manifest(shared_dir: Path, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("glass")
-    return write_manifest(folder / "glass.csv", shared_rows(shared_dir, "glass", 6, 6))
+from tests.factories import tiny_clip, write_manifest
+from tests.helpers import TINY, TRAINING_FLAGS, tiny_training_model
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +52,7 @@ def prompt_state(model: AnomalyCLIP) -> dict[str, torch.Tensor]:
 
 
 def test_batch_loss_is_the_glocal_loss_for_one_class_with_masks():
-    model = tiny_model()
+    model = tiny_training_model()
     embeddings, labels, masks = random_batch(model)
     expected = glocal_loss(model, embeddings, labels, masks, lam=4.0)
     got = batch_loss(model, embeddings, labels, masks, [True] * 4, None, "glocal", 4.0)
@@ -89,7 +68,7 @@ def test_batch_loss_is_the_glocal_loss_for_one_class_with_masks():
 def test_batch_loss_is_a_per_image_mean_over_classes_and_unknown_masks():
     """Object-aware prompts (one text per class) and an image without pixel truth: the
     loss is still the mean over the batch of each image's own terms."""
-    model = tiny_model(prompt_mode="aware")
+    model = tiny_training_model(prompt_mode="aware")
     embeddings, labels, masks = random_batch(model)
     names = ["bottle", "screw", "bottle", "screw"]
     truth = [True, True, False, True]
@@ -120,7 +99,7 @@ def test_options_are_checked():
 
 def test_training_lowers_the_loss_and_writes_checkpoints_and_logs(glass_manifest, tmp_path):
     dataset = open_dataset(glass_manifest, allow_outside_paths=True)
-    model = tiny_model()
+    model = tiny_training_model()
     start = prompt_state(model)
     result = train(model, dataset, tmp_path, TrainOptions(epochs=3, batch_size=4), progress=False)
     losses = [entry.loss for entry in result.history]
@@ -153,15 +132,15 @@ def test_training_lowers_the_loss_and_writes_checkpoints_and_logs(glass_manifest
     assert [e["local_loss"] for e in log["epochs"]] == [e.local_loss for e in result.history]
 
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
-        train(tiny_model(), dataset, tmp_path, TrainOptions(epochs=3, batch_size=4))
+        train(tiny_training_model(), dataset, tmp_path, TrainOptions(epochs=3, batch_size=4))
 
 
 def test_cached_and_recomputed_features_give_the_same_losses(glass_manifest, tmp_path):
     dataset = open_dataset(glass_manifest, allow_outside_paths=True)
     options = TrainOptions(epochs=2, batch_size=4)
-    cached_model = tiny_model()
+    cached_model = tiny_training_model()
     cached = train(cached_model, dataset, tmp_path / "cached", options, progress=False)
-    plain_model = tiny_model()
+    plain_model = tiny_training_model()
     plain = train(
         plain_model,
         dataset,
@@ -181,7 +160,7 @@ def test_cached_and_recomputed_features_give_the_same_losses(glass_manifest, tmp
 def test_disk_cache_is_reused_only_for_the_same_key(glass_manifest, tmp_path):
     dataset = open_dataset(glass_manifest, allow_outside_paths=True)
     images = [s.image for s in dataset][:3]
-    model = tiny_model()
+    model = tiny_training_model()
     first = FeatureCache(model, tmp_path, memory=False)
     computed = first.embeddings(images)
     assert first.stats.computed == 3
@@ -189,7 +168,7 @@ def test_disk_cache_is_reused_only_for_the_same_key(glass_manifest, tmp_path):
     assert len(entries) == 3
     assert json.loads((first.directory / "key.json").read_text())["image_size"] == 32
 
-    again = FeatureCache(tiny_model(), tmp_path)
+    again = FeatureCache(tiny_training_model(), tmp_path)
     read = again.embeddings(images)
     assert (again.stats.disk_hits, again.stats.computed) == (3, 0)
     assert torch.equal(read.global_embedding, computed.global_embedding)
@@ -198,8 +177,8 @@ def test_disk_cache_is_reused_only_for_the_same_key(glass_manifest, tmp_path):
     again.embeddings(images)
     assert again.stats.memory_hits == 3
 
-    other_size = FeatureCache(tiny_model(image_size=48), tmp_path)
-    other_layers = FeatureCache(tiny_model(features=(3, 4)), tmp_path)
+    other_size = FeatureCache(tiny_training_model(image_size=48), tmp_path)
+    other_layers = FeatureCache(tiny_training_model(features=(3, 4)), tmp_path)
     other_backbone = FeatureCache(
         AnomalyCLIP(tiny_clip(seed=5), AnomalyCLIPConfig(**TINY)), tmp_path
     )
@@ -209,7 +188,7 @@ def test_disk_cache_is_reused_only_for_the_same_key(glass_manifest, tmp_path):
         assert cache.stats.computed == 1 and cache.stats.disk_hits == 0
 
     entries[0].write_bytes(b"damaged")
-    repaired = FeatureCache(tiny_model(), tmp_path)
+    repaired = FeatureCache(tiny_training_model(), tmp_path)
     repaired.embeddings(images)
     assert (repaired.stats.disk_hits, repaired.stats.computed) == (2, 1)
 
@@ -219,7 +198,7 @@ def test_overwritten_bytes_inside_a_cache_entry_are_caught_by_its_checksum(
 ):
     """Bug: 64 overwritten bytes inside an entry loaded fine and fed 1e31 into training."""
     images = [s.image for s in open_dataset(glass_manifest, allow_outside_paths=True)][:2]
-    first = FeatureCache(tiny_model(), tmp_path, memory=False)
+    first = FeatureCache(tiny_training_model(), tmp_path, memory=False)
     expected = first.embeddings(images)
     entry = sorted(first.directory.rglob("*.pt"))[0]
     record = torch.load(entry, weights_only=True)
@@ -229,34 +208,36 @@ def test_overwritten_bytes_inside_a_cache_entry_are_caught_by_its_checksum(
     data[at : at + 64] = torch.full((16,), 1e31).numpy().tobytes()
     entry.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
-        again = FeatureCache(tiny_model(), tmp_path, memory=False).embeddings(images)
+        again = FeatureCache(tiny_training_model(), tmp_path, memory=False).embeddings(images)
     assert "checksum mismatch; recomputing" in caplog.text
     assert torch.equal(again.global_embedding, expected.global_embedding)
 
 
 def test_cache_key_covers_what_the_embeddings_depend_on():
-    base = CacheKey.for_model(tiny_model())
-    assert CacheKey.for_model(tiny_model()).digest == base.digest
+    base = CacheKey.for_model(tiny_training_model())
+    assert CacheKey.for_model(tiny_training_model()).digest == base.digest
     for change in (dict(dpam_mode="qq"), dict(dpam_layers=2), dict(global_head="clip")):
-        assert CacheKey.for_model(tiny_model(**change)).digest != base.digest, change
+        assert CacheKey.for_model(tiny_training_model(**change)).digest != base.digest, change
     # prompts and smoothing do not change the image embeddings
-    assert CacheKey.for_model(tiny_model(seed=1, sigma=2.0)).digest == base.digest
+    assert CacheKey.for_model(tiny_training_model(seed=1, sigma=2.0)).digest == base.digest
 
 
 def test_image_level_data_trains_the_global_loss_and_says_so(headct_manifest, tmp_path, caplog):
     dataset = open_dataset(headct_manifest, allow_outside_paths=True)
     assert not dataset.pixel_level
     with caplog.at_level(logging.WARNING, logger="anomalyclip.methods.anomalyclip.training"):
-        result = train(tiny_model(), dataset, tmp_path, TrainOptions(epochs=1), progress=False)
+        result = train(
+            tiny_training_model(), dataset, tmp_path, TrainOptions(epochs=1), progress=False
+        )
     assert "training on image-level labels only: global loss" in caplog.text
     entry = result.history[0]
     assert entry.local_loss is None and entry.loss == entry.image_loss
     with pytest.raises(ValueError, match="no pixel ground truth"):
-        train(tiny_model(), dataset, tmp_path / "local", TrainOptions(loss="local"))
+        train(tiny_training_model(), dataset, tmp_path / "local", TrainOptions(loss="local"))
 
 
 def test_a_trainable_backbone_is_refused(glass_manifest, tmp_path):
-    model = tiny_model()
+    model = tiny_training_model()
     model.clip.visual.proj.requires_grad_(True)
     with pytest.raises(RuntimeError, match="must be frozen"):
         train(model, open_dataset(glass_manifest, allow_outside_paths=True), tmp_path)
@@ -268,7 +249,7 @@ def test_a_trainable_backbone_is_refused(glass_manifest, tmp_path):
 def test_cli_resume_gives_the_same_prompts_as_an_uninterrupted_run(
     glass_manifest, clip_file, tmp_path
 ):
-    common = [f"csv={glass_manifest}", "--clip-weights", str(clip_file), *TINY_FLAGS]
+    common = [f"csv={glass_manifest}", "--clip-weights", str(clip_file), *TRAINING_FLAGS]
     assert main(["train", *common, "-o", str(tmp_path / "whole"), "--epochs", "3"]) == 0
     parts = tmp_path / "parts"
     assert main(["train", *common, "-o", str(parts), "--epochs", "1"]) == 0
@@ -287,7 +268,7 @@ def test_cli_resume_gives_the_same_prompts_as_an_uninterrupted_run(
 
 
 def test_cli_resume_refuses_other_settings(glass_manifest, clip_file, tmp_path, caplog):
-    common = [f"csv={glass_manifest}", "--clip-weights", str(clip_file), *TINY_FLAGS]
+    common = [f"csv={glass_manifest}", "--clip-weights", str(clip_file), *TRAINING_FLAGS]
     assert main(["train", *common, "-o", str(tmp_path), "--epochs", "1"]) == 0
     with caplog.at_level(logging.ERROR):
         code = main(
@@ -317,7 +298,7 @@ def test_cli_refuses_to_train_a_hand_written_baseline(glass_manifest, clip_file,
 
 def test_cli_init_starts_from_earlier_prompts(glass_manifest, clip_file, tmp_path):
     """Fine-tuning: --init takes a checkpoint's prompts (and settings) as the start."""
-    common = [f"csv={glass_manifest}", "--clip-weights", str(clip_file), *TINY_FLAGS]
+    common = [f"csv={glass_manifest}", "--clip-weights", str(clip_file), *TRAINING_FLAGS]
     assert main(["train", *common, "-o", str(tmp_path / "first"), "--epochs", "1"]) == 0
     start = tmp_path / "first" / "epoch_1.pt"
     assert (
@@ -350,7 +331,7 @@ def test_training_without_masks_says_global_loss_throughout(clip_file, tmp_path,
                 f"csv={manifest}",
                 "--clip-weights",
                 str(clip_file),
-                *TINY_FLAGS,
+                *TRAINING_FLAGS,
                 "-o",
                 str(tmp_path / "run"),
                 "--epochs",

@@ -182,6 +182,56 @@ def _sample(values: np.ndarray, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).choice(values.size, PIXELS_PER_IMAGE, replace=False)
 
 
+@dataclass
+class _Examples:
+    """What calibration keeps of each scored example: its score and label, and a sample
+    of its map's pixels with their labels (from its mask; a good image's are normal)."""
+
+    scores: list[float] = field(default_factory=list)
+    labels: list[bool] = field(default_factory=list)
+    pixel_values: list[np.ndarray] = field(default_factory=list)
+    pixel_labels: list[np.ndarray] = field(default_factory=list)
+    skipped: list[SkippedImage] = field(default_factory=list)
+    n_masks: int = 0
+
+
+def _score_examples(
+    model: Predictor,
+    good_items: Sequence[ImageSource],
+    anomalous_items: Sequence[ImageSource],
+    masks: Mapping[str, Path],
+    batch_size: int,
+    progress: bool,
+) -> _Examples:
+    """The examples through the one scoring loop; anomalous images without a mask give
+    an image score only."""
+    labels = [False] * len(good_items) + [True] * len(anomalous_items)
+    preprocessor = model.preprocessor
+    examples = _Examples()
+    items = [*good_items, *anomalous_items]
+    outcomes = iter_predictions(model, items, batch_size, progress, description="calibrate")
+    for outcome in outcomes:
+        if isinstance(outcome, SkippedImage):
+            examples.skipped.append(outcome)
+            continue
+        is_anomalous = labels[outcome.index]
+        examples.scores.append(outcome.prediction.score)
+        examples.labels.append(is_anomalous)
+        mask_path = masks.get(str(items[outcome.index])) if is_anomalous else None
+        if is_anomalous and mask_path is None:
+            continue
+        flat = outcome.prediction.anomaly_map.ravel()
+        chosen = _sample(flat, outcome.index)
+        examples.pixel_values.append(flat[chosen])
+        if mask_path is not None:
+            mask = preprocessor.load_mask(mask_path).numpy().ravel()
+            examples.pixel_labels.append(mask[chosen] > 0.5)
+            examples.n_masks += 1
+        else:
+            examples.pixel_labels.append(np.zeros(chosen.size, dtype=bool))
+    return examples
+
+
 def calibrate(
     model: Predictor,
     good: Sequence[ImageSource],
@@ -205,38 +255,12 @@ def calibrate(
     good_items, anomalous_items = expand_sources(good), expand_sources(anomalous)
     if not good_items:
         raise ValueError("calibration needs at least one known-good image")
-    masks = {str(k): Path(v) for k, v in (masks or {}).items()}
-    labels = [False] * len(good_items) + [True] * len(anomalous_items)
-    preprocessor = model.preprocessor
-    scores: list[float] = []
-    score_labels: list[bool] = []
-    pixel_values: list[np.ndarray] = []
-    pixel_labels: list[np.ndarray] = []
-    skipped: list[SkippedImage] = []
-    n_masks = 0
-    items = [*good_items, *anomalous_items]
-    outcomes = iter_predictions(model, items, batch_size, progress, description="calibrate")
-    for outcome in outcomes:
-        if isinstance(outcome, SkippedImage):
-            skipped.append(outcome)
-            continue
-        is_anomalous = labels[outcome.index]
-        scores.append(outcome.prediction.score)
-        score_labels.append(is_anomalous)
-        mask_path = masks.get(str(items[outcome.index])) if is_anomalous else None
-        if is_anomalous and mask_path is None:
-            continue
-        flat = outcome.prediction.anomaly_map.ravel()
-        chosen = _sample(flat, outcome.index)
-        pixel_values.append(flat[chosen])
-        if mask_path is not None:
-            mask = preprocessor.load_mask(mask_path).numpy().ravel()
-            pixel_labels.append(mask[chosen] > 0.5)
-            n_masks += 1
-        else:
-            pixel_labels.append(np.zeros(chosen.size, dtype=bool))
-    scores_array = np.array(scores)
-    labels_array = np.array(score_labels, dtype=bool)
+    mask_paths = {str(k): Path(v) for k, v in (masks or {}).items()}
+    examples = _score_examples(model, good_items, anomalous_items, mask_paths, batch_size, progress)
+    scores_array = np.array(examples.scores)
+    labels_array = np.array(examples.labels, dtype=bool)
+    skipped, n_masks = examples.skipped, examples.n_masks
+    pixel_values, pixel_labels = examples.pixel_values, examples.pixel_labels
     n_good = int((~labels_array).sum())
     n_anomalous = int(labels_array.sum())
     if n_good == 0:

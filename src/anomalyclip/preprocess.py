@@ -20,7 +20,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast, get_args
+from typing import cast
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from anomalyclip.decoding import (
     guarded,
     open_image,
 )
+from anomalyclip.input_settings import CLIP_MEAN, CLIP_STD, RESIZE_MODES, ResizeMode
 
 __all__ = [
     "CLIP_MEAN",
@@ -57,14 +58,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 ImageSource = str | Path | bytes | Image.Image | np.ndarray
 # The one list of what counts as an image file when folders are searched.
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
-ResizeMode = Literal["squash", "center-crop"]
-RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
 
 
 def describe(source: ImageSource) -> str:
@@ -279,6 +275,21 @@ class PreProcessor:
         if path is None:
             return torch.zeros(self.size, self.size)
         return self.mask(load_mask_array(path))
+
+    def map_from_original(self, anomaly_map: np.ndarray) -> np.ndarray:
+        """(S, S) float32: a map of the original image placed at model resolution as the
+        images and masks are (bilinear; the crop of a crop mode), so a map made another
+        way (tiles stitched on the original) is evaluated against the same mask pixels."""
+        from anomalyclip.maps import upsample
+
+        array = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))
+        height, width = array.shape
+        if self.resize == "squash":
+            return upsample(array[None], (self.size, self.size))[0].numpy()
+        resized_width, resized_height = self.resized_size((width, height))
+        left, top = self.crop_box((width, height))
+        resized = upsample(array[None], (resized_height, resized_width))[0]
+        return resized[top : top + self.size, left : left + self.size].numpy()
 
     def map_to_original(
         self, anomaly_map: np.ndarray, size: tuple[int, int], fill: float = 0.0

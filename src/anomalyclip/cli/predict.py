@@ -15,10 +15,10 @@ from anomalyclip.cli.options import (
     add_model_arguments,
     add_scoring_arguments,
 )
-from anomalyclip.inspection.files import OVERLAY_FORMATS
+from anomalyclip.colormaps import COLORMAPS
+from anomalyclip.inspection.run_folder import OVERLAY_FORMATS
 from anomalyclip.utils.atomic import WriteFailedError
 from anomalyclip.utils.hashing import file_digest
-from anomalyclip.visualize import COLORMAPS
 
 if TYPE_CHECKING:
     from anomalyclip.inspection.records import InspectionSummary

@@ -63,6 +63,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     service.add_argument(
         "--max-pending", type=int, default=32, help="requests allowed to wait (then 503)"
     )
+    _add_connection_arguments(parser)
+    service.add_argument(
+        "--max-group-images",
+        type=int,
+        default=4,
+        help="images scored in one call; a request that times out or whose client leaves "
+        "stops between groups",
+    )
+    service.add_argument(
+        "--image-threshold",
+        type=float,
+        help="verdict threshold (default: the calibrated one; without either, no verdict)",
+    )
+    service.add_argument(
+        "--pixel-threshold",
+        type=float,
+        help="mask threshold (default: the calibrated one; without either, no mask)",
+    )
+    service.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    parser.set_defaults(func=run)
+
+
+def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """The bounds on what one client may hold: sockets, slots, bytes and time."""
     connections = parser.add_argument_group(
         "connections",
         "bounds on what slow or hostile clients can hold; the defaults fit `ulimit -n 1024`",
@@ -109,25 +133,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=5.0,
         help="seconds an idle kept-alive connection stays open",
     )
-    service.add_argument(
-        "--max-group-images",
-        type=int,
-        default=4,
-        help="images scored in one call; a request that times out or whose client leaves "
-        "stops between groups",
-    )
-    service.add_argument(
-        "--image-threshold",
-        type=float,
-        help="verdict threshold (default: the calibrated one; without either, no verdict)",
-    )
-    service.add_argument(
-        "--pixel-threshold",
-        type=float,
-        help="mask threshold (default: the calibrated one; without either, no mask)",
-    )
-    service.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
-    parser.set_defaults(func=run)
 
 
 def settings_from_args(args: argparse.Namespace) -> ServiceSettings:

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from anomalyclip import distributed
 from anomalyclip.data.core import AnomalyDataset, Sample
@@ -110,17 +111,17 @@ def map_path(directory: Path, sample: Sample, suffix: str) -> Path:
 
 
 def save_outputs(
-    sample: Sample, score: float, anomaly_map: np.ndarray, model: Predictor, maps_dir: Path
+    sample: Sample,
+    prediction: AnomalyPrediction,
+    image: Image.Image,
+    model_map: np.ndarray,
+    maps_dir: Path,
 ) -> None:
     """The map at model resolution (``maps/…npy``) and an overlay on the original image."""
     from anomalyclip.visualize import overlay
 
     with atomic_open(map_path(maps_dir / "maps", sample, ".npy"), "wb") as handle:
-        np.save(handle, anomaly_map.astype(np.float32))
-    image = load_image(sample.image)
-    prediction = AnomalyPrediction(
-        str(sample.image), score, anomaly_map, image.size, model.preprocessor, model.postprocessor
-    )
+        np.save(handle, model_map.astype(np.float32))
     picture = overlay(image, prediction)
     with atomic_open(map_path(maps_dir / "overlays", sample, ".png"), "wb") as handle:
         picture.save(handle, format="PNG")
@@ -242,7 +243,16 @@ def _score_batches(
             chunk_maps = output.anomaly_maps.float().cpu().numpy()
         if maps_dir is not None:
             for index, anomaly_map, score in zip(kept, chunk_maps, scores, strict=True):
-                save_outputs(plan.samples[index], float(score), anomaly_map, model, maps_dir)
+                image = load_image(plan.samples[index].image)
+                prediction = AnomalyPrediction(
+                    str(plan.samples[index].image),
+                    float(score),
+                    anomaly_map,
+                    image.size,
+                    model.preprocessor,
+                    model.postprocessor,
+                )
+                save_outputs(plan.samples[index], prediction, image, anomaly_map, maps_dir)
         bar.update(len(positions))
         map_max = chunk_maps.reshape(len(kept), -1).max(axis=1) if kept else np.zeros(0)
         yield _Batch(positions, kept, scores, map_max, chunk_maps if keep_maps else None, skipped)
@@ -346,28 +356,40 @@ def _predictor_batches(
     for positions in batches:
         kept: list[int] = []
         skipped: dict[int, str] = {}
-        tensors = []
+        images = []
         for index in positions:
             try:
-                tensors.append(preprocessor.tensor(load_image(samples[index].image)))
+                images.append(load_image(samples[index].image))
             except ImageLoadError as error:
                 if say_skips:
                     logger.warning("skipping %s", error)
                 skipped[index] = error.reason
             else:
                 kept.append(index)
+        # the Predictor's own loop, so wrappers (tiles, references, ONNX) score as in predict
+        predictions = model.predict_images(images)
         size = preprocessor.size
-        chunk_scores = np.zeros(0, dtype=np.float64)
-        chunk_maps = np.zeros((0, size, size), dtype=np.float32)
-        if tensors:
-            chunk_scores, chunk_maps = model.score_tensors(torch.stack(tensors))
+        chunk_scores = np.array([p.score for p in predictions], dtype=np.float64)
+        chunk_maps = np.zeros((len(kept), size, size), dtype=np.float32)
+        for position, prediction in enumerate(predictions):
+            chunk_maps[position] = _at_model_resolution(prediction, preprocessor)
         if maps_dir is not None:
-            for index, anomaly_map, score in zip(kept, chunk_maps, chunk_scores, strict=True):
-                save_outputs(samples[index], float(score), anomaly_map, model, maps_dir)
+            for position, (index, image) in enumerate(zip(kept, images, strict=True)):
+                prediction = predictions[position]
+                save_outputs(samples[index], prediction, image, chunk_maps[position], maps_dir)
         bar.update(len(positions))
         map_max = chunk_maps.reshape(len(kept), -1).max(axis=1) if kept else np.zeros(0)
         maps = chunk_maps if keep_maps else None
         yield _Batch(positions, kept, chunk_scores, map_max, maps, skipped)
+
+
+def _at_model_resolution(prediction: AnomalyPrediction, preprocessor: PreProcessor) -> np.ndarray:
+    """The prediction's map where the masks are: as it is when the method made it at
+    model resolution, else (tiles stitched on the original) placed there like the masks."""
+    size = preprocessor.size
+    if prediction.anomaly_map.shape == (size, size) and prediction.preprocessor == preprocessor:
+        return prediction.anomaly_map
+    return preprocessor.map_from_original(prediction.map_at_original_size())
 
 
 def _class_tables(

@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -27,14 +27,13 @@ from anomalyclip.inspection.records import (
     InspectionSummary,
 )
 from anomalyclip.inspection.report import write_report
+from anomalyclip.inspection.run_folder import OverlayFormat
 from anomalyclip.predictor import AnomalyPrediction
 from anomalyclip.preprocess import PreProcessor
 from anomalyclip.utils.atomic import atomic_open, atomic_write_json
 from anomalyclip.visualize import defect_mask, overlay
 
 THUMBNAIL_SIDE = 256
-OverlayFormat = Literal["png", "jpeg"]
-OVERLAY_FORMATS: tuple[str, ...] = get_args(OverlayFormat)
 
 
 # images ----------------------------------------------------------------------------------

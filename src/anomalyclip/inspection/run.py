@@ -43,8 +43,6 @@ from PIL import Image
 
 from anomalyclip.inputs import expand_sources, input_columns
 from anomalyclip.inspection.files import (
-    OVERLAY_FORMATS,
-    OverlayFormat,
     OverlayStyle,
     save_map,
     write_images,
@@ -52,6 +50,8 @@ from anomalyclip.inspection.files import (
 )
 from anomalyclip.inspection.records import InspectionResult, InspectionSummary
 from anomalyclip.inspection.run_folder import (
+    OVERLAY_FORMATS,
+    OverlayFormat,
     ResultStream,
     check_resumable,
     claim_output_dir,
@@ -217,13 +217,8 @@ def inspect(
     tells models apart beyond their settings, such as the checkpoint's checksum).
     """
     started = time.perf_counter()
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    colormap_table(colormap)  # an unknown name fails now, not after the first batch
-    if overlay_format not in OVERLAY_FORMATS:
-        raise ValueError(f"overlay_format must be one of {', '.join(OVERLAY_FORMATS)}")
-    if overlay_max_side is not None and overlay_max_side < 1:
-        raise ValueError(f"overlay_max_side must be positive, got {overlay_max_side}")
+    style = OverlayStyle(alpha, colormap, overlay_format, overlay_max_side)
+    _check_style(style)
     if isinstance(sources, (str, Path, bytes, Image.Image, np.ndarray)):
         sources = [sources]
     items = expand_sources(sources)
@@ -237,7 +232,6 @@ def inspect(
     if jsonl_path is None and out is not None:
         jsonl_path = out / "predictions.jsonl"
     jsonl = Path(jsonl_path) if jsonl_path is not None else None
-    style = OverlayStyle(alpha, colormap, overlay_format, overlay_max_side)
     settings = run_settings(model, post, style, maps_dir, identity)
     done = _done_results(model, items, names, columns, jsonl, settings) if resume else {}
     summary = InspectionSummary(
@@ -299,6 +293,17 @@ def _inspected(
         prediction=prediction,
         columns=columns or {},
     )
+
+
+def _check_style(style: OverlayStyle) -> None:
+    """Overlay options checked before any image is scored, not after the first batch."""
+    if not 0.0 <= style.alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {style.alpha}")
+    colormap_table(style.colormap)
+    if style.image_format not in OVERLAY_FORMATS:
+        raise ValueError(f"overlay_format must be one of {', '.join(OVERLAY_FORMATS)}")
+    if style.max_side is not None and style.max_side < 1:
+        raise ValueError(f"overlay_max_side must be positive, got {style.max_side}")
 
 
 def run_settings(

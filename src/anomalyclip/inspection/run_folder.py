@@ -20,11 +20,15 @@ import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal, get_args
 
 from anomalyclip.utils.atomic import atomic_open, atomic_write_json, write_failure
 
 logger = logging.getLogger(__name__)
+
+# How overlays may be stored (PNG, or JPEG for photographs: about ten times smaller).
+OverlayFormat = Literal["png", "jpeg"]
+OVERLAY_FORMATS: tuple[str, ...] = get_args(OverlayFormat)
 
 RUN_FILES = (
     "predictions.jsonl",

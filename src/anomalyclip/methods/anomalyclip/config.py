@@ -7,10 +7,13 @@ import logging
 import math
 from dataclasses import dataclass, field
 from string import Formatter
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from anomalyclip.input_settings import CLIP_MEAN, CLIP_STD, RESIZE_MODES, ResizeMode
 from anomalyclip.postprocess import PostProcessor
-from anomalyclip.preprocess import CLIP_MEAN, CLIP_STD, RESIZE_MODES, PreProcessor, ResizeMode
+
+if TYPE_CHECKING:
+    from anomalyclip.preprocess import PreProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +144,8 @@ class AnomalyCLIPConfig:
         return 0.0, float(len(self.features))
 
     def preprocessor(self) -> PreProcessor:
+        from anomalyclip.preprocess import PreProcessor  # torch: only when images are read
+
         return PreProcessor(self.image_size, self.resize, self.mean, self.std)
 
     def postprocessor(self) -> PostProcessor:

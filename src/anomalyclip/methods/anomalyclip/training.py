@@ -474,6 +474,35 @@ class _Epochs:
         )
 
 
+def _resume_point(
+    model: AnomalyCLIP,
+    optimizer: torch.optim.Optimizer,
+    output_dir: Path,
+    options: TrainOptions,
+    fingerprint: str,
+    resume: bool,
+) -> TrainResult:
+    """Where the run starts: after the newest intact checkpoint in ``output_dir`` (its
+    prompts, optimiser and history restored) when resuming, else at epoch 1. A folder
+    that holds checkpoints is never trained into afresh."""
+    history: list[EpochLog] = []
+    existing = distributed.run_on_main(lambda: find_checkpoints(output_dir))
+    if existing and not resume:
+        raise FileExistsError(
+            f"{output_dir} already holds checkpoints ({existing[max(existing)].name}); resume "
+            "the run or choose another output folder"
+        )
+    found = distributed.run_on_main(lambda: latest_intact(existing)) if existing else None
+    last_checkpoint = Path(found[1].path) if found is not None else None
+    if found is not None:
+        history = _resume(model, optimizer, found[1], options, fingerprint)
+        logger.info("resuming from %s (epoch %d done)", last_checkpoint, found[0])
+    elif resume:
+        logger.info("nothing to resume in %s: starting from epoch 1", output_dir)
+    done = found[0] if found is not None else 0
+    return TrainResult(output_dir, last_checkpoint, history, done)
+
+
 def train(
     model: AnomalyCLIP,
     dataset: AnomalyDataset,
@@ -507,22 +536,8 @@ def train(
     _check_pixel_truth(dataset, pixel_truth, options.loss)
     fingerprint = dataset_fingerprint(samples)
 
-    history: list[EpochLog] = []
-    existing = distributed.run_on_main(lambda: find_checkpoints(output_dir))
-    if existing and not resume:
-        raise FileExistsError(
-            f"{output_dir} already holds checkpoints ({existing[max(existing)].name}); resume "
-            "the run or choose another output folder"
-        )
-    found = distributed.run_on_main(lambda: latest_intact(existing)) if existing else None
-    last_checkpoint = Path(found[1].path) if found is not None else None
-    if found is not None:
-        history = _resume(model, optimizer, found[1], options, fingerprint)
-        logger.info("resuming from %s (epoch %d done)", last_checkpoint, found[0])
-    elif resume:
-        logger.info("nothing to resume in %s: starting from epoch 1", output_dir)
-    start_epoch = (found[0] if found is not None else 0) + 1
-    result = TrainResult(output_dir, last_checkpoint, history, start_epoch - 1)
+    result = _resume_point(model, optimizer, output_dir, options, fingerprint, resume)
+    history, start_epoch = result.history, result.resumed_from + 1
     if start_epoch > options.epochs:
         logger.info("all %d epochs are done already", options.epochs)
         return result
@@ -546,22 +561,16 @@ def train(
     header = {
         "dataset": {"name": dataset.name, "root": str(dataset.root), "split": dataset.split},
         "dataset_fingerprint": fingerprint,
-        "images": len(samples),
-        "images_with_masks": sum(pixel_truth),
-        "config": model.config.to_dict(),
-        "options": options.to_dict(),
+        **{"images": len(samples), "images_with_masks": sum(pixel_truth)},
+        **{"config": model.config.to_dict(), "options": options.to_dict()},
     }
     main = distributed.is_main_process()
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
     logger.info(
         "training on %s: %d images (%d with pixel truth), %s loss, epochs %d..%d",
-        dataset.name,
-        len(samples),
-        sum(pixel_truth),
-        effective_loss(options.loss, pixel_truth),
-        start_epoch,
-        options.epochs,
+        *(dataset.name, len(samples), sum(pixel_truth)),
+        *(effective_loss(options.loss, pixel_truth), start_epoch, options.epochs),
     )
 
     def save(epoch: int) -> Path:

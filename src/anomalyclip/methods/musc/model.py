@@ -50,7 +50,7 @@ from torch import Tensor
 from anomalyclip import distributed
 from anomalyclip.backbone.clip import CLIP
 from anomalyclip.backbone.identity import BackboneIdentity
-from anomalyclip.data.core import list_images
+from anomalyclip.inputs import expand_sources
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, ErrorPolicy, Predictor, SkippedImage
 from anomalyclip.preprocess import ImageSource, PreProcessor
@@ -573,9 +573,10 @@ class MuSc(Predictor):
         progress: bool = False,
         errors: ErrorPolicy = "raise",
     ) -> list[AnomalyPrediction | SkippedImage]:
-        """Score a folder's images (those directly in it, sorted by name) or a list of
-        images as one set: the notebook entry point (``predict`` with folders expanded)."""
-        items = _expand(sources)
+        """Score a folder, glob, CSV list or list of images as one set: the notebook entry
+        point. Folders are expanded by the rule ``anomalyclip predict`` uses (recursive,
+        annotation folders skipped), so a folder is the same set in both."""
+        items = expand_sources([sources] if isinstance(sources, (str, Path)) else sources)
         return self.predict(items, batch_size=max(1, len(items)), progress=progress, errors=errors)
 
     def features(self, images: Tensor, shard: bool = False) -> tuple[dict[int, Tensor], Tensor]:
@@ -768,22 +769,6 @@ def create_musc(
     )
     config = dataclasses.replace(config, **changes, backbone=identity.name)
     return MuSc(clip, config, identity)
-
-
-def _expand(sources: str | Path | Sequence[ImageSource]) -> list[ImageSource]:
-    """A folder becomes its images; anything else stays one source, or a list of them."""
-    if isinstance(sources, (str, Path)):
-        sources = [sources]
-    items: list[ImageSource] = []
-    for source in sources:
-        if isinstance(source, (str, Path)) and Path(source).is_dir():
-            found = list_images(Path(source))
-            if not found:
-                raise FileNotFoundError(f"{source}: no images in this folder")
-            items.extend(found)
-        else:
-            items.append(source)
-    return items
 
 
 def score_set(
