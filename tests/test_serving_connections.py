@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import httpx
@@ -128,16 +128,17 @@ def test_a_body_that_stops_or_never_ends_gets_408_within_the_timeouts(model):
 
 
 def test_connections_and_requests_beyond_the_caps_get_503(model):
-    settings = ServiceSettings(max_connections=6, max_concurrent_requests=2, **FAST)
+    settings = ServiceSettings(max_connections=6, max_body_reads=2, **FAST)
     with running(model, settings) as url:
         held = [connect(url) for _ in range(2)]
-        for sock in held:  # two requests in progress: their bodies are slow
+        for sock in held:  # two bodies arriving: they are slow
             sock.sendall(head("/v1/predict", 1000))
         time.sleep(0.1)
-        third = httpx.get(f"{url}/healthz", timeout=5)
+        third = httpx.post(f"{url}/v1/predict", files={"file": ("a.png", noise_png(32, 32))})
         assert third.status_code == 503
-        assert third.json()["detail"].startswith("the service is busy (2 requests in progress)")
+        assert third.json()["detail"].startswith("the service is busy (2 uploads arriving)")
         assert third.headers["retry-after"] == "1"
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200  # never capped
         idle = [connect(url) for _ in range(4)]  # with the two: the cap of 6 sockets
         refused = connect(url)
         answer, waited = read_all(refused)
@@ -193,4 +194,46 @@ def test_a_refused_body_is_drained_for_the_answer_but_not_for_ever(model):
         assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
         assert b"request body of 1,000,000,000 bytes exceeds the limit of" in answer
         assert closed_after < 2.0, closed_after  # the header timeout (0.5 s) plus slack
+        assert healthy(url)
+
+
+def test_slow_bodies_cannot_hold_the_request_slots_nor_healthz(model):
+    """A trickle of a byte at a time never stalls long enough for the body timeout; it is
+    cut by the minimum rate after its grace, and while it lasts it holds body slots only:
+    /healthz and a complete upload are served (before: 503 for everyone)."""
+    settings = ServiceSettings(
+        max_concurrent_requests=2,
+        max_body_reads=6,
+        min_body_rate=1000,
+        body_rate_grace_s=1.0,
+        header_timeout_s=0.5,
+        body_timeout_s=0.5,
+        body_deadline_s=30,
+    )
+    with running(model, settings) as url:
+        slow = [connect(url) for _ in range(4)]
+        for sock in slow:
+            sock.sendall(head("/v1/predict", 100_000) + b"--b0undary\r\n")
+        started = time.monotonic()
+
+        def trickle() -> None:
+            while time.monotonic() - started < 5:
+                for sock in slow:
+                    with suppress(OSError):
+                        sock.sendall(b"x")
+                time.sleep(0.2)
+
+        sender = threading.Thread(target=trickle, daemon=True)
+        sender.start()
+        time.sleep(0.3)
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+        files = {"file": ("a.png", noise_png(32, 32))}
+        assert httpx.post(f"{url}/v1/predict", files=files, timeout=10).status_code == 200
+        for sock in slow:
+            answer, _ = read_all(sock)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert b"arrived too slowly" in answer and b"1000 bytes/s" in answer
+            sock.close()
+        assert time.monotonic() - started < 3.0  # the grace (1 s) and slack, not 30 s
+        sender.join(6)
         assert healthy(url)
