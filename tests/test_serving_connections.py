@@ -237,3 +237,43 @@ def test_slow_bodies_cannot_hold_the_request_slots_nor_healthz(model):
         assert time.monotonic() - started < 3.0  # the grace (1 s) and slack, not 30 s
         sender.join(6)
         assert healthy(url)
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [{"write_timeout_s": 0.5}, {"write_timeout_s": 60.0, "max_write_buffer_bytes": 1}],
+    ids=["write-timeout", "buffer-cap"],
+)
+def test_a_client_that_never_reads_its_responses_is_dropped(model, limits):
+    """Pipelined requests whose responses are never read fill the socket; the server gives
+    up after the write timeout (or at once, over the per-connection output cap) and
+    aborts, freeing what it buffered (before: it waited for the reader for ever, the
+    responses held in memory)."""
+    settings = ServiceSettings(**limits, **FAST)
+    with running(model, settings) as url:
+        host, port = url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        request = b"GET /openapi.json HTTP/1.1\r\nHost: test\r\n\r\n"
+        sock.sendall(request * 2000)  # about 40 MB of answers, none read
+        time.sleep(3.0)
+        sock.settimeout(3.0)
+        received, closed = 0, False
+        started = time.monotonic()
+        while time.monotonic() - started < 10:
+            try:
+                piece = sock.recv(1 << 20)
+            except ConnectionResetError:
+                closed = True
+                break
+            except TimeoutError:
+                break
+            if not piece:
+                closed = True
+                break
+            received += len(piece)
+        sock.close()
+        assert closed, f"still open after {received:,} bytes read"
+        assert received < 20 * 1024 * 1024
+        assert healthy(url)

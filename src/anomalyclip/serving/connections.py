@@ -8,6 +8,10 @@ of system resource" with a traceback thousands of times a second. Here:
 - :class:`GuardedH11Protocol` gives each request ``header_timeout_s`` to send its request
   line and headers (then 408 and close), and answers a connection beyond
   ``max_connections`` with 503 and closes it at once, so sockets stay bounded;
+- a response the client does not read (the transport pauses writing: asyncio's flow
+  control) must be flushed within ``write_timeout_s``, and a connection may hold at most
+  ``max_write_buffer_bytes`` of unsent output; beyond either the connection is aborted,
+  which frees what it buffered (uvicorn would wait for the reader for ever);
 - the accept backlog is bounded too (asyncio accepts up to ``backlog`` sockets at a time
   before any can be refused);
 - :class:`RepeatedErrorFilter` lets one "too many open files" record through per interval,
@@ -55,10 +59,13 @@ class GuardedH11Protocol(H11Protocol):
 
     header_timeout_s: float = 10.0
     max_connections: int = 256
+    write_timeout_s: float = 30.0
+    max_write_buffer_bytes: int = 256 * 1024 * 1024
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
         self._waiting_cycle: object = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -80,7 +87,46 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
+        self._disarm_write_timer()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The client is not reading fast enough: it has ``write_timeout_s`` to catch up."""
+        super().pause_writing()
+        buffered = self.transport.get_write_buffer_size()
+        if buffered > self.max_write_buffer_bytes:
+            self._drop(
+                f"{buffered:,} bytes of output unread, over the limit of "
+                f"{self.max_write_buffer_bytes:,}"
+            )
+            return
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.write_timeout_s, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        self._disarm_write_timer()
+        super().resume_writing()
+
+    def _disarm_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_stalled(self) -> None:
+        self._write_timer = None
+        buffered = self.transport.get_write_buffer_size()
+        self._drop(
+            f"the response was not read within {self.write_timeout_s:g} s "
+            f"({buffered:,} bytes unsent)"
+        )
+
+    def _drop(self, reason: str) -> None:
+        """Abort the connection: its unsent output is discarded, not kept for the reader."""
+        if self.transport.is_closing() and not self.transport.get_write_buffer_size():
+            return
+        logger.info("dropped a connection from %s: %s", self.client, reason)
+        self._disarm_write_timer()
+        self.transport.abort()
 
     def _arm_header_timer(self) -> None:
         self._waiting_cycle = self.cycle
@@ -136,6 +182,8 @@ def guarded_protocol(settings: ServiceSettings) -> type[GuardedH11Protocol]:
         {
             "header_timeout_s": settings.header_timeout_s,
             "max_connections": settings.max_connections,
+            "write_timeout_s": settings.write_timeout_s,
+            "max_write_buffer_bytes": settings.max_write_buffer_bytes,
         },
     )
 
