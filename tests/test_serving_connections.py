@@ -277,3 +277,39 @@ def test_a_client_that_never_reads_its_responses_is_dropped(model, limits):
         assert closed, f"still open after {received:,} bytes read"
         assert received < 20 * 1024 * 1024
         assert healthy(url)
+
+
+def test_a_complete_head_over_the_header_limit_is_refused(model):
+    """The header cap held only while the head was incomplete: 100 KB of headers in one
+    write were served. Now 431 and closed, however the head arrives."""
+    with running(model, ServiceSettings(max_header_bytes=64 * 1024, **FAST)) as url:
+        for pieces in (1, 3):
+            head_bytes = b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Big: " + b"a" * 100_000
+            head_bytes += b"\r\n\r\n"
+            sock = connect(url)
+            step = len(head_bytes) // pieces + 1
+            for start in range(0, len(head_bytes), step):
+                sock.sendall(head_bytes[start : start + step])
+            answer, _ = read_all(sock)
+            sock.close()
+            assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large"), answer[:200]
+            assert b"exceed the limit of 65,536" in answer
+            assert b'"status":"ok"' not in answer and b"connection: close" in answer.lower()
+        assert healthy(url)
+
+
+def test_content_length_with_transfer_encoding_is_refused_and_nothing_after_it_served(model):
+    with running(model, ServiceSettings(**FAST)) as url:
+        sock = connect(url)
+        sock.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
+        )
+        answer, waited = read_all(sock)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
+        assert b"both Content-Length and Transfer-Encoding" in answer
+        assert answer.count(b"HTTP/1.1 ") == 1, answer  # the smuggled request not served
+        assert waited < 1.0
+        assert healthy(url)

@@ -12,6 +12,11 @@ of system resource" with a traceback thousands of times a second. Here:
   control) must be flushed within ``write_timeout_s``, and a connection may hold at most
   ``max_write_buffer_bytes`` of unsent output; beyond either the connection is aborted,
   which frees what it buffered (uvicorn would wait for the reader for ever);
+- a request's complete head (request line and headers) is held to ``max_header_bytes``
+  (431, closed) however it arrives: h11's own limit applies only while the head is
+  incomplete, so 100 KB of headers in one write passed; a request with both
+  ``Content-Length`` and ``Transfer-Encoding`` is refused (400, closed), so that a
+  request smuggled after it is never read (:class:`CheckedConnection`);
 - the accept backlog is bounded too (asyncio accepts up to ``backlog`` sockets at a time
   before any can be refused);
 - :class:`RepeatedErrorFilter` lets one "too many open files" record through per interval,
@@ -51,6 +56,54 @@ def raw_response(status: str, detail: str) -> bytes:
     return head.encode() + b"\r\n" + body
 
 
+def head_size(event: h11.Request) -> int:
+    """Bytes of a request's line and headers as sent (to within line-ending spaces)."""
+    line = len(event.method) + len(event.target) + len(b"  HTTP/1.1\r\n")
+    fields = sum(len(name) + len(value) + 4 for name, value in event.headers.raw_items())
+    return line + fields + 2
+
+
+class CheckedConnection(h11.Connection):
+    """h11's server connection, refusing a complete request head it should not serve.
+
+    The refusal (status line, detail) is kept in :attr:`refusal` and raised as h11's
+    protocol error, which uvicorn answers through ``send_400_response``.
+    """
+
+    def __init__(self, max_header_bytes: int) -> None:
+        super().__init__(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self.max_header_bytes = max_header_bytes
+        self.refusal: tuple[str, str] | None = None
+
+    def next_event(self) -> Any:
+        try:
+            event = super().next_event()
+        except h11.RemoteProtocolError as error:
+            if error.error_status_hint == 431:  # still incomplete, and already too long
+                self.refusal = (
+                    "431 Request Header Fields Too Large",
+                    f"the request headers exceed the limit of {self.max_header_bytes:,} bytes",
+                )
+            raise
+        if isinstance(event, h11.Request):
+            names = {name.lower() for name, _ in event.headers.raw_items()}
+            size = head_size(event)
+            if size > self.max_header_bytes:
+                self.refusal = (
+                    "431 Request Header Fields Too Large",
+                    f"the request headers ({size:,} bytes) exceed the limit of "
+                    f"{self.max_header_bytes:,}",
+                )
+            elif b"content-length" in names and b"transfer-encoding" in names:
+                self.refusal = (
+                    "400 Bad Request",
+                    "a request may not carry both Content-Length and Transfer-Encoding",
+                )
+            if self.refusal is not None:
+                raise h11.RemoteProtocolError(self.refusal[1])
+        return event
+
+
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a header timeout and a cap on open connections.
 
@@ -59,6 +112,7 @@ class GuardedH11Protocol(H11Protocol):
 
     header_timeout_s: float = 10.0
     max_connections: int = 256
+    max_header_bytes: int = 64 * 1024
     write_timeout_s: float = 30.0
     max_write_buffer_bytes: int = 256 * 1024 * 1024
 
@@ -67,6 +121,7 @@ class GuardedH11Protocol(H11Protocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
         self._waiting_cycle: object = None
+        self.conn = CheckedConnection(self.max_header_bytes)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -84,6 +139,14 @@ class GuardedH11Protocol(H11Protocol):
         super().data_received(data)
         if self._header_timer is not None and self.cycle is not self._waiting_cycle:
             self._disarm_header_timer()  # its headers are in: the body has its own timeout
+
+    def send_400_response(self, msg: str) -> None:
+        refusal = getattr(self.conn, "refusal", None)
+        if refusal is None:
+            super().send_400_response(msg)
+            return
+        self.transport.write(raw_response(*refusal))
+        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
@@ -182,6 +245,7 @@ def guarded_protocol(settings: ServiceSettings) -> type[GuardedH11Protocol]:
         {
             "header_timeout_s": settings.header_timeout_s,
             "max_connections": settings.max_connections,
+            "max_header_bytes": settings.max_header_bytes,
             "write_timeout_s": settings.write_timeout_s,
             "max_write_buffer_bytes": settings.max_write_buffer_bytes,
         },
