@@ -209,6 +209,8 @@ def test_health_and_model_information(client):
         "header_timeout_s": 10.0,
         "body_timeout_s": 15.0,
         "body_deadline_s": 120.0,
+        "min_body_rate": 500.0,
+        "body_rate_grace_s": 10.0,
     }
     assert info["settings"]["n_ctx"] == 4
     assert client.get("/v1/model", params={"method": "musc"}).status_code == 422

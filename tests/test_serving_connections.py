@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import httpx
@@ -127,16 +127,17 @@ def test_a_body_that_stops_or_never_ends_gets_408_within_the_timeouts(model):
 
 
 def test_connections_and_requests_beyond_the_caps_get_503(model):
-    settings = ServiceSettings(max_connections=6, max_concurrent_requests=2, **FAST)
+    settings = ServiceSettings(max_connections=6, max_body_reads=2, **FAST)
     with running(model, settings) as url:
         held = [connect(url) for _ in range(2)]
-        for sock in held:  # two requests in progress: their bodies are slow
+        for sock in held:  # two bodies arriving: they are slow
             sock.sendall(head("/v1/predict", 1000))
         time.sleep(0.1)
-        third = httpx.get(f"{url}/healthz", timeout=5)
+        third = httpx.post(f"{url}/v1/predict", files={"file": ("a.png", noise_png(32, 32))})
         assert third.status_code == 503
-        assert third.json()["detail"].startswith("the service is busy (2 requests in progress)")
+        assert third.json()["detail"].startswith("the service is busy (2 uploads arriving)")
         assert third.headers["retry-after"] == "1"
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200  # never capped
         idle = [connect(url) for _ in range(4)]  # with the two: the cap of 6 sockets
         refused = connect(url)
         answer, waited = read_all(refused)
@@ -192,4 +193,122 @@ def test_a_refused_body_is_drained_for_the_answer_but_not_for_ever(model):
         assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
         assert b"request body of 1,000,000,000 bytes exceeds the limit of" in answer
         assert closed_after < 2.0, closed_after  # the header timeout (0.5 s) plus slack
+        assert healthy(url)
+
+
+def test_slow_bodies_cannot_hold_the_request_slots_nor_healthz(model):
+    """A trickle of a byte at a time never stalls long enough for the body timeout; it is
+    cut by the minimum rate after its grace, and while it lasts it holds body slots only:
+    /healthz and a complete upload are served (before: 503 for everyone)."""
+    settings = ServiceSettings(
+        max_concurrent_requests=2,
+        max_body_reads=6,
+        min_body_rate=1000,
+        body_rate_grace_s=1.0,
+        header_timeout_s=0.5,
+        body_timeout_s=0.5,
+        body_deadline_s=30,
+    )
+    with running(model, settings) as url:
+        slow = [connect(url) for _ in range(4)]
+        for sock in slow:
+            sock.sendall(head("/v1/predict", 100_000) + b"--b0undary\r\n")
+        started = time.monotonic()
+
+        def trickle() -> None:
+            while time.monotonic() - started < 5:
+                for sock in slow:
+                    with suppress(OSError):
+                        sock.sendall(b"x")
+                time.sleep(0.2)
+
+        sender = threading.Thread(target=trickle, daemon=True)
+        sender.start()
+        time.sleep(0.3)
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+        files = {"file": ("a.png", noise_png(32, 32))}
+        assert httpx.post(f"{url}/v1/predict", files=files, timeout=10).status_code == 200
+        for sock in slow:
+            answer, _ = read_all(sock)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert b"arrived too slowly" in answer and b"1000 bytes/s" in answer
+            sock.close()
+        assert time.monotonic() - started < 3.0  # the grace (1 s) and slack, not 30 s
+        sender.join(6)
+        assert healthy(url)
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [{"write_timeout_s": 0.5}, {"write_timeout_s": 60.0, "max_write_buffer_bytes": 1}],
+    ids=["write-timeout", "buffer-cap"],
+)
+def test_a_client_that_never_reads_its_responses_is_dropped(model, limits):
+    """Pipelined requests whose responses are never read fill the socket; the server gives
+    up after the write timeout (or at once, over the per-connection output cap) and
+    aborts, freeing what it buffered (before: it waited for the reader for ever, the
+    responses held in memory)."""
+    settings = ServiceSettings(**limits, **FAST)
+    with running(model, settings) as url:
+        host, port = url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        request = b"GET /openapi.json HTTP/1.1\r\nHost: test\r\n\r\n"
+        sock.sendall(request * 2000)  # about 40 MB of answers, none read
+        time.sleep(3.0)
+        sock.settimeout(3.0)
+        received, closed = 0, False
+        started = time.monotonic()
+        while time.monotonic() - started < 10:
+            try:
+                piece = sock.recv(1 << 20)
+            except ConnectionResetError:
+                closed = True
+                break
+            except TimeoutError:
+                break
+            if not piece:
+                closed = True
+                break
+            received += len(piece)
+        sock.close()
+        assert closed, f"still open after {received:,} bytes read"
+        assert received < 20 * 1024 * 1024
+        assert healthy(url)
+
+
+def test_a_complete_head_over_the_header_limit_is_refused(model):
+    """The header cap held only while the head was incomplete: 100 KB of headers in one
+    write were served. Now 431 and closed, however the head arrives."""
+    with running(model, ServiceSettings(max_header_bytes=64 * 1024, **FAST)) as url:
+        for pieces in (1, 3):
+            head_bytes = b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Big: " + b"a" * 100_000
+            head_bytes += b"\r\n\r\n"
+            sock = connect(url)
+            step = len(head_bytes) // pieces + 1
+            for start in range(0, len(head_bytes), step):
+                sock.sendall(head_bytes[start : start + step])
+            answer, _ = read_all(sock)
+            sock.close()
+            assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large"), answer[:200]
+            assert b"exceed the limit of 65,536" in answer
+            assert b'"status":"ok"' not in answer and b"connection: close" in answer.lower()
+        assert healthy(url)
+
+
+def test_content_length_with_transfer_encoding_is_refused_and_nothing_after_it_served(model):
+    with running(model, ServiceSettings(**FAST)) as url:
+        sock = connect(url)
+        sock.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
+        )
+        answer, waited = read_all(sock)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
+        assert b"both Content-Length and Transfer-Encoding" in answer
+        assert answer.count(b"HTTP/1.1 ") == 1, answer  # the smuggled request not served
+        assert waited < 1.0
         assert healthy(url)

@@ -128,6 +128,31 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds the whole body may take (then 408, closed)",
     )
     connections.add_argument(
+        "--min-body-rate",
+        type=float,
+        default=500.0,
+        help="bytes/s a body must average after --body-rate-grace (then 408, closed; 0: none)",
+    )
+    connections.add_argument(
+        "--body-rate-grace",
+        type=float,
+        default=10.0,
+        help="seconds a body may take before --min-body-rate applies",
+    )
+    connections.add_argument(
+        "--max-body-reads",
+        type=int,
+        default=128,
+        help="request bodies arriving at once (then 503); a request counts against "
+        "--max-concurrent only once its body is in",
+    )
+    connections.add_argument(
+        "--write-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a response may wait for a client that reads nothing (then closed)",
+    )
+    connections.add_argument(
         "--keep-alive",
         type=float,
         default=5.0,
@@ -152,6 +177,10 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
         body_timeout_s=args.body_timeout,
         body_deadline_s=args.body_deadline,
         keep_alive_s=args.keep_alive,
+        min_body_rate=args.min_body_rate,
+        body_rate_grace_s=args.body_rate_grace,
+        max_body_reads=args.max_body_reads,
+        write_timeout_s=args.write_timeout,
         image_threshold=args.image_threshold,
         pixel_threshold=args.pixel_threshold,
     )

@@ -8,6 +8,15 @@ of system resource" with a traceback thousands of times a second. Here:
 - :class:`GuardedH11Protocol` gives each request ``header_timeout_s`` to send its request
   line and headers (then 408 and close), and answers a connection beyond
   ``max_connections`` with 503 and closes it at once, so sockets stay bounded;
+- a response the client does not read (the transport pauses writing: asyncio's flow
+  control) must be flushed within ``write_timeout_s``, and a connection may hold at most
+  ``max_write_buffer_bytes`` of unsent output; beyond either the connection is aborted,
+  which frees what it buffered (uvicorn would wait for the reader for ever);
+- a request's complete head (request line and headers) is held to ``max_header_bytes``
+  (431, closed) however it arrives: h11's own limit applies only while the head is
+  incomplete, so 100 KB of headers in one write passed; a request with both
+  ``Content-Length`` and ``Transfer-Encoding`` is refused (400, closed), so that a
+  request smuggled after it is never read (:class:`CheckedConnection`);
 - the accept backlog is bounded too (asyncio accepts up to ``backlog`` sockets at a time
   before any can be refused);
 - :class:`RepeatedErrorFilter` lets one "too many open files" record through per interval,
@@ -47,6 +56,54 @@ def raw_response(status: str, detail: str) -> bytes:
     return head.encode() + b"\r\n" + body
 
 
+def head_size(event: h11.Request) -> int:
+    """Bytes of a request's line and headers as sent (to within line-ending spaces)."""
+    line = len(event.method) + len(event.target) + len(b"  HTTP/1.1\r\n")
+    fields = sum(len(name) + len(value) + 4 for name, value in event.headers.raw_items())
+    return line + fields + 2
+
+
+class CheckedConnection(h11.Connection):
+    """h11's server connection, refusing a complete request head it should not serve.
+
+    The refusal (status line, detail) is kept in :attr:`refusal` and raised as h11's
+    protocol error, which uvicorn answers through ``send_400_response``.
+    """
+
+    def __init__(self, max_header_bytes: int) -> None:
+        super().__init__(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self.max_header_bytes = max_header_bytes
+        self.refusal: tuple[str, str] | None = None
+
+    def next_event(self) -> Any:
+        try:
+            event = super().next_event()
+        except h11.RemoteProtocolError as error:
+            if error.error_status_hint == 431:  # still incomplete, and already too long
+                self.refusal = (
+                    "431 Request Header Fields Too Large",
+                    f"the request headers exceed the limit of {self.max_header_bytes:,} bytes",
+                )
+            raise
+        if isinstance(event, h11.Request):
+            names = {name.lower() for name, _ in event.headers.raw_items()}
+            size = head_size(event)
+            if size > self.max_header_bytes:
+                self.refusal = (
+                    "431 Request Header Fields Too Large",
+                    f"the request headers ({size:,} bytes) exceed the limit of "
+                    f"{self.max_header_bytes:,}",
+                )
+            elif b"content-length" in names and b"transfer-encoding" in names:
+                self.refusal = (
+                    "400 Bad Request",
+                    "a request may not carry both Content-Length and Transfer-Encoding",
+                )
+            if self.refusal is not None:
+                raise h11.RemoteProtocolError(self.refusal[1])
+        return event
+
+
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a header timeout and a cap on open connections.
 
@@ -55,11 +112,16 @@ class GuardedH11Protocol(H11Protocol):
 
     header_timeout_s: float = 10.0
     max_connections: int = 256
+    max_header_bytes: int = 64 * 1024
+    write_timeout_s: float = 30.0
+    max_write_buffer_bytes: int = 256 * 1024 * 1024
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
         self._waiting_cycle: object = None
+        self.conn = CheckedConnection(self.max_header_bytes)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -78,9 +140,56 @@ class GuardedH11Protocol(H11Protocol):
         if self._header_timer is not None and self.cycle is not self._waiting_cycle:
             self._disarm_header_timer()  # its headers are in: the body has its own timeout
 
+    def send_400_response(self, msg: str) -> None:
+        refusal = getattr(self.conn, "refusal", None)
+        if refusal is None:
+            super().send_400_response(msg)
+            return
+        self.transport.write(raw_response(*refusal))
+        self.transport.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
+        self._disarm_write_timer()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The client is not reading fast enough: it has ``write_timeout_s`` to catch up."""
+        super().pause_writing()
+        buffered = self.transport.get_write_buffer_size()
+        if buffered > self.max_write_buffer_bytes:
+            self._drop(
+                f"{buffered:,} bytes of output unread, over the limit of "
+                f"{self.max_write_buffer_bytes:,}"
+            )
+            return
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.write_timeout_s, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        self._disarm_write_timer()
+        super().resume_writing()
+
+    def _disarm_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_stalled(self) -> None:
+        self._write_timer = None
+        buffered = self.transport.get_write_buffer_size()
+        self._drop(
+            f"the response was not read within {self.write_timeout_s:g} s "
+            f"({buffered:,} bytes unsent)"
+        )
+
+    def _drop(self, reason: str) -> None:
+        """Abort the connection: its unsent output is discarded, not kept for the reader."""
+        if self.transport.is_closing() and not self.transport.get_write_buffer_size():
+            return
+        logger.info("dropped a connection from %s: %s", self.client, reason)
+        self._disarm_write_timer()
+        self.transport.abort()
 
     def _arm_header_timer(self) -> None:
         self._waiting_cycle = self.cycle
@@ -136,6 +245,9 @@ def guarded_protocol(settings: ServiceSettings) -> type[GuardedH11Protocol]:
         {
             "header_timeout_s": settings.header_timeout_s,
             "max_connections": settings.max_connections,
+            "max_header_bytes": settings.max_header_bytes,
+            "write_timeout_s": settings.write_timeout_s,
+            "max_write_buffer_bytes": settings.max_write_buffer_bytes,
         },
     )
 

@@ -2,7 +2,10 @@
 
 A pure ASGI middleware, so it works the same under any server and in-process tests:
 
-- at most ``max_concurrent_requests`` are handled at once; beyond, 503 with Retry-After;
+- at most ``max_concurrent_requests`` are handled at once; beyond, 503 with Retry-After.
+  A request with a body counts only once its body is complete: bodies still arriving
+  hold one of ``max_body_reads`` other slots (:class:`Admission`), so slow uploads cannot
+  keep finished requests out; ``/healthz`` is under neither cap;
 - a declared Content-Length over the route's limit is 413 before a byte is read, and one
   that does not fit the bytes all requests may hold together (``max_inflight_bytes``) is
   503; a chunked body is counted against both as it arrives;
@@ -10,7 +13,8 @@ A pure ASGI middleware, so it works the same under any server and in-process tes
   that takes ``N`` files is refused there (413), as is a part over the per-file limit,
   without reading the rest;
 - a body that stops arriving for ``body_timeout_s``, or is not complete after
-  ``body_deadline_s``, is answered 408 and the connection closed.
+  ``body_deadline_s``, or averages less than ``min_body_rate`` bytes a second once
+  ``body_rate_grace_s`` is over, is answered 408 and the connection closed.
 
 A refusal made with the body unread (413, 503) lets the server read and drop the rest,
 so that an ordinary client, still sending, gets the answer rather than a reset socket;
@@ -41,6 +45,15 @@ logger = logging.getLogger(__name__)
 SMALL_BODY_LIMIT = 64 * 1024  # any other request: nothing the service reads is larger
 CLOSE = {"Connection": "close"}
 RETRY = {"Retry-After": "1"}
+UNGUARDED_PATHS = frozenset({"/healthz"})  # answers at once, reads nothing: never queued
+
+
+def has_body(scope: Scope) -> bool:
+    """Whether the request declares a body (a non-zero Content-Length, or chunked)."""
+    headers = Headers(scope=scope)
+    if "transfer-encoding" in headers:
+        return True
+    return headers.get("content-length", "0").strip() not in ("", "0")
 
 
 def error_response(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -156,6 +169,57 @@ def boundary_of(content_type: str) -> bytes | None:
     return boundary or None
 
 
+class Admission:
+    """One request's slot: among the bodies arriving, then among the requests in progress.
+
+    A request without a body takes a request slot at once; one with a body takes a body
+    slot, and trades it for a request slot when its body is complete
+    (:meth:`body_complete`), so a slot in ``max_concurrent_requests`` is never held by a
+    client that is still sending.
+    """
+
+    def __init__(self, guard: RequestGuard) -> None:
+        self.guard = guard
+        self.reading = False
+        self.active = False
+
+    def enter(self, with_body: bool) -> str | None:
+        """Take the first slot; the reason for a 503 when there is none."""
+        guard, settings = self.guard, self.guard.settings
+        if with_body:
+            if guard.reading >= settings.max_body_reads:
+                return f"the service is busy ({guard.reading} uploads arriving); retry shortly"
+            guard.reading += 1
+            self.reading = True
+            return None
+        return self.activate()
+
+    def activate(self) -> str | None:
+        guard = self.guard
+        if guard.active >= guard.settings.max_concurrent_requests:
+            return f"the service is busy ({guard.active} requests in progress); retry shortly"
+        guard.active += 1
+        self.active = True
+        return None
+
+    def body_complete(self) -> None:
+        """The body is in: from a body slot to a request slot (503 when none is free)."""
+        if not self.reading:
+            return
+        self.guard.reading -= 1
+        self.reading = False
+        refusal = self.activate()
+        if refusal is not None:
+            raise HTTPException(503, refusal, headers=RETRY)
+
+    def leave(self) -> None:
+        if self.reading:
+            self.guard.reading -= 1
+        if self.active:
+            self.guard.active -= 1
+        self.reading = self.active = False
+
+
 class RequestGuard:
     """The limits above, around the whole application (see the module's docstring)."""
 
@@ -166,23 +230,26 @@ class RequestGuard:
         self.settings = settings
         self.routes = routes
         self.budget = ByteBudget(settings.max_inflight_bytes)
-        self.active = 0
+        self.active = 0  # requests in progress (their bodies complete)
+        self.reading = 0  # requests whose bodies are still arriving
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in UNGUARDED_PATHS:
             await self.app(scope, receive, send)
             return
-        if self.active >= self.settings.max_concurrent_requests:
-            detail = f"the service is busy ({self.active} requests in progress); retry shortly"
-            await error_response(503, detail, RETRY)(scope, receive, send)
+        admission = Admission(self)
+        refusal = admission.enter(has_body(scope))
+        if refusal is not None:
+            await error_response(503, refusal, RETRY)(scope, receive, send)
             return
-        self.active += 1
         try:
-            await self.guarded(scope, receive, send)
+            await self.guarded(scope, receive, send, admission)
         finally:
-            self.active -= 1
+            admission.leave()
 
-    async def guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def guarded(
+        self, scope: Scope, receive: Receive, send: Send, admission: Admission | None = None
+    ) -> None:
         route = self.routes.get(scope["path"])
         if route is not None and scope["method"] != "POST":
             await self.app(scope, receive, send)  # 405 from the router, the body unread
@@ -219,7 +286,7 @@ class RequestGuard:
         if not self.budget.take(declared):
             await error_response(503, self.busy_detail(), RETRY)(scope, receive, send)
             return
-        body = BodyReader(self, receive, limit, declared, counter)
+        body = BodyReader(self, receive, limit, declared, counter, admission)
         try:
             await self.app(scope, body.receive, send)
         finally:
@@ -242,6 +309,7 @@ class BodyReader:
         limit: int,
         declared: int,
         counter: PartCounter | None,
+        admission: Admission | None = None,
     ) -> None:
         self.guard = guard
         self.upstream = receive
@@ -250,16 +318,42 @@ class BodyReader:
         self.received = 0
         self.counter = counter
         self.complete = False
-        self.deadline = time.monotonic() + guard.settings.body_deadline_s
+        self.admission = admission
+        self.started = time.monotonic()
+        self.deadline = self.started + guard.settings.body_deadline_s
+
+    def rate_due(self) -> float:
+        """When the body falls below the minimum rate unless more arrives (inf: no minimum)."""
+        settings = self.guard.settings
+        if settings.min_body_rate <= 0:
+            return float("inf")
+        needed_s = max(settings.body_rate_grace_s, self.received / settings.min_body_rate)
+        return self.started + needed_s
+
+    def too_slow(self) -> HTTPException:
+        settings = self.guard.settings
+        elapsed = time.monotonic() - self.started
+        logger.info("request body too slow: %d bytes in %.1f s", self.received, elapsed)
+        return HTTPException(
+            408,
+            f"the request body arrived too slowly ({self.received:,} bytes in {elapsed:.1f} s; "
+            f"the service needs {settings.min_body_rate:g} bytes/s on average after "
+            f"{settings.body_rate_grace_s:g} s)",
+            headers=CLOSE,
+        )
 
     async def receive(self) -> Message:
         if self.complete:  # after the body only a disconnect can come: not timed
             return await self.upstream()
         settings = self.guard.settings
-        wait = min(settings.body_timeout_s, self.deadline - time.monotonic())
+        now = time.monotonic()
+        rate_due = self.rate_due()
+        wait = min(settings.body_timeout_s, self.deadline - now, rate_due - now)
         try:
             message = await asyncio.wait_for(self.upstream(), max(wait, 0.0))
         except asyncio.TimeoutError:
+            if time.monotonic() >= rate_due and time.monotonic() < self.deadline:
+                raise self.too_slow() from None
             logger.info("request body not received in time after %d bytes", self.received)
             raise HTTPException(
                 408,
@@ -276,6 +370,8 @@ class BodyReader:
         self.complete = not message.get("more_body", False)
         if self.received > self.limit:
             raise HTTPException(413, f"request body exceeds the limit of {self.limit:,} bytes")
+        if not self.complete and time.monotonic() > self.rate_due():
+            raise self.too_slow()
         if self.received > self.held:
             extra = self.received - self.held
             if not self.guard.budget.take(extra, already=self.held):
@@ -286,4 +382,6 @@ class BodyReader:
                 self.counter.feed(chunk)
             except TooManyParts as error:
                 raise HTTPException(413, str(error)) from None
+        if self.complete and self.admission is not None:
+            self.admission.body_complete()
         return message

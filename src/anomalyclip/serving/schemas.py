@@ -82,6 +82,10 @@ class Limits(BaseModel):
     header_timeout_s: float = Field(description="to send the request line and headers (408)")
     body_timeout_s: float = Field(description="most the body may stall between pieces (408)")
     body_deadline_s: float = Field(description="most the whole body may take (408)")
+    min_body_rate: float = Field(
+        description="bytes/s a body must average after body_rate_grace_s (else 408)"
+    )
+    body_rate_grace_s: float = Field(description="time before the body rate is enforced")
 
 
 class ModelInfo(BaseModel):

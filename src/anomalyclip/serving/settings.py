@@ -22,6 +22,16 @@ class ServiceSettings:
     for all of it). ``max_inflight_bytes`` bounds the upload bytes held by all requests
     together, from the first byte read to the response (a single request is always let
     in when no other holds any).
+
+    A body must also keep up a rate: after ``body_rate_grace_s`` it must average at least
+    ``min_body_rate`` bytes a second (else 408 and close, as Apache's ``mod_reqtimeout``
+    ``MinRate`` does), so that a trickle of a byte every few seconds cannot hold a slot
+    until the deadline. A request counts against ``max_concurrent_requests`` only once
+    its body is complete; bodies still arriving have their own cap, ``max_body_reads``,
+    so slow uploads can never keep finished requests waiting. ``/healthz`` is under
+    neither cap. A response the client does not read is given ``write_timeout_s`` to make
+    progress, and at most ``max_write_buffer_bytes`` are held for one connection; beyond
+    either, the connection is dropped and its buffered output freed.
     """
 
     max_upload_bytes: int = 20 * 1024 * 1024
@@ -40,6 +50,11 @@ class ServiceSettings:
     body_timeout_s: float = 15.0
     body_deadline_s: float = 120.0
     keep_alive_s: float = 5.0
+    min_body_rate: float = 500.0  # bytes/s a body must average once its grace is over
+    body_rate_grace_s: float = 10.0
+    max_body_reads: int = 128  # bodies arriving at once (then 503)
+    write_timeout_s: float = 30.0  # a response the client does not read: dropped
+    max_write_buffer_bytes: int = 256 * 1024 * 1024
     max_header_bytes: int = 64 * 1024
     image_threshold: float | None = None
     pixel_threshold: float | None = None
@@ -61,6 +76,8 @@ class ServiceSettings:
             "max_group_images",
             "max_connections",
             "max_concurrent_requests",
+            "max_body_reads",
+            "max_write_buffer_bytes",
             "max_header_bytes",
             "map_max_side",
             "overlay_max_side",
@@ -72,7 +89,11 @@ class ServiceSettings:
             "body_timeout_s",
             "body_deadline_s",
             "keep_alive_s",
+            "body_rate_grace_s",
+            "write_timeout_s",
         )
         problems += [f"{name} must be positive" for name in timeouts if not getattr(self, name) > 0]
+        if not self.min_body_rate >= 0:
+            problems.append("min_body_rate must be zero (no minimum) or positive")
         if problems:
             raise ValueError("invalid service settings: " + "; ".join(problems))
