@@ -100,10 +100,6 @@ class AnomalyPrediction:
             self.anomaly_map, self.original_size, fill=self.map_range[0]
         )
 
-    def mask_at_original_size(self) -> np.ndarray | None:
-        """(height, width) bool defect mask, or None without a pixel threshold."""
-        return self.postprocessor.mask(self.map_at_original_size())
-
 
 class Predictor(ABC):
     """A scoring method: preprocessed images in, image scores and pixel maps out."""

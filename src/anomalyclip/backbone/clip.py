@@ -44,10 +44,6 @@ class CLIPArchitecture:
     text_heads: int
     activation: Activation = "quick_gelu"
 
-    @property
-    def image_resolution(self) -> int:
-        return self.vision_patch_size * self.vision_grid
-
     def to_dict(self) -> dict:
         return asdict(self)
 
