@@ -154,15 +154,17 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_model(args: argparse.Namespace, seed: int = 0) -> AnomalyCLIP:
-    """AnomalyCLIP itself, for the commands that need the model rather than a scorer
-    (``train``: fresh prompts unless ``--init`` names some)."""
+    """AnomalyCLIP itself, for the commands that need the model rather than a scorer:
+    ``train`` (fresh prompts unless ``--init`` names some) and ``export`` (which refuses
+    a checkpoint calibrated with references: ONNX has no reference mode)."""
     from anomalyclip.methods.anomalyclip.baselines import get_preset
     from anomalyclip.methods.anomalyclip.factory import NO_CHECKPOINT
     from anomalyclip.methods.anomalyclip.model import create_model
 
     preset = get_preset(args.preset) if getattr(args, "preset", None) else None
+    training = hasattr(args, "init")
     return create_model(
-        args.init or NO_CHECKPOINT,
+        (args.init or NO_CHECKPOINT) if training else _checkpoint(args),
         clip_weights=args.clip_weights,
         preset=preset,
         overrides=model_overrides(args),
