@@ -8,8 +8,12 @@ import copy
 import io
 import logging
 import random
+import struct
+import subprocess
+import sys
 import time
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -423,3 +427,97 @@ def test_fuzzed_checkpoint_structures_give_only_documented_errors(tmp_path):
             assert "\n" not in str(error), str(error)
             outcomes["refused"] += 1
     assert outcomes["refused"] > 80, outcomes
+
+
+# ------------------------------------------- issue 20 item 4: compressed tensor records
+
+
+def deflate_bomb(inflated: int) -> tuple[bytes, int]:
+    """A raw deflate stream of ``inflated`` zero bytes (a multiple of 1 MiB) and its CRC,
+    built from one flushed block repeated: 2 GiB in about 2 MB, made in milliseconds."""
+    block_size = 1 << 20
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    compressor.compress(bytes(block_size))
+    block = compressor.flush(zlib.Z_FULL_FLUSH)
+    crc = 0
+    zeros = bytes(block_size)
+    for _ in range(inflated // block_size):
+        crc = zlib.crc32(zeros, crc)
+    return block * (inflated // block_size) + b"\x03\x00", crc
+
+
+def with_bomb_record(
+    source: Path, target: Path, inflated: int, declared: int | None = None
+) -> Path:
+    """``source`` (a torch zip) with its first tensor record replaced by a deflate stream
+    inflating to ``inflated`` bytes; the central directory declares ``declared`` (default:
+    the truth)."""
+    with zipfile.ZipFile(source) as archive:
+        members = [(info, archive.read(info)) for info in archive.infolist()]
+    out, central = bytearray(), bytearray()
+    for info, data in members:
+        method, crc, size = zipfile.ZIP_STORED, zlib.crc32(data), len(data)
+        if info.filename.endswith("/data/0"):
+            data, crc = deflate_bomb(inflated)
+            method, size = zipfile.ZIP_DEFLATED, inflated if declared is None else declared
+        name = info.filename.encode()
+        fields = (20, 0, method, 0, 0x21, crc, len(data), size, len(name))
+        central += struct.pack(
+            "<IHHHHHHIIIHHHHHII", 0x02014B50, 20, *fields, 0, 0, 0, 0, 0, len(out)
+        )
+        central += name
+        out += struct.pack("<IHHHHHIIIHH", 0x04034B50, *fields, 0) + name + data
+    end = struct.pack(
+        "<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(central), len(out), 0
+    )
+    target.write_bytes(bytes(out + central + end))
+    return target
+
+
+def peak_of_cli(*arguments: Any) -> tuple[int, str, float]:
+    """Run ``anomalyclip`` in a fresh child: exit status, stderr, the child's peak RSS (MB)."""
+    wrapper = (
+        "import resource, subprocess, sys\n"
+        "done = subprocess.run([sys.executable, '-m', 'anomalyclip', *sys.argv[1:]],"
+        " capture_output=True, text=True)\n"
+        "sys.stderr.write(done.stderr)\n"
+        "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", wrapper, *map(str, arguments)], capture_output=True, text=True
+    )
+    code, peak_kb = done.stdout.split()
+    return int(code), done.stderr, int(peak_kb) / 1024
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "clip-weights", "checkpoint-lying"])
+def test_a_compressed_tensor_record_cannot_inflate_the_loader(tmp_path, cli_inputs, where):
+    """A 2 MB zip whose data/0 deflates to 2 GiB (its pickle wants 16 bytes there): refused
+    from the central directory before anything is inflated (before: 2.3-2.5 GB resident
+    and then a refusal), one line naming the file; a central directory that understates
+    the record is held to what it says."""
+    image, _, clip = cli_inputs
+    checkpoint = saved(tmp_path, lambda data: None)
+    declared = 64 if where.endswith("lying") else None
+    victim = clip if where == "clip-weights" else checkpoint
+    bomb = with_bomb_record(Path(victim), tmp_path / "bomb.pt", 2 << 30, declared)
+    assert bomb.stat().st_size < Path(victim).stat().st_size + 3_000_000
+    given = {"checkpoint": checkpoint, "clip-weights": clip}
+    given["clip-weights" if where == "clip-weights" else "checkpoint"] = bomb
+    out = tmp_path / "out.jsonl"
+    code, errors, peak_mb = peak_of_cli(
+        "predict",
+        image,
+        "--checkpoint",
+        given["checkpoint"],
+        "--clip-weights",
+        given["clip-weights"],
+        "--output",
+        out,
+    )
+    lines = [line for line in errors.splitlines() if line.strip()]
+    assert code == 2, errors
+    assert len(lines) == 1 and "Traceback" not in errors, errors
+    assert "bomb.pt" in lines[0], lines[0]
+    assert peak_mb < 500, (peak_mb, lines[0])
+    assert not out.exists()
