@@ -521,3 +521,80 @@ def test_a_compressed_tensor_record_cannot_inflate_the_loader(tmp_path, cli_inpu
     assert "bomb.pt" in lines[0], lines[0]
     assert peak_mb < 500, (peak_mb, lines[0])
     assert not out.exists()
+
+
+# ------------------------------------ issue 20 item 5: what prompt checkpoint errors say
+
+
+def test_quoted_values_are_cut_with_their_length():
+    from anomalyclip.utils.quoting import quoted
+
+    assert quoted("object") == "'object'"
+    long = quoted("x" * 1_000_000)
+    assert len(long) < 120 and long.endswith("... (1,000,000 characters)")
+    assert "\n" not in quoted("a\nb" * 100)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda d: d["config"].update(object_name="x" * 1_000_000, prompt_mode="aware"),
+            r"object_name must be at most 1000 characters .* \(1,000,000 characters\)",
+        ),
+        (  # short enough in characters, too long in tokens: refused at read, naming the file
+            lambda d: d["config"].update(object_name="word " * 150, prompt_mode="aware"),
+            r"is 1\d\d tokens long, more than the context length 77",
+        ),
+        (
+            lambda d: d["config"].update(abnormal_template="{} " + "y" * 5000),
+            r"abnormal_template must be at most 1000 characters .* \(5,003 characters\)",
+        ),
+        (
+            lambda d: d["config"].update(temperature=1e-30),
+            "temperature must be 0.001 to 10, got 1e-30",
+        ),
+        (lambda d: d["config"].update(temperature=1e6), "temperature must be 0.001 to 10, got 1e"),
+    ],
+    ids=[
+        "huge-object-name",
+        "object-name-tokens",
+        "huge-template",
+        "tiny-temperature",
+        "huge-temperature",
+    ],
+)
+def test_prompt_checkpoint_errors_are_short_and_name_the_file(
+    tmp_path, caplog, capsys, cli_inputs, change, message
+):
+    path = saved(tmp_path, change)
+    with pytest.raises(ValueError, match=message) as refusal:
+        read_checkpoint(path)
+    assert str(refusal.value).startswith(f"{path}: ") and len(str(refusal.value)) < 400
+    code, line = cli_errors(caplog, capsys, "predict", *cli_inputs, "--checkpoint", path)
+    assert code == 2 and "changed.pt" in line and len(line) < 400, line[:500]
+
+
+def test_a_torchscript_file_as_checkpoint_never_suggests_weights_only_false(
+    tmp_path, caplog, capsys, cli_inputs
+):
+    path = tmp_path / "scripted.pt"
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(path))
+    with pytest.raises(UnreadableFileError, match="it is a TorchScript archive") as refusal:
+        read_checkpoint(path)
+    assert "weights_only" not in str(refusal.value)
+    code, line = cli_errors(caplog, capsys, "predict", *cli_inputs, "--checkpoint", path)
+    assert code == 2 and "scripted.pt" in line
+    assert "weights_only" not in line and "trusted" not in line
+    assert "weights_only" not in capsys.readouterr().err
+
+
+def test_torch_advice_to_disable_weights_only_is_removed_from_any_message():
+    from anomalyclip.utils.safe_load import without_unsafe_advice
+
+    advice = (
+        "Cannot use weights_only=True with this file. Re-running `torch.load` with "
+        "`weights_only` set to `False` will likely succeed, but it can result in arbitrary "
+        "code execution. Do it only if you got the file from a trusted source."
+    )
+    assert without_unsafe_advice("The file is damaged. " + advice) == "The file is damaged."
