@@ -8,8 +8,12 @@ import copy
 import io
 import logging
 import random
+import struct
+import subprocess
+import sys
 import time
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -422,3 +426,174 @@ def test_fuzzed_checkpoint_structures_give_only_documented_errors(tmp_path):
             assert "\n" not in str(error), str(error)
             outcomes["refused"] += 1
     assert outcomes["refused"] > 80, outcomes
+
+
+# ------------------------------------------- issue 20 item 4: compressed tensor records
+
+
+def deflate_bomb(inflated: int) -> tuple[bytes, int]:
+    """A raw deflate stream of ``inflated`` zero bytes (a multiple of 1 MiB) and its CRC,
+    built from one flushed block repeated: 2 GiB in about 2 MB, made in milliseconds."""
+    block_size = 1 << 20
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    compressor.compress(bytes(block_size))
+    block = compressor.flush(zlib.Z_FULL_FLUSH)
+    crc = 0
+    zeros = bytes(block_size)
+    for _ in range(inflated // block_size):
+        crc = zlib.crc32(zeros, crc)
+    return block * (inflated // block_size) + b"\x03\x00", crc
+
+
+def with_bomb_record(
+    source: Path, target: Path, inflated: int, declared: int | None = None
+) -> Path:
+    """``source`` (a torch zip) with its first tensor record replaced by a deflate stream
+    inflating to ``inflated`` bytes; the central directory declares ``declared`` (default:
+    the truth)."""
+    with zipfile.ZipFile(source) as archive:
+        members = [(info, archive.read(info)) for info in archive.infolist()]
+    out, central = bytearray(), bytearray()
+    for info, data in members:
+        method, crc, size = zipfile.ZIP_STORED, zlib.crc32(data), len(data)
+        if info.filename.endswith("/data/0"):
+            data, crc = deflate_bomb(inflated)
+            method, size = zipfile.ZIP_DEFLATED, inflated if declared is None else declared
+        name = info.filename.encode()
+        fields = (20, 0, method, 0, 0x21, crc, len(data), size, len(name))
+        central += struct.pack(
+            "<IHHHHHHIIIHHHHHII", 0x02014B50, 20, *fields, 0, 0, 0, 0, 0, len(out)
+        )
+        central += name
+        out += struct.pack("<IHHHHHIIIHH", 0x04034B50, *fields, 0) + name + data
+    end = struct.pack(
+        "<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(central), len(out), 0
+    )
+    target.write_bytes(bytes(out + central + end))
+    return target
+
+
+def peak_of_cli(*arguments: Any) -> tuple[int, str, float]:
+    """Run ``anomalyclip`` in a fresh child: exit status, stderr, the child's peak RSS (MB)."""
+    wrapper = (
+        "import resource, subprocess, sys\n"
+        "done = subprocess.run([sys.executable, '-m', 'anomalyclip', *sys.argv[1:]],"
+        " capture_output=True, text=True)\n"
+        "sys.stderr.write(done.stderr)\n"
+        "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", wrapper, *map(str, arguments)], capture_output=True, text=True
+    )
+    code, peak_kb = done.stdout.split()
+    return int(code), done.stderr, int(peak_kb) / 1024
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "clip-weights", "checkpoint-lying"])
+def test_a_compressed_tensor_record_cannot_inflate_the_loader(tmp_path, cli_inputs, where):
+    """A 2 MB zip whose data/0 deflates to 2 GiB (its pickle wants 16 bytes there): refused
+    from the central directory before anything is inflated (before: 2.3-2.5 GB resident
+    and then a refusal), one line naming the file; a central directory that understates
+    the record is held to what it says."""
+    image, _, clip = cli_inputs
+    checkpoint = saved(tmp_path, lambda data: None)
+    declared = 64 if where.endswith("lying") else None
+    victim = clip if where == "clip-weights" else checkpoint
+    bomb = with_bomb_record(Path(victim), tmp_path / "bomb.pt", 2 << 30, declared)
+    assert bomb.stat().st_size < Path(victim).stat().st_size + 3_000_000
+    given = {"checkpoint": checkpoint, "clip-weights": clip}
+    given["clip-weights" if where == "clip-weights" else "checkpoint"] = bomb
+    out = tmp_path / "out.jsonl"
+    code, errors, peak_mb = peak_of_cli(
+        "predict",
+        image,
+        "--checkpoint",
+        given["checkpoint"],
+        "--clip-weights",
+        given["clip-weights"],
+        "--output",
+        out,
+    )
+    lines = [line for line in errors.splitlines() if line.strip()]
+    assert code == 2, errors
+    assert len(lines) == 1 and "Traceback" not in errors, errors
+    assert "bomb.pt" in lines[0], lines[0]
+    assert peak_mb < 500, (peak_mb, lines[0])
+    assert not out.exists()
+
+
+# ------------------------------------ issue 20 item 5: what prompt checkpoint errors say
+
+
+def test_quoted_values_are_cut_with_their_length():
+    from anomalyclip.utils.quoting import quoted
+
+    assert quoted("object") == "'object'"
+    long = quoted("x" * 1_000_000)
+    assert len(long) < 120 and long.endswith("... (1,000,000 characters)")
+    assert "\n" not in quoted("a\nb" * 100)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda d: d["config"].update(object_name="x" * 1_000_000, prompt_mode="aware"),
+            r"object_name must be at most 1000 characters .* \(1,000,000 characters\)",
+        ),
+        (  # short enough in characters, too long in tokens: refused at read, naming the file
+            lambda d: d["config"].update(object_name="word " * 150, prompt_mode="aware"),
+            r"is 1\d\d tokens long, more than the context length 77",
+        ),
+        (
+            lambda d: d["config"].update(abnormal_template="{} " + "y" * 5000),
+            r"abnormal_template must be at most 1000 characters .* \(5,003 characters\)",
+        ),
+        (
+            lambda d: d["config"].update(temperature=1e-30),
+            "temperature must be 0.001 to 10, got 1e-30",
+        ),
+        (lambda d: d["config"].update(temperature=1e6), "temperature must be 0.001 to 10, got 1e"),
+    ],
+    ids=[
+        "huge-object-name",
+        "object-name-tokens",
+        "huge-template",
+        "tiny-temperature",
+        "huge-temperature",
+    ],
+)
+def test_prompt_checkpoint_errors_are_short_and_name_the_file(
+    tmp_path, caplog, capsys, cli_inputs, change, message
+):
+    path = saved(tmp_path, change)
+    with pytest.raises(ValueError, match=message) as refusal:
+        read_checkpoint(path)
+    assert str(refusal.value).startswith(f"{path}: ") and len(str(refusal.value)) < 400
+    code, line = cli_errors(caplog, capsys, "predict", *cli_inputs, "--checkpoint", path)
+    assert code == 2 and "changed.pt" in line and len(line) < 400, line[:500]
+
+
+def test_a_torchscript_file_as_checkpoint_never_suggests_weights_only_false(
+    tmp_path, caplog, capsys, cli_inputs
+):
+    path = tmp_path / "scripted.pt"
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(path))
+    with pytest.raises(UnreadableFileError, match="it is a TorchScript archive") as refusal:
+        read_checkpoint(path)
+    assert "weights_only" not in str(refusal.value)
+    code, line = cli_errors(caplog, capsys, "predict", *cli_inputs, "--checkpoint", path)
+    assert code == 2 and "scripted.pt" in line
+    assert "weights_only" not in line and "trusted" not in line
+    assert "weights_only" not in capsys.readouterr().err
+
+
+def test_torch_advice_to_disable_weights_only_is_removed_from_any_message():
+    from anomalyclip.utils.safe_load import without_unsafe_advice
+
+    advice = (
+        "Cannot use weights_only=True with this file. Re-running `torch.load` with "
+        "`weights_only` set to `False` will likely succeed, but it can result in arbitrary "
+        "code execution. Do it only if you got the file from a trusted source."
+    )
+    assert without_unsafe_advice("The file is damaged. " + advice) == "The file is damaged."

@@ -16,6 +16,8 @@ from pathlib import Path
 import regex
 import torch
 
+from anomalyclip.utils.quoting import quoted
+
 CONTEXT_LENGTH = 77
 SOT_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
@@ -143,7 +145,8 @@ class SimpleTokenizer:
             if len(ids) > context_length:
                 if not truncate:
                     raise ValueError(
-                        f"text {text!r} is {len(ids)} tokens long, more than the context "
+                        f"text {quoted(text)} is {len(ids):,} tokens long, more than the "
+                        "context "
                         f"length {context_length}"
                     )
                 ids = ids[:context_length]

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from anomalyclip.utils.pickle_scan import read_member
 from anomalyclip.utils.safe_load import (
     SafeLoadError,
     UnreadableFileError,
@@ -225,7 +226,7 @@ class _ArchiveUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"malformed storage key {key!r:.80}")
         untyped = self._storages.get(key)
         if untyped is None:
-            untyped = self._read_record(f"{self._prefix}data/{key}")
+            untyped = self._read_record(f"{self._prefix}data/{key}", numel * dtype.itemsize)
             self._storages[key] = untyped
         if untyped.nbytes() != numel * dtype.itemsize:
             raise pickle.UnpicklingError(
@@ -234,13 +235,21 @@ class _ArchiveUnpickler(pickle.Unpickler):
             )
         return _Storage(untyped, dtype)
 
-    def _read_record(self, name: str) -> torch.UntypedStorage:
+    def _read_record(self, name: str, needed: int) -> torch.UntypedStorage:
+        """The record's bytes, its declared size checked before anything is inflated and
+        the read capped at it (:func:`~anomalyclip.utils.pickle_scan.read_member`)."""
         info = self._archive.getinfo(name)
         if info.file_size > self._path.stat().st_size:
             raise pickle.UnpicklingError(
                 f"record {name} claims {info.file_size} bytes, more than the whole archive"
             )
-        return torch.UntypedStorage.from_buffer(self._archive.read(info), dtype=torch.uint8)
+        if info.file_size != needed:
+            raise pickle.UnpicklingError(
+                f"record {name} holds {info.file_size:,} bytes, not the {needed:,} "
+                "its tensor storage needs"
+            )
+        data = read_member(self._archive, info)
+        return torch.UntypedStorage.from_buffer(data, dtype=torch.uint8)
 
 
 def _rebuild_tensor(

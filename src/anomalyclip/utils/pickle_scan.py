@@ -11,7 +11,15 @@ operations per opcode, and measures it before anything is unpickled:
 - nesting depth: the longest containment path (deep nesting crashes recursive code);
 - expanded size: the objects there would be if every shared reference were a copy, which
   is what hashing, ``str``, ``json.dumps`` and ``dataclasses.asdict`` walk;
-- the pickle's size against the file's, for a compressed ``data.pkl`` (a zip bomb).
+- the pickle's size against the file's, for a compressed ``data.pkl`` (a zip bomb);
+- every other record of a zip, from its central directory, before anything is inflated:
+  a tensor record (``data/<key>``) may not declare more bytes than the storage the pickle
+  gives it needs (its element count times its element size); a stored record's sizes
+  must agree and fit the file; compressed records (``torch.save`` stores its own
+  uncompressed) may not inflate past ``MAX_INFLATED_TO_FILE`` times the file in all.
+  Both readers then hold a record to the size declared there: zipfile's reader stops at
+  it, torch's extracts into a buffer of it, and :func:`read_member` reads with that cap
+  and refuses a record that differs.
 
 The limits are far above anything ``torch.save`` writes for a model: the reference CLIP
 (398 tensors) is 13,693 opcodes and 9,223 objects, 6 levels deep, scanned in about 20 ms;
@@ -32,6 +40,7 @@ MAX_OPCODES = 4_000_000  # torch.save writes about 30 per tensor
 MAX_DEPTH = 100
 MAX_OBJECTS = 10_000_000  # shared references expanded
 MAX_PICKLE_TO_FILE = 4  # a data.pkl inflating past 4x the whole file is a zip bomb
+MAX_INFLATED_TO_FILE = 16  # compressed records together, against the whole file
 LEGACY_PICKLES = 5  # torch's legacy format: magic, protocol, sys info, object, storage keys
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -46,6 +55,23 @@ SCALAR_KINDS = frozenset(
 MUTATORS = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
 MARK = -1
 LEAF = 0
+
+# Bytes per element of each storage type a pickle names (torch's typed storages, and the
+# dtypes TorchScript names); one not listed counts as the widest, 16.
+ELEMENT_BYTES = {
+    **dict.fromkeys(("ByteStorage", "CharStorage", "BoolStorage", "UntypedStorage"), 1),
+    **dict.fromkeys(("QUInt8Storage", "QInt8Storage", "QUInt4x2Storage", "QUInt2x4Storage"), 1),
+    **dict.fromkeys(("ShortStorage", "HalfStorage", "BFloat16Storage"), 2),
+    **dict.fromkeys(("IntStorage", "FloatStorage", "QInt32Storage"), 4),
+    **dict.fromkeys(("LongStorage", "DoubleStorage", "ComplexFloatStorage"), 8),
+    "ComplexDoubleStorage": 16,
+    **dict.fromkeys(("uint8", "int8", "bool", "float8_e4m3fn", "float8_e5m2"), 1),
+    **dict.fromkeys(("int16", "float16", "half", "bfloat16"), 2),
+    **dict.fromkeys(("int32", "float32", "float"), 4),
+    **dict.fromkeys(("int64", "float64", "double", "long", "complex64"), 8),
+    "complex128": 16,
+}
+WIDEST_ELEMENT = 16
 
 
 @dataclass
@@ -87,10 +113,15 @@ def scan_file(path: str | os.PathLike[str]) -> PickleScan:
 
 
 def _scan_zip(path: Path, graph: _Graph) -> None:
-    """Every ``data.pkl`` member, within a budget of unpacked bytes for them all."""
+    """Every ``data.pkl`` member, within a budget of unpacked bytes for them all, then
+    every record's declared size against what the pickles say it holds."""
     file_size = path.stat().st_size
     budget = MAX_PICKLE_TO_FILE * file_size
     with zipfile.ZipFile(path) as archive:
+        graph.problem = record_size_problem(archive.infolist(), file_size)
+        if graph.problem:
+            return
+        declared: dict[str, int] = {}
         for info in archive.infolist():
             if not info.filename.endswith("data.pkl"):
                 continue
@@ -109,6 +140,149 @@ def _scan_zip(path: Path, graph: _Graph) -> None:
             graph.replay(data)
             if graph.problem:
                 return
+            records = info.filename[: -len("data.pkl")] + "data/"
+            for key, size in declared_storages(data).items():
+                declared[records + key] = max(size, declared.get(records + key, 0))
+        graph.problem = tensor_record_problem(archive.infolist(), declared)
+
+
+def record_size_problem(infos: list[zipfile.ZipInfo], file_size: int) -> str | None:
+    """What is wrong with the sizes a zip's central directory declares, if anything."""
+    inflated = 0
+    for info in infos:
+        if info.compress_size > file_size:
+            return (
+                f"its record {info.filename} claims {info.compress_size:,} bytes, more than "
+                "the whole file"
+            )
+        if info.compress_type == zipfile.ZIP_STORED:
+            if info.file_size != info.compress_size:
+                return (
+                    f"its stored record {info.filename} declares {info.file_size:,} bytes "
+                    f"but holds {info.compress_size:,}"
+                )
+            continue
+        if info.filename.endswith("data.pkl"):
+            continue  # the pickles have their own budget, read with a cap
+        inflated += info.file_size
+        if inflated > MAX_INFLATED_TO_FILE * file_size:
+            return (
+                f"its compressed records inflate to more than {inflated:,} bytes "
+                f"({info.filename} alone {info.file_size:,} from {info.compress_size:,}), over "
+                f"{MAX_INFLATED_TO_FILE}x the file's {file_size:,}"
+            )
+    return None
+
+
+def tensor_record_problem(infos: list[zipfile.ZipInfo], declared: dict[str, int]) -> str | None:
+    """A tensor record declaring more bytes than its storage needs."""
+    for info in infos:
+        parent, _, key = info.filename.rpartition("/")
+        if not key or not (parent == "data" or parent.endswith("/data")):
+            continue
+        needed = declared.get(info.filename)
+        if needed is None:
+            continue  # not read by torch (what it might be is bounded by the sizes above)
+        if info.file_size > needed:
+            return (
+                f"its record {info.filename} declares {info.file_size:,} bytes, but the tensor "
+                f"storage it holds needs {needed:,}"
+            )
+    return None
+
+
+def declared_storages(data: bytes) -> dict[str, int]:
+    """Bytes each storage key of a torch pickle needs (element count x element size),
+    from its persistent ids ``('storage', type, key, location, numel)``; nothing runs.
+
+    Only the values a persistent id is built from are followed (strings, integers,
+    globals, tuples, the memo); anything else is a placeholder.
+    """
+    stack: list[Any] = []
+    memo: dict[Any, Any] = {}
+    found: dict[str, int] = {}
+    mark = object()
+    try:
+        for opcode, argument, _ in pickletools.genops(data):
+            name = opcode.name
+            if name == "MARK":
+                stack.append(mark)
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[argument] = stack[-1]
+            elif name == "MEMOIZE":
+                memo[len(memo)] = stack[-1]
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo.get(argument))
+            elif name == "GLOBAL":
+                stack.append(_Global(str(argument)))
+            elif name == "STACK_GLOBAL":
+                attribute, module = stack.pop(), stack.pop()
+                stack.append(_Global(f"{module} {attribute}"))
+            elif name == "TUPLE":
+                items: list[Any] = []
+                while stack[-1] is not mark:
+                    items.append(stack.pop())
+                stack.pop()
+                stack.append(tuple(reversed(items)))
+            elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+                count = int(name[-1])
+                items = stack[-count:]
+                del stack[-count:]
+                stack.append(tuple(items))
+            elif name == "BINPERSID":
+                _note_storage(stack.pop(), found)
+                stack.append(None)
+            elif name == "STOP":
+                break
+            elif opcode.arg is not None and not opcode.stack_before and opcode.stack_after:
+                stack.append(argument)  # a literal: its value
+            else:
+                _apply(opcode, stack, mark)
+    except (ValueError, IndexError, KeyError, EOFError, TypeError):
+        pass  # a malformed pickle: torch refuses it as well
+    return found
+
+
+class _Global(str):
+    """A global's ``module name``, as a pickle names it."""
+
+
+def _note_storage(pid: Any, found: dict[str, int]) -> None:
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+        return
+    _, kind, key, _location, numel = pid
+    if not isinstance(key, str) or not isinstance(numel, int) or isinstance(numel, bool):
+        return
+    element = WIDEST_ELEMENT
+    if isinstance(kind, _Global):
+        element = ELEMENT_BYTES.get(kind.rpartition(" ")[2], WIDEST_ELEMENT)
+    found[key] = max(found.get(key, 0), max(numel, 0) * element)
+
+
+def _apply(opcode: pickletools.OpcodeInfo, stack: list[Any], mark: object) -> None:
+    """Any other opcode: pop what it consumes, push a placeholder for what it makes."""
+    before = opcode.stack_before
+    fixed = len(before)
+    if pickletools.markobject in before:
+        fixed = before.index(pickletools.markobject)
+        while stack[-1] is not mark:
+            stack.pop()
+        stack.pop()
+    for _ in range(fixed):
+        stack.pop()
+    stack.extend([None] * len(opcode.stack_after))
+
+
+def read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """A record's bytes, read with the cap of its declared size: a deflate stream that
+    would inflate further is cut there and refused, never inflated whole."""
+    with archive.open(info) as member:
+        data = member.read(info.file_size + 1)
+    if len(data) != info.file_size:
+        raise zipfile.BadZipFile(
+            f"record {info.filename} holds other than the {info.file_size:,} bytes it declares"
+        )
+    return data
 
 
 class _Graph:

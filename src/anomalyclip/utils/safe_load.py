@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from anomalyclip.utils.pickle_scan import PickleScan, scan_file
+from anomalyclip.utils.pickle_scan import ZIP_MAGIC, PickleScan, scan_file
+
+UNSAFE_ADVICE = re.compile(r"weights_only|trusted source|arbitrary code", re.IGNORECASE)
 
 
 class SafeLoadError(ValueError):
@@ -67,6 +71,11 @@ def safe_torch_load(path: str | os.PathLike[str], what: str) -> Any:
     scan = scanned_within_bounds(path, what)
     if scan.unreadable is not None:
         raise UnreadableFileError(f"{path} is not a readable {what}: {scan.unreadable}")
+    if is_torchscript_archive(path):
+        raise UnreadableFileError(
+            f"{path} is not a readable {what}: it is a TorchScript archive (a compiled "
+            "model), which holds no such data"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -108,11 +117,34 @@ def refuse_non_finite(tensors: Mapping[str, Any], where: str) -> None:
             )
 
 
+def is_torchscript_archive(path: Path) -> bool:
+    """Whether ``path`` is a zip holding TorchScript's ``constants.pkl`` (torch's own test)."""
+    try:
+        with path.open("rb") as handle:
+            if handle.read(4) != ZIP_MAGIC:
+                return False
+        with zipfile.ZipFile(path) as archive:
+            return any(n.rpartition("/")[2] == "constants.pkl" for n in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def _first_line(error: Exception) -> str:
-    """The one informative line of torch's long weights-only refusal."""
+    """The one informative line of torch's long weights-only refusal, without any advice
+    to load with ``weights_only=False`` (which would run the file's code)."""
     text = str(error)
     marker = "WeightsUnpickler error:"
     if marker in text:
         tail = text.split(marker, 1)[1].strip()
-        return tail.splitlines()[0] if tail else text
-    return text.splitlines()[0] if text else type(error).__name__
+        text = tail.splitlines()[0] if tail else text
+    else:
+        text = text.splitlines()[0] if text else type(error).__name__
+    return without_unsafe_advice(text) or type(error).__name__
+
+
+def without_unsafe_advice(text: str) -> str:
+    """``text`` less every sentence that mentions ``weights_only`` or trusting a source:
+    torch suggests rerunning with ``weights_only=False``, which runs the file's code."""
+    sentences = re.split(r"(?<=[.!?])\s+", text)
+    kept = [s for s in sentences if not UNSAFE_ADVICE.search(s)]
+    return " ".join(kept).strip()

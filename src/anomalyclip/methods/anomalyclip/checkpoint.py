@@ -20,8 +20,9 @@ from torch import Tensor
 
 from anomalyclip.backbone.clip import CLIP
 from anomalyclip.backbone.identity import BackboneIdentity
+from anomalyclip.backbone.tokenizer import tokenize
 from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig, shown
-from anomalyclip.methods.anomalyclip.prompts import PromptLearner, PromptShape
+from anomalyclip.methods.anomalyclip.prompts import PromptLearner, PromptShape, prompt_sentences
 from anomalyclip.utils.atomic import atomic_torch_save
 from anomalyclip.utils.safe_load import refuse_non_finite, safe_torch_load
 
@@ -90,6 +91,7 @@ def read_checkpoint(path: str | Path) -> PromptCheckpoint:
         raise ValueError(f"{path}: {error}") from None
     if checkpoint.config is not None:
         _check_config_matches(path, checkpoint.config, shape)
+        _check_prompt_text(path, checkpoint.config)
     return checkpoint
 
 
@@ -126,6 +128,20 @@ def _ours(path: Path, data: dict[str, Any]) -> PromptCheckpoint:
         dict(data.get("backbone") or {}),
         dict(data.get("extra") or {}),
     )
+
+
+def _check_prompt_text(path: Path, config: AnomalyCLIPConfig) -> None:
+    """The learned prompts' sentences fit the text encoder: refused here, naming the
+    file, rather than when the model is built from it."""
+    if config.text_prompts != "learned":
+        return
+    sentences = prompt_sentences(
+        config.n_ctx, config.object_name, config.normal_template, config.abnormal_template
+    )
+    try:
+        tokenize(list(sentences))
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def _check_backbone(path: Path, backbone: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from anomalyclip.input_settings import CLIP_MEAN, CLIP_STD, RESIZE_MODES, ResizeMode
 from anomalyclip.postprocess import PostProcessor
+from anomalyclip.utils.quoting import quoted
 
 if TYPE_CHECKING:
     from anomalyclip.preprocess import PreProcessor
@@ -23,6 +24,15 @@ PAPER_FEATURES = (6, 12, 18, 24)
 MAX_IMAGE_SIZE = 2048
 # The Gaussian's kernel spans 8 sigma: beyond this it is wider than any map.
 MAX_SIGMA = MAX_IMAGE_SIZE / 8
+# Scores are softmaxes of cosine similarities (within [-1, 1]) over the temperature. CLIP
+# clamps its own logit scale to at most 100 (temperature >= 0.01); below 1e-3 a cosine gap
+# of 0.02 is a logit gap of 20, where float32's softmax is exactly 0 or 1, so scores and
+# maps collapse to 0.0 and 1.0 (1e-30 made every score 0.0). Above 10 every logit lies
+# within +-0.1 and every probability within 0.5 +- 0.05: no contrast left to threshold.
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 10.0
+CONTEXT_TOKENS = 77  # CLIP's text context; a longer prompt cannot be encoded anyway
+MAX_PROMPT_TEXT = 1000  # characters of object_name or a template (a token is >= 1)
 
 # Each choice list once: validation here and the CLI's ``choices`` read these.
 DpamMode = Literal["vv", "qq", "kk"]
@@ -53,6 +63,13 @@ class AnomalyCLIPConfig:
     backbone: the backbone's registered name or its weights file's name, never a path
     (checkpoints identify the file by its SHA-256 beside this).
     resize, mean, std: the preprocessing (see :class:`~anomalyclip.preprocess.PreProcessor`).
+    temperature: divides the cosine similarities before the softmax; bounded to
+    ``MIN_TEMPERATURE`` (1e-3) .. ``MAX_TEMPERATURE`` (10), where scores stop being
+    meaningful: below, float32 softmaxes saturate at exactly 0 or 1 (CLIP itself never
+    goes below 0.01); above, every probability lies within 0.5 +- 0.05.
+    object_name, normal_template, abnormal_template: at most ``MAX_PROMPT_TEXT`` characters
+    each (the text encoder reads 77 tokens); errors quote them cut short
+    (:func:`~anomalyclip.utils.quoting.quoted`).
     """
 
     backbone: str = "ViT-L/14@336px"
@@ -101,7 +118,7 @@ class AnomalyCLIPConfig:
         ):
             if getattr(self, name) not in choices:
                 problems.append(
-                    f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
+                    f"{name} must be one of {', '.join(choices)}, got {quoted(getattr(self, name))}"
                 )
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             problems.append(f"mean and std need 3 values, std > 0; got {self.mean}, {self.std}")
@@ -113,10 +130,20 @@ class AnomalyCLIPConfig:
             if not _is_template(getattr(self, name)):
                 problems.append(
                     f"{name} may hold one {{}} for the object name and no other braces, "
-                    f"got {getattr(self, name)!r}"
+                    f"got {quoted(getattr(self, name))}"
                 )
-        if not self.temperature > 0:
-            problems.append(f"temperature must be > 0, got {self.temperature}")
+        for name in ("object_name", "normal_template", "abnormal_template"):
+            text = getattr(self, name)
+            if isinstance(text, str) and len(text) > MAX_PROMPT_TEXT:
+                problems.append(
+                    f"{name} must be at most {MAX_PROMPT_TEXT} characters (the text encoder "
+                    f"reads {CONTEXT_TOKENS} tokens), got {quoted(text)}"
+                )
+        if not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
+            problems.append(
+                f"temperature must be {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}, "
+                f"got {self.temperature:g}"
+            )
         problems += self._non_finite()
         if problems:
             raise ValueError("invalid AnomalyCLIP configuration: " + "; ".join(problems))
