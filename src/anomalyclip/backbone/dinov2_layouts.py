@@ -9,7 +9,9 @@ The model (:mod:`anomalyclip.backbone.dinov2`) knows the official key layout
   and dropped that row from ``pos_embed``, so here the row comes back as zeros; class
   token plus position is the same sum, and the patch rows are untouched.
 * **Hugging Face** ``Dinov2Model`` / ``Dinov2WithRegistersModel`` (``embeddings.*``,
-  ``encoder.layer.N.*`` with separate query/key/value, ``layernorm.*``).
+  ``encoder.layer.N.*`` with separate query/key/value, ``layernorm.*``), as its files
+  name them (``attention.attention.query``) and as transformers 5 names them in memory
+  (``attention.q_proj``, ``attention.o_proj``), for a ``torch.save(model.state_dict())``.
 
 Every layout is converted, then checked key by key against the architecture its shapes
 imply: a missing, unexpected or misshapen tensor, or one holding NaN or infinity, is a
@@ -55,6 +57,7 @@ HF_RENAMES = (
 )
 HF_BLOCK_RENAMES = (
     ("attention.output.dense.", "attn.proj."),
+    ("attention.o_proj.", "attn.proj."),  # transformers 5's in-memory names
     ("layer_scale1.lambda1", "ls1.gamma"),
     ("layer_scale2.lambda1", "ls2.gamma"),
     ("norm1.", "norm1."),
@@ -62,7 +65,10 @@ HF_BLOCK_RENAMES = (
     ("mlp.fc1.", "mlp.fc1."),
     ("mlp.fc2.", "mlp.fc2."),
 )
-HF_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(\w+)$")
+HF_QKV = re.compile(
+    r"^encoder\.layer\.(\d+)\.attention\.(?:attention\.(query|key|value)|([qkv])_proj)\.(\w+)$"
+)
+HF_PARTS = {"q": "query", "k": "key", "v": "value"}
 HF_BLOCK = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
 
 
@@ -119,8 +125,8 @@ def _from_hf(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     qkv: dict[tuple[str, str], dict[str, Tensor]] = {}
     for key, value in state_dict.items():
         if match := HF_QKV.match(key):
-            block, part, kind = match.groups()
-            qkv.setdefault((block, kind), {})[part] = value
+            block, part, short, kind = match.groups()
+            qkv.setdefault((block, kind), {})[part or HF_PARTS[short]] = value
             continue
         converted[_rename_hf(key)] = value
     for (block, kind), parts in qkv.items():
