@@ -13,6 +13,7 @@ from anomalyclip.methods.anomalydino.model import (
     AnomalyDINOPreProcessor,
     AnomalyDINOResult,
     BatchedAnomalyDINO,
+    build_anomalydino,
     create_anomalydino,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "AnomalyDINOResult",
     "BankError",
     "BatchedAnomalyDINO",
+    "build_anomalydino",
     "create_anomalydino",
 ]

@@ -34,6 +34,7 @@ __all__ = [
     "preprocess",
     "resized_size",
     "rotate",
+    "stretch_grid",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -197,17 +198,19 @@ def mean_top1p(values: np.ndarray) -> float:
     return float(np.sort(flat)[-count:].mean())
 
 
-def anomaly_map(distances: np.ndarray, size: tuple[int, int], sigma: float = SIGMA) -> np.ndarray:
-    """(H, W) float32 map at the original (width, height) ``size``.
-
-    The (gh, gw) float64 grid through ``cv2.resize(INTER_LINEAR)`` (half-pixel centres,
-    no antialias), then a Gaussian (``scipy.ndimage``, truncate 4, mode "reflect"). The
-    grid covers only the top-left of the resized image (the crop) yet is stretched over
-    the whole original: the authors' rule, kept.
-    """
+def stretch_grid(distances: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) float64: the (gh, gw) grid through ``cv2.resize(INTER_LINEAR)`` to the
+    (width, height) ``size`` (half-pixel centres, no antialias). The grid covers only the
+    top-left of the resized image (the crop) yet is stretched over the whole original:
+    the authors' rule, kept."""
     grid = np.ascontiguousarray(distances, dtype=np.float64)
-    resized = cv2.resize(grid, size, interpolation=cv2.INTER_LINEAR)
-    return gaussian_filter(resized, sigma=sigma).astype(np.float32)
+    return cv2.resize(grid, size, interpolation=cv2.INTER_LINEAR)
+
+
+def anomaly_map(distances: np.ndarray, size: tuple[int, int], sigma: float = SIGMA) -> np.ndarray:
+    """(H, W) float32 map at the original (width, height) ``size``: :func:`stretch_grid`,
+    then a Gaussian (``scipy.ndimage``, truncate 4, mode "reflect")."""
+    return gaussian_filter(stretch_grid(distances, size), sigma=sigma).astype(np.float32)
 
 
 def batched_distances(

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from anomalyclip.backbone.dinov2 import DINOv2
 from anomalyclip.backbone.identity import BackboneIdentity, display_name
+from anomalyclip.data.core import list_images
 from anomalyclip.methods.anomalydino import core
 from anomalyclip.methods.anomalydino.bank import AnomalyDINOBank, BankError
 from anomalyclip.postprocess import PostProcessor
@@ -51,6 +52,7 @@ __all__ = [
     "AnomalyDINOPreProcessor",
     "AnomalyDINOResult",
     "BatchedAnomalyDINO",
+    "build_anomalydino",
     "create_anomalydino",
 ]
 
@@ -446,6 +448,19 @@ class BatchedAnomalyDINO(_DINOScorer):
     def predict_images(self, images: Sequence[Image.Image]) -> list[AnomalyPrediction]:
         return self._predictions(images, self.score_images(images))
 
+    def with_references(
+        self, references: Sequence[ImageSource] | str | os.PathLike[str]
+    ) -> AnomalyDINO:
+        """The few-shot form on the same backbone and settings: reference images, a
+        folder of them, or a saved bank file (the hook ``--reference`` needs)."""
+        if isinstance(references, (str, os.PathLike)):
+            folder = Path(references)
+            if not folder.is_dir():
+                bank = AnomalyDINOBank.load(folder)
+                return AnomalyDINO(self.backbone, bank, self.config, self.identity)
+            references = list(list_images(folder))
+        return AnomalyDINO.from_images(self.backbone, references, self.config, self.identity)
+
     def score_tensors(self, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
         patch = self.preprocessor.patch
         grid = self._grid(images, patch)
@@ -467,34 +482,47 @@ def create_anomalydino(
     """AnomalyDINO in one call: few-shot with ``references`` (images, a folder of them,
     or a saved bank file), batched zero-shot without.
 
-    ``backbone``: a DINOv2 weights file or folder (any layout :func:`load_dinov2` reads)
-    or a model in memory. ``overrides``: :class:`AnomalyDINOConfig` fields; None values
-    mean "not given".
+    ``backbone``: a DINOv2 weights file or folder (any layout
+    :func:`~anomalyclip.backbone.dinov2_layouts.load_dinov2` reads) or a model in memory.
+    ``overrides``: :class:`AnomalyDINOConfig` fields; None values mean "not given".
+    """
+    zero_shot = build_anomalydino(backbone, config=config, overrides=overrides, device=device)
+    return zero_shot if references is None else zero_shot.with_references(references)
+
+
+def build_anomalydino(
+    backbone: str | os.PathLike[str] | DINOv2 | None = None,
+    *,
+    config: AnomalyDINOConfig | None = None,
+    overrides: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> BatchedAnomalyDINO:
+    """The zero-shot predictor, in the ``METHODS`` builder's signature
+    (``builder(weights, overrides=..., device=..., dtype=...)``); references are added
+    by :meth:`BatchedAnomalyDINO.with_references`. Registered names ("dinov2_vits14")
+    are not resolved here yet: give a weights file or folder.
     """
     from anomalyclip.backbone.dinov2_layouts import load_dinov2
-    from anomalyclip.data.core import list_images
     from anomalyclip.utils.hashing import file_digest
 
     config = config or AnomalyDINOConfig()
-    changes = {k: v for k, v in overrides.items() if v is not None}
+    changes = {k: v for k, v in (overrides or {}).items() if v is not None}
     unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(AnomalyDINOConfig)})
     if unknown:
         raise ValueError(f"AnomalyDINO has no setting {', '.join(map(repr, unknown))}")
     if isinstance(backbone, DINOv2):
         model, name, sha256 = backbone, config.backbone, None
     else:
-        path = Path(backbone).expanduser()
+        path = Path(backbone if backbone is not None else config.backbone).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"DINOv2 weights {path} not found (registered names are not resolved yet: "
+                "give the weights file or folder)"
+            )
         model = load_dinov2(path)
         name = display_name(str(path))
         sha256 = file_digest(path) if path.is_file() else None
     config = dataclasses.replace(config, **changes, backbone=name)
-    identity = BackboneIdentity(name, sha256, model.arch.to_dict())
-    model = model.to(device)
-    if references is None:
-        return BatchedAnomalyDINO(model, config, identity)
-    if isinstance(references, (str, os.PathLike)):
-        folder = Path(references)
-        if not folder.is_dir():
-            return AnomalyDINO(model, AnomalyDINOBank.load(folder), config, identity)
-        references = list(list_images(folder))
-    return AnomalyDINO.from_images(model, references, config, identity)
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return BatchedAnomalyDINO(model, config, BackboneIdentity(name, sha256, model.arch.to_dict()))
