@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from anomalyclip.metrics import image_auroc, pixel_auroc
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
@@ -31,7 +32,6 @@ from anomalyclip.methods.anomalydino import (
     core,
     create_anomalydino,
 )
-from anomalyclip.metrics import image_auroc, pixel_auroc
 from anomalyclip.predictor import AnomalyPrediction
 from anomalyclip.preprocess import load_image, load_mask_array
 

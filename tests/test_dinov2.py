@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from anomalyclip.backbone.dinov2 import DINOv2, DINOv2Architecture, interpolate_positions
 from anomalyclip.backbone.dinov2_layouts import detect_dinov2_layout, load_dinov2
 from anomalyclip.backbone.loading import WeightsError
-from anomalyclip.methods.musc_dinov2_features import MuScDINOv2
+from anomalyclip.methods.musc.dinov2 import MuScDINOv2
 from anomalyclip.preprocess import load_image
 
 RTOL, ATOL = 1e-5, 1e-4

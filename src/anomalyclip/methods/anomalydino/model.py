@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+import anomalyclip.methods.anomalydino.core as core
 from anomalyclip.backbone.dinov2 import DINOv2
 from anomalyclip.backbone.identity import BackboneIdentity, display_name
 from anomalyclip.data.core import list_images
-from anomalyclip.methods.anomalydino import core
 from anomalyclip.methods.anomalydino.bank import AnomalyDINOBank, BankError
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, Predictor, check_finite

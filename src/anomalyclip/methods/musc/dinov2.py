@@ -31,7 +31,7 @@ from torch import Tensor
 
 from anomalyclip.backbone.dinov2 import DINOv2
 from anomalyclip.backbone.identity import BackboneIdentity
-from anomalyclip.methods.musc import MuSc, MuScConfig
+from anomalyclip.methods.musc.model import MuSc, MuScConfig
 from anomalyclip.preprocess import PreProcessor
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MuScDINOv2", "SquashPreProcessor", "dinov2_tokens"]
