@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from anomalyclip.metrics import image_auroc, pixel_auroc
+from anomalyclip.evaluation.metrics import image_auroc, pixel_auroc
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 

@@ -21,7 +21,8 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ __all__ = [
     "AnomalyPrediction",
     "ErrorPolicy",
     "NonFiniteScoreError",
+    "PathScorer",
     "Predictor",
     "SkippedImage",
     "check_finite",
@@ -99,6 +101,18 @@ class AnomalyPrediction:
         return preprocessor.map_to_original(
             self.anomaly_map, self.original_size, fill=self.map_range[0]
         )
+
+
+class PathScorer(Protocol):
+    """A method's own engine for scoring files by path, reusing work between calls and
+    runs (AnomalyCLIP: encoded images kept in a feature cache). ``category`` names the
+    images' class, for methods whose scoring depends on it (object-aware prompts)."""
+
+    def score_paths(
+        self, paths: Sequence[str | Path], category: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Scores (B,) and maps (B, S, S), as :meth:`Predictor.score_tensors` gives them."""
+        ...
 
 
 class Predictor(ABC):

@@ -17,7 +17,6 @@ from anomalyclip.cli.options import (
     add_progress_argument,
     add_scoring_arguments,
     build_predictor,
-    make_cache,
     open_spec,
 )
 
@@ -78,7 +77,7 @@ def evaluate_on(args: argparse.Namespace) -> int:
     """The evaluation of one process (of several under torchrun); rank 0 writes."""
     from anomalyclip import distributed
     from anomalyclip.evaluation.evaluate import evaluate, summary_table, write_summary
-    from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
+    from anomalyclip.methods import path_scorer
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -93,8 +92,13 @@ def evaluate_on(args: argparse.Namespace) -> int:
     datasets = [open_spec(spec, args) for spec in specs]
     with distributed.main_process_first():  # one download of registered weights
         model = build_predictor(args)
-    # the embedding cache holds AnomalyCLIP's encoder outputs; other methods have none
-    cache = make_cache(model, args, memory=False) if isinstance(model, AnomalyCLIP) else None
+    # the method's own engine for files (AnomalyCLIP: its embedding cache), if it has one
+    limit = getattr(args, "cache_memory_gb", None)
+    scorer = path_scorer(
+        model,
+        Path(args.cache_dir) if getattr(args, "cache_dir", None) else None,
+        None if limit is None else int(limit * 2**30),
+    )
     output_dir = Path(args.output_dir)
     results = []
     for spec, dataset in zip(specs, datasets, strict=True):
@@ -103,7 +107,7 @@ def evaluate_on(args: argparse.Namespace) -> int:
             model,
             dataset,
             batch_size=args.batch_size,
-            cache=cache,
+            scorer=scorer,
             aupro_method=args.aupro,
             maps_dir=directory if args.save_maps else None,
             name=spec.name,

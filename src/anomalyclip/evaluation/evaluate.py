@@ -1,8 +1,8 @@
 """Benchmark evaluation: per-class image and pixel metrics, as the paper's tables report them.
 
-Every image is encoded once (through a
-:class:`~anomalyclip.methods.anomalyclip.embedding_cache.FeatureCache`,
-which can also keep the embeddings on disk for later evaluations of other prompts). Maps
+Every image is scored once, by the method's own path engine where it has one
+(AnomalyCLIP's feature cache, which can also keep the embeddings on disk for later
+evaluations of other prompts) or through the Predictor's loop (tiles, references). Maps
 are evaluated at model resolution (S x S), against masks resized as the original does
 (binary, bilinear, > 0.5). Pixel metrics use only images whose pixels are known (normal
 images and anomalous ones with a mask) and only in datasets that have masks; a metric
@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from anomalyclip import distributed
@@ -52,10 +51,8 @@ from anomalyclip.evaluation.tables import (
     summary_table,
     write_summary,
 )
-from anomalyclip.methods.anomalyclip.embedding_cache import FeatureCache
-from anomalyclip.methods.anomalyclip.model import AnomalyCLIP, ImageEmbeddings
-from anomalyclip.methods.anomalyclip.training import object_name
-from anomalyclip.predictor import AnomalyPrediction, Predictor
+from anomalyclip.methods import path_scorer
+from anomalyclip.predictor import AnomalyPrediction, PathScorer, Predictor
 from anomalyclip.preprocess import ImageLoadError, PreProcessor, load_image
 from anomalyclip.utils.atomic import atomic_open
 
@@ -206,41 +203,33 @@ def _split_readable(
 
 
 def _score_batches(
-    model: AnomalyCLIP,
+    model: Predictor,
+    scorer: PathScorer,
     plan: _ClassPlan,
     batches: Sequence[range],
-    cache: FeatureCache,
     keep_maps: bool,
     maps_dir: Path | None,
     bar: Any,
 ) -> Iterator[_Batch]:
-    """Each batch scored, its unreadable images skipped. The batches are the same in one
-    process and under torchrun, and so are the images left in each, so sharded results
-    stay identical to a single process's."""
-    if not batches:
-        return
-    size = model.config.image_size
-    with torch.no_grad():
-        text = model.text_features(object_name(plan.samples[0], model.config))
+    """Each batch scored by the method's path engine, its unreadable images skipped. The
+    batches are the same in one process and under torchrun, and so are the images left
+    in each, so sharded results stay identical to a single process's."""
+    size = model.preprocessor.size
+    category = plan.samples[0].category if plan.samples else ""
     for positions in batches:
         kept: list[int] = list(positions)
         skipped: dict[int, str] = {}
-        embeddings: ImageEmbeddings | None
+        scores = np.zeros(0, dtype=np.float64)
+        chunk_maps = np.zeros((0, size, size), dtype=np.float32)
         try:
-            embeddings = cache.embeddings([plan.samples[i].image for i in kept], len(kept))
+            scores, chunk_maps = scorer.score_paths([plan.samples[i].image for i in kept], category)
         except (ImageLoadError, OSError):
             kept, skipped = _split_readable(plan.samples, positions)
             if not skipped:
                 raise
-            paths = [plan.samples[i].image for i in kept]
-            embeddings = cache.embeddings(paths, len(kept)) if kept else None
-        scores = np.zeros(0, dtype=np.float64)
-        chunk_maps = np.zeros((0, size, size), dtype=np.float32)
-        if embeddings is not None:
-            with torch.no_grad():
-                output = model.score(embeddings, text)
-            scores = output.image_scores.double().cpu().numpy()
-            chunk_maps = output.anomaly_maps.float().cpu().numpy()
+            if kept:
+                paths = [plan.samples[i].image for i in kept]
+                scores, chunk_maps = scorer.score_paths(paths, category)
         if maps_dir is not None:
             for index, anomaly_map, score in zip(kept, chunk_maps, scores, strict=True):
                 image = load_image(plan.samples[index].image)
@@ -276,9 +265,9 @@ def _place(scored: _Scored, part: _Batch) -> None:
 
 
 def _score_class(
-    model: AnomalyCLIP,
+    model: Predictor,
+    scorer: PathScorer,
     plan: _ClassPlan,
-    cache: FeatureCache,
     keep_maps: bool,
     maps_dir: Path | None,
     bar: Any,
@@ -288,10 +277,9 @@ def _score_class(
     Other ranks score their batches and send them to rank 0 a round at a time, so rank 0
     never holds more than one batch per rank besides the class's arrays.
     """
-    mine = _score_batches(
-        model, plan, plan.batches_of(distributed.rank()), cache, keep_maps, maps_dir, bar
-    )
-    return _gathered(plan, mine, model.config.image_size, keep_maps)
+    batches = plan.batches_of(distributed.rank())
+    mine = _score_batches(model, scorer, plan, batches, keep_maps, maps_dir, bar)
+    return _gathered(plan, mine, model.preprocessor.size, keep_maps)
 
 
 def _gathered(
@@ -317,14 +305,14 @@ def _score_class_with(
     maps_dir: Path | None,
     bar: Any,
 ) -> _Scored | None:
-    """A method other than AnomalyCLIP, through the Predictor seam: image scores and maps.
+    """A predictor without a path engine, through its own loop: image scores and maps.
 
     A method that scores sets (MuSc) gets the whole class in one call, as its paper
     evaluates (unreadable images are left out of the set); every rank makes that call,
     since such a method shares the set's work between the ranks itself (MuSc: backbone
     batches and mutual scoring, summed back so every rank holds the whole set), and rank
     0 returns it. Other methods (tiling, references, ONNX) get the class's batches,
-    spread over the ranks and gathered on rank 0 as AnomalyCLIP's are.
+    spread over the ranks and gathered on rank 0 as the path engine's are.
     """
     if not model.scores_sets:
         batches = plan.batches_of(distributed.rank())
@@ -450,7 +438,7 @@ def evaluate(
     dataset: AnomalyDataset,
     *,
     batch_size: int = 8,
-    cache: FeatureCache | None = None,
+    scorer: PathScorer | None = None,
     aupro_method: AuproMethod = "original",
     maps_dir: str | Path | None = None,
     name: str | None = None,
@@ -458,21 +446,24 @@ def evaluate(
 ) -> EvaluationResult:
     """Score every image of ``dataset`` and compute the metrics of every class.
 
-    ``model``: AnomalyCLIP (encoded once through ``cache``, batches shared between the
-    ranks under torchrun) or any other :class:`Predictor`; one that scores sets (MuSc)
-    scores each class as one set. With object-aware prompts each class is scored with
-    its own name. ``maps_dir``
-    receives ``maps/<class>/<defect>/<stem>.npy`` and ``overlays/…png``. ``name`` titles
-    the table (default: the dataset's reader name). An image that cannot be decoded, or
-    whose mask cannot, is skipped with a warning and listed in ``details.skipped``; the
-    metrics are those of the rest.
+    ``model``: any :class:`Predictor`. A bare method with a path engine (``scorer``,
+    default: the method's own, :func:`anomalyclip.methods.path_scorer`; AnomalyCLIP's
+    encodes each image once through its feature cache and scores each class with its
+    own name under object-aware prompts) scores files by path; anything else (tiles,
+    references, ONNX) scores decoded images through the Predictor's loop, as
+    ``predict`` does. Batches are shared between the ranks under torchrun; a method that
+    scores sets (MuSc) scores each class as one set. ``maps_dir`` receives
+    ``maps/<class>/<defect>/<stem>.npy`` and ``overlays/…png``. ``name`` titles the table
+    (default: the dataset's reader name). An image that cannot be decoded, or whose mask
+    cannot, is skipped with a warning and listed in ``details.skipped``; the metrics are
+    those of the rest.
     """
     from tqdm.auto import tqdm
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if isinstance(model, AnomalyCLIP) and cache is None:
-        cache = FeatureCache(model, memory=False)
+    if scorer is None:
+        scorer = path_scorer(model)
     size = model.preprocessor.size
     title = name or dataset.name
     pixel_level = dataset.has_masks
@@ -497,12 +488,9 @@ def evaluate(
     )
     pool = Pool()
     classes = []
-    if isinstance(model, AnomalyCLIP):
-        model.eval()
     for plan in plans:
-        if isinstance(model, AnomalyCLIP):
-            assert cache is not None  # made above for AnomalyCLIP
-            scored = _score_class(model, plan, cache, pixel_level, maps_dir, bar)
+        if scorer is not None:
+            scored = _score_class(model, scorer, plan, pixel_level, maps_dir, bar)
         else:
             scored = _score_class_with(model, plan, pixel_level, maps_dir, bar)
         if scored is None:
@@ -527,7 +515,7 @@ def evaluate(
         "root": str(dataset.root),
         "split": dataset.split,
         "method": model.method,
-        "config": model.config.to_dict() if isinstance(model, AnomalyCLIP) else model.settings(),
+        "config": model.settings(),
         "aupro": aupro_method,
         "map_resolution": size,
     }

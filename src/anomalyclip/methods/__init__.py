@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from anomalyclip.predictor import Predictor
+    from anomalyclip.predictor import PathScorer, Predictor
     from anomalyclip.preprocess import ImageSource
 
-__all__ = ["METHODS", "Method", "method_named"]
+__all__ = ["METHODS", "Method", "method_named", "path_scorer"]
 
 # (weights, checkpoint, overrides, device, seed) -> the method, as it is
 Builder = Callable[[Any, Any, Mapping[str, Any], str, int], "Predictor"]
@@ -38,6 +38,9 @@ class Method:
     # its reference mode, from known-good images or from a bank file saved earlier
     with_references: Callable[[Predictor, Sequence[ImageSource]], Predictor] | None = None
     load_bank: Callable[[Predictor, Path], Predictor] | None = None
+    # its engine for scoring files by path with work kept between runs (directory, memory
+    # limit in bytes), or None where the predictor is not the bare method
+    path_scorer: Callable[[Predictor, Path | None, int | None], PathScorer | None] | None = None
 
 
 # The entries' functions import their method when called, so that reading the registry
@@ -87,6 +90,14 @@ def _anomalyclip_bank(predictor: Predictor, path: Path) -> Predictor:
     return bank_for(predictor, path)
 
 
+def _anomalyclip_path_scorer(
+    predictor: Predictor, directory: Path | None, memory_limit: int | None
+) -> PathScorer | None:
+    from anomalyclip.methods.anomalyclip.embedding_cache import cached_scorer
+
+    return cached_scorer(predictor, directory, memory_limit)
+
+
 def _musc_references(predictor: Predictor, images: Sequence[ImageSource]) -> Predictor:
     from anomalyclip.methods.musc.few_shot import references_for
 
@@ -108,6 +119,7 @@ METHODS: dict[str, Method] = {
         trainable=True,
         with_references=_anomalyclip_references,
         load_bank=_anomalyclip_bank,
+        path_scorer=_anomalyclip_path_scorer,
     ),
     "musc": Method(
         "musc",
@@ -128,3 +140,15 @@ def method_named(name: str) -> Method:
         raise ValueError(
             f"unknown scoring method {name!r}; registered: {', '.join(METHODS)}"
         ) from None
+
+
+def path_scorer(
+    predictor: Predictor, directory: Path | None = None, memory_limit: int | None = None
+) -> PathScorer | None:
+    """The method's own path engine when ``predictor`` is the bare method (no tiles, no
+    references: those score decoded images through the one loop), else None."""
+    method, _ = predictor.layers()
+    entry = METHODS.get(predictor.method)
+    if method is not predictor or entry is None or entry.path_scorer is None:
+        return None
+    return entry.path_scorer(predictor, directory, memory_limit)

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -344,3 +345,41 @@ def _stack(entries: Sequence[dict[str, Any] | None], device: torch.device) -> Im
         {layer: stacked([e["patch"][str(layer)] for e in entries]) for layer in layers},
         tuple(entries[0]["grid"]),
     )
+
+
+class CachedScoring:
+    """AnomalyCLIP scoring files by path: each image encoded once (through the feature
+    cache, which can keep the embeddings on disk for later runs with other prompts), the
+    text side computed once per class name. The evaluation's engine for the bare model."""
+
+    def __init__(self, model: AnomalyCLIP, cache: FeatureCache) -> None:
+        self.model = model
+        self.cache = cache
+
+    def score_paths(
+        self, paths: Sequence[str | Path], category: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        model = self.model
+        name = category.replace("_", " ").strip() or model.config.object_name
+        with torch.no_grad():
+            text = model.text_features(name)  # cached while the prompts do not change
+            embeddings = self.cache.embeddings([Path(p) for p in paths], len(paths))
+            output = model.score(embeddings, text)
+        return output.image_scores.double().cpu().numpy(), output.anomaly_maps.float().cpu().numpy()
+
+
+def cached_scorer(
+    predictor: Any, directory: str | Path | None, memory_limit: int | None
+) -> CachedScoring | None:
+    """The bare AnomalyCLIP's path engine (another predictor of its name, such as the
+    exported model or the few-shot one, scores decoded images instead)."""
+    if not isinstance(predictor, AnomalyCLIP):
+        return None
+    cache = FeatureCache(
+        predictor,
+        directory,
+        memory=False,
+        memory_limit=DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit,
+        weights=predictor.backbone.sha256,
+    )
+    return CachedScoring(predictor, cache)
