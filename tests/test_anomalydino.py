@@ -460,3 +460,20 @@ def test_settings_and_modes(tiny):
         build_anomalydino("dinov2_vits14")
     with pytest.raises(ValueError, match="no setting 'depth'"):
         build_anomalydino(tiny, overrides={"depth": 3})
+
+
+def test_preprocessor_geometry():
+    """Masks land on the input tensor's pixels; tensor-size maps stretch over the original
+    (the authors' rule), original-size maps pass unchanged."""
+    preprocessor = AnomalyDINOPreProcessor(56)
+    image = grey_image(90, 60, 4)
+    tensor = preprocessor.tensor(image)
+    assert tuple(tensor.shape) == (3, 56, 84) and preprocessor.tensor_size(image.size) == (84, 56)
+    mask = np.zeros((60, 90), bool)
+    mask[:, 45:] = True
+    on_input = preprocessor.mask(mask).numpy()
+    assert on_input.shape == (56, 84) and on_input[:, :40].sum() == 0 and on_input[:, 44:].all()
+    small = np.arange(56 * 84, dtype=np.float32).reshape(56, 84)
+    stretched = cv2.resize(small, (90, 60), interpolation=cv2.INTER_LINEAR)
+    assert np.array_equal(preprocessor.map_to_original(small, (90, 60)), stretched)
+    assert np.array_equal(preprocessor.map_to_original(stretched, (90, 60)), stretched)
