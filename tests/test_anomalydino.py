@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from anomalyclip.evaluation.metrics import image_auroc, pixel_auroc
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from anomalyclip.backbone.dinov2 import DINOv2, DINOv2Architecture
 from anomalyclip.backbone.dinov2_layouts import load_dinov2
+from anomalyclip.evaluation.metrics import image_auroc, pixel_auroc
 from anomalyclip.methods.anomalydino import (
     AnomalyDINO,
     AnomalyDINOBank,

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from anomalyclip import AnomalyCLIP, PredictorSpec, assemble
 from anomalyclip.cli import build_parser
-from anomalyclip.methods.musc.model import create_musc
+from anomalyclip.methods.musc.factory import create_musc
 from anomalyclip.methods.references import ReferenceError
 from anomalyclip.serving import create_app
 from tests.factories import shared_rows, tiny_clip, write_manifest

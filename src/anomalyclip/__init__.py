@@ -28,8 +28,8 @@ _PUBLIC = {
     "load_image": "anomalyclip.preprocess",
     "MuSc": "anomalyclip.methods.musc.model",
     "MuScConfig": "anomalyclip.methods.musc.model",
-    "create_musc": "anomalyclip.methods.musc.model",
-    "score_set": "anomalyclip.methods.musc.model",
+    "create_musc": "anomalyclip.methods.musc.factory",
+    "score_set": "anomalyclip.methods.musc.factory",
     "PredictorSpec": "anomalyclip.methods.assemble",
     "assemble": "anomalyclip.methods.assemble",
     "defect_mask": "anomalyclip.visualize",
@@ -65,7 +65,8 @@ if TYPE_CHECKING:
     from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
     from anomalyclip.methods.anomalyclip.model import AnomalyCLIP, AnomalyOutput
     from anomalyclip.methods.assemble import PredictorSpec, assemble
-    from anomalyclip.methods.musc.model import MuSc, MuScConfig, create_musc, score_set
+    from anomalyclip.methods.musc.factory import create_musc, score_set
+    from anomalyclip.methods.musc.model import MuSc, MuScConfig
     from anomalyclip.predictor import AnomalyPrediction, NonFiniteScoreError
     from anomalyclip.preprocess import ImageLoadError, load_image
     from anomalyclip.visualize import defect_mask, overlay

@@ -208,3 +208,13 @@ def load_dinov2(
         arch.registers,
     )
     return DINOv2.from_state_dict(converted, arch)
+
+
+def is_dinov2_weights(source: str | os.PathLike[str]) -> bool:
+    """Whether a weights file or folder holds a DINOv2 (in any layout read here), so
+    that a method offering both backbone families can tell which it was given."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        return False
+    raw, _ = read_weights(path)
+    return detect_dinov2_layout(raw) != "unknown"

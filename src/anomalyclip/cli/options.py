@@ -59,9 +59,13 @@ def add_model_arguments(
     group = parser.add_argument_group("model")
     group.add_argument(
         "--clip-weights",
+        "--backbone",
+        dest="clip_weights",
         metavar="PATH_OR_NAME",
-        help="CLIP weights: a file or folder (OpenAI, open_clip, Hugging Face) or a "
-        "registered name; default: the backbone the checkpoint records",
+        help="the backbone: CLIP weights (OpenAI, open_clip, Hugging Face) or, for musc "
+        "and anomalydino, DINOv2 weights (official, timm, Hugging Face), as a file, a "
+        "folder or a registered name; default: the backbone the checkpoint records, or "
+        "the method's own",
     )
     if with_checkpoint:
         default = (
@@ -187,9 +191,12 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "--method",
         choices=list(METHODS),
         default=DEFAULT_METHOD,
-        help="scoring method: anomalyclip (learned prompts, image by image) or musc (no "
+        help="scoring method: anomalyclip (learned prompts, image by image), musc (no "
         "prompts, no training: the images given score each other, as one set; default "
-        "backbone ViT-L/14@336px at 518 px, layers 6 12 18 24); default: anomalyclip",
+        "backbone ViT-L/14@336px at 518 px, layers 6 12 18 24; a DINOv2 file as --backbone "
+        "gives MuSc on DINOv2) or anomalydino (nearest DINOv2 patches of the --reference "
+        "images, 448 px; without references the images score each other, 672 px); "
+        "default: anomalyclip",
     )
     group = parser.add_argument_group(
         "MuSc (--method musc; defaults: the official configs/musc.yaml; --image-size, "
@@ -211,6 +218,24 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="score N random disjoint subsets separately (seeded; bounds the work of very "
         "large sets); default 1",
+    )
+    dino = parser.add_argument_group(
+        "AnomalyDINO (--method anomalydino; defaults: the authors' 'agnostic' preset; "
+        "--backbone, --image-size and --reference apply too)"
+    )
+    dino.add_argument(
+        "--rotation",
+        action=argparse.BooleanOptionalAction,
+        help="references rotated to 8 angles (default: on)",
+    )
+    dino.add_argument(
+        "--masking",
+        action=argparse.BooleanOptionalAction,
+        help="leave out the background (first principal component) of the test images "
+        "(default: off; the authors turn it on for some objects)",
+    )
+    dino.add_argument(
+        "--neighbours", type=int, metavar="K", help="mean of the K nearest distances (1)"
     )
 
 
@@ -334,24 +359,45 @@ def _anomalyclip_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {**model_overrides(args), "preset": getattr(args, "preset", None)}
 
 
+# Options that belong to one method beside AnomalyCLIP: given with another, refused.
+METHOD_OPTIONS = {
+    "musc": ("musc_degrees", "rscin_k", "musc_divide_num"),
+    "anomalydino": ("rotation", "masking", "neighbours"),
+}
+
+
 def _set_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings of a method other than AnomalyCLIP; AnomalyCLIP's own options are
-    refused with it, not silently ignored."""
+    """The settings of a method other than AnomalyCLIP; AnomalyCLIP's own options, and
+    other methods', are refused with it, not silently ignored."""
     method = getattr(args, "method", DEFAULT_METHOD)
-    given = [f"--{n.replace('_', '-')}" for n in ANOMALYCLIP_ONLY if getattr(args, n, None)]
+    foreign = [*ANOMALYCLIP_ONLY]
+    foreign += [o for name, own in METHOD_OPTIONS.items() if name != method for o in own]
+    if method == "anomalydino":  # its features are the last block's, as the authors'
+        foreign.append("features")
+    given = [f"--{n.replace('_', '-')}" for n in foreign if getattr(args, n, None) is not None]
     if given:
-        raise ValueError(f"{', '.join(given)} apply to AnomalyCLIP only, not --method {method}")
-    rscin_k = getattr(args, "rscin_k", None)
+        raise ValueError(f"{', '.join(given)} do not apply to --method {method}")
     features = getattr(args, "features", None)
+    common = {
+        "image_size": getattr(args, "image_size", None),
+        "batch_size": getattr(args, "batch_size", None),
+    }
+    if method == "anomalydino":
+        return {
+            **common,
+            "rotation": getattr(args, "rotation", None),
+            "masking": getattr(args, "masking", None),
+            "neighbours": getattr(args, "neighbours", None),
+        }
+    rscin_k = getattr(args, "rscin_k", None)
     degrees = getattr(args, "musc_degrees", None)
     return {
-        "image_size": getattr(args, "image_size", None),
+        **common,
         "features": tuple(features) if features else None,
         "degrees": tuple(degrees) if degrees else None,
         # the official code's 0 in the list switches RsCIN off
         "rscin_k": None if rscin_k is None else tuple(k for k in rscin_k if k != 0),
         "divide_num": getattr(args, "musc_divide_num", None),
-        "batch_size": getattr(args, "batch_size", None),
     }
 
 

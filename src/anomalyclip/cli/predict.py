@@ -125,8 +125,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
+    from anomalyclip.methods.assemble import assemble
+
+    spec = options.spec_from_args(args)  # options checked before any file is read
     paths = gather_images(args.inputs, include_annotations=args.include_annotations)
-    model = options.build_predictor(args)
+    model = assemble(spec)
     output = args.output
     if output is None and args.output_dir is None:
         output = "predictions.jsonl"

@@ -73,9 +73,38 @@ def _build_musc(
             f"--checkpoint {checkpoint}: MuSc has no checkpoint (it learns nothing); drop "
             "--checkpoint"
         )
-    from anomalyclip.methods.musc.model import create_musc
+    from anomalyclip.methods.musc.factory import create_musc
 
     return create_musc(weights, overrides={**overrides, "seed": seed}, device=device)
+
+
+def _build_anomalydino(
+    weights: Any, checkpoint: Any, overrides: Mapping[str, Any], device: str, seed: int
+) -> Predictor:
+    from anomalyclip.methods.anomalydino.model import build_anomalydino
+
+    if checkpoint is not None:
+        raise ValueError(
+            f"--checkpoint {checkpoint}: AnomalyDINO has no checkpoint (it learns nothing); "
+            "drop --checkpoint"
+        )
+    settings = dict(overrides)
+    size = settings.pop("image_size", None)
+    # one input size: the few-shot one with references, the batched one without
+    settings.update(image_size=size, zero_shot_size=size)
+    return build_anomalydino(weights, overrides=settings, device=device)
+
+
+def _anomalydino_references(predictor: Predictor, images: Sequence[ImageSource]) -> Predictor:
+    from anomalyclip.methods.anomalydino.few_shot import references_for
+
+    return references_for(predictor, images)
+
+
+def _anomalydino_bank(predictor: Predictor, path: Path) -> Predictor:
+    from anomalyclip.methods.anomalydino.few_shot import bank_for
+
+    return bank_for(predictor, path)
 
 
 def _anomalyclip_references(predictor: Predictor, images: Sequence[ImageSource]) -> Predictor:
@@ -128,6 +157,15 @@ METHODS: dict[str, Method] = {
         scores_sets=True,
         with_references=_musc_references,
         load_bank=_musc_bank,
+    ),
+    "anomalydino": Method(
+        "anomalydino",
+        "a few good parts (--reference): each patch against the nearest DINOv2 patch of "
+        "theirs; without references the images given score each other",
+        _build_anomalydino,
+        scores_sets=True,
+        with_references=_anomalydino_references,
+        load_bank=_anomalydino_bank,
     ),
 }
 

@@ -39,7 +39,7 @@ from torch import Tensor
 import anomalyclip.methods.anomalydino.core as core
 from anomalyclip.backbone.dinov2 import DINOv2
 from anomalyclip.backbone.identity import BackboneIdentity, display_name
-from anomalyclip.data.core import list_images
+from anomalyclip.inputs import expand_sources
 from anomalyclip.methods.anomalydino.bank import AnomalyDINOBank, BankError
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, Predictor, check_finite
@@ -454,11 +454,12 @@ class BatchedAnomalyDINO(_DINOScorer):
         """The few-shot form on the same backbone and settings: reference images, a
         folder of them, or a saved bank file (the hook ``--reference`` needs)."""
         if isinstance(references, (str, os.PathLike)):
-            folder = Path(references)
-            if not folder.is_dir():
-                bank = AnomalyDINOBank.load(folder)
+            path = Path(references)
+            if path.is_file() and path.suffix == ".pt":
+                bank = AnomalyDINOBank.load(path)
                 return AnomalyDINO(self.backbone, bank, self.config, self.identity)
-            references = list(list_images(folder))
+            # the one rule for folders, globs and CSV lists (predict's)
+            references = expand_sources([path])
         return AnomalyDINO.from_images(self.backbone, references, self.config, self.identity)
 
     def score_tensors(self, images: Tensor) -> tuple[np.ndarray, np.ndarray]:

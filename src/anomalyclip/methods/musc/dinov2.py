@@ -21,8 +21,11 @@ overrides the backbone-facing members (``features``, ``preprocessor``, ``grid``,
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -133,3 +136,24 @@ class MuScDINOv2(MuSc):
                     parts[layer].append(values.float())
                 classes.append(class_token.float())
         return {layer: torch.cat(values) for layer, values in parts.items()}, torch.cat(classes)
+
+
+def create_musc_dinov2(
+    weights: str | os.PathLike[str],
+    config: MuScConfig,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> MuScDINOv2:
+    """MuSc on a DINOv2 weights file or folder, recorded by name and SHA-256."""
+    from anomalyclip.backbone.dinov2_layouts import load_dinov2
+    from anomalyclip.backbone.identity import display_name
+    from anomalyclip.utils.hashing import file_digest
+
+    path = Path(weights).expanduser()
+    dinov2 = load_dinov2(path)
+    name = display_name(str(path))
+    identity = BackboneIdentity(
+        name, file_digest(path) if path.is_file() else None, dinov2.arch.to_dict()
+    )
+    dinov2 = dinov2.to(device=device, dtype=dtype) if dtype is not None else dinov2.to(device)
+    return MuScDINOv2(dinov2, dataclasses.replace(config, backbone=name), identity)

@@ -60,13 +60,11 @@ __all__ = [
     "MuSc",
     "MuScConfig",
     "MuScOutput",
-    "create_musc",
     "divide_indices",
     "lnamd",
     "mutual_scores",
     "neighbour_count",
     "rscin",
-    "score_set",
 ]
 
 logger = logging.getLogger(__name__)
@@ -533,14 +531,15 @@ class MuSc(Predictor):
         dtype: torch.dtype | None = None,
         **settings: Any,
     ) -> MuSc:
-        """MuSc on a backbone found as ``create_model`` finds one (see :func:`create_musc`)."""
-        return create_musc(
-            clip_weights,
-            config=config,
-            overrides=settings,
-            device=device,
-            dtype=dtype,
-        )
+        """MuSc on a CLIP found as ``create_model`` finds one: a registered name, a file
+        or folder, or a CLIP in memory (default: ``config.backbone``, MuSc's published
+        ViT-L/14@336px); the results record its name and SHA-256. ``settings`` are
+        :class:`MuScConfig` fields. DINOv2 weights: :func:`anomalyclip.create_musc`."""
+        from anomalyclip.methods.anomalyclip.factory import load_backbone
+
+        config = configured(config, settings)
+        clip, identity = load_backbone(clip_weights, config.backbone, device=device, dtype=dtype)
+        return cls(clip, dataclasses.replace(config, backbone=identity.name), identity)
 
     @property
     def device(self) -> torch.device:
@@ -737,53 +736,12 @@ class MuSc(Predictor):
         return maps, maxima
 
 
-def create_musc(
-    clip_weights: str | Path | CLIP | None = None,
-    *,
-    config: MuScConfig | None = None,
-    overrides: dict[str, Any] | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-) -> MuSc:
-    """MuSc in one call, as :func:`~anomalyclip.methods.anomalyclip.model.create_model` builds
-    AnomalyCLIP.
-
-    ``clip_weights``: a registered name, a file or folder, or a CLIP in memory; default:
-    ``config.backbone`` (the registered ViT-L/14@336px, MuSc's published backbone).
-    ``overrides``: :class:`MuScConfig` fields; None values mean "not given". The
-    backbone goes through the factory's resolution (registry, cache, checksum), so the
-    results record its name and SHA-256.
-    """
-    from anomalyclip.methods.anomalyclip.factory import load_backbone
-
+def configured(config: MuScConfig | None, overrides: dict[str, Any] | None) -> MuScConfig:
+    """``config`` (default: the official configs/musc.yaml) with the fields given; None
+    values mean "not given", an unknown name is refused."""
     config = config or MuScConfig()
     changes = {k: v for k, v in (overrides or {}).items() if v is not None}
     unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(MuScConfig)})
     if unknown:
         raise ValueError(f"MuSc has no setting {', '.join(map(repr, unknown))}")
-    clip, identity = load_backbone(
-        clip_weights,
-        config.backbone,
-        device=device,
-        dtype=dtype,
-    )
-    config = dataclasses.replace(config, **changes, backbone=identity.name)
-    return MuSc(clip, config, identity)
-
-
-def score_set(
-    sources: str | Path | Sequence[ImageSource],
-    clip_weights: str | Path | CLIP | None = None,
-    *,
-    device: str | torch.device = "cpu",
-    progress: bool = False,
-    **settings: Any,
-) -> list[AnomalyPrediction | SkippedImage]:
-    """MuSc in one line: a folder or a list of images scored as one set, in input order.
-
-    ``settings`` are :class:`MuScConfig` fields (``degrees=(1, 3)``, ``image_size=...``);
-    to score several sets, build the model once with :func:`create_musc` and call its
-    :meth:`MuSc.score_set`, as loading the backbone is the slow part.
-    """
-    model = create_musc(clip_weights, overrides=settings, device=device)
-    return model.score_set(sources, progress=progress)
+    return dataclasses.replace(config, **changes)
