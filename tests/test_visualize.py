@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from anomalyclip.colormaps import COLORMAPS, colormap_table
 from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.methods.anomalyclip.model import AnomalyPrediction
 from anomalyclip.visualize import (
-    COLORMAPS,
     colorbar,
     colorize,
-    colormap_table,
     defect_mask,
     encode_png,
     normalise,

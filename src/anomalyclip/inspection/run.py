@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from anomalyclip.colormaps import colormap_table
 from anomalyclip.inputs import expand_sources, input_columns
 from anomalyclip.inspection.files import (
     OverlayStyle,
@@ -60,7 +61,6 @@ from anomalyclip.inspection.run_folder import (
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, Predictor, SkippedImage
 from anomalyclip.preprocess import ImageLoadError, ImageSource, describe, load_image
-from anomalyclip.visualize import colormap_table
 
 logger = logging.getLogger(__name__)
 
