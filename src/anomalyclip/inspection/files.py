@@ -68,10 +68,11 @@ def write_images(
     image: Image.Image,
     prediction: AnomalyPrediction,
     style: OverlayStyle,
+    full_map: np.ndarray,
 ) -> None:
     """The overlay, the mask (with a pixel threshold) and the thumbnail of one result;
-    their paths, relative to ``out``, go into ``result``."""
-    full_map = prediction.map_at_original_size()
+    their paths, relative to ``out``, go into ``result``. ``full_map`` is the map at the
+    original size, computed once by the caller."""
     low, high = prediction.map_range
     size = style.size_for(image.size)
     if size == image.size:

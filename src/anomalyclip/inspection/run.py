@@ -257,9 +257,12 @@ def inspect(
                 summary.skipped.append(outcome)
                 continue
             index = todo[outcome.index]
-            result = _inspected(outcome, names[index], post, columns.get(Path(str(items[index]))))
+            outcome.prediction.postprocessor = post
+            full_map = outcome.prediction.map_at_original_size()  # once: fraction and files
+            cells = columns.get(Path(str(items[index])))
+            result = _inspected(outcome, names[index], full_map, cells)
             if out is not None:
-                write_images(out, result, outcome.image, outcome.prediction, style)
+                write_images(out, result, outcome.image, outcome.prediction, style, full_map)
             if maps_dir is not None:
                 result.map = _relative(save_map(maps_dir, outcome.prediction, result.name), out)
             if not keep_maps:
@@ -277,10 +280,11 @@ def inspect(
 
 
 def _inspected(
-    outcome: ScoredImage, name: str, post: PostProcessor, columns: dict[str, str] | None
+    outcome: ScoredImage, name: str, full_map: np.ndarray, columns: dict[str, str] | None
 ) -> InspectionResult:
+    """The record of one scored image; ``full_map`` is its map at the original size."""
     prediction = outcome.prediction
-    prediction.postprocessor = post
+    post = prediction.postprocessor
     return InspectionResult(
         image=prediction.source,
         name=name,
@@ -289,7 +293,7 @@ def _inspected(
         width=outcome.image.width,
         height=outcome.image.height,
         map_max=float(prediction.anomaly_map.max()),
-        defect_fraction=post.defect_fraction(prediction.map_at_original_size()),
+        defect_fraction=post.defect_fraction(full_map),
         prediction=prediction,
         columns=columns or {},
     )
