@@ -128,14 +128,13 @@ class Service:
         uploads: list[Upload],
         threshold: float | None,
         pixel_threshold: float | None,
-        as_set: bool,
     ) -> list[Outcome]:
         post = self.thresholds(predictor).with_given(threshold, pixel_threshold)
         started = time.perf_counter()
         size = sum(len(upload.data) for upload in uploads)
         worker = self.worker
         outcomes: list[Outcome] = await worker.run(
-            worker.analyse, predictor, uploads, post, as_set, size=size, gone=left(request)
+            worker.analyse, predictor, uploads, post, size=size, gone=left(request)
         )
         logger.debug(
             "%s: %d image(s) in %.0f ms", name, len(uploads), 1e3 * (time.perf_counter() - started)

@@ -147,19 +147,19 @@ class InferenceWorker:
         predictor: Predictor,
         uploads: list[Upload],
         postprocessor: PostProcessor,
-        as_set: bool = False,
     ) -> list[Outcome]:
         """Decode, score and render, in upload order; a file that fails to decode fails alone.
 
         Images are scored in groups of at most ``max_group_images`` and ``max_pixels``
         decoded pixels, so a batch of large images holds about one of them in memory at a
-        time, and a cancelled request stops within one group. A set (``as_set``, or a
-        method whose images score each other) is scored in one call: its decoded size is
-        bounded by ``max_set_pixels`` instead, checked before decoding.
+        time, and a cancelled request stops within one group. A method whose images score
+        each other is given the set in one call: its decoded size is bounded by
+        ``max_set_pixels`` instead, checked before decoding. A set sent to a method that
+        scores each image alone is grouped all the same (each image's result is its own).
         """
         outcomes: list[Outcome | None] = [None] * len(uploads)
         group: list[tuple[int, Image.Image]] = []
-        whole_set = as_set or predictor.scores_sets
+        whole_set = predictor.scores_sets
 
         def score_group() -> None:
             self.check_cancelled(sum(outcome is not None for outcome in outcomes), len(uploads))
@@ -184,7 +184,7 @@ class InferenceWorker:
             if not whole_set and group and full:
                 score_group()
             group.append((index, image))
-        if whole_set and predictor.scores_sets and len(group) < 2:
+        if whole_set and len(group) < 2:
             for index, _ in group:
                 outcomes[index] = TooFewImages(
                     f"{predictor.method} scores the images of a set against each other and "

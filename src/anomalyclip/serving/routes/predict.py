@@ -65,7 +65,7 @@ async def predict(
         )
     upload = await accept_upload(file, service.settings)
     (outcome,) = await service.analyse(
-        request, name, predictor, [upload], threshold, pixel_threshold, as_set=False
+        request, name, predictor, [upload], threshold, pixel_threshold
     )
     if isinstance(outcome, UploadError):
         raise outcome
@@ -151,7 +151,5 @@ async def score_all(
     together = as_set or predictor.scores_sets
     if together:
         check_set(uploads, service.settings)
-    outcomes = await service.analyse(
-        request, name, predictor, uploads, threshold, pixel_threshold, together
-    )
+    outcomes = await service.analyse(request, name, predictor, uploads, threshold, pixel_threshold)
     return merged(slots, outcomes)
