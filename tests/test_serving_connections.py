@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 import uvicorn
 
 from anomalyclip.serving import ServiceSettings, create_app
@@ -312,3 +313,85 @@ def test_content_length_with_transfer_encoding_is_refused_and_nothing_after_it_s
         assert answer.count(b"HTTP/1.1 ") == 1, answer  # the smuggled request not served
         assert waited < 1.0
         assert healthy(url)
+
+
+def leave_after(url: str, path: str, images: list[bytes], worked: list[float]) -> float:
+    """Send a whole multipart request, close the socket once its work has begun (a piece
+    of it is in ``worked``) and gone on for half a second; when it left."""
+    files = [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
+    request = httpx.Request("POST", f"{url}{path}", files=files)
+    body = request.read()
+    sock = connect(url)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n"
+        f"Content-Type: {request.headers['content-type']}\r\n\r\n".encode()
+        + body
+    )
+    deadline = time.monotonic() + 120
+    while not worked and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    sock.close()
+    return time.monotonic()
+
+
+def assert_released(url: str, worked: list[float], left: float) -> None:
+    """The work had begun when the client left, no piece of it started 2 s after, and the
+    worker serves the next request."""
+    time.sleep(3.0)
+    assert worked and min(worked) < left, "the work had not begun when the client left"
+    assert max(worked) - left < 2.0, [round(t - left, 2) for t in worked]
+    answer = httpx.post(
+        f"{url}/v1/predict", files={"file": ("a.png", noise_png(32, 32))}, timeout=60
+    )
+    assert answer.status_code == 200
+
+
+def test_an_abandoned_reference_bank_build_releases_the_worker(monkeypatch):
+    """64 noise PNGs to /v1/references kept the worker ~390 s after the client left:
+    the bank's encoding stops between batches."""
+    model = tiny_service_model()
+    encoded = model.encode_image(torch.zeros(8, 3, 64, 64))
+    worked: list[float] = []
+
+    def slow_encode(images):
+        worked.append(time.monotonic())
+        time.sleep(0.1 * len(images))  # 0.8 s a batch of 8
+        return encoded
+
+    monkeypatch.setattr(model, "encode_image", slow_encode)
+    images = [noise_png(32, 32, seed=i) for i in range(96)]  # about 9.6 s of encoding
+    with running(model, ServiceSettings(**FAST)) as url:
+        left = leave_after(url, "/v1/references", images, worked)
+        monkeypatch.undo()
+        assert_released(url, worked, left)
+
+
+def test_an_abandoned_set_releases_the_worker(monkeypatch):
+    """A MuSc set abandoned by its client kept the worker ~11 minutes: the mutual
+    scoring stops between the set's images."""
+    from anomalyclip.methods.musc import model as musc_model
+    from anomalyclip.methods.musc.factory import create_musc
+    from anomalyclip.preprocess import load_image
+    from tests.factories import tiny_clip
+
+    worked: list[float] = []
+
+    def slow_scores(vectors, *args, advance=None, **kwargs):
+        for _ in range(len(vectors)):
+            worked.append(time.monotonic())
+            time.sleep(0.05)
+            if advance is not None:
+                advance(1)
+        return torch.zeros(vectors.shape[:2], dtype=torch.float64)
+
+    musc = create_musc(tiny_clip(), overrides={"image_size": 32, "features": (2, 4)})
+    images = [noise_png(32, 32, seed=i) for i in range(24)]  # 6 (layer, degree) x 1.2 s
+    decoded = torch.stack([musc.preprocessor.tensor(load_image(data)) for data in images])
+    features = musc.features(decoded)  # computed here: only the scoring is slow
+    monkeypatch.setattr(musc, "features", lambda batch, shard=False: features)
+    monkeypatch.setattr(musc_model, "mutual_scores", slow_scores)
+    predictors = {"anomalyclip": tiny_service_model(), "musc": musc}
+    with running(predictors, ServiceSettings(**FAST)) as url:
+        left = leave_after(url, "/v1/predict/set?method=musc", images, worked)
+        assert_released(url, worked, left)

@@ -28,6 +28,7 @@ from anomalyclip.preprocess import ImageLoadError, load_image
 from anomalyclip.serving.rendering import Rendered, render
 from anomalyclip.serving.settings import ServiceSettings
 from anomalyclip.serving.uploads import InvalidUpload, TooFewImages, Upload, UploadError
+from anomalyclip.utils.cancellation import Cancelled, cancellable
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,11 @@ class InferenceWorker:
             raise Abandoned("cancelled before it started")
         self._cancel = cancel
         try:
-            return job(*args)
+            with cancellable(cancel):  # reaches inside set scoring and bank building
+                return job(*args)
+        except Cancelled:
+            logger.info("request abandoned: stopped inside its work")
+            raise Abandoned("stopped inside its work") from None
         finally:
             self._cancel = None
 

@@ -47,6 +47,7 @@ from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import Predictor
 from anomalyclip.preprocess import ImageSource, PreProcessor, describe
 from anomalyclip.utils.atomic import atomic_open
+from anomalyclip.utils.cancellation import checkpoint
 from anomalyclip.utils.safe_load import refuse_non_finite, safe_torch_load
 
 logger = logging.getLogger(__name__)
@@ -241,6 +242,7 @@ def build_bank(
     collected: dict[int, list[Tensor]] = {}
     grid: tuple[int, int] = (0, 0)
     for start in range(0, len(images), batch_size):
+        checkpoint()  # a service's abandoned request stops between batches
         batch = torch.stack(
             [preprocessor.tensor(image) for image in images[start : start + batch_size]]
         )

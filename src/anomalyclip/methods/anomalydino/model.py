@@ -44,6 +44,7 @@ from anomalyclip.methods.anomalydino.bank import AnomalyDINOBank, BankError
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, Predictor, check_finite
 from anomalyclip.preprocess import ImageSource, PreProcessor, describe, load_image
+from anomalyclip.utils.cancellation import checkpoint
 
 __all__ = [
     "MAP_RANGE",
@@ -189,6 +190,7 @@ def encode(backbone: DINOv2, tensors: Sequence[Tensor], batch_size: int = 8) -> 
     with torch.no_grad():
         start = 0
         while start < len(tensors):
+            checkpoint()  # a service's abandoned request stops between batches
             stop = start + 1
             shape = tensors[start].shape
             while (

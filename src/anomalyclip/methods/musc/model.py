@@ -54,6 +54,7 @@ from anomalyclip.inputs import expand_sources
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, ErrorPolicy, Predictor, SkippedImage
 from anomalyclip.preprocess import ImageSource, PreProcessor
+from anomalyclip.utils.cancellation import checkpoint
 
 __all__ = [
     "MAP_RANGE",
@@ -607,6 +608,7 @@ class MuSc(Predictor):
             for number, start in enumerate(range(0, count, batch_size)):
                 if distributed.owner(number, world) != rank:
                     continue
+                checkpoint()  # a service's abandoned request stops here
                 stop = start + batch_size
                 batch = images[start:stop].to(self.device)
                 hidden, embedding = visual.residual_stream(batch, self.config.features, "bicubic")
@@ -655,6 +657,11 @@ class MuSc(Predictor):
             image_scores=np.empty(0, np.float32),
         )
         bar = self._progress_bar(count * len(config.features) * len(config.degrees))
+
+        def advance(images: int) -> None:
+            checkpoint()  # between the images of a set: an abandoned request stops here
+            bar.update(images)
+
         for layer in config.features:
             layer_tokens = tokens.pop(layer)  # freed once its degrees are done
             if keep_features:
@@ -672,7 +679,7 @@ class MuSc(Predictor):
                         config.block_elements,
                         similarity_dtype=similarity_dtype,
                         shard=shard,
-                        advance=bar.update,
+                        advance=advance,
                     )
                     scores[subset] = block.cpu()
                 output.msm[(degree, layer)] = scores.numpy()
