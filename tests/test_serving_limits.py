@@ -306,3 +306,35 @@ def test_a_set_for_a_per_image_method_is_scored_in_groups(monkeypatch):
         answer = client.post("/v1/predict/set", files=files)
     assert answer.status_code == 200 and len(answer.json()["results"]) == 8
     assert counted.calls == [3, 3, 2]
+
+
+def test_work_that_would_outlast_the_timeout_is_refused_up_front():
+    """64 tiny PNGs passed every byte and pixel limit and took 390 s: the cost of a
+    request is estimated from the same work before, and refused with 413 if it would
+    run past the timeout."""
+    model = tiny_service_model()
+    files = [("files", (f"{i}.png", noise_png(32, 32, seed=i), "image/png")) for i in range(6)]
+    with TestClient(create_app(model, ServiceSettings(request_timeout_s=5.0))) as client:
+        first = client.post("/v1/predict/batch", files=files[:2])
+        assert first.status_code == 200  # nothing measured yet: only the count limits
+        costs = client.app.state.worker.costs
+        costs.observe("anomalyclip", "images", 1, 2.0)  # as if an image took 2 s
+        refused = client.post("/v1/predict/batch", files=files)
+        assert refused.status_code == 413
+        assert "6 images would take about 12 s" in refused.json()["detail"]
+        assert "send at most 2" in refused.json()["detail"]
+        costs.observe("anomalyclip", "references", 1, 2.0)
+        references = client.post("/v1/references", files=files)
+        assert references.status_code == 413
+
+
+def test_a_set_costs_the_square_of_its_size():
+    from anomalyclip.serving.costs import WorkCosts
+    from anomalyclip.serving.uploads import UploadTooLarge
+
+    costs = WorkCosts()
+    costs.observe("musc", "set", 10, 1.0)  # 100 pairs in a second
+    assert costs.estimate("musc", "set", 20) == pytest.approx(4.0)
+    assert costs.estimate("musc", "images", 20) is None
+    with pytest.raises(UploadTooLarge, match="send at most 30 in a set"):
+        costs.check("musc", "set", 64, timeout_s=9.5)

@@ -22,6 +22,7 @@ from fastapi import Depends, HTTPException, Query, Request, UploadFile
 
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import Predictor
+from anomalyclip.serving.costs import Work
 from anomalyclip.serving.schemas import BatchResult, FailedImage, Prediction
 from anomalyclip.serving.settings import ServiceSettings
 from anomalyclip.serving.uploads import (
@@ -130,11 +131,12 @@ class Service:
         pixel_threshold: float | None,
     ) -> list[Outcome]:
         post = self.thresholds(predictor).with_given(threshold, pixel_threshold)
+        work = Work(name, "set" if predictor.scores_sets else "images", len(uploads))
         started = time.perf_counter()
         size = sum(len(upload.data) for upload in uploads)
         worker = self.worker
         outcomes: list[Outcome] = await worker.run(
-            worker.analyse, predictor, uploads, post, size=size, gone=left(request)
+            worker.analyse, predictor, uploads, post, size=size, gone=left(request), work=work
         )
         logger.debug(
             "%s: %d image(s) in %.0f ms", name, len(uploads), 1e3 * (time.perf_counter() - started)

@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,6 +26,7 @@ from PIL import Image
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import Predictor
 from anomalyclip.preprocess import ImageLoadError, load_image
+from anomalyclip.serving.costs import Work, WorkCosts
 from anomalyclip.serving.rendering import Rendered, render
 from anomalyclip.serving.settings import ServiceSettings
 from anomalyclip.serving.uploads import InvalidUpload, TooFewImages, Upload, UploadError
@@ -68,6 +70,7 @@ class InferenceWorker:
         self._pending = 0
         self._pending_bytes = 0
         self._cancel: threading.Event | None = None  # the running job's; one thread only
+        self.costs = WorkCosts()
 
     @property
     def pending(self) -> int:
@@ -96,16 +99,21 @@ class InferenceWorker:
         *args: Any,
         size: int = 0,
         gone: Callable[[], Awaitable[object]] | None = None,
+        work: Work | None = None,
     ) -> Any:
         """``job(*args)`` on the worker thread; ``size`` is the bytes it holds while waiting.
 
         ``gone``, if given, returns once the client has left. The job is then, as on a
         timeout, marked cancelled: not started if still queued, stopped at its next
-        :meth:`check_cancelled` if running.
+        :meth:`check_cancelled` if running. ``work`` says what the job is: work estimated
+        (from earlier jobs of its kind) to run past the timeout is refused with 413 before
+        it is queued, and the job's own run time is recorded for the next estimates.
         """
+        if work is not None:
+            self.costs.check(work.method, work.kind, work.count, self.settings.request_timeout_s)
         self._admit(size)
         cancel = threading.Event()
-        future = self._executor.submit(self._guarded, cancel, job, *args)
+        future = self._executor.submit(self._guarded, cancel, work, job, *args)
         future.add_done_callback(lambda _: self._release(size))
         result = asyncio.wrap_future(future)
         watcher = asyncio.ensure_future(gone()) if gone is not None else None
@@ -128,13 +136,20 @@ class InferenceWorker:
             if watcher is not None:
                 watcher.cancel()
 
-    def _guarded(self, cancel: threading.Event, job: Callable[..., Any], *args: Any) -> Any:
+    def _guarded(
+        self, cancel: threading.Event, work: Work | None, job: Callable[..., Any], *args: Any
+    ) -> Any:
         if cancel.is_set():
             raise Abandoned("cancelled before it started")
         self._cancel = cancel
+        started = time.perf_counter()
         try:
             with cancellable(cancel):  # reaches inside set scoring and bank building
-                return job(*args)
+                result = job(*args)
+            if work is not None:
+                seconds = time.perf_counter() - started
+                self.costs.observe(work.method, work.kind, work.count, seconds)
+            return result
         except Cancelled:
             logger.info("request abandoned: stopped inside its work")
             raise Abandoned("stopped inside its work") from None

@@ -10,6 +10,7 @@ import hashlib
 
 from fastapi import APIRouter, File, Request, UploadFile
 
+from anomalyclip.serving.costs import Work
 from anomalyclip.serving.dependencies import ServiceDep, left, method_query, upload_status
 from anomalyclip.serving.schemas import ERROR_RESPONSES, FailedImage, ReferenceSet
 from anomalyclip.serving.uploads import Upload, check_set
@@ -39,7 +40,12 @@ async def upload_references(
     size = sum(len(upload.data) for upload in uploads)
     worker = service.worker
     few_shot, failures = await worker.run(
-        worker.build_references, predictor, uploads, size=size, gone=left(request)
+        worker.build_references,
+        predictor,
+        uploads,
+        size=size,
+        gone=left(request),
+        work=Work(name, "references", len(uploads)),
     )
     identifier = digest.hexdigest()[:16]
     service.keep_references(identifier, name, few_shot)
