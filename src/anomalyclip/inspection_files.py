@@ -24,6 +24,7 @@ from anomalyclip.predictor import AnomalyPrediction
 from anomalyclip.preprocess import PreProcessor
 from anomalyclip.report import write_report
 from anomalyclip.utils.atomic import atomic_open, atomic_write_json
+from anomalyclip.utils.csv_cells import csv_cell
 from anomalyclip.visualize import defect_mask, overlay
 
 if TYPE_CHECKING:
@@ -173,4 +174,4 @@ def _csv_cell(value: Any) -> Any:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
-    return value
+    return csv_cell(value)
