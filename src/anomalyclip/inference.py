@@ -403,7 +403,9 @@ def _inspected(
         width=outcome.image.width,
         height=outcome.image.height,
         map_max=float(prediction.anomaly_map.max()),
-        defect_fraction=post.defect_fraction(prediction.map_at_original_size()),
+        defect_fraction=None  # no threshold: no full-size map (716 MB at 13,376 x 13,376)
+        if post.pixel_threshold is None
+        else post.defect_fraction(prediction.map_at_original_size()),
         prediction=prediction,
         columns=columns or {},
     )
