@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -288,3 +289,26 @@ def test_cli_calibrate_needs_good_images(tmp_path, caplog):
     assert code == 2
     assert "calibrate needs known-good images" in caplog.text
     assert not Path("x.pt").exists()
+
+
+def test_labels_naming_files_outside_their_folder_are_refused_unless_allowed(tmp_path, caplog):
+    """``calibrate --labels`` read ../ and absolute paths (and links out) without asking."""
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    secret = tmp_path / "private" / "x.png"
+    secret.parent.mkdir()
+    secret.write_bytes(b"not yours")
+    (folder / "link.png").symlink_to(secret)
+    listing = folder / "labels.csv"
+    for row in ("../private/x.png,good,", f"{secret},good,", "link.png,good,", "g.png,1,../m.png"):
+        listing.write_text(f"image,label,mask\n{row}\n")
+        with pytest.raises(ValueError, match="is outside the folder of the labels file") as error:
+            read_labels(listing)
+        assert "--allow-outside-paths" in str(error.value) and "not yours" not in str(error.value)
+        good, anomalous, _ = read_labels(listing, allow_outside_paths=True)
+        assert len(good) + len(anomalous) == 1
+    listing.write_text("image,label\n../private/x.png,good\n")
+    files = write_tiny_model(tmp_path / "model")
+    with caplog.at_level(logging.ERROR):
+        code = cli("calibrate", "--labels", listing, *model_arguments(files), "--output", "x.pt")
+    assert code == 2 and "'../private/x.png' is outside the folder" in caplog.text

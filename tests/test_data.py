@@ -909,3 +909,35 @@ def test_no_matching_layout_reads_one_error_quotes_each_and_how_to_force_it(tmp_
     assert "anomalous image has no mask" in message and "--allow-missing-masks" in message
     assert open_dataset(root, allow_missing_masks=True).name == "mvtec"
     assert open_dataset(root, "mvtec", allow_missing_masks=True).counts()["cable"] == (2, 2)
+
+
+def test_a_link_inside_the_dataset_that_points_outside_is_refused(tmp_path):
+    """The check was lexical: ``good/link.png -> /elsewhere/x.png`` (or a linked folder)
+    named by an index passed as inside the dataset. Paths are resolved first now."""
+    root = build_folder(tmp_path / "parts")
+    outside = image(tmp_path / "private" / "x.png")
+    (root / "good" / "link.png").symlink_to(outside)
+    (root / "linked").symlink_to(outside.parent, target_is_directory=True)
+    (root / "good" / "inner.png").symlink_to(root / "good" / "a.png")  # inside: fine
+    manifest = root / "list.csv"
+    for listed in ("good/link.png", "linked/x.png"):
+        manifest.write_text(f"image,label\ngood/inner.png,0\n{listed},1\n")
+        with pytest.raises(DatasetError, match=f"line 3: image '{listed}' is outside"):
+            read_csv_manifest(manifest)
+        with pytest.raises(DatasetError, match="is outside the dataset folder"):
+            open_dataset(manifest)
+        assert len(read_csv_manifest(manifest, allow_outside_paths=True)) == 2
+
+    meta_root = build_mvtec(tmp_path / "mvtec")
+    write_meta_json(meta_root, {"test": read_mvtec(meta_root)})
+    meta = json.loads((meta_root / "meta.json").read_text())
+    (meta_root / "bottle" / "link.png").symlink_to(outside)
+    meta["test"]["bottle"][0]["img_path"] = "bottle/link.png"
+    (meta_root / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match=r"bottle\[0\]: img_path 'bottle/link.png' is out"):
+        read_meta_json(meta_root)
+    # a dataset folder that is itself a link is still its own inside
+    alias = tmp_path / "alias"
+    alias.symlink_to(root, target_is_directory=True)
+    (alias / "list.csv").write_text("image,label\ngood/a.png,0\ngood/inner.png,0\n")
+    assert len(read_csv_manifest(alias / "list.csv")) == 2

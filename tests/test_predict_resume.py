@@ -322,3 +322,34 @@ def test_a_set_scoring_method_resumes_a_finished_set_and_scores_an_unfinished_on
     assert scorer.calls == [5, 5] and summary.resumed == 0
     assert "3 of 6 are not in" in caplog.text and "the whole set is scored again" in caplog.text
     assert (out / "predictions.jsonl").read_text() == whole
+
+
+def test_a_full_disk_under_save_maps_is_the_same_one_line_with_the_resume_hint(
+    tmp_path, tiny_model_files, monkeypatch, caplog
+):
+    """numpy reports a short write as "268324 requested and 253920 written" (an OSError
+    with no errno and no path); it is a full disk, said as for every other file."""
+    images = generated_images(tmp_path / "images", 4)
+    out, maps = tmp_path / "out", tmp_path / "maps"
+    written = []
+    save = np.save
+
+    def save_until_full(handle, array, *args, **kwargs):
+        if len(written) == 2:
+            data = array.tobytes()
+            handle.write(data[: len(data) // 2])
+            raise OSError(f"{len(data)} requested and {len(data) // 2} written")
+        written.append(handle)
+        return save(handle, array, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", save_until_full)
+    with caplog.at_level(logging.ERROR):
+        code = cli("predict", images, *run_flags(tiny_model_files, out), "--save-maps", maps)
+    monkeypatch.undo()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert code == 2 and len(errors) == 1, errors
+    assert errors[0].startswith(f"cannot write {maps}{os.sep}"), errors[0]
+    assert ".npy: no space left on device" in errors[0]
+    assert errors[0].endswith("make room and run again with --resume"), errors[0]
+    assert "requested and" not in errors[0] and "Traceback" not in caplog.text
+    assert not list(maps.glob(".*.tmp"))  # no partial map left behind

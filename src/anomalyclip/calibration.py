@@ -25,6 +25,7 @@ sample), so memory stays bounded over large sets.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,12 +35,14 @@ import numpy as np
 
 from anomalyclip.data.core import ANOMALOUS_LABELS, NORMAL_LABELS
 from anomalyclip.data.core import parse_label as parse_dataset_label
+from anomalyclip.data.paths import ALLOW_FLAG, is_inside
 from anomalyclip.inputs import expand_sources, read_image_csv
 from anomalyclip.inspection.run import iter_predictions
 from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 from anomalyclip.predictor import Predictor, SkippedImage
 from anomalyclip.preprocess import ImageSource
+from anomalyclip.utils.quoting import quoted
 
 logger = logging.getLogger(__name__)
 
@@ -114,13 +117,30 @@ def parse_label(value: str | None, image: str | Path) -> bool:
     return bool(label)
 
 
-def read_labels(path: str | Path) -> tuple[list[Path], list[Path], dict[str, Path]]:
+def read_labels(
+    path: str | Path, allow_outside_paths: bool = False
+) -> tuple[list[Path], list[Path], dict[str, Path]]:
     """(good images, anomalous images, masks by anomalous image) from a CSV with columns
-    ``image``, ``label`` and optionally ``mask``."""
+    ``image``, ``label`` and optionally ``mask``.
+
+    Each path must lie in the CSV's folder once resolved (``../``, absolute paths and
+    links out are refused, :mod:`anomalyclip.data.paths`) unless ``allow_outside_paths``.
+    """
     good: list[Path] = []
     anomalous: list[Path] = []
     masks: dict[str, Path] = {}
-    for row in read_image_csv(path):
+    rows = read_image_csv(path)
+    if not allow_outside_paths:
+        base = Path(path).parent
+        for row in rows:
+            for what, named in (("image", row.image), ("mask", row.mask)):
+                if named is not None and not is_inside(named, base):
+                    raise ValueError(
+                        f"{path}: {what} {quoted(os.path.relpath(named, base))} is outside "
+                        f"the folder of the labels file {base}; pass {ALLOW_FLAG} to read it "
+                        "if you trust this file"
+                    )
+    for row in rows:
         if row.label is None:
             raise ValueError(f"{path}: {row.image} has no label (a 'label' column is needed)")
         if parse_label(row.label, row.image):

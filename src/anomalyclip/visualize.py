@@ -105,7 +105,8 @@ def defect_mask(
     array = _as_map(anomaly_map)
     if size is not None:
         array = resize_map(array, size)
-    return Image.fromarray(np.where(array >= threshold, 255, 0).astype(np.uint8), "L")
+    # uint8 from the start: np.where(..., 255, 0) built an int64 array 8x the mask's size
+    return Image.fromarray(np.multiply(array >= threshold, 255, dtype=np.uint8), "L")
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -129,4 +130,6 @@ def _as_map(anomaly_map: np.ndarray) -> np.ndarray:
         array = array[0]
     if array.ndim != 2:
         raise ValueError(f"an anomaly map must be 2-D (H, W), got shape {array.shape}")
+    if np.isfinite(array.sum(dtype=np.float64)):
+        return array  # the usual case: no copy (a full-size map can be hundreds of MB)
     return np.nan_to_num(array, nan=0.0)

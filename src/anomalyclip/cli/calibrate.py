@@ -46,7 +46,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--labels",
         metavar="CSV",
         help="CSV with columns image, label (good/normal/0 or anomalous/bad/defect/1) and "
-        "optionally mask; paths relative to the CSV",
+        "optionally mask; paths relative to the CSV, inside its folder",
+    )
+    examples.add_argument(
+        "--allow-outside-paths",
+        action="store_true",
+        help="read the files --labels names outside its folder (../, absolute paths, links "
+        "out), refused by default: for a labels file of your own",
     )
     examples.add_argument(
         "--anomalous",
@@ -119,7 +125,9 @@ def _examples(
             else:
                 masks[str(image)] = mask
     if args.labels:
-        labelled_good, labelled_anomalous, labelled_masks = read_labels(args.labels)
+        labelled_good, labelled_anomalous, labelled_masks = read_labels(
+            args.labels, args.allow_outside_paths
+        )
         good += labelled_good
         anomalous += labelled_anomalous
         masks.update(labelled_masks)

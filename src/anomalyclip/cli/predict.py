@@ -86,7 +86,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--overlay-max-side",
         type=int,
         metavar="PIXELS",
-        help="scale overlays down to at most this side (masks stay at full resolution)",
+        help="scale overlays down to at most this side (at most 4096 in any case; masks "
+        "stay at full resolution)",
     )
     thresholds = parser.add_argument_group("thresholds")
     thresholds.add_argument(

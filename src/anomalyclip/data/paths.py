@@ -5,9 +5,10 @@ from elsewhere is a stranger's data: an index naming ``../../home/me/photos/x.pn
 ``/srv/private/y.png`` would have evaluation and training read files that are no part
 of it (and write overlays of them). Such a path is refused, naming the index and the
 path, unless the caller allows it (``--allow-outside-paths``: a manifest of one's own
-that lists images kept elsewhere). The check is on the path as written, ``..`` resolved
-and links not followed: a dataset folder made of links is its owner's layout, not
-something its index can do.
+that lists images kept elsewhere). The check is on the path as the file system resolves
+it (``os.path.realpath``: ``..`` and symbolic links followed, the dataset folder's own
+included), so a link inside the dataset that points outside it is refused like a path
+that says ``../``; a lexical check let ``test/good/x.png -> /home/me/photo.png`` through.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ ALLOW_FLAG = "--allow-outside-paths"
 
 
 def is_inside(path: str | Path, root: str | Path) -> bool:
-    """Whether ``path`` (relative to ``root`` unless absolute) lies in ``root``, lexically."""
-    base = os.path.normpath(os.path.abspath(root))
-    target = os.path.normpath(os.path.join(base, path))
+    """Whether ``path`` (relative to ``root`` unless absolute) lies in ``root`` once both
+    are resolved: ``..`` and symbolic links followed (a missing file is resolved as far
+    as it exists)."""
+    base = os.path.realpath(root)
+    target = os.path.realpath(os.path.join(root, path))
     return os.path.commonpath([base, target]) == base
 
 

@@ -36,6 +36,7 @@ import numpy as np
 from anomalyclip.evaluation import metrics
 from anomalyclip.evaluation.metrics import AuproMethod
 from anomalyclip.utils.atomic import atomic_write_json, atomic_write_text
+from anomalyclip.utils.csv_cells import csv_cell
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def records_to_csv(records: Sequence[dict[str, Any]], fieldnames: Sequence[str] 
     writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
     writer.writeheader()
     for record in records:
-        writer.writerow({k: "" if v is None else v for k, v in record.items()})
+        writer.writerow({k: "" if v is None else csv_cell(v) for k, v in record.items()})
     return buffer.getvalue()
 
 

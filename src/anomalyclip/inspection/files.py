@@ -31,6 +31,7 @@ from anomalyclip.inspection.run_folder import OverlayFormat
 from anomalyclip.predictor import AnomalyPrediction
 from anomalyclip.preprocess import PreProcessor
 from anomalyclip.utils.atomic import atomic_open, atomic_write_json
+from anomalyclip.utils.csv_cells import csv_cell
 from anomalyclip.visualize import defect_mask, overlay
 
 THUMBNAIL_SIDE = 256
@@ -44,9 +45,15 @@ def _save_image(image: Image.Image, path: Path, image_format: str, **options: An
         image.save(handle, format=image_format, **options)
 
 
+# Overlays are drawn at most this many pixels on a side whatever the image: a 13,376 x
+# 13,376 PNG's overlay at full size took gigabytes of colour arrays (masks stay full size).
+OVERLAY_SIDE_LIMIT = 4096
+
+
 @dataclass(frozen=True)
 class OverlayStyle:
-    """How overlays are drawn and stored."""
+    """How overlays are drawn and stored: at most ``max_side`` (and never more than
+    :data:`OVERLAY_SIDE_LIMIT`) pixels on a side, aspect kept."""
 
     alpha: float = 0.5
     colormap: str = "jet"
@@ -56,9 +63,10 @@ class OverlayStyle:
     def size_for(self, size: tuple[int, int]) -> tuple[int, int]:
         """(width, height) scaled down, aspect kept, to at most ``max_side``."""
         width, height = size
-        if self.max_side is None or max(size) <= self.max_side:
+        limit = min(self.max_side or OVERLAY_SIDE_LIMIT, OVERLAY_SIDE_LIMIT)
+        if max(size) <= limit:
             return size
-        scale = self.max_side / max(size)
+        scale = limit / max(size)
         return max(1, round(width * scale)), max(1, round(height * scale))
 
 
@@ -68,15 +76,17 @@ def write_images(
     image: Image.Image,
     prediction: AnomalyPrediction,
     style: OverlayStyle,
-    full_map: np.ndarray,
+    full_map: np.ndarray | None,
 ) -> None:
     """The overlay, the mask (with a pixel threshold) and the thumbnail of one result;
     their paths, relative to ``out``, go into ``result``. ``full_map`` is the map at the
-    original size, computed once by the caller."""
+    original size when the caller made it (with a pixel threshold: for the mask), so it
+    is computed once; without one no full-size map is made (716 MB at 13,376 x 13,376)."""
     low, high = prediction.map_range
     size = style.size_for(image.size)
     if size == image.size:
-        shown, shown_map = image, full_map
+        shown = image
+        shown_map = full_map if full_map is not None else prediction.map_at_original_size()
     else:
         shown = image.resize(size, Image.Resampling.BILINEAR)
         preprocessor = prediction.preprocessor or PreProcessor(prediction.anomaly_map.shape[-1])
@@ -90,8 +100,12 @@ def write_images(
         _save_image(blended, out / result.overlay, "PNG", compress_level=1)  # 2x faster
     threshold = prediction.postprocessor.pixel_threshold
     if threshold is not None:
-        result.mask = f"masks/{result.name}.png"
-        _save_image(defect_mask(full_map, threshold), out / result.mask, "PNG")
+        result.mask = f"masks/{result.name}.png"  # full size: the map placed on the image
+        mask = defect_mask(
+            full_map if full_map is not None else prediction.map_at_original_size(), threshold
+        )
+        _save_image(mask, out / result.mask, "PNG")
+        del mask
     blended.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BILINEAR)
     result.thumbnail = f"thumbnails/{result.name}.jpg"
     _save_image(blended, out / result.thumbnail, "JPEG", quality=85)
@@ -160,4 +174,4 @@ def _csv_cell(value: Any) -> Any:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
-    return value
+    return csv_cell(value)

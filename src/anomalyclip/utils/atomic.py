@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,9 @@ from typing import IO, Any
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 # torch's zip writer reports a failed write as a RuntimeError from C++ and drops the errno.
 TORCH_WRITER_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+# numpy's ``tofile`` (under ``np.save``) reports a short fwrite as an OSError with no errno.
+NUMPY_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+SHORT_WRITE = "no space left on device (the write stopped short)"
 
 
 class WriteFailedError(OSError):
@@ -52,6 +56,12 @@ def write_failure(path: str | os.PathLike, error: BaseException) -> WriteFailedE
     """``error`` as a :class:`WriteFailedError` about ``path``; None if it is no write failure."""
     if isinstance(error, WriteFailedError):
         return error
+    if (
+        isinstance(error, OSError)
+        and error.errno is None
+        and NUMPY_SHORT_WRITE.fullmatch(str(error))
+    ):
+        return WriteFailedError(path, SHORT_WRITE, errno.ENOSPC)
     if isinstance(error, OSError) and error.errno is not None:
         reason = "no space left on device" if error.errno in NO_SPACE_ERRNOS else error.strerror
         return WriteFailedError(path, reason or str(error), error.errno)

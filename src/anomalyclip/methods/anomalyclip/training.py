@@ -62,6 +62,7 @@ from anomalyclip.methods.anomalyclip.training_checkpoints import (
 )
 from anomalyclip.preprocess import PreProcessor
 from anomalyclip.utils.atomic import atomic_write_json, atomic_write_text
+from anomalyclip.utils.csv_cells import csv_cell
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +253,11 @@ def write_logs(output_dir: Path, history: Sequence[EpochLog], header: dict[str, 
     writer.writeheader()
     for entry in history:
         writer.writerow(
-            {k: ("" if v is None else v) for k, v in entry.to_dict().items() if k in LOG_FIELDS}
+            {
+                k: ("" if v is None else csv_cell(v))
+                for k, v in entry.to_dict().items()
+                if k in LOG_FIELDS
+            }
         )
     atomic_write_text(output_dir / "train_log.csv", buffer.getvalue())
     atomic_write_json(
