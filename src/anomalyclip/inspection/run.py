@@ -209,8 +209,8 @@ def inspect(
     ``keep_maps=False`` drops each map once written, so memory stays flat over large
     collections. Unreadable inputs are skipped and listed in the summary. An
     ``output_dir`` with another run's results is refused unless ``overwrite``, which
-    removes that run's files (:mod:`anomalyclip.inspection.run_folder`). Overlays are PNG or JPEG
-    (``overlay_format``; JPEG is about ten times smaller on photographs), scaled down to
+    removes that run's files (:mod:`anomalyclip.inspection.run_folder`). Overlays are PNG
+    or JPEG (``overlay_format``; JPEG is about ten times smaller on photographs), scaled down to
     ``overlay_max_side`` when larger; masks stay at the original resolution. ``columns``:
     other cells per image to carry into the records (default: those of the CSV inputs).
     ``resume`` continues the run whose JSON Lines are there (``identity``: what else
@@ -258,10 +258,7 @@ def inspect(
                 continue
             index = todo[outcome.index]
             outcome.prediction.postprocessor = post
-            # the full-size map, once, only where a mask needs it (716 MB at 13,376 x 13,376)
-            full_map = (
-                None if post.pixel_threshold is None else outcome.prediction.map_at_original_size()
-            )
+            full_map = _full_map(outcome.prediction)
             cells = columns.get(Path(str(items[index])))
             result = _inspected(outcome, names[index], full_map, cells)
             if out is not None:
