@@ -185,6 +185,14 @@ def test_anomalydino_resolves_its_default_name_through_the_cache(cache, tmp_path
     assert scores == pytest.approx(expected, abs=1e-5)
 
 
+def test_download_fills_the_cache_and_records_the_digest(cache, tmp_path, monkeypatch, capsys):
+    source = registered(monkeypatch, tmp_path, "dinov2_vitb14_reg", seed=2)
+    assert cli("download", "dinov2_vitb14_reg", "--no-progress") == 0
+    entry = hub.DINOV2_BACKBONES["dinov2_vitb14_reg"]
+    assert capsys.readouterr().out == f"dinov2_vitb14_reg\t{entry.cache_path()}\n"
+    assert entry.recorded_sha256() == hub.backbone_sha256(source)
+
+
 def test_musc_resolves_a_registered_dinov2(cache, tmp_path, monkeypatch):
     registered(monkeypatch, tmp_path, "dinov2_vitl14", seed=3)
     model = create_musc("dinov2_vitl14", overrides={"image_size": 28, "features": [1, 2]})
