@@ -115,6 +115,9 @@ def test_a_damaged_copy_is_fetched_again_when_the_source_is_unchanged(cache, tmp
     path.write_bytes(b"damaged")
     assert not hub.is_verified(entry, path)
     assert hub.fetch(entry, progress=False).read_bytes() == source.read_bytes()
+    entry.recorded_path().write_text("{}")  # a damaged record trusts nothing
+    with pytest.raises(ValueError, match=r"dinov2_vits14_pretrain.pth.sha256: not a record of"):
+        hub.fetch(entry, progress=False)
 
 
 def test_a_copy_put_in_the_cache_by_hand_is_recorded_at_first_use(cache, tmp_path, monkeypatch):

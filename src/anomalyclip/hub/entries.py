@@ -101,16 +101,22 @@ class RemoteFile:
         return path.with_name(path.name + ".sha256")
 
     def recorded_sha256(self) -> str | None:
-        """The SHA-256 recorded at first use, None before it; a damaged record counts as
-        none of the right form, which no file matches."""
+        """The SHA-256 recorded at first use, None before it. A damaged record is refused
+        (ValueError naming it) rather than taken for none: that would trust anything."""
+        path = self.recorded_path()
         try:
-            record = json.loads(self.recorded_path().read_text(encoding="utf-8"))
+            record = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
-            return "unreadable record"
+            record = None
         digest = record.get("sha256") if isinstance(record, dict) else None
-        return digest if isinstance(digest, str) else "unreadable record"
+        if not isinstance(digest, str) or not SHA256_RE.fullmatch(digest):
+            raise ValueError(
+                f"{path}: not a record of {self.name}'s SHA-256 (damaged?); delete it to "
+                "trust the next copy"
+            )
+        return digest
 
     def digest_of(self, path: str | Path) -> str:
         return file_digest(path, "git-blob" if self.git_blob else "sha256")
