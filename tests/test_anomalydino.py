@@ -440,7 +440,7 @@ def test_bank_file_round_trip_and_refusals(tiny, tmp_path):
         AnomalyDINO(tiny, bank, AnomalyDINOConfig(image_size=42, rotation=True))
 
 
-def test_settings_and_modes(tiny):
+def test_settings_and_modes(tiny, tmp_path, monkeypatch):
     few = AnomalyDINO.from_images(tiny, [grey_image(40, 40, 7)], AnomalyDINOConfig(image_size=28))
     assert not few.scores_sets and few.method == "anomalydino"
     record = json.loads(json.dumps(few.settings()))
@@ -456,8 +456,10 @@ def test_settings_and_modes(tiny):
         batched.predict([grey_image(40, 40, 8)])
     again = batched.with_references([grey_image(40, 40, 7)])
     assert again.bank.digest == few.bank.digest  # the METHODS path builds the same bank
-    with pytest.raises(FileNotFoundError, match="registered names"):
-        build_anomalydino("dinov2_vits14")
+    monkeypatch.setenv("ANOMALYCLIP_CACHE", str(tmp_path))
+    monkeypatch.setenv("ANOMALYCLIP_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="`anomalyclip download dinov2_vits14`"):
+        build_anomalydino("dinov2_vits14")  # a registered name, resolved through the cache
     with pytest.raises(ValueError, match="no setting 'depth'"):
         build_anomalydino(tiny, overrides={"depth": 3})
 

@@ -98,7 +98,11 @@ def newcomer(tmp_path, monkeypatch, shared_dir):
     )
     monkeypatch.setitem(hub.BACKBONES, "ViT-L/14@336px", backbone)
     monkeypatch.setitem(hub.CHECKPOINTS, "mvtec", dataclasses.replace(prompts_entry, file=prompts))
-    for file, made in ((backbone, clip_file), (prompts, prompts_file)):
+    # AnomalyDINO's default name: a small random DINOv2 put in the cache by hand, trusted
+    # (its SHA-256 recorded) at first use as Meta publishes no checksum
+    dino_file = shared_dir / "reference" / "anomalydino" / "dinov2_small_random.pth"
+    dino = hub.DINOV2_BACKBONES["dinov2_vits14"]
+    for file, made in ((backbone, clip_file), (prompts, prompts_file), (dino, dino_file)):
         file.cache_path().parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(made, file.cache_path())
     work = tmp_path / "work"
@@ -126,10 +130,15 @@ def test_every_readme_command_runs_in_order(newcomer, monkeypatch, caplog):
     assert len(ran) >= 13 and len(skipped) == 4, (ran, skipped)
 
     # what the commands left is what the README says they leave
-    for folder in ("results", "line3-results", "new-results", "few-shot", "calibrated-results"):
+    folders = ("results", "line3-results", "new-results", "few-shot", "calibrated-results")
+    for folder in (*folders, "dino-results"):
         summary = json.loads((newcomer / folder / "summary.json").read_text())
         assert summary["scored"] > 0 and (newcomer / folder / "report.html").is_file(), folder
     assert (newcomer / "line3.bank.pt").is_file()  # calibrate --reference wrote the bank
+    assert (newcomer / "good_parts.bank.pt").is_file()  # predict --save-bank wrote one
+    assert sorted(p.stem for p in (newcomer / "dino-maps").iterdir()) == sorted(
+        p.stem for p in (newcomer / "line3" / "today").iterdir()
+    )
     reused = json.loads((newcomer / "new-results" / "summary.json").read_text())
     assert reused["image_threshold_source"] == "calibrated"
     assert all(p.suffix == ".jpg" for p in (newcomer / "few-shot" / "overlays").iterdir())

@@ -4,7 +4,8 @@ AnomalyDINO and MuSc-on-DINOv2 read DINOv2's patch tokens, and their published n
 depend on details the official ``DinoVisionTransformer`` fixes: the 14 x 14 patch
 convolution, the class token (and, for the ``_reg`` models, four register tokens placed
 after it, with no positional embedding), pre-norm blocks with LayerScale, qkv with bias,
-exact GELU, LayerNorm eps 1e-6, and the final LayerNorm that ``get_intermediate_layers``
+exact GELU (ViT-g/14: a SwiGLU feed-forward, :class:`_SwiGLU`), LayerNorm eps 1e-6, and
+the final LayerNorm that ``get_intermediate_layers``
 applies to every block it returns. Its parameters carry the official names, so an official
 ``.pth`` loads as is; other layouts are converted in
 :mod:`anomalyclip.backbone.dinov2_layouts`.
@@ -30,6 +31,7 @@ __all__ = ["DINOv2", "DINOv2Architecture", "DINOv2Output", "interpolate_position
 
 LAYER_NORM_EPS = 1e-6
 HEAD_WIDTH = 64  # every published DINOv2 (S, B, L, g) has 64-wide heads
+FEED_FORWARDS = ("gelu", "swiglu")
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,8 @@ class DINOv2Architecture:
     ``grid``: the trained positional grid (37 for 518 px). ``interpolate_offset`` and
     ``interpolate_antialias``: the hub's settings, (0.1, False) for the models without
     registers and (0.0, True) for the ``_reg`` models; :func:`interpolate_positions`
-    explains what they change.
+    explains what they change. ``feed_forward``: "gelu" (S, B, L) or "swiglu" (g, whose
+    ``mlp_width`` is the SwiGLU hidden width, 4096 for g/14).
     """
 
     width: int
@@ -52,6 +55,7 @@ class DINOv2Architecture:
     grid: int = 37
     interpolate_offset: float = 0.1
     interpolate_antialias: bool = False
+    feed_forward: str = "gelu"
 
     def __post_init__(self) -> None:
         problems = [
@@ -61,6 +65,10 @@ class DINOv2Architecture:
         ]
         if self.registers < 0:
             problems.append(f"registers must be >= 0, got {self.registers}")
+        if self.feed_forward not in FEED_FORWARDS:
+            problems.append(
+                f"feed_forward must be one of {FEED_FORWARDS}, got {self.feed_forward!r}"
+            )
         if self.heads >= 1 and self.width % self.heads:
             problems.append(f"width {self.width} cannot be split into {self.heads} heads")
         if problems:
@@ -77,7 +85,11 @@ class DINOv2Architecture:
             width = int(state_dict["cls_token"].shape[-1])
             positions = int(state_dict["pos_embed"].shape[1]) - 1
             patch = int(state_dict["patch_embed.proj.weight"].shape[-1])
-            mlp_width = int(state_dict["blocks.0.mlp.fc1.weight"].shape[0])
+            swiglu = "blocks.0.mlp.w12.weight" in state_dict
+            if swiglu:  # w12 packs the gate and the value halves
+                mlp_width = int(state_dict["blocks.0.mlp.w12.weight"].shape[0]) // 2
+            else:
+                mlp_width = int(state_dict["blocks.0.mlp.fc1.weight"].shape[0])
         except KeyError as error:
             raise ValueError(f"not a DINOv2 state dict: no {error.args[0]}") from None
         grid = math.isqrt(max(positions, 0))
@@ -97,10 +109,16 @@ class DINOv2Architecture:
             grid=grid,
             interpolate_offset=0.0 if registers else 0.1,
             interpolate_antialias=bool(registers),
+            feed_forward="swiglu" if swiglu else "gelu",
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """As a dict; the GELU feed-forward is left out, so identities recorded before
+        SwiGLU existed (banks, results) still compare equal."""
+        data = dataclasses.asdict(self)
+        if data["feed_forward"] == "gelu":
+            del data["feed_forward"]
+        return data
 
 
 @dataclass
@@ -194,6 +212,20 @@ class _Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+class _SwiGLU(nn.Module):
+    """ViT-g/14's feed-forward (the official ``SwiGLUFFNFused``): ``w12`` holds the gate
+    and value projections packed, in that order; SiLU(gate) * value, then ``w3``."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.w12 = nn.Linear(width, 2 * hidden)
+        self.w3 = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
 class _Block(nn.Module):
     def __init__(self, arch: DINOv2Architecture) -> None:
         super().__init__()
@@ -201,7 +233,11 @@ class _Block(nn.Module):
         self.attn = _Attention(arch.width, arch.heads)
         self.ls1 = _LayerScale(arch.width)
         self.norm2 = nn.LayerNorm(arch.width, eps=LAYER_NORM_EPS)
-        self.mlp = _Mlp(arch.width, arch.mlp_width)
+        self.mlp: nn.Module = (
+            _SwiGLU(arch.width, arch.mlp_width)
+            if arch.feed_forward == "swiglu"
+            else _Mlp(arch.width, arch.mlp_width)
+        )
         self.ls2 = _LayerScale(arch.width)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -32,14 +32,19 @@ import torch
 from torch import Tensor
 
 from anomalyclip.backbone.dinov2 import DINOv2, DINOv2Architecture
+from anomalyclip.backbone.identity import display_name
 from anomalyclip.backbone.layouts import strip_wrapper_prefixes
 from anomalyclip.backbone.loading import WeightsError, read_weights
+from anomalyclip.hub import is_dinov2_name, known_backbones, lookup_backbone, resolve_backbone
+from anomalyclip.utils.hashing import file_digest
 from anomalyclip.utils.safe_load import NonFiniteTensorError, refuse_non_finite
 
 __all__ = [
     "DINOv2Layout",
     "detect_dinov2_layout",
+    "is_dinov2_weights",
     "load_dinov2",
+    "resolve_dinov2",
     "to_official_layout",
 ]
 
@@ -64,6 +69,8 @@ HF_BLOCK_RENAMES = (
     ("norm2.", "norm2."),
     ("mlp.fc1.", "mlp.fc1."),
     ("mlp.fc2.", "mlp.fc2."),
+    ("mlp.weights_in.", "mlp.w12."),  # the giant's SwiGLU (use_swiglu_ffn)
+    ("mlp.weights_out.", "mlp.w3."),
 )
 HF_QKV = re.compile(
     r"^encoder\.layer\.(\d+)\.attention\.(?:attention\.(query|key|value)|([qkv])_proj)\.(\w+)$"
@@ -103,10 +110,18 @@ def to_official_layout(
     return converted, layout
 
 
+TIMM_PACKED_MLP = re.compile(r"^(blocks\.\d+\.mlp\.)fc([12])\.(weight|bias)$")
+
+
 def _from_timm(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """timm (and the official layout, which passes through): registers renamed, and for
-    no_embed_class models a zero class row put back in front of the positional table."""
+    """timm (and the official layout, which passes through): registers renamed, the
+    giant's packed SwiGLU (``fc1``/``fc2``, fc1 twice fc2's input width) back to ``w12``/
+    ``w3``, and for no_embed_class models a zero class row put back in front of the
+    positional table."""
     converted = {key: value for key, value in state_dict.items() if not key.startswith("head.")}
+    fc1, fc2 = converted.get("blocks.0.mlp.fc1.weight"), converted.get("blocks.0.mlp.fc2.weight")
+    if fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[-1]:
+        converted = {_packed_name(key): value for key, value in converted.items()}
     if "reg_token" in converted:
         converted["register_tokens"] = converted.pop("reg_token")
     table = converted.get("pos_embed")
@@ -117,6 +132,13 @@ def _from_timm(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
             zero = torch.zeros(1, 1, table.shape[-1], dtype=table.dtype)
             converted["pos_embed"] = torch.cat((zero, table), dim=1)
     return converted
+
+
+def _packed_name(key: str) -> str:
+    if match := TIMM_PACKED_MLP.match(key):
+        prefix, number, kind = match.groups()
+        return f"{prefix}{'w12' if number == '1' else 'w3'}.{kind}"
+    return key
 
 
 def _from_hf(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -211,10 +233,33 @@ def load_dinov2(
 
 
 def is_dinov2_weights(source: str | os.PathLike[str]) -> bool:
-    """Whether a weights file or folder holds a DINOv2 (in any layout read here), so
-    that a method offering both backbone families can tell which it was given."""
+    """Whether a weights file or folder holds a DINOv2 (in any layout read here), or
+    ``source`` is a registered DINOv2 name, so that a method offering both backbone
+    families can tell which it was given."""
     path = Path(source).expanduser()
     if not path.exists():
-        return False
+        return is_dinov2_name(str(source))
     raw, _ = read_weights(path)
     return detect_dinov2_layout(raw) != "unknown"
+
+
+def resolve_dinov2(source: str | os.PathLike[str]) -> tuple[Path, str, str | None]:
+    """The DINOv2 weights to load, the name results record and the SHA-256 they record.
+
+    An existing file or folder is taken as is (recorded by its file name and digest; a
+    folder has none); a registered name (``dinov2_vits14``) is fetched into the verified
+    cache, or taken from it, exactly as CLIP names are, and recorded by name and by the
+    SHA-256 recorded at its first download.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        return path, display_name(str(path)), file_digest(path) if path.is_file() else None
+    entry = lookup_backbone(str(source))
+    if entry is None or not is_dinov2_name(entry.name):
+        registered = ", ".join(name for name in known_backbones() if is_dinov2_name(name))
+        raise FileNotFoundError(
+            f"DINOv2 weights {str(source)!r}: no such file or folder, and not a registered "
+            f"DINOv2 ({registered})"
+        )
+    fetched = resolve_backbone(entry.name)
+    return fetched, entry.name, entry.known_sha256

@@ -17,6 +17,7 @@ from anomalyclip.cli.options import (
 )
 from anomalyclip.colormaps import COLORMAPS
 from anomalyclip.inspection.run_folder import OVERLAY_FORMATS
+from anomalyclip.methods.references import BANK_DTYPES
 from anomalyclip.utils.atomic import WriteFailedError
 from anomalyclip.utils.hashing import file_digest
 
@@ -76,6 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     outputs.add_argument(
         "--save-maps", metavar="DIR", help="write <name>.npy float32 maps at model resolution"
     )
+    _add_bank_arguments(outputs)
     outputs.add_argument(
         "--overlay-format",
         choices=OVERLAY_FORMATS,
@@ -119,6 +121,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _add_bank_arguments(outputs: argparse._ArgumentGroup) -> None:
+    outputs.add_argument(
+        "--save-bank",
+        metavar="FILE.pt",
+        help="write the reference bank this run scores with (needs --reference images), "
+        "to pass as --reference FILE.pt later instead of encoding the images again",
+    )
+    outputs.add_argument(
+        "--bank-dtype",
+        choices=BANK_DTYPES,
+        default="float32",
+        help="storage of --save-bank (float16: half the size; distances are computed in "
+        "float32 either way)",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from anomalyclip.inputs import gather_images
 
@@ -131,6 +149,10 @@ def run(args: argparse.Namespace) -> int:
     spec = options.spec_from_args(args)  # options checked before any file is read
     paths = gather_images(args.inputs, include_annotations=args.include_annotations)
     model = assemble(spec)
+    if args.save_bank:
+        from anomalyclip.methods import save_bank
+
+        save_bank(model, Path(args.save_bank), args.bank_dtype)
     output = args.output
     if output is None and args.output_dir is None:
         output = "predictions.jsonl"

@@ -1,11 +1,13 @@
 """Named weights: a registry with addresses and checksums, a verified cache, resumable downloads.
 
 Registered names stand for files with their addresses and checksums: OpenAI's CLIP
-archives (the SHA-256 is part of OpenAI's address) and the AnomalyCLIP authors' prompt
-checkpoints (git blob ids, pinned to one commit). A team adds its own names in a registry
-file. The network is reached only by :func:`fetch`, and only at the addresses held by
-registry entries, so tests register entries pointing at a local server. With
-``ANOMALYCLIP_OFFLINE=1`` nothing is fetched; a missing file then raises
+archives (the SHA-256 is part of OpenAI's address), the AnomalyCLIP authors' prompt
+checkpoints (git blob ids, pinned to one commit) and Meta's DINOv2 weights (no checksum
+published: the SHA-256 of the first copy is recorded, and a later change refused). A
+team adds its own names in a registry file. The network is reached only by
+:func:`fetch`, and only at the addresses held by registry entries, so tests register
+entries pointing at a local server. With ``ANOMALYCLIP_OFFLINE=1`` nothing is fetched; a
+missing file then raises
 :class:`OfflineError` saying what to fetch and where to put it.
 
 The rooms, each importing only those listed before it: ``settings`` (the environment),
@@ -25,7 +27,9 @@ from anomalyclip.hub.registry import (
     CHECKPOINTS,
     DEFAULT_BACKBONE,
     DEFAULT_CHECKPOINT,
+    DINOV2_BACKBONES,
     OPENAI_HOSTS,
+    is_dinov2_name,
     known_backbones,
     known_checkpoints,
     lookup_backbone,
@@ -53,6 +57,7 @@ __all__ = [
     "CHECKPOINTS",
     "DEFAULT_BACKBONE",
     "DEFAULT_CHECKPOINT",
+    "DINOV2_BACKBONES",
     "OPENAI_HOSTS",
     "CacheEntry",
     "CheckpointInfo",
@@ -63,6 +68,7 @@ __all__ = [
     "cache_dir",
     "download",
     "fetch",
+    "is_dinov2_name",
     "is_registered_file",
     "is_verified",
     "known_backbones",

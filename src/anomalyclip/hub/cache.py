@@ -7,12 +7,17 @@ to the file invalidates. Whoever can write the cache can write a marker too, so 
 is believed only for data-only files (safetensors, weights-only pickles): a file whose
 format could run code (a TorchScript archive, a pickle of other objects) is hashed at
 every check, and ``verify=True`` (``anomalyclip info --verify``) hashes everything.
+
+Files registered ``trust_on_first_use`` (no checksum published) get their SHA-256
+recorded beside them at first use (:func:`record_first_use`); from then on they are
+checked against that record like any other.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,7 +32,7 @@ from anomalyclip.utils.pickle_scan import scan_file
 logger = logging.getLogger(__name__)
 
 # Files the cache keeps beside registered ones; never listed as unregistered files.
-SIDECARS = frozenset({".verified", ".part", ".lock", ".tmp"})
+SIDECARS = frozenset({".verified", ".part", ".lock", ".tmp", ".sha256"})
 
 
 @dataclass(frozen=True)
@@ -83,15 +88,46 @@ def remember_verified(file: RemoteFile, path: Path) -> None:
         logger.debug("cannot record the verification of %s: %s", path, error)
 
 
+def record_first_use(file: RemoteFile, path: Path) -> str:
+    """Record the SHA-256 of the first copy of a file whose publisher gives no checksum,
+    and say so: every later copy must match it (trust on first use)."""
+    digest = file.digest_of(path)
+    record = {
+        "sha256": digest,
+        "url": file.url,
+        "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        atomic_write_json(file.recorded_path(), record)
+    except OSError as error:
+        logger.warning(
+            "cannot record the SHA-256 of %s (%s): it is checked against nothing", path, error
+        )
+        return digest
+    logger.warning(
+        "%s: no checksum is published; recorded the SHA-256 of this first copy, %s, in %s "
+        "(trust on first use): a later copy that differs will be refused",
+        file.name,
+        digest,
+        file.recorded_path(),
+    )
+    return digest
+
+
 def is_verified(file: RemoteFile, path: Path, *, verify: bool = False) -> bool:
     """Whether ``path`` holds ``file``.
 
     A data-only file's result is remembered beside it, bound to its size, times and inode,
     so multi-GB files are hashed once rather than on every run; a file that could run
-    code, or any file when ``verify`` is set, is hashed whatever the marker says.
+    code, or any file when ``verify`` is set, is hashed whatever the marker says. The
+    first copy of a trust-on-first-use file is taken, and its SHA-256 recorded.
     """
     if not path.is_file():
         return False
+    if file.trust_on_first_use and file.recorded_sha256() is None:
+        record_first_use(file, path)
+        remember_verified(file, path)
+        return True
     if not verify and _marker_matches(file, path) and not could_run_code(path):
         return True
     if not file.matches(path):

@@ -1,9 +1,11 @@
 """Which names exist: the built-in files, a team's registry file, and lookups by name or alias.
 
 Registered names stand for files with their addresses and checksums: OpenAI's CLIP
-archives (the SHA-256 is part of OpenAI's address) and the AnomalyCLIP authors' prompt
-checkpoints (git blob ids, pinned to one commit). A team adds its own names, or replaces
-built-in ones, in a registry file; it is read at every lookup, so edits apply at once.
+archives (the SHA-256 is part of OpenAI's address), the AnomalyCLIP authors' prompt
+checkpoints (git blob ids, pinned to one commit) and Meta's DINOv2 weights (no checksum
+published: trusted on first use, see :mod:`anomalyclip.hub.entries`). A team adds its
+own names, or replaces built-in ones, in a registry file; it is read at every lookup, so
+edits apply at once.
 """
 
 from __future__ import annotations
@@ -80,6 +82,29 @@ BACKBONES: dict[str, RemoteFile] = {
             "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
         ),
     )
+}
+
+# facebookresearch/dinov2 hubconf: `{base}/{model}/{model}[_reg4]_pretrain.pth`, one name
+# per torch.hub entry point (dinov2_vits14, dinov2_vits14_reg, ...). Meta publishes no
+# checksums, so the first copy's SHA-256 is recorded and later copies must match it.
+DINOV2_HOST = "https://dl.fbaipublicfiles.com/dinov2"
+DINOV2_SIZES = ("s", "b", "l", "g")
+
+
+def _dinov2(size: str, registers: bool) -> RemoteFile:
+    model = f"dinov2_vit{size}14"
+    full = f"{model}_reg4" if registers else model
+    return RemoteFile(
+        f"{model}_reg" if registers else model,
+        f"{DINOV2_HOST}/{model}/{full}_pretrain.pth",
+        f"{full}_pretrain.pth",
+        trust_on_first_use=True,
+    )
+
+
+DINOV2_BACKBONES: dict[str, RemoteFile] = {
+    entry.name: entry
+    for entry in (_dinov2(size, registers) for size in DINOV2_SIZES for registers in (False, True))
 }
 
 # The authors' folder names look swapped: their train.sh trains `9_12_4_multiscale` on
@@ -246,8 +271,15 @@ def user_registry() -> tuple[dict[str, RemoteFile], dict[str, CheckpointInfo]]:
 
 
 def known_backbones() -> dict[str, RemoteFile]:
-    """Built-in backbones and the team's; a team's entry of the same name wins."""
-    return {**BACKBONES, **user_registry()[0]}
+    """Built-in backbones (CLIP, DINOv2) and the team's; a team's entry of the same name wins."""
+    return {**BACKBONES, **DINOV2_BACKBONES, **user_registry()[0]}
+
+
+def is_dinov2_name(name: str) -> bool:
+    """Whether ``name`` is a registered DINOv2 (``dinov2_vits14``, ``dinov2_vitl14_reg``;
+    a team's entry of the same name replaces the address, not the family)."""
+    entry = lookup_backbone(name)
+    return entry is not None and entry.name in DINOV2_BACKBONES
 
 
 def known_checkpoints() -> dict[str, CheckpointInfo]:

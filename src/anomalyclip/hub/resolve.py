@@ -31,7 +31,7 @@ def resolve_backbone(name_or_path: str | os.PathLike) -> Path:
     entry = lookup_backbone(str(name_or_path))
     if entry is None:
         raise FileNotFoundError(
-            f"CLIP weights {str(name_or_path)!r}: no such file, and not a registered backbone "
+            f"backbone weights {str(name_or_path)!r}: no such file, and not a registered backbone "
             f"({', '.join(known_backbones())})"
         )
     return fetch(entry)
@@ -87,7 +87,7 @@ def registered_sha256_for(path: str | os.PathLike) -> str | None:
         if cached.is_file() and path.resolve() == cached.resolve() and is_verified(entry, cached):
             return name
     digest = file_digest(path)
-    return next((name for name, entry in backbones.items() if entry.sha256 == digest), None)
+    return next((name for name, entry in backbones.items() if entry.known_sha256 == digest), None)
 
 
 def is_registered_file(path: str | os.PathLike) -> bool:
@@ -103,4 +103,4 @@ def backbone_sha256(name_or_path: str | os.PathLike) -> str | None:
     if path.exists():
         return None  # a folder (Hugging Face layout) has no single checksum
     entry = lookup_backbone(str(name_or_path))
-    return entry.sha256 if entry is not None else None
+    return entry.known_sha256 if entry is not None else None

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from anomalyclip.hub.cache import is_verified, remember_verified
+from anomalyclip.hub.cache import is_verified, record_first_use, remember_verified
 from anomalyclip.hub.entries import RemoteFile
 from anomalyclip.hub.registry import AUTHORS_REPOSITORY, known_checkpoints, lookup_backbone
 from anomalyclip.hub.settings import cache_dir, offline
@@ -190,6 +190,8 @@ def _download_verified(file: RemoteFile, target: Path, progress: bool, attempts:
             reached = True
             if file.matches(partial):
                 os.replace(partial, target)
+                if file.trust_on_first_use and file.recorded_sha256() is None:
+                    record_first_use(file, target)
                 remember_verified(file, target)
                 logger.info("downloaded %s to %s", file.name, target)
                 return target
@@ -214,6 +216,11 @@ def _mismatch_detail(file: RemoteFile, partial: Path) -> str:
     with partial.open("rb") as handle:
         head = handle.read(64)
     detail = f"downloaded content does not match {file.checksum}"
+    if file.trust_on_first_use:
+        detail += (
+            f", recorded at its first download in {file.recorded_path()}: the file at this "
+            "address has changed since (delete that record to accept the new one)"
+        )
     if head.startswith(b"version https://git-lfs"):
         return detail + " (the host sent a Git LFS pointer instead of the file)"
     if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):

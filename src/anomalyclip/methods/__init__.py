@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from anomalyclip.predictor import PathScorer, Predictor
     from anomalyclip.preprocess import ImageSource
 
-__all__ = ["METHODS", "Method", "method_named", "path_scorer"]
+__all__ = ["METHODS", "Method", "method_named", "path_scorer", "save_bank"]
 
 # (weights, checkpoint, overrides, device, seed) -> the method, as it is
 Builder = Callable[[Any, Any, Mapping[str, Any], str, int], "Predictor"]
@@ -38,6 +38,8 @@ class Method:
     # its reference mode, from known-good images or from a bank file saved earlier
     with_references: Callable[[Predictor, Sequence[ImageSource]], Predictor] | None = None
     load_bank: Callable[[Predictor, Path], Predictor] | None = None
+    # writes the bank its reference mode scores with (path, storage dtype) -> the file
+    save_bank: Callable[[Predictor, Path, str], Path] | None = None
     # its engine for scoring files by path with work kept between runs (directory, memory
     # limit in bytes), or None where the predictor is not the bare method
     path_scorer: Callable[[Predictor, Path | None, int | None], PathScorer | None] | None = None
@@ -107,6 +109,12 @@ def _anomalydino_bank(predictor: Predictor, path: Path) -> Predictor:
     return bank_for(predictor, path)
 
 
+def _anomalydino_save_bank(predictor: Predictor, path: Path, dtype: str) -> Path:
+    from anomalyclip.methods.anomalydino.few_shot import save_bank
+
+    return save_bank(predictor, path, dtype)
+
+
 def _anomalyclip_references(predictor: Predictor, images: Sequence[ImageSource]) -> Predictor:
     from anomalyclip.methods.anomalyclip.few_shot import references_for
 
@@ -117,6 +125,12 @@ def _anomalyclip_bank(predictor: Predictor, path: Path) -> Predictor:
     from anomalyclip.methods.anomalyclip.few_shot import bank_for
 
     return bank_for(predictor, path)
+
+
+def _anomalyclip_save_bank(predictor: Predictor, path: Path, dtype: str) -> Path:
+    from anomalyclip.methods.anomalyclip.few_shot import save_bank
+
+    return save_bank(predictor, path, dtype)
 
 
 def _anomalyclip_path_scorer(
@@ -139,6 +153,12 @@ def _musc_bank(predictor: Predictor, path: Path) -> Predictor:
     return bank_for(predictor, path)
 
 
+def _musc_save_bank(predictor: Predictor, path: Path, dtype: str) -> Path:
+    from anomalyclip.methods.musc.few_shot import save_bank
+
+    return save_bank(predictor, path, dtype)
+
+
 METHODS: dict[str, Method] = {
     "anomalyclip": Method(
         "anomalyclip",
@@ -148,6 +168,7 @@ METHODS: dict[str, Method] = {
         trainable=True,
         with_references=_anomalyclip_references,
         load_bank=_anomalyclip_bank,
+        save_bank=_anomalyclip_save_bank,
         path_scorer=_anomalyclip_path_scorer,
     ),
     "musc": Method(
@@ -157,6 +178,7 @@ METHODS: dict[str, Method] = {
         scores_sets=True,
         with_references=_musc_references,
         load_bank=_musc_bank,
+        save_bank=_musc_save_bank,
     ),
     "anomalydino": Method(
         "anomalydino",
@@ -166,6 +188,7 @@ METHODS: dict[str, Method] = {
         scores_sets=True,
         with_references=_anomalydino_references,
         load_bank=_anomalydino_bank,
+        save_bank=_anomalydino_save_bank,
     ),
 }
 
@@ -190,3 +213,15 @@ def path_scorer(
     if method is not predictor or entry is None or entry.path_scorer is None:
         return None
     return entry.path_scorer(predictor, directory, memory_limit)
+
+
+def save_bank(predictor: Predictor, path: Path, dtype: str = "float32") -> Path:
+    """Write the reference bank ``predictor`` scores with (under any tiles), in ``dtype``;
+    a predictor without references (or a method without a reference mode) is refused."""
+    from anomalyclip.methods.references import ReferenceError
+
+    method, _ = predictor.layers()
+    entry = METHODS.get(method.method)
+    if entry is None or entry.save_bank is None:
+        raise ReferenceError(f"{method.method} has no reference bank to save")
+    return entry.save_bank(method, path, dtype)

@@ -16,7 +16,17 @@ from PIL import Image
 
 from anomalyclip.preprocess import ImageSource, load_image
 
-__all__ = ["ReferenceError", "bank_path_for", "identity_differences", "load_references"]
+__all__ = [
+    "BANK_DTYPES",
+    "ReferenceError",
+    "bank_dtype",
+    "bank_path_for",
+    "identity_differences",
+    "load_references",
+]
+
+# How a bank may be stored: float16 halves the file; distances are computed in float32.
+BANK_DTYPES = ("float32", "float16")
 
 
 class ReferenceError(ValueError):
@@ -50,3 +60,10 @@ def load_references(references: Sequence[ImageSource]) -> list[Image.Image]:
 def bank_path_for(checkpoint: str | Path) -> Path:
     """Where ``calibrate --reference`` writes the bank: beside the checkpoint."""
     return Path(checkpoint).with_suffix(".bank.pt")
+
+
+def bank_dtype(name: str) -> str:
+    """``name`` when it is a storage dtype of banks, else a ValueError listing them."""
+    if name not in BANK_DTYPES:
+        raise ValueError(f"bank dtype must be one of {', '.join(BANK_DTYPES)}, got {name!r}")
+    return name

@@ -42,7 +42,12 @@ from torch import Tensor
 
 from anomalyclip.maps import gaussian_smooth, upsample
 from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
-from anomalyclip.methods.references import ReferenceError, identity_differences, load_references
+from anomalyclip.methods.references import (
+    ReferenceError,
+    bank_dtype,
+    identity_differences,
+    load_references,
+)
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import Predictor
 from anomalyclip.preprocess import ImageSource, PreProcessor, describe
@@ -367,3 +372,10 @@ def references_for(predictor: Predictor, references: Sequence[ImageSource]) -> F
 def bank_for(predictor: Predictor, path: str | Path) -> FewShotAnomalyCLIP:
     """The reference mode of ``predictor`` for a bank saved earlier."""
     return FewShotAnomalyCLIP.load(_bare(predictor), path)
+
+
+def save_bank(predictor: Predictor, path: str | Path, dtype: str = "float32") -> Path:
+    """Write the bank a reference-mode predictor scores with (float16 halves it)."""
+    if not isinstance(predictor, FewShotAnomalyCLIP):
+        raise ReferenceError(f"{predictor.method} has no reference bank here: give --reference")
+    return predictor.bank.to(getattr(torch, bank_dtype(dtype))).save(path)

@@ -1,5 +1,5 @@
 """AnomalyDINO's reference mode as the method registry calls it: the few-shot predictor
-for known-good images, or for a bank saved earlier."""
+for known-good images, or for a bank saved earlier; and saving the bank a run used."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from anomalyclip.methods.anomalydino.model import AnomalyDINO, BatchedAnomalyDINO
-from anomalyclip.methods.references import ReferenceError
+from anomalyclip.methods.references import ReferenceError, bank_dtype
 from anomalyclip.predictor import Predictor
 from anomalyclip.preprocess import ImageSource
 
@@ -29,3 +29,11 @@ def references_for(predictor: Predictor, references: Sequence[ImageSource]) -> A
 def bank_for(predictor: Predictor, path: str | Path) -> AnomalyDINO:
     """AnomalyDINO few-shot for a bank saved with :meth:`AnomalyDINOBank.save`."""
     return _zero_shot(predictor).with_references(Path(path))
+
+
+def save_bank(predictor: Predictor, path: str | Path, dtype: str = "float32") -> Path:
+    """Write the bank a few-shot predictor scores with (``dtype`` float16 halves it), so
+    that a later run loads it with ``--reference FILE.pt`` instead of re-encoding."""
+    if not isinstance(predictor, AnomalyDINO):
+        raise ReferenceError("AnomalyDINO has no reference bank here: give --reference images")
+    return predictor.bank.save(path, bank_dtype(dtype))

@@ -38,7 +38,7 @@ from torch import Tensor
 
 import anomalyclip.methods.anomalydino.core as core
 from anomalyclip.backbone.dinov2 import DINOv2
-from anomalyclip.backbone.identity import BackboneIdentity, display_name
+from anomalyclip.backbone.identity import BackboneIdentity
 from anomalyclip.inputs import expand_sources
 from anomalyclip.methods.anomalydino.bank import AnomalyDINOBank, BankError
 from anomalyclip.postprocess import PostProcessor
@@ -485,8 +485,9 @@ def create_anomalydino(
     """AnomalyDINO in one call: few-shot with ``references`` (images, a folder of them,
     or a saved bank file), batched zero-shot without.
 
-    ``backbone``: a DINOv2 weights file or folder (any layout
-    :func:`~anomalyclip.backbone.dinov2_layouts.load_dinov2` reads) or a model in memory.
+    ``backbone``: a registered DINOv2 name ("dinov2_vits14"), a weights file or folder
+    (any layout :func:`~anomalyclip.backbone.dinov2_layouts.load_dinov2` reads) or a
+    model in memory.
     ``overrides``: :class:`AnomalyDINOConfig` fields; None values mean "not given".
     """
     zero_shot = build_anomalydino(backbone, config=config, overrides=overrides, device=device)
@@ -503,11 +504,11 @@ def build_anomalydino(
 ) -> BatchedAnomalyDINO:
     """The zero-shot predictor, in the ``METHODS`` builder's signature
     (``builder(weights, overrides=..., device=..., dtype=...)``); references are added
-    by :meth:`BatchedAnomalyDINO.with_references`. Registered names ("dinov2_vits14")
-    are not resolved here yet: give a weights file or folder.
+    by :meth:`BatchedAnomalyDINO.with_references`. ``backbone``: a registered name
+    ("dinov2_vits14", the default; fetched into the verified cache like CLIP names), a
+    weights file or folder, or a model in memory.
     """
-    from anomalyclip.backbone.dinov2_layouts import load_dinov2
-    from anomalyclip.utils.hashing import file_digest
+    from anomalyclip.backbone.dinov2_layouts import load_dinov2, resolve_dinov2
 
     config = config or AnomalyDINOConfig()
     changes = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -517,15 +518,8 @@ def build_anomalydino(
     if isinstance(backbone, DINOv2):
         model, name, sha256 = backbone, config.backbone, None
     else:
-        path = Path(backbone if backbone is not None else config.backbone).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(
-                f"DINOv2 weights {path} not found (registered names are not resolved yet: "
-                "give the weights file or folder)"
-            )
+        path, name, sha256 = resolve_dinov2(backbone if backbone is not None else config.backbone)
         model = load_dinov2(path)
-        name = display_name(str(path))
-        sha256 = file_digest(path) if path.is_file() else None
     config = dataclasses.replace(config, **changes, backbone=name)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return BatchedAnomalyDINO(model, config, BackboneIdentity(name, sha256, model.arch.to_dict()))

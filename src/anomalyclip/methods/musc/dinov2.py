@@ -25,7 +25,6 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -144,16 +143,12 @@ def create_musc_dinov2(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> MuScDINOv2:
-    """MuSc on a DINOv2 weights file or folder, recorded by name and SHA-256."""
-    from anomalyclip.backbone.dinov2_layouts import load_dinov2
-    from anomalyclip.backbone.identity import display_name
-    from anomalyclip.utils.hashing import file_digest
+    """MuSc on a registered DINOv2 ("dinov2_vitl14", fetched into the verified cache) or
+    a weights file or folder, recorded by name and SHA-256."""
+    from anomalyclip.backbone.dinov2_layouts import load_dinov2, resolve_dinov2
 
-    path = Path(weights).expanduser()
+    path, name, sha256 = resolve_dinov2(weights)
     dinov2 = load_dinov2(path)
-    name = display_name(str(path))
-    identity = BackboneIdentity(
-        name, file_digest(path) if path.is_file() else None, dinov2.arch.to_dict()
-    )
+    identity = BackboneIdentity(name, sha256, dinov2.arch.to_dict())
     dinov2 = dinov2.to(device=device, dtype=dtype) if dtype is not None else dinov2.to(device)
     return MuScDINOv2(dinov2, dataclasses.replace(config, backbone=name), identity)

@@ -32,7 +32,12 @@ import torch
 from torch import Tensor
 
 from anomalyclip.methods.musc.model import MAP_RANGE, MuSc, lnamd, neighbour_count
-from anomalyclip.methods.references import ReferenceError, identity_differences, load_references
+from anomalyclip.methods.references import (
+    ReferenceError,
+    bank_dtype,
+    identity_differences,
+    load_references,
+)
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import Predictor
 from anomalyclip.preprocess import ImageSource, PreProcessor, describe
@@ -207,3 +212,10 @@ def references_for(predictor: Predictor, references: Sequence[ImageSource]) -> M
 def bank_for(predictor: Predictor, path: str | Path) -> MuScWithReferences:
     """The reference mode of ``predictor`` for a bank saved earlier."""
     return MuScWithReferences.load(_bare(predictor), path)
+
+
+def save_bank(predictor: Predictor, path: str | Path, dtype: str = "float32") -> Path:
+    """Write the bank a reference-mode MuSc scores with (float16 halves it)."""
+    if not isinstance(predictor, MuScWithReferences):
+        raise ReferenceError(f"{predictor.method} has no reference bank here: give --reference")
+    return predictor.save(path, getattr(torch, bank_dtype(dtype)))
