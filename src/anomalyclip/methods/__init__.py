@@ -38,6 +38,9 @@ class Method:
     # its reference mode, from known-good images or from a bank file saved earlier
     with_references: Callable[[Predictor, Sequence[ImageSource]], Predictor] | None = None
     load_bank: Callable[[Predictor, Path], Predictor] | None = None
+    # writes the bank of its reference mode (predictor, path, "float32" or "float16"):
+    # what `calibrate` keeps beside the calibration file of a method without a checkpoint
+    save_bank: Callable[[Predictor, Path, str], Path] | None = None
     # its engine for scoring files by path with work kept between runs (directory, memory
     # limit in bytes), or None where the predictor is not the bare method
     path_scorer: Callable[[Predictor, Path | None, int | None], PathScorer | None] | None = None
@@ -71,7 +74,8 @@ def _build_musc(
     if checkpoint is not None:
         raise ValueError(
             f"--checkpoint {checkpoint}: MuSc has no checkpoint (it learns nothing); drop "
-            "--checkpoint"
+            "--checkpoint, or pass the calibration file `anomalyclip calibrate --method musc` "
+            "writes"
         )
     from anomalyclip.methods.musc.factory import create_musc
 
@@ -86,7 +90,8 @@ def _build_anomalydino(
     if checkpoint is not None:
         raise ValueError(
             f"--checkpoint {checkpoint}: AnomalyDINO has no checkpoint (it learns nothing); "
-            "drop --checkpoint"
+            "drop --checkpoint, or pass the calibration file `anomalyclip calibrate --method "
+            "anomalydino` writes"
         )
     settings = dict(overrides)
     size = settings.pop("image_size", None)
@@ -139,6 +144,18 @@ def _musc_bank(predictor: Predictor, path: Path) -> Predictor:
     return bank_for(predictor, path)
 
 
+def _musc_save_bank(predictor: Predictor, path: Path, dtype: str) -> Path:
+    from anomalyclip.methods.musc.few_shot import save_bank
+
+    return save_bank(predictor, path, dtype)
+
+
+def _anomalydino_save_bank(predictor: Predictor, path: Path, dtype: str) -> Path:
+    from anomalyclip.methods.anomalydino.few_shot import save_bank
+
+    return save_bank(predictor, path, dtype)
+
+
 METHODS: dict[str, Method] = {
     "anomalyclip": Method(
         "anomalyclip",
@@ -157,6 +174,7 @@ METHODS: dict[str, Method] = {
         scores_sets=True,
         with_references=_musc_references,
         load_bank=_musc_bank,
+        save_bank=_musc_save_bank,
     ),
     "anomalydino": Method(
         "anomalydino",
@@ -166,6 +184,7 @@ METHODS: dict[str, Method] = {
         scores_sets=True,
         with_references=_anomalydino_references,
         load_bank=_anomalydino_bank,
+        save_bank=_anomalydino_save_bank,
     ),
 }
 

@@ -29,3 +29,11 @@ def references_for(predictor: Predictor, references: Sequence[ImageSource]) -> A
 def bank_for(predictor: Predictor, path: str | Path) -> AnomalyDINO:
     """AnomalyDINO few-shot for a bank saved with :meth:`AnomalyDINOBank.save`."""
     return _zero_shot(predictor).with_references(Path(path))
+
+
+def save_bank(predictor: Predictor, path: str | Path, dtype: str = "float32") -> Path:
+    """The bank of a few-shot AnomalyDINO written to ``path`` (``calibrate`` keeps it beside
+    its calibration file)."""
+    if not isinstance(predictor, AnomalyDINO):
+        raise ReferenceError(f"{predictor.method} holds no AnomalyDINO reference bank")
+    return predictor.bank.save(path, dtype)

@@ -207,3 +207,11 @@ def references_for(predictor: Predictor, references: Sequence[ImageSource]) -> M
 def bank_for(predictor: Predictor, path: str | Path) -> MuScWithReferences:
     """The reference mode of ``predictor`` for a bank saved earlier."""
     return MuScWithReferences.load(_bare(predictor), path)
+
+
+def save_bank(predictor: Predictor, path: str | Path, dtype: str = "float32") -> Path:
+    """The bank of MuSc with references written to ``path`` (``calibrate`` keeps it beside
+    its calibration file)."""
+    if not isinstance(predictor, MuScWithReferences):
+        raise ReferenceError(f"{predictor.method} holds no MuSc reference bank")
+    return predictor.save(path, torch.float16 if dtype == "float16" else torch.float32)
