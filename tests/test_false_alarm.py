@@ -290,3 +290,22 @@ def test_reference_calibration_keeps_its_promise_on_held_out_good_tiles(
     code = cli("calibrate", "--reference", tmp_path / "ref", "-o", alone, *backbone, *prompts)
     assert code == 0
     assert "8 references: 4 of them form the bank and 4 are scored against it" in caplog.text
+
+
+def test_the_page_and_api_show_the_promise_and_a_given_threshold_takes_its_part():
+    from fastapi.testclient import TestClient
+
+    from anomalyclip.serving import ServiceSettings, create_app
+    from tests.helpers import tiny_service_model
+
+    promise = false_alarm_promise(0.05, 40, 39)
+    model = tiny_service_model(
+        image_threshold=0.3, pixel_threshold=1.2, extra={"false_alarm": promise}
+    )
+    with TestClient(create_app(model)) as client:
+        shown = client.get("/v1/model").json()["false_alarm"]
+    assert shown["target"] == 0.05 and shown["n_good"] == 40
+    assert shown["upper_bound"] == pytest.approx(promise["upper_bound"])
+    assert shown["applies_to"] == ["image", "pixel"]
+    with TestClient(create_app(model, ServiceSettings(image_threshold=0.7))) as client:
+        assert client.get("/v1/model").json()["false_alarm"]["applies_to"] == ["pixel"]

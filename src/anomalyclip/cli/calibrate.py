@@ -179,7 +179,6 @@ def _masks(anomalous: list[Path], root: Path) -> dict[str, Path]:
 def _split_references(spec: PredictorSpec) -> tuple[PredictorSpec, list[Path]]:
     """Without other good images: a seeded half of the references (at least one) stays
     the bank, the rest are the good images scored against it (see module notes)."""
-    import dataclasses
     import random
 
     from anomalyclip.inputs import gather_images
@@ -233,6 +232,12 @@ def run(args: argparse.Namespace) -> int:
     good, anomalous, masks = _examples(args, references=bool(spec.references))
     if spec.references and not good:
         spec, good = _split_references(spec)
+    if args.false_alarm_rate is not None:  # too few good images: said before weights load
+        import numpy as np
+
+        from anomalyclip.calibration import conformal_threshold
+
+        conformal_threshold(np.zeros(len(good)), args.false_alarm_rate)
     scorer = assemble(spec)
     result = calibrate(
         scorer,
@@ -247,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
     )
     details = {**result.to_dict(), "calibrated_from": args.checkpoint}
     if method.has_checkpoint:
-        _write_checkpoint(args, spec, result, details)
+        _write_checkpoint(args, scorer, result, details)
     else:
         _write_calibration_file(args, spec, scorer, result, details)
     if args.summary:
@@ -259,16 +264,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_checkpoint(
-    args: argparse.Namespace, spec: PredictorSpec, result: Calibration, details: dict
+    args: argparse.Namespace, scorer: Predictor, result: Calibration, details: dict
 ) -> None:
     """AnomalyCLIP's checkpoint with the thresholds, and its bank beside it."""
     import torch
 
     from anomalyclip.methods.anomalyclip.checkpoint import save_checkpoint
-    from anomalyclip.methods.assemble import assemble
     from anomalyclip.methods.references import bank_path_for
 
-    untiled = assemble(dataclasses.replace(spec, tile_size=None))
+    untiled, _ = scorer.layers()
     # the few-shot model holds the model and the bank of its reference mode
     model = cast("AnomalyCLIP", getattr(untiled, "model", untiled))
     bank: ReferenceBank | None = getattr(untiled, "bank", None)
