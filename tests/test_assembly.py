@@ -83,7 +83,8 @@ def test_the_assembler_applies_the_bank_for_python_cli_and_service(
     clip_path = tiny_model_files[0]
     spec = PredictorSpec(checkpoint=line3, weights=clip_path, overrides={"image_size": 64})
     model = assemble(spec)
-    assert model.settings()["references"]["count"] == 4
+    # calibrated from 4 references alone: 2 are the bank, 2 were scored against it
+    assert model.settings()["references"]["count"] == 2
     assert model.postprocessor.image_threshold_source == "calibrated"
     parsed = build_parser().parse_args(
         ["serve", "--checkpoint", str(line3), "--clip-weights", str(clip_path)]

@@ -37,8 +37,10 @@ def test_calibrate_on_references_then_predict_reuses_their_bank(
     arguments = ["--reference", tmp_path / "refs", "--bank-dtype", "float16", "--no-progress"]
     assert cli("calibrate", *model, *arguments, "-o", calibrated) == 0
     bank = ReferenceBank.load(tmp_path / "line3.bank.pt")
-    assert bank.count == 4 and bank.patches[1].dtype.itemsize == 2
-    assert sorted(bank.sources) == sorted(str(p) for p in good)
+    # references alone: half are the bank, the other half scored against it as new
+    # parts will be (issue 24 item 2)
+    assert bank.count == 2 and bank.patches[1].dtype.itemsize == 2
+    assert set(bank.sources) < {str(p) for p in good}
 
     caplog.set_level(logging.INFO)
     out = tmp_path / "out"
@@ -48,7 +50,7 @@ def test_calibrate_on_references_then_predict_reuses_their_bank(
         cli("predict", tmp_path / "new", "--checkpoint", calibrated, *common, "--output-dir", out)
         == 0
     )
-    assert "reference bank: 4 images" in caplog.text
+    assert "reference bank: 2 images" in caplog.text
     results = records(out)
     assert len(results) == len(new)
     assert all(r["anomalous"] is not None and r["mask"] for r in results)  # thresholds apply

@@ -62,6 +62,7 @@ def lay_out_folders(plates: Path, root: Path) -> None:
         "line3": good[2:3] + bad[:1],
         "line3/today": good[3:6] + bad[1:2],
         "good_parts": good[6:9],
+        "line3_good": good[23:43],  # --false-alarm-rate 0.05 needs 19 good images
         "new_parts": good[9:10] + bad[2:3],
         "parts": good[10:13] + bad[3:4],
         "good_images": good[13:16],

@@ -13,8 +13,22 @@ The rules, in order of preference:
   is their maximum score; a new good image exceeds the maximum of n others with
   probability 1/(n+1), so a handful of 10 images means roughly 9% false alarms, and the
   rate falls only as more good images are given.
+* **Image threshold, with a stated false-alarm rate** ``a`` (``false_alarm_rate``; it
+  takes precedence over the two rules above): split conformal. Of n good scores, the
+  k-th smallest with k = ceil((n + 1)(1 - a)) is the cut, and a score above it is
+  flagged. A new good image exchangeable with the n flags with probability at most
+  (n + 1 - k) / (n + 1) <= a. Given these n images, the rate is Beta(n + 1 - k, k)
+  distributed; its one-sided 95 % upper bound (the Clopper-Pearson bound for n - k
+  alarms in n) is reported with it. With n + 1 < 1 / a no cut can keep the promise: it is
+  refused, saying how many good images are needed.
+* **Pixel threshold, with a stated false-alarm rate**: the same rule on the good images'
+  per-image map maxima, so that a new good image shows no defect pixel with probability
+  at most ``a``.
 * **Pixel threshold, with masks**: the F1-optimal threshold over pixels (at model
   resolution) of the good images (all normal) and the anomalous images that have masks.
+  An optimum that means nothing (F1 below :data:`PIXEL_F1_FLOOR`, or marking more than
+  :data:`MOST_OF_THE_IMAGE` of the pixels) is refused, and the rule below used instead;
+  the log and the result say so.
 * **Pixel threshold, otherwise**: the ``pixel_quantile`` (default 0.999) quantile of the
   good images' map values: on a good image about 0.1% of the area is marked.
 
@@ -25,6 +39,7 @@ sample), so memory stays bounded over large sets.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,6 +55,7 @@ from anomalyclip.inputs import expand_sources, read_image_csv
 from anomalyclip.inspection.run import iter_predictions
 from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
+from anomalyclip.postprocess import describe_false_alarm
 from anomalyclip.predictor import Predictor, SkippedImage
 from anomalyclip.preprocess import ImageSource
 from anomalyclip.utils.quoting import quoted
@@ -47,6 +63,12 @@ from anomalyclip.utils.quoting import quoted
 logger = logging.getLogger(__name__)
 
 PIXELS_PER_IMAGE = 65_536
+# An F1-optimal pixel threshold below this F1, or masking more than this share of the
+# pixels, marks noise: the quantile rule is used instead.
+PIXEL_F1_FLOOR = 0.2
+MOST_OF_THE_IMAGE = 0.5
+# The confidence of the reported upper bound on the false-alarm rate achieved.
+BOUND_CONFIDENCE = 0.95
 
 
 # Settings that change scores and maps: thresholds calibrated under others do not carry over.
@@ -82,6 +104,8 @@ class Calibration:
     image_f1: float | None = None
     pixel_f1: float | None = None
     good_score_max: float | None = None
+    false_alarm: dict[str, Any] | None = None  # what a conformal cut promises (see module)
+    pixel_f1_refused: str | None = None  # why an F1-optimal pixel threshold was not used
     skipped: list[SkippedImage] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,12 +121,59 @@ class Calibration:
         settings = calibration_settings(config)
         if reference_bank is not None:
             settings["reference_bank"] = reference_bank
+        extra = {**config.extra, "calibrated_with": settings}
+        extra.pop("false_alarm", None)
+        if self.false_alarm is not None:
+            extra["false_alarm"] = self.false_alarm
         model.config = config.replace(
             image_threshold=self.image_threshold,
             pixel_threshold=self.pixel_threshold,
-            extra={**config.extra, "calibrated_with": settings},
+            extra=extra,
         )
         return model
+
+
+def needed_for(rate: float) -> int:
+    """The fewest good images a conformal cut at false-alarm rate ``rate`` needs:
+    n + 1 >= 1 / rate."""
+    return max(1, math.ceil(1.0 / rate - 1e-9) - 1)
+
+
+def conformal_threshold(values: np.ndarray, rate: float) -> tuple[float, int]:
+    """(threshold, k): the split-conformal cut at false-alarm rate ``rate`` of n good
+    values, just above their k-th smallest, so that ``value >= threshold`` is ``value >
+    k-th smallest`` (a tie with it is not flagged)."""
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"the false-alarm rate must be in (0, 1), got {rate}")
+    ordered = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    n = ordered.size
+    rank = math.ceil((n + 1) * (1.0 - rate) - 1e-9)  # 1e-9: (n+1)(1-a) is often an integer
+    if rank > n:
+        raise ValueError(
+            f"{n} good images are too few for a false-alarm rate of {rate:g}: at least "
+            f"{needed_for(rate)} are needed (n + 1 >= 1/{rate:g}); give more good images or "
+            "a higher --false-alarm-rate"
+        )
+    return float(np.nextafter(ordered[rank - 1], np.inf)), rank
+
+
+def false_alarm_promise(rate: float, n: int, rank: int) -> dict[str, Any]:
+    """What a conformal cut at the ``rank``-th smallest of ``n`` good scores promises: the
+    target, the expected rate (n + 1 - k) / (n + 1), and the one-sided upper bound at
+    :data:`BOUND_CONFIDENCE` on the rate these n images achieve (Beta(n + 1 - k, k), the
+    Clopper-Pearson bound for n - k alarms among n)."""
+    from scipy.stats import beta
+
+    above = n + 1 - rank
+    return {
+        "target": rate,
+        "n_good": n,
+        "rank": rank,
+        "expected": above / (n + 1),
+        "upper_bound": float(beta.ppf(BOUND_CONFIDENCE, above, rank)),
+        "confidence": BOUND_CONFIDENCE,
+        "applies_to": ["image", "pixel"],
+    }
 
 
 def parse_label(value: str | None, image: str | Path) -> bool:
@@ -211,6 +282,7 @@ class _Examples:
     labels: list[bool] = field(default_factory=list)
     pixel_values: list[np.ndarray] = field(default_factory=list)
     pixel_labels: list[np.ndarray] = field(default_factory=list)
+    good_map_maxima: list[float] = field(default_factory=list)
     skipped: list[SkippedImage] = field(default_factory=list)
     n_masks: int = 0
 
@@ -241,6 +313,8 @@ def _score_examples(
         if is_anomalous and mask_path is None:
             continue
         flat = outcome.prediction.anomaly_map.ravel()
+        if not is_anomalous:
+            examples.good_map_maxima.append(float(flat.max()))
         chosen = _sample(flat, outcome.index)
         examples.pixel_values.append(flat[chosen])
         if mask_path is not None:
@@ -252,6 +326,42 @@ def _score_examples(
     return examples
 
 
+def _pixel_rule(
+    values: np.ndarray, truth: np.ndarray, n_masks: int, quantile: float
+) -> tuple[float, str, float | None, str | None]:
+    """(threshold, rule, F1, why F1 was refused): the F1 optimum over masked pixels when
+    it means something, else the ``quantile`` of the good pixels."""
+    fallback = quantile_threshold(values[~truth], quantile)
+    if not (n_masks and truth.any()):
+        return fallback, "quantile", None, None
+    threshold, f1 = f1_optimal_threshold(values, truth)
+    marked = float((values >= threshold).mean())
+    if f1 >= PIXEL_F1_FLOOR and marked <= MOST_OF_THE_IMAGE:
+        return threshold, "f1", f1, None
+    reason = (
+        f"the F1-optimal pixel threshold {threshold:.6g} has pixel F1 {f1:.3f} (below "
+        f"{PIXEL_F1_FLOOR}) and marks {marked:.1%} of the pixels"
+        if f1 < PIXEL_F1_FLOOR
+        else f"the F1-optimal pixel threshold {threshold:.6g} marks {marked:.1%} of the "
+        f"pixels (over {MOST_OF_THE_IMAGE:.0%}: most of the image)"
+    )
+    reason += (
+        f"; used instead: the {quantile:g} quantile of the good images' map values, {fallback:.6g}"
+    )
+    logger.warning("%s", reason)
+    return fallback, "quantile", f1, reason
+
+
+def _warn_few(n_good: int, image_quantile: float) -> None:
+    logger.warning(
+        "%d good images: their %.3g quantile is close to their maximum score; expect "
+        "about 1 in %d good images flagged (give more good images to lower that)",
+        n_good,
+        image_quantile,
+        n_good + 1,
+    )
+
+
 def calibrate(
     model: Predictor,
     good: Sequence[ImageSource],
@@ -261,13 +371,14 @@ def calibrate(
     pixel_quantile: float = 0.999,
     batch_size: int = 8,
     progress: bool = True,
+    false_alarm_rate: float | None = None,
 ) -> Calibration:
     """Score the examples and choose thresholds by the rules in this module's docstring.
 
     ``good`` and ``anomalous`` may hold files, folders, globs or CSV lists; ``masks``
     maps an anomalous image's path (as a string) to its mask file. Unreadable images are
     skipped and listed in the result. The model is not changed: see
-    :meth:`Calibration.apply`.
+    :meth:`Calibration.apply`. ``false_alarm_rate``: both thresholds by the conformal rule.
     """
     for name, value in (("image_quantile", image_quantile), ("pixel_quantile", pixel_quantile)):
         if not 0.0 < value <= 1.0:
@@ -275,39 +386,44 @@ def calibrate(
     good_items, anomalous_items = expand_sources(good), expand_sources(anomalous)
     if not good_items:
         raise ValueError("calibration needs at least one known-good image")
+    if false_alarm_rate is not None:  # refused before minutes of scoring, not after
+        conformal_threshold(np.zeros(len(good_items)), false_alarm_rate)
     mask_paths = {str(k): Path(v) for k, v in (masks or {}).items()}
     examples = _score_examples(model, good_items, anomalous_items, mask_paths, batch_size, progress)
     scores_array = np.array(examples.scores)
     labels_array = np.array(examples.labels, dtype=bool)
-    skipped, n_masks = examples.skipped, examples.n_masks
-    pixel_values, pixel_labels = examples.pixel_values, examples.pixel_labels
     n_good = int((~labels_array).sum())
     n_anomalous = int(labels_array.sum())
     if n_good == 0:
         raise ValueError("none of the known-good images could be read")
-    if n_good < 1.0 / max(1.0 - image_quantile, 1e-12) and n_anomalous == 0:
-        logger.warning(
-            "%d good images: their %.3g quantile is close to their maximum score; expect "
-            "about 1 in %d good images flagged (give more good images to lower that)",
-            n_good,
-            image_quantile,
-            n_good + 1,
-        )
     good_scores = scores_array[~labels_array]
-    if n_anomalous:
-        image_threshold, image_f1 = f1_optimal_threshold(scores_array, labels_array)
-        image_method = "f1"
+    values = np.concatenate(examples.pixel_values)
+    truth = np.concatenate(examples.pixel_labels)
+    image_f1: float | None = None
+    promise: dict[str, Any] | None = None
+    pixel_f1: float | None = None
+    refused: str | None = None
+    if false_alarm_rate is not None:
+        image_threshold, rank = conformal_threshold(good_scores, false_alarm_rate)
+        pixel_threshold, _ = conformal_threshold(
+            np.array(examples.good_map_maxima), false_alarm_rate
+        )
+        image_method = pixel_method = "conformal"
+        promise = false_alarm_promise(false_alarm_rate, n_good, rank)
     else:
-        image_threshold, image_f1 = quantile_threshold(good_scores, image_quantile), None
-        image_method = "quantile"
-    values = np.concatenate(pixel_values)
-    pixel_truth = np.concatenate(pixel_labels)
-    if n_masks and pixel_truth.any():
-        pixel_threshold, pixel_f1 = f1_optimal_threshold(values, pixel_truth)
-        pixel_method = "f1"
-    else:
-        pixel_threshold, pixel_f1 = quantile_threshold(values[~pixel_truth], pixel_quantile), None
-        pixel_method = "quantile"
+        if n_anomalous:
+            image_threshold, image_f1 = f1_optimal_threshold(scores_array, labels_array)
+            image_method = "f1"
+        else:
+            if n_good < 1.0 / max(1.0 - image_quantile, 1e-12):
+                _warn_few(n_good, image_quantile)
+            image_threshold, image_method = (
+                quantile_threshold(good_scores, image_quantile),
+                "quantile",
+            )
+        pixel_threshold, pixel_method, pixel_f1, refused = _pixel_rule(
+            values, truth, examples.n_masks, pixel_quantile
+        )
     result = Calibration(
         image_threshold=image_threshold,
         pixel_threshold=pixel_threshold,
@@ -315,23 +431,31 @@ def calibrate(
         pixel_method=pixel_method,
         n_good=n_good,
         n_anomalous=n_anomalous,
-        n_masks=n_masks,
+        n_masks=examples.n_masks,
         image_quantile=image_quantile,
         pixel_quantile=pixel_quantile,
         image_f1=image_f1,
         pixel_f1=pixel_f1,
         good_score_max=float(good_scores.max()),
-        skipped=skipped,
+        false_alarm=promise,
+        pixel_f1_refused=refused,
+        skipped=examples.skipped,
     )
+    _log_result(result)
+    return result
+
+
+def _log_result(result: Calibration) -> None:
     logger.info(
         "image threshold %.6g (%s), pixel threshold %.6g (%s) from %d good, %d anomalous "
         "images, %d masks",
-        image_threshold,
-        image_method,
-        pixel_threshold,
-        pixel_method,
-        n_good,
-        n_anomalous,
-        n_masks,
+        result.image_threshold,
+        result.image_method,
+        result.pixel_threshold,
+        result.pixel_method,
+        result.n_good,
+        result.n_anomalous,
+        result.n_masks,
     )
-    return result
+    if result.false_alarm is not None:
+        logger.info("%s", describe_false_alarm(result.false_alarm))

@@ -44,6 +44,9 @@ class PostProcessor:
     pixel_threshold: float | None = None
     image_threshold_source: ThresholdSource | None = None
     pixel_threshold_source: ThresholdSource | None = None
+    # what calibrated thresholds set for a false-alarm rate promise (target, n, bound and
+    # the thresholds it applies_to); a given threshold takes its kind out
+    false_alarm: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         low, high = (float(v) for v in self.map_range)
@@ -63,6 +66,7 @@ class PostProcessor:
         map_range: tuple[float, float],
         image_threshold: float | None,
         pixel_threshold: float | None,
+        false_alarm: dict[str, Any] | None = None,
     ) -> PostProcessor:
         """The post-processor a checkpoint's stored calibration implies."""
         return cls(
@@ -71,6 +75,7 @@ class PostProcessor:
             None if pixel_threshold is None else float(pixel_threshold),
             None if image_threshold is None else "calibrated",
             None if pixel_threshold is None else "calibrated",
+            dict(false_alarm) if false_alarm else None,
         )
 
     def with_given(
@@ -82,6 +87,10 @@ class PostProcessor:
             changes.update(image_threshold=float(image_threshold), image_threshold_source="given")
         if pixel_threshold is not None:
             changes.update(pixel_threshold=float(pixel_threshold), pixel_threshold_source="given")
+        if self.false_alarm is not None:
+            given = {"image": image_threshold, "pixel": pixel_threshold}
+            kept = [k for k in self.false_alarm.get("applies_to", ()) if given.get(k) is None]
+            changes["false_alarm"] = {**self.false_alarm, "applies_to": kept} if kept else None
         return dataclasses.replace(self, **changes)
 
     def verdict(self, score: float) -> bool | None:
@@ -121,3 +130,13 @@ class PostProcessor:
         if "map_range" in values:
             values["map_range"] = tuple(values["map_range"])
         return cls(**values)
+
+
+def describe_false_alarm(promise: dict[str, Any]) -> str:
+    """One line a person reads: what a threshold set for a false-alarm rate promises
+    (the target, from how many good images, and the upper bound on the rate achieved)."""
+    return (
+        f"false-alarm rate target {promise['target']:g} from {promise['n_good']} good images "
+        f"(expected {promise['expected']:.3g}; at {promise['confidence']:.0%} confidence at "
+        f"most {promise['upper_bound']:.3g})"
+    )

@@ -298,11 +298,43 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_calibration_argument(parser: argparse.ArgumentParser) -> None:
+    """``--calibration``: the thresholds of a method without a checkpoint."""
+    parser.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="the calibration file `anomalyclip calibrate --method musc|anomalydino` wrote: "
+        "its method, settings, tiles, reference bank and thresholds (--checkpoint FILE "
+        "takes it too)",
+    )
+
+
+def _calibration_file(args: argparse.Namespace) -> tuple[argparse.Namespace, str | None]:
+    """The options with a calibration file's method, and the file; ``--checkpoint`` naming
+    one counts. An explicit other ``--method`` is refused, not silently replaced."""
+    from anomalyclip.methods.calibrated import CalibrationFile, is_calibration_file
+
+    calibration = getattr(args, "calibration", None)
+    checkpoint = getattr(args, "checkpoint", None)
+    if calibration is None and is_calibration_file(checkpoint):
+        calibration = checkpoint
+    if calibration is None:
+        return args, None
+    record = CalibrationFile.load(calibration)
+    method = getattr(args, "method", DEFAULT_METHOD)
+    if method not in (DEFAULT_METHOD, record.method):
+        raise ValueError(f"{calibration} calibrates --method {record.method}, not {method}")
+    return argparse.Namespace(**{**vars(args), "method": record.method, "checkpoint": None}), str(
+        calibration
+    )
+
+
 def spec_from_args(args: argparse.Namespace, seed: int = 0) -> PredictorSpec:
     """What the options describe, for :func:`anomalyclip.methods.assemble.assemble`."""
     from anomalyclip.methods import method_named
     from anomalyclip.methods.assemble import PredictorSpec
 
+    args, calibration = _calibration_file(args)
     name = getattr(args, "method", DEFAULT_METHOD)
     method = method_named(name)
     return PredictorSpec(
@@ -318,6 +350,7 @@ def spec_from_args(args: argparse.Namespace, seed: int = 0) -> PredictorSpec:
         device=args.device,
         seed=seed,
         progress=not getattr(args, "no_progress", True),
+        calibration=calibration,
     )
 
 

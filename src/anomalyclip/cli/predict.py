@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from anomalyclip.cli import options
 from anomalyclip.cli.options import (
+    add_calibration_argument,
     add_decoding_arguments,
     add_method_arguments,
     add_model_arguments,
@@ -47,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(parser)
     add_method_arguments(parser)
     add_scoring_arguments(parser)
+    add_calibration_argument(parser)
     add_decoding_arguments(parser)
     outputs = parser.add_argument_group("outputs")
     outputs.add_argument(

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from anomalyclip.cli import options
 from anomalyclip.cli.options import (
+    add_calibration_argument,
     add_method_arguments,
     add_model_arguments,
     add_scoring_arguments,
@@ -31,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(parser)
     add_method_arguments(parser)
     add_scoring_arguments(parser)
+    add_calibration_argument(parser)
     from anomalyclip.methods import METHODS
 
     parser.add_argument(

@@ -115,6 +115,7 @@ class InspectionSummary:
     files: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     resumed: int = 0  # results taken from the run this one continued
+    false_alarm: dict[str, Any] | None = None  # what thresholds set for a rate promise
 
     @property
     def anomalous(self) -> list[InspectionResult]:
@@ -135,4 +136,5 @@ class InspectionSummary:
             "files": self.files,
             "seconds": round(self.seconds, 3),
             "resumed": self.resumed,
+            "false_alarm": self.false_alarm,
         }

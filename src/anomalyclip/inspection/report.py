@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from anomalyclip.postprocess import describe_false_alarm
 from anomalyclip.utils.atomic import atomic_write_text
 from anomalyclip.visualize import colorbar, encode_png
 
@@ -170,6 +171,10 @@ def render_report(
         ("image threshold", f"{_format(image_threshold)} ({image_source})", ""),
         ("pixel threshold", f"{_format(summary.get('pixel_threshold'))} ({pixel_source})", ""),
     ]
+    if summary.get("false_alarm"):
+        promise = summary["false_alarm"]
+        promised = f"{describe_false_alarm(promise)}, for the {' and '.join(promise['applies_to'])}"
+        facts.append(("thresholds set for", promised + " threshold", ' id="false-alarm"'))
     fact_html = "".join(
         f"<span>{label}: <b{attributes}>{escape(value)}</b></span>"
         for label, value, attributes in facts

@@ -242,6 +242,7 @@ def inspect(
         map_range=post.map_range,
         output_dir=str(out) if out is not None else None,
         resumed=len(done),
+        false_alarm=post.false_alarm,
     )
     _log_thresholds(post, model.settings(), writes_masks=out is not None)
     results = dict(done)

@@ -73,7 +73,8 @@ def _build_musc(
     if checkpoint is not None:
         raise ValueError(
             f"--checkpoint {checkpoint}: MuSc has no checkpoint (it learns nothing); drop "
-            "--checkpoint"
+            "--checkpoint, or pass the calibration file `anomalyclip calibrate --method musc` "
+            "writes"
         )
     from anomalyclip.methods.musc.factory import create_musc
 
@@ -88,7 +89,8 @@ def _build_anomalydino(
     if checkpoint is not None:
         raise ValueError(
             f"--checkpoint {checkpoint}: AnomalyDINO has no checkpoint (it learns nothing); "
-            "drop --checkpoint"
+            "drop --checkpoint, or pass the calibration file `anomalyclip calibrate --method "
+            "anomalydino` writes"
         )
     settings = dict(overrides)
     size = settings.pop("image_size", None)

@@ -9,7 +9,9 @@ and get a :class:`~anomalyclip.predictor.Predictor` from :func:`assemble`::
 The order is fixed: the method (or an exported ONNX model), then its reference mode
 (the images or bank given, else the bank a checkpoint was calibrated with, found beside
 it), then tiles. Rules that hold for every caller live here once: a checkpoint
-calibrated with references is used with its bank or refused, saying what to pass.
+calibrated with references is used with its bank or refused, saying what to pass; a
+calibration file (:mod:`anomalyclip.methods.calibrated`: the thresholds of a method
+without a checkpoint) rebuilds what it was made with, its bank checked by content.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ from typing import Any
 from anomalyclip.inputs import gather_images
 from anomalyclip.methods import METHODS, Method, method_named
 from anomalyclip.methods.anomalyclip.model import recorded_bank
+from anomalyclip.methods.calibrated import (
+    CalibrationFile,
+    CalibrationFileError,
+    calibrated,
+    recorded_backbone,
+)
 from anomalyclip.methods.references import ReferenceError, bank_path_for
 from anomalyclip.methods.tiled import TiledPredictor, Tiling
 from anomalyclip.predictor import Predictor
@@ -43,7 +51,9 @@ class PredictorSpec:
     ``overrides``: configuration fields of the method (None values mean "not given").
     ``references``: known-good images (files, folders, globs, CSV lists) or one saved
     bank (``.pt``). ``tile_size``: score in square tiles of that many original pixels.
-    ``onnx``: an exported AnomalyCLIP model instead of the torch one.
+    ``onnx``: an exported AnomalyCLIP model instead of the torch one. ``calibration``: a
+    calibration file; its method, settings, tiles and bank are used (weights and
+    overrides given here on top) and its thresholds applied.
     """
 
     method: str = "anomalyclip"
@@ -58,11 +68,14 @@ class PredictorSpec:
     device: str = "cpu"
     seed: int = 0
     progress: bool = False
+    calibration: str | Path | None = None
 
 
 def assemble(spec: PredictorSpec) -> Predictor:
     """The predictor ``spec`` describes: method, references (or the calibrated bank),
     then tiles."""
+    if spec.calibration is not None:
+        return _calibrated(spec, Path(spec.calibration))
     if spec.onnx is not None:
         predictor = _onnx_model(spec)
     else:
@@ -145,3 +158,37 @@ def _calibrated_bank(
             "pass --reference with the right bank file or images"
         )
     return few_shot
+
+
+def _calibrated(spec: PredictorSpec, path: Path) -> Predictor:
+    """What the calibration file at ``path`` was made with, and its thresholds."""
+    record = CalibrationFile.load(path)
+    bank = record.bank_path(path)
+    if spec.references and bank is not None:
+        logger.warning(
+            "%s was calibrated with its own references; scoring with the ones given instead: "
+            "its thresholds may not hold",
+            path,
+        )
+    given = {k: v for k, v in spec.overrides.items() if v is not None}
+    rebuilt = PredictorSpec(
+        method=record.method,
+        weights=spec.weights if spec.weights is not None else record.weights,
+        overrides={**record.overrides, **given},
+        references=spec.references or (() if bank is None else (str(bank),)),
+        tile_size=spec.tile_size if spec.tile_size is not None else record.tile_size,
+        tile_overlap=record.tile_overlap if spec.tile_size is None else spec.tile_overlap,
+        batch_size=spec.batch_size,
+        device=spec.device,
+        seed=spec.seed,
+        progress=spec.progress,
+    )
+    predictor = assemble(rebuilt)
+    backbone = recorded_backbone(predictor.settings())
+    if record.backbone_sha256 is not None and backbone != record.backbone_sha256:
+        raise CalibrationFileError(
+            f"{path} was calibrated with the backbone {record.weights} (SHA-256 "
+            f"{record.backbone_sha256[:16]}...), not {backbone and backbone[:16]}...: pass "
+            "that backbone with --backbone, or calibrate again"
+        )
+    return calibrated(predictor, record)

@@ -112,6 +112,11 @@ class ModelInfo(BaseModel):
     image_threshold_source: ThresholdSource | None
     pixel_threshold: float | None
     pixel_threshold_source: ThresholdSource | None
+    false_alarm: dict[str, Any] | None = Field(
+        default=None,
+        description="what thresholds set for a false-alarm rate promise: target, n_good, "
+        "expected, upper_bound (at confidence) and the thresholds it applies_to",
+    )
     map_range: tuple[float, float]
     architecture: dict[str, Any] | None
     settings: dict[str, Any]

@@ -177,7 +177,12 @@ class AnomalyCLIPConfig:
 
     def postprocessor(self) -> PostProcessor:
         """The map range and the calibrated thresholds (given ones are applied on top)."""
-        return PostProcessor.calibrated(self.map_range, self.image_threshold, self.pixel_threshold)
+        return PostProcessor.calibrated(
+            self.map_range,
+            self.image_threshold,
+            self.pixel_threshold,
+            self.extra.get("false_alarm"),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -325,6 +325,7 @@ class FewShotAnomalyCLIP(Predictor):
             (low, high + layers),
             post.image_threshold if with_references else None,
             post.pixel_threshold if with_references else None,
+            post.false_alarm if with_references else None,
         )
 
     def settings(self) -> dict[str, Any]:

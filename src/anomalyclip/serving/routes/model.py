@@ -42,6 +42,7 @@ def model_info(
         image_threshold_source=post.image_threshold_source,
         pixel_threshold=post.pixel_threshold,
         pixel_threshold_source=post.pixel_threshold_source,
+        false_alarm=post.false_alarm,
         map_range=post.map_range,
         architecture=identity.get("architecture") or None,
         settings=sanitised(method_settings),

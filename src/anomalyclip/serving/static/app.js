@@ -74,12 +74,23 @@ async function loadModelInfo() {
       `${info.method}: ${backbone}${info.image_size} px; ` +
       `image threshold ${describeThreshold(info.image_threshold, info.image_threshold_source)}, ` +
       `mask threshold ${describeThreshold(info.pixel_threshold, info.pixel_threshold_source)}; ` +
-      `uploads up to ${(info.limits.max_upload_bytes / 1048576).toFixed(0)} MB.${sets}`;
+      `uploads up to ${(info.limits.max_upload_bytes / 1048576).toFixed(0)} MB.${sets}` +
+      describePromise(info.false_alarm);
     updatePixelSliderRange();
     setThresholds(state.defaults.image, state.defaults.pixel);
   } catch (error) {
     $("#model-info").textContent = `Model information unavailable: ${error.message}`;
   }
+}
+
+function describePromise(promise) {
+  // what thresholds set for a false-alarm rate promise, as calibrate reported it
+  if (!promise) return "";
+  return (
+    ` The ${promise.applies_to.join(" and ")} threshold${promise.applies_to.length > 1 ? "s" : ""} ` +
+    `aim at a false-alarm rate of ${promise.target} (from ${promise.n_good} good images; ` +
+    `at ${Math.round(promise.confidence * 100)} % confidence at most ${formatNumber(promise.upper_bound)}).`
+  );
 }
 
 function setThresholds(image, pixel) {
