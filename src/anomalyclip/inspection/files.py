@@ -27,7 +27,11 @@ from anomalyclip.inspection.records import (
     InspectionSummary,
 )
 from anomalyclip.inspection.report import write_report
-from anomalyclip.inspection.run_folder import OverlayFormat
+from anomalyclip.inspection.run_folder import (
+    DEFAULT_OVERLAY_SIDE,
+    LARGE_PHOTO_PIXELS,
+    OverlayFormat,
+)
 from anomalyclip.predictor import AnomalyPrediction
 from anomalyclip.preprocess import PreProcessor
 from anomalyclip.utils.atomic import atomic_open, atomic_write_json
@@ -46,12 +50,19 @@ def _save_image(image: Image.Image, path: Path, image_format: str, **options: An
 
 @dataclass(frozen=True)
 class OverlayStyle:
-    """How overlays are drawn and stored."""
+    """How overlays are drawn and stored (``max_side`` None: full size)."""
 
     alpha: float = 0.5
     colormap: str = "jet"
-    image_format: OverlayFormat = "png"
-    max_side: int | None = None
+    image_format: OverlayFormat = "auto"
+    max_side: int | None = DEFAULT_OVERLAY_SIDE
+
+    def format_for(self, size: tuple[int, int]) -> str:
+        """ "png" or "jpeg" for an original of (width, height): "auto" picks JPEG for
+        large photos, where PNG is ten times bigger and no more useful to a person."""
+        if self.image_format != "auto":
+            return self.image_format
+        return "jpeg" if size[0] * size[1] > LARGE_PHOTO_PIXELS else "png"
 
     def size_for(self, size: tuple[int, int]) -> tuple[int, int]:
         """(width, height) scaled down, aspect kept, to at most ``max_side``."""
@@ -71,24 +82,28 @@ def write_images(
 ) -> None:
     """The overlay, the mask (with a pixel threshold) and the thumbnail of one result;
     their paths, relative to ``out``, go into ``result``."""
-    full_map = prediction.map_at_original_size()
     low, high = prediction.map_range
     size = style.size_for(image.size)
+    threshold = prediction.postprocessor.pixel_threshold
+    # the full-size map only where it is used: a 120 MP map alone is 480 MB
+    full_map = (
+        prediction.map_at_original_size() if size == image.size or threshold is not None else None
+    )
     if size == image.size:
+        assert full_map is not None
         shown, shown_map = image, full_map
     else:
         shown = image.resize(size, Image.Resampling.BILINEAR)
         preprocessor = prediction.preprocessor or PreProcessor(prediction.anomaly_map.shape[-1])
         shown_map = preprocessor.map_to_original(prediction.anomaly_map, size, fill=low)
     blended = overlay(shown, shown_map, style.alpha, low, high, colormap=style.colormap)
-    if style.image_format == "jpeg":
+    if style.format_for(image.size) == "jpeg":
         result.overlay = f"overlays/{result.name}.jpg"
         _save_image(blended, out / result.overlay, "JPEG", quality=90)
     else:
         result.overlay = f"overlays/{result.name}.png"
         _save_image(blended, out / result.overlay, "PNG", compress_level=1)  # 2x faster
-    threshold = prediction.postprocessor.pixel_threshold
-    if threshold is not None:
+    if threshold is not None and full_map is not None:
         result.mask = f"masks/{result.name}.png"
         _save_image(defect_mask(full_map, threshold), out / result.mask, "PNG")
     blended.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BILINEAR)

@@ -50,6 +50,7 @@ from anomalyclip.inspection.files import (
 )
 from anomalyclip.inspection.records import InspectionResult, InspectionSummary
 from anomalyclip.inspection.run_folder import (
+    DEFAULT_OVERLAY_SIDE,
     OVERLAY_FORMATS,
     OverlayFormat,
     ResultStream,
@@ -194,8 +195,8 @@ def inspect(
     colormap: str = "jet",
     title: str = "AnomalyCLIP inspection",
     overwrite: bool = False,
-    overlay_format: OverlayFormat = "png",
-    overlay_max_side: int | None = None,
+    overlay_format: OverlayFormat = "auto",
+    overlay_max_side: int | None = DEFAULT_OVERLAY_SIDE,
     columns: dict[Path, dict[str, str]] | None = None,
     resume: bool = False,
     identity: dict[str, Any] | None = None,
