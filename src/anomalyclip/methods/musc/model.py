@@ -278,7 +278,9 @@ def mutual_scores(
     over images is shared, step ``i`` on rank ``i mod world``, and the distances (or
     scores) summed across ranks, each value coming from exactly one rank, so every
     rank returns the one-process result to the last bit. ``advance(n)`` is called as
-    the loop passes images (``N`` in all per call): a progress bar's hook.
+    the loop passes images (``N`` in all per call), ``n`` in proportion to the pairs
+    compared (image ``i`` of the symmetric loop compares N - 1 - i pairs, not one
+    image's worth): a progress bar's hook, whose time estimate then holds.
     """
     if vectors.dim() != 3:
         raise ValueError(f"vectors must be (N, L, C), got shape {tuple(vectors.shape)}")
@@ -300,10 +302,9 @@ def mutual_scores(
         for index in range(count - 1):
             if distributed.owner(index, world) == rank:
                 _score_pairs(pair, index, index + 1, count, distances, block_elements, candidates)
-            step(1)
+            step(2 * (count - 1 - index) / (count - 1))  # its share of the pairs
         if world > 1:
             distributed.sum_tensor_across_ranks(distances)
-        step(1)
         scores = torch.empty(count, patches, dtype=torch.float64, device=device)
         for index in range(count):
             scores[index] = _mean_of_smallest(distances[index], keep)
@@ -706,6 +707,10 @@ class MuSc(Predictor):
             desc="MuSc scoring",
             unit="img",
             leave=False,
+            # the time left, stated: minutes to an hour on a CPU (the count is in image
+            # passes, advanced by the pairs compared, so the rate is steady)
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed, about "
+            "{remaining} left",
             disable=not (self.progress and distributed.is_main_process()),
         )
 
