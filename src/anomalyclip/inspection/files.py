@@ -73,16 +73,63 @@ class OverlayStyle:
         return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+@dataclass(frozen=True)
+class ColourScale:
+    """The map values an overlay's colours span, one for every image of a run (so a
+    colour means one value across the run), and how it was chosen (said in the log and
+    the report)."""
+
+    low: float
+    high: float
+    source: str
+
+
+# the fixed range is kept while the run's maps fill at least this share of it
+FILLED_SHARE = 0.5
+
+
+def colour_scale(
+    map_range: tuple[float, float], pixel_threshold: float | None, maps: Sequence[np.ndarray]
+) -> ColourScale:
+    """What the scores mean, in colour: with a pixel threshold, the method's low end to
+    twice the threshold's distance from it (the threshold mid-scale: above it is warm);
+    else the method's fixed range where the maps fill it (probabilities), and otherwise
+    the robust range of ``maps`` (the run's first images: 1st to 99.9th percentile).
+
+    Why: raw distances (MuSc near 0.3-0.5 on a 0-2 range) coloured over the fixed range
+    are uniform blue even where the detection is perfect.
+    """
+    low, high = map_range
+    if pixel_threshold is not None and pixel_threshold > low:
+        return ColourScale(
+            low,
+            low + 2 * (pixel_threshold - low),
+            f"pixel threshold {pixel_threshold:.4g} mid-scale",
+        )
+    values = np.concatenate([np.asarray(m, dtype=np.float32).ravel() for m in maps])
+    bottom, top = (float(v) for v in np.percentile(values, [1.0, 99.9]))
+    if top - bottom >= FILLED_SHARE * (high - low) or not top > bottom:
+        return ColourScale(low, high, "the method's map range")
+    return ColourScale(
+        bottom,
+        top,
+        f"robust range of this run's first {len(maps)} images (1st-99.9th percentile of map "
+        "values); the same for every image of the run",
+    )
+
+
 def write_images(
     out: Path,
     result: InspectionResult,
     image: Image.Image,
     prediction: AnomalyPrediction,
     style: OverlayStyle,
+    scale: tuple[float, float] | None = None,
 ) -> None:
     """The overlay, the mask (with a pixel threshold) and the thumbnail of one result;
-    their paths, relative to ``out``, go into ``result``."""
-    low, high = prediction.map_range
+    their paths, relative to ``out``, go into ``result``. ``scale``: the run's colour
+    scale (default: the method's map range)."""
+    low, high = prediction.map_range if scale is None else scale
     size = style.size_for(image.size)
     threshold = prediction.postprocessor.pixel_threshold
     # the full-size map only where it is used: a 120 MP map alone is 480 MB

@@ -44,6 +44,7 @@ from PIL import Image
 from anomalyclip.inputs import expand_sources, input_columns
 from anomalyclip.inspection.files import (
     OverlayStyle,
+    colour_scale,
     save_map,
     write_images,
     write_outputs,
@@ -250,8 +251,12 @@ def inspect(
     kept = [done[index].to_record(post.image_threshold) for index in sorted(done)]
     stream = ResultStream.open(jsonl, settings, kept) if jsonl is not None else None
     with stream or contextlib.nullcontext() as written:
-        outcomes = iter_predictions(
-            model, [items[i] for i in todo], batch_size=batch_size, progress=progress
+        outcomes = _scaled(
+            iter_predictions(
+                model, [items[i] for i in todo], batch_size=batch_size, progress=progress
+            ),
+            post,
+            summary,
         )
         for outcome in outcomes:
             if isinstance(outcome, SkippedImage):
@@ -260,7 +265,8 @@ def inspect(
             index = todo[outcome.index]
             result = _inspected(outcome, names[index], post, columns.get(Path(str(items[index]))))
             if out is not None:
-                write_images(out, result, outcome.image, outcome.prediction, style)
+                scale = summary.colour_scale
+                write_images(out, result, outcome.image, outcome.prediction, style, scale)
             if maps_dir is not None:
                 result.map = _relative(save_map(maps_dir, outcome.prediction, result.name), out)
             if not keep_maps:
@@ -275,6 +281,29 @@ def inspect(
     write_outputs(summary, out, jsonl, written.records if written is not None else [], title)
     _log_outcome(summary)
     return summary
+
+
+def _scaled(
+    outcomes: Iterator[ScoredImage | SkippedImage], post: PostProcessor, summary: InspectionSummary
+) -> Iterator[ScoredImage | SkippedImage]:
+    """The outcomes, the first batch held back until the run's colour scale is set from
+    it (a set method's one batch is the whole run): every overlay then shares one scale,
+    recorded in the summary and said once."""
+    held: list[ScoredImage | SkippedImage] = []
+    for outcome in outcomes:
+        if summary.colour_scale is not None:
+            yield outcome
+            continue
+        held.append(outcome)
+        if isinstance(outcome, ScoredImage) and outcome.last_of_batch:
+            maps = [o.prediction.anomaly_map for o in held if isinstance(o, ScoredImage)]
+            scale = colour_scale(post.map_range, post.pixel_threshold, maps)
+            summary.colour_scale = (scale.low, scale.high)
+            summary.colour_scale_source = scale.source
+            logger.info("overlay colours: %.4g to %.4g, %s", scale.low, scale.high, scale.source)
+            yield from held
+            held.clear()
+    yield from held
 
 
 def _inspected(
