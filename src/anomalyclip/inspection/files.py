@@ -118,6 +118,19 @@ def colour_scale(
     )
 
 
+def _scored_area(prediction: AnomalyPrediction, size: tuple[int, int]) -> Image.Image | None:
+    """An "L" mask (255: scored) of an image shown at ``size`` whose map covers only part
+    of it (a centre crop), or None where the map covers all of it."""
+    preprocessor = prediction.preprocessor
+    if preprocessor is None or preprocessor.resize != "center-crop":
+        return None
+    ones = np.ones_like(prediction.anomaly_map, dtype=np.float32)
+    covered = preprocessor.map_to_original(ones, size, fill=0.0) >= 0.5
+    if covered.all():
+        return None
+    return Image.fromarray(covered.astype(np.uint8) * 255, "L")
+
+
 def write_images(
     out: Path,
     result: InspectionResult,
@@ -144,6 +157,10 @@ def write_images(
         preprocessor = prediction.preprocessor or PreProcessor(prediction.anomaly_map.shape[-1])
         shown_map = preprocessor.map_to_original(prediction.anomaly_map, size, fill=low)
     blended = overlay(shown, shown_map, style.alpha, low, high, colormap=style.colormap)
+    scored = _scored_area(prediction, size)
+    if scored is not None:  # what was not scored is shown grey, never coloured as "low"
+        grey = shown.convert("L").convert("RGB")
+        blended = Image.composite(blended, grey, scored)
     if style.format_for(image.size) == "jpeg":
         result.overlay = f"overlays/{result.name}.jpg"
         _save_image(blended, out / result.overlay, "JPEG", quality=90)

@@ -251,22 +251,16 @@ def inspect(
     kept = [done[index].to_record(post.image_threshold) for index in sorted(done)]
     stream = ResultStream.open(jsonl, settings, kept) if jsonl is not None else None
     with stream or contextlib.nullcontext() as written:
-        outcomes = _scaled(
-            iter_predictions(
-                model, [items[i] for i in todo], batch_size=batch_size, progress=progress
-            ),
-            post,
-            summary,
-        )
-        for outcome in outcomes:
+        scored = iter_predictions(model, [items[i] for i in todo], batch_size, progress)
+        for outcome in _scaled(scored, post, summary):
             if isinstance(outcome, SkippedImage):
                 summary.skipped.append(outcome)
                 continue
             index = todo[outcome.index]
             result = _inspected(outcome, names[index], post, columns.get(Path(str(items[index]))))
             if out is not None:
-                scale = summary.colour_scale
-                write_images(out, result, outcome.image, outcome.prediction, style, scale)
+                shown = (outcome.image, outcome.prediction)
+                write_images(out, result, *shown, style, summary.colour_scale)
             if maps_dir is not None:
                 result.map = _relative(save_map(maps_dir, outcome.prediction, result.name), out)
             if not keep_maps:

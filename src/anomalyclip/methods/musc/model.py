@@ -45,11 +45,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 from anomalyclip import distributed
 from anomalyclip.backbone.clip import CLIP
 from anomalyclip.backbone.identity import BackboneIdentity
+from anomalyclip.input_settings import ResizeMode
 from anomalyclip.inputs import expand_sources
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, ErrorPolicy, Predictor, SkippedImage
@@ -93,6 +95,12 @@ SIMILARITY_DTYPES = {
 }
 
 
+# how much of each image MuSc scores (MuScConfig.coverage)
+COVERAGES = ("auto", "center-crop", "whole")
+# a centre crop that loses at most this share of an image's area counts as losing nothing
+CROP_LOSS_TOLERANCE = 0.01
+
+
 @dataclass
 class MuScConfig:
     """MuSc's settings; the defaults are the official ``configs/musc.yaml`` (MVTec AD).
@@ -117,6 +125,10 @@ class MuScConfig:
     :func:`mutual_scores` and the README for the measured deviation).
     image_threshold / pixel_threshold: verdict thresholds (see the module's note on
     scores being relative to the set), or None.
+    coverage: "center-crop" (the paper's: the centre square of each image, the rest not
+    scored), "whole" (the whole image resized to S x S), or "auto" (default): the
+    paper's crop where it loses nothing (square images), else the whole image, said in
+    the log. A 2.46:1 part loses 59 % of its area to the crop, defects included.
     """
 
     backbone: str = "ViT-L/14@336px"
@@ -132,6 +144,7 @@ class MuScConfig:
     similarity_dtype: str = "float32"
     image_threshold: float | None = None
     pixel_threshold: float | None = None
+    coverage: str = "auto"
 
     def __post_init__(self) -> None:
         self.features = tuple(int(v) for v in self.features)
@@ -156,6 +169,10 @@ class MuScConfig:
             )
         if not 0.0 < self.interval <= 1.0:
             problems.append(f"interval must lie in (0, 1], got {self.interval}")
+        if self.coverage not in COVERAGES:
+            problems.append(
+                f"coverage must be one of {', '.join(COVERAGES)}, got {self.coverage!r}"
+            )
         for name in ("divide_num", "batch_size", "block_elements"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -248,7 +265,7 @@ def mutual_scores(
     *,
     similarity_dtype: torch.dtype = torch.float32,
     shard: bool = False,
-    advance: Callable[[int], object] | None = None,
+    advance: Callable[[float], object] | None = None,
 ) -> Tensor:
     """MSM: (N, L) float64 scores of every patch of every image against the others.
 
@@ -500,6 +517,7 @@ class MuSc(Predictor):
     scores_sets = True
     progress: bool = False
     shard: bool = True
+    resize: ResizeMode = "center-crop"  # this set's: see MuScConfig.coverage
 
     def __init__(
         self,
@@ -552,7 +570,42 @@ class MuSc(Predictor):
 
     @property
     def preprocessor(self) -> PreProcessor:
-        return PreProcessor(self.config.image_size, "center-crop")
+        return PreProcessor(self.config.image_size, self.resize)
+
+    def predict_images(self, images: Sequence[Image.Image]) -> list[AnomalyPrediction]:
+        """The set scored with the coverage its images need (:meth:`cover`)."""
+        self.resize = self.cover([image.size for image in images])
+        return super().predict_images(images)
+
+    def cover(self, sizes: Sequence[tuple[int, int]]) -> ResizeMode:
+        """How a set of images of these (width, height) is fitted to S x S, said in the
+        log when the paper's centre crop would lose (or, asked for, loses) part of them."""
+        lost = [1 - min(size) / max(size) for size in sizes] or [0.0]
+        cropped = sum(share > CROP_LOSS_TOLERANCE for share in lost)
+        coverage = self.config.coverage
+        if coverage == "whole" or not cropped:
+            return "squash" if coverage == "whole" else "center-crop"
+        if coverage == "center-crop":
+            logger.warning(
+                "MuSc (coverage center-crop, the paper's): %d of %d images are not square; up "
+                "to %.0f %% of each lies outside the centre square, is not scored and is left "
+                "uncoloured on the overlays",
+                cropped,
+                len(lost),
+                100 * max(lost),
+            )
+            return "center-crop"
+        logger.warning(
+            "MuSc: %d of %d images are not square; the paper's centre crop would leave up to "
+            "%.0f %% of each unscored, so the whole images are scored, resized to %d x %d "
+            "(--musc-coverage center-crop for the paper's crop)",
+            cropped,
+            len(lost),
+            100 * max(lost),
+            self.config.image_size,
+            self.config.image_size,
+        )
+        return "squash"
 
     @property
     def postprocessor(self) -> PostProcessor:
