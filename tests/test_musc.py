@@ -586,7 +586,7 @@ def test_progress_bar_is_off_in_library_use_and_on_in_the_cli(small_model, capsy
         small_model.progress = False
     shown = capsys.readouterr().err
     assert "MuSc scoring" in shown
-    assert "elapsed, about 00:00 left" in shown  # the time left, stated on the bar
+    assert "elapsed, about" in shown and " left" in shown  # the time left, on the bar
 
 
 def test_cli_shows_the_scoring_bar_unless_no_progress(tmp_path, clip_file, shared_dir, capsys):
