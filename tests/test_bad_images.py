@@ -236,3 +236,38 @@ def test_cli_pixel_limit_skips_larger_images(tmp_path):
     (skipped,) = summary["skipped"]
     assert skipped["image"].endswith("big.png")
     assert skipped["reason"] == "1000x600 = 600,000 pixels, over the limit of 500,000"
+
+
+def test_bit_depth_is_decided_once_per_run(tmp_path, caplog):
+    """Issue 24: two frames of one 12-bit camera, the second under-exposed (largest value
+    1000, which alone looks 10-bit), were read as 12- and 10-bit: the dark frame was
+    brightened 4x to look like the other. In a run the first frame decides, once."""
+    from anomalyclip.preprocess import decoding
+
+    bright = tmp_path / "frame_1.png"
+    dark = tmp_path / "frame_2.png"
+    Image.fromarray(np.linspace(0, 4095, 64, dtype=np.uint16).reshape(8, 8)).save(bright)
+    Image.fromarray(np.linspace(0, 1000, 64, dtype=np.uint16).reshape(8, 8)).save(dark)
+    with decoding(), caplog.at_level(logging.WARNING):
+        first = np.asarray(load_image(bright))[..., 0]
+        second = np.asarray(load_image(dark))[..., 0]
+        again = np.asarray(load_image(dark))[..., 0]
+    assert first.max() == 255
+    assert second.max() == round(1000 / 4095 * 255) == again.max()  # 62, not 255
+    decided = [r.getMessage() for r in caplog.records if "scaled as" in r.getMessage()]
+    assert decided == [
+        f"12-bit image data in a 16-bit file ({bright}, largest value 4095): every 16-bit "
+        "image of this run is scaled as 12-bit (--bit-depth sets it)"
+    ]
+    # a later frame above the run's depth is clipped and said so, once
+    brighter = tmp_path / "frame_3.png"
+    Image.fromarray(np.full((8, 8), 9000, dtype=np.uint16)).save(brighter)
+    caplog.clear()
+    with decoding(), caplog.at_level(logging.WARNING):
+        load_image(dark)
+        load_image(brighter)
+        load_image(brighter)
+    assert caplog.text.count("over the run's 10-bit depth") == 1
+    # each run decides anew
+    with decoding():
+        assert np.asarray(load_image(bright))[..., 0].max() == 255

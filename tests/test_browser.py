@@ -204,3 +204,45 @@ def test_page_scores_images_and_thresholds_them_without_uploading_again(
         assert shot.width == 1280 and shot.height >= 900
         assert np.asarray(shot.convert("L")).std() > 10
     assert console_errors == []
+
+
+def test_drops_wait_for_the_references_and_cards_say_what_they_were_scored_with(
+    page, service, shared_dir
+):
+    """Issue 24: images dropped while "Reading 4 known-good images..." showed were scored
+    without references, and their cards read like the others. The references' answer is
+    held here until the drop is made, so the race happens every time."""
+    from playwright.sync_api import expect
+
+    tiles = shared_dir / "datasets" / "magnetic_tile" / "test"
+    good = sorted((tiles / "good").iterdir())
+    probes = [sorted((tiles / "crack").iterdir())[0], good[0]]
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    held = []
+    page.route("**/v1/references*", lambda route: held.append(route))
+    page.goto(service.url)
+    page.set_input_files("#reference-input", [str(p) for p in good[1:4]])
+    expect(page.locator("#reference-info")).to_contain_text("Reading 3 known-good images")
+    while not held:
+        page.wait_for_timeout(50)
+    page.set_input_files("#file-input", [str(p) for p in probes])
+    page.wait_for_timeout(1000)
+    assert not [url for url in requests if "/v1/predict" in url], "scored before references"
+    held[0].continue_()
+    expect(page.locator(".card[data-state=done]")).to_have_count(2)
+    reference_id = page.evaluate("state.references")
+    predicted = [url for url in requests if "/v1/predict" in url]
+    assert len(predicted) == 2 and all(f"references={reference_id}" in u for u in predicted)
+    cards = page.eval_on_selector_all(
+        ".card",
+        "cards => cards.map(c => [c.dataset.references, "
+        "c.querySelector('.scored-with').textContent])",
+    )
+    assert cards == [[reference_id, "with 3 good parts"]] * 2
+    # cleared references: new cards say they were scored without
+    page.click("#clear-references")
+    page.set_input_files("#file-input", [str(probes[0])])
+    expect(page.locator(".card[data-state=done]")).to_have_count(3)
+    last = page.eval_on_selector_all(".card", "cards => cards.at(-1).dataset.references")
+    assert last == "none"

@@ -260,7 +260,7 @@ result = {
     budget: mutual_scores(vectors, distance_budget=budget, shard=True, advance=steps.append)
     for budget in (0, 1 << 30)
 }
-assert sum(steps) == 18
+assert abs(sum(steps) - 18) < 1e-9
 if distributed.is_main_process():
     torch.save(result, sys.argv[1])
 distributed.shutdown()

@@ -197,3 +197,36 @@ def test_cli_test_refuses_two_datasets_with_one_name(shared_dir, tmp_path, caplo
     glass = shared_dir / "datasets" / "glass"
     assert main(["test", str(glass), f"mvtec={glass}", "-o", str(tmp_path)]) == 2
     assert "several datasets would be written to the same folder (glass)" in caplog.text
+
+
+def test_anomalous_images_with_empty_masks_are_named(shared_dir, tmp_path, caplog):
+    """Issue 24: ``test`` accepted anomalous images whose masks mark nothing, without a
+    word; their pixels then counted as normal."""
+    import logging
+
+    from PIL import Image
+
+    from anomalyclip.data.core import Sample
+    from anomalyclip.evaluation.evaluate import load_masks, say_empty_masks
+    from anomalyclip.preprocess import PreProcessor
+
+    plates = shared_dir / "datasets" / "metal_plate"
+    defects = sorted((plates / "test" / "defect").iterdir())[:3]
+    masks = [plates / "ground_truth" / "defect" / f"{p.stem}_mask.png" for p in defects]
+    black = tmp_path / "black_mask.png"
+    Image.new("L", Image.open(masks[0]).size).save(black)
+    samples = [
+        Sample(defects[0], 1, masks[0]),
+        Sample(defects[1], 1, black),
+        Sample(defects[2], 1, masks[2]),
+    ]
+    loaded = load_masks(samples, PreProcessor(64))
+    with caplog.at_level(logging.WARNING):
+        assert say_empty_masks("metal_plate", samples, loaded) == 1
+    assert (
+        f"metal_plate: 1 of 3 anomalous images have an empty mask ({defects[1]}); their pixels "
+        "count as normal in the pixel metrics: check the masks" in caplog.text
+    )
+    caplog.clear()
+    assert say_empty_masks("metal_plate", samples[::2], loaded[::2]) == 0
+    assert caplog.text == ""

@@ -189,7 +189,7 @@ def test_predict_with_nothing_readable_fails(tmp_path, tiny_model_files):
 def test_predict_names_an_input_that_matches_nothing(tmp_path, tiny_model_files, caplog):
     code = cli("predict", tmp_path / "nothing*.png", *model_arguments(tiny_model_files))
     assert code == 2
-    assert f"no images found at {tmp_path / 'nothing*.png'}" in caplog.text
+    assert f"no image files match {tmp_path / 'nothing*.png'}" in caplog.text
 
 
 def test_gather_images_recurses_globs_and_skips_hidden_and_other_files(tmp_path):
@@ -203,8 +203,11 @@ def test_gather_images_recurses_globs_and_skips_hidden_and_other_files(tmp_path)
         tmp_path / "a" / "one.png"
     ]
     assert gather_images([tmp_path / "a" / "notes.txt"]) == [tmp_path / "a" / "notes.txt"]
-    with pytest.raises(FileNotFoundError, match="no images found at .*missing"):
+    with pytest.raises(FileNotFoundError, match=r"missing does not exist$"):
         gather_images([tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"^no images found in folder .*empty$"):
+        gather_images([tmp_path / "empty"])
 
 
 def test_gather_images_skips_annotation_folders_follows_links_and_keeps_odd_files(tmp_path, caplog):
@@ -370,3 +373,68 @@ def test_predict_prints_a_short_summary(tmp_path, tile_folder, tiny_model_files,
     assert f"  {top['score']:.4f}  anomalous  {top['image']}" in text
     assert text.count("  anomalous  ") == 5
     assert f"report: {out / 'report.html'}" in text
+
+
+def test_a_flag_typo_gets_a_suggestion(capsys):
+    """Issue 24: ``--tile-szie`` was refused with no hint of ``--tile-size``."""
+    from anomalyclip.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["predict", "part.png", "--tile-szie", "460"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "unrecognized arguments: --tile-szie 460" in error
+    assert "--tile-szie: did you mean --tile-size?" in error
+
+
+def test_a_missing_input_says_it_does_not_exist(tmp_path, caplog):
+    """Issue 24: a mistyped path said "no images found", as if the folder were empty."""
+    code = cli("predict", tmp_path / "bsdata" / "mixd", "--method", "musc")
+    assert code == 2
+    assert f"{tmp_path / 'bsdata' / 'mixd'} does not exist" in caplog.text
+
+
+def test_refusals_known_from_the_arguments_come_before_weights_load(tmp_path, monkeypatch, caplog):
+    """Issue 24: a one-image MuSc set and an existing output folder were refused only
+    after the weights had loaded (minutes on a CPU)."""
+    import anomalyclip.methods.assemble as assembly
+
+    def loading(spec):
+        raise AssertionError("weights loaded before the arguments were checked")
+
+    monkeypatch.setattr(assembly, "assemble", loading)
+    image = tmp_path / "part.png"
+    Image.new("RGB", (32, 32)).save(image)
+    assert cli("predict", image, "--method", "musc", "--output-dir", tmp_path / "o") == 2
+    assert "--method musc scores the images given against each other; 1 image" in caplog.text
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "summary.json").write_text("{}")
+    caplog.clear()
+    other = tmp_path / "part_2.png"
+    Image.new("RGB", (32, 32)).save(other)
+    assert cli("predict", image, other, "--method", "musc", "--output-dir", used) == 2
+    assert f"{used} holds the results of an earlier run (summary.json" in caplog.text
+
+
+def test_overlays_of_large_photos_default_to_a_bounded_jpeg(tmp_path):
+    """Issue 24: a 120 MP JPEG got a 75 MB full-size PNG overlay (3.6 GB peak)."""
+    from anomalyclip.inspection.files import OverlayStyle, write_images
+    from anomalyclip.inspection.records import InspectionResult
+    from anomalyclip.predictor import AnomalyPrediction
+    from anomalyclip.preprocess import PreProcessor
+
+    style = OverlayStyle()
+    assert style.size_for((12_000, 10_000)) == (4096, 3413)  # 120 MP
+    assert style.format_for((12_000, 10_000)) == "jpeg"
+    assert style.format_for((640, 640)) == "png"  # small images stay exact
+    photo = Image.new("RGB", (5000, 2000), (90, 90, 90))
+    anomaly_map = np.zeros((32, 32), dtype=np.float32)
+    prediction = AnomalyPrediction("photo.jpg", 0.3, anomaly_map, photo.size, PreProcessor(32))
+    result = InspectionResult("photo.jpg", "photo", 0.3, None, 5000, 2000, 0.0, None)
+    for folder in ("overlays", "thumbnails"):
+        (tmp_path / folder).mkdir()
+    write_images(tmp_path, result, photo, prediction, style)
+    assert result.overlay == "overlays/photo.jpg"
+    with Image.open(tmp_path / result.overlay) as shown:
+        assert (shown.format, shown.size) == ("JPEG", (4096, 1638))

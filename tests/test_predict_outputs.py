@@ -177,6 +177,6 @@ def test_a_large_image_costs_about_its_pixels_once(tmp_path, tiny_model_files):
     assert code == 0, errors
     assert peak_mb < 1700, peak_mb
     with Image.open(out / "overlays" / "big.png") as overlay:
-        assert overlay.size == (4096, 4096)  # inspection_files.OVERLAY_SIDE_LIMIT
+        assert overlay.size == (4096, 4096)  # the default --overlay-max-side
     with Image.open(out / "masks" / "big.png") as mask:
         assert mask.size == (8000, 8000)

@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
@@ -63,6 +63,20 @@ class ImageLoadError(ValueError):
         return ImageLoadError, (self.source, self.reason, self.kind)
 
 
+class RunDepth:
+    """The bit depth of a run's 16-bit data, decided once from its first such image.
+
+    Guessing per image hides exposure faults: an under-exposed 12-bit frame reads as
+    10-bit and is brightened 4x to look like its neighbours. One depth per run (a
+    :func:`decoding` block), said once, keeps frames of one camera comparable.
+    """
+
+    def __init__(self) -> None:
+        self.bits: int | None = None
+        self.decided_by = ""
+        self.clipped_said = False
+
+
 @dataclass(frozen=True)
 class DecodeSettings:
     """How files are decoded where no caller says otherwise: the bit depth of 16-bit data
@@ -76,6 +90,8 @@ class DecodeSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_side: int = DEFAULT_MAX_SIDE
     max_aspect: float = DEFAULT_MAX_ASPECT
+    # inside a :func:`decoding` block: the depth detected once for the whole run
+    run_depth: RunDepth | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.bit_depth is not None and not 8 <= self.bit_depth <= 16:
@@ -132,13 +148,26 @@ def decoding(
     max_aspect: float | None = None,
 ) -> Iterator[None]:
     """Decode with these settings inside the block (this thread and its context); a limit
-    not given keeps its default."""
+    not given keeps its default. The block is one run: without ``bit_depth`` the depth of
+    16-bit data is detected from the first such image and applied to all (:class:`RunDepth`)."""
     settings = DecodeSettings(
         bit_depth,
         DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
         DEFAULT_MAX_SIDE if max_side is None else max_side,
         DEFAULT_MAX_ASPECT if max_aspect is None else max_aspect,
+        RunDepth(),
     )
+    token = _DECODING.set(settings)
+    try:
+        yield
+    finally:
+        _DECODING.reset(token)
+
+
+@contextmanager
+def decoding_as(settings: DecodeSettings) -> Iterator[None]:
+    """The block decodes with ``settings`` as they are: a worker thread decoding for a
+    run (threads do not inherit the caller's context) keeps its depth and limits."""
     token = _DECODING.set(settings)
     try:
         yield

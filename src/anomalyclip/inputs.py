@@ -87,6 +87,15 @@ def read_image_csv(path: str | Path) -> list[ImageRow]:
 ANNOTATION_FOLDERS = frozenset({"ground_truth", "groundtruth", "masks", "mask", "gt"})
 
 
+def _nothing_at(item: str | Path, path: Path) -> str:
+    """Why an input gave no images: a path that does not exist is not an empty folder."""
+    if path.is_dir():
+        return f"no images found in folder {item}"
+    if glob.has_magic(str(item)):
+        return f"no image files match {item}"
+    return f"{item} does not exist"
+
+
 def gather_images(inputs: Sequence[str | Path], include_annotations: bool = False) -> list[Path]:
     """Files as given, folders searched recursively, glob patterns expanded, CSV lists read.
 
@@ -115,7 +124,7 @@ def gather_images(inputs: Sequence[str | Path], include_annotations: bool = Fals
                 if Path(p).is_file() and is_image_file(Path(p))
             )
         if not matches:
-            raise FileNotFoundError(f"no images found at {item}")
+            raise FileNotFoundError(_nothing_at(item, path))
         logger.debug("%s: %d images", item, len(matches))
         found.extend(matches)
     if skipped_annotations:

@@ -142,6 +142,11 @@ class Predictor(ABC):
         references given later apply to the method itself, then the wrappers again."""
         return self, lambda method: method
 
+    def reference_views(self, references: Sequence[ImageSource]) -> Sequence[ImageSource]:
+        """The references as this predictor's method must see them to compare like with
+        like: as they are, unless a wrapper changes what is scored (tiles cut them)."""
+        return references
+
     def describe(self) -> dict[str, Any]:
         """What the service and reports show about the model."""
         return {

@@ -30,6 +30,7 @@ from anomalyclip.decoding import (
     DEFAULT_MAX_PIXELS,
     DecodeSettings,
     ImageLoadError,
+    RunDepth,
     current_settings,
     decoding,
     guarded,
@@ -84,33 +85,37 @@ def used_bit_depth(peak: float) -> int:
     return min(16, bits + bits % 2)
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
+def _to_8bit(image: Image.Image, name: str = "") -> Image.Image:
     """16-bit and float images scaled to 8 bits instead of clipped, as PIL's convert would.
 
-    Integer images are scaled by the bit depth their data uses (:func:`used_bit_depth`),
-    with a warning when that is not 16 so the choice is never silent, or by the depth
-    :func:`decoding` sets (values above it are clipped, with a warning).
+    Integer images are scaled by the depth :func:`decoding` sets (values above it are
+    clipped, with a warning); else, inside a run (a :func:`decoding` block), by the depth
+    the run's first 16-bit image uses (:func:`used_bit_depth`), said once and applied to
+    all; outside one, by the depth each image's data uses, with a warning when not 16.
     """
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         array = np.asarray(image, dtype=np.float64)
         top = float(array.max(initial=0))
-        given = current_settings().bit_depth
-        if given is not None:
-            if top > 2**given - 1:
+        settings = current_settings()
+        if settings.bit_depth is not None:
+            if top > 2**settings.bit_depth - 1:
                 logger.warning(
-                    "image data up to %d exceeds the %d-bit depth given: clipped", int(top), given
+                    "image data up to %d exceeds the %d-bit depth given: clipped",
+                    int(top),
+                    settings.bit_depth,
                 )
-            peak = float(2**given - 1)
-            scaled = np.clip(array / peak * 255.0 + 0.5, 0, 255)
-            return Image.fromarray(scaled.astype(np.uint8), "L")
-        bits = used_bit_depth(top)
-        if bits < 16 and (image.mode.startswith("I;16") or top > 255):
-            logger.warning(
-                "%d-bit image data in a 16-bit file (largest value %d): scaled as %d-bit",
-                bits,
-                int(top),
-                bits,
-            )
+            bits = settings.bit_depth
+        elif settings.run_depth is not None:
+            bits = _run_bits(settings.run_depth, image.mode, top, name)
+        else:
+            bits = used_bit_depth(top)
+            if bits < 16 and (image.mode.startswith("I;16") or top > 255):
+                logger.warning(
+                    "%d-bit image data in a 16-bit file (largest value %d): scaled as %d-bit",
+                    bits,
+                    int(top),
+                    bits,
+                )
         peak = float(2**bits - 1)
         return Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if image.mode == "F":
@@ -127,6 +132,35 @@ def _to_8bit(image: Image.Image) -> Image.Image:
             scaled = (array - low) / max(high - low, 1e-12) * 255.0
         return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8), "L")
     return image
+
+
+def _run_bits(run: RunDepth, mode: str, top: float, name: str) -> int:
+    """The run's depth: decided by its first 16-bit image and said once; a later image
+    with values above it is clipped, said once too (an exposure fault, or a wrong guess)."""
+    if not (mode.startswith("I;16") or top > 255):
+        return 8  # 8-bit data in a 32-bit integer image: not a 16-bit camera's
+    if run.bits is None:
+        run.bits = used_bit_depth(top)
+        run.decided_by = name
+        logger.warning(
+            "%d-bit image data in a 16-bit file (%s, largest value %d): every 16-bit image "
+            "of this run is scaled as %d-bit (--bit-depth sets it)",
+            run.bits,
+            name or "the first 16-bit image",
+            int(top),
+            run.bits,
+        )
+    elif top > 2**run.bits - 1 and not run.clipped_said:
+        run.clipped_said = True
+        logger.warning(
+            "%s has values up to %d, over the run's %d-bit depth (decided from %s): clipped; "
+            "pass --bit-depth if the camera's depth is higher",
+            name,
+            int(top),
+            run.bits,
+            run.decided_by,
+        )
+    return run.bits
 
 
 def _from_array(array: np.ndarray) -> Image.Image:
@@ -178,7 +212,7 @@ def _as_rgb(image: Image.Image, name: str) -> Image.Image:
         # only then: without a turn to make, exif_transpose returns a copy (537 MB more
         # for a 13,376 x 13,376 RGB image)
         image = ImageOps.exif_transpose(image)
-    image = _to_8bit(image)
+    image = _to_8bit(image, name)
     if image.mode != "RGB":
         if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
             image = image.convert("RGBA")

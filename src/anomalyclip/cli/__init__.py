@@ -7,16 +7,50 @@ sets ``func`` to a callable taking the parsed arguments and returning an exit co
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import pkgutil
 import sys
+from typing import NoReturn
 
 logger = logging.getLogger("anomalyclip")
 
 
+class SuggestingParser(argparse.ArgumentParser):
+    """A parser whose "unrecognized arguments" error suggests the closest known option
+    (``--tile-szie``: did you mean ``--tile-size``?). Python 3.14's ``suggest_on_error``
+    does this for choices only, and only there."""
+
+    def error(self, message: str) -> NoReturn:
+        hints = [
+            f"{word}: did you mean {', '.join(close)}?"
+            for word in _unrecognized(message)
+            if (close := difflib.get_close_matches(word, self._all_options(), n=2, cutoff=0.75))
+        ]
+        super().error("; ".join([message, *hints]))
+
+    def _all_options(self) -> list[str]:
+        """This parser's option strings and those of its sub-commands' parsers (the root
+        reports a sub-command's unknown flags)."""
+        names = list(self._option_string_actions)
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for parser in action.choices.values():
+                    names.extend(parser._option_string_actions)
+        return sorted(set(names))
+
+
+def _unrecognized(message: str) -> list[str]:
+    """The flags an "unrecognized arguments: ..." message names."""
+    prefix = "unrecognized arguments: "
+    if not message.startswith(prefix):
+        return []
+    return [word.split("=")[0] for word in message[len(prefix) :].split() if word.startswith("-")]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SuggestingParser(
         prog="anomalyclip",
         description="Zero-shot anomaly detection and segmentation with AnomalyCLIP.",
     )

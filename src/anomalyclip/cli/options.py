@@ -219,6 +219,13 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         help="score N random disjoint subsets separately (seeded; bounds the work of very "
         "large sets); default 1",
     )
+    group.add_argument(
+        "--musc-coverage",
+        choices=("auto", "center-crop", "whole"),
+        help="what of each image is scored: the paper's centre square (center-crop), the "
+        "whole image resized (whole), or auto (default): the crop where it loses nothing, "
+        "else the whole image",
+    )
     dino = parser.add_argument_group(
         "AnomalyDINO (--method anomalydino; defaults: the authors' 'agnostic' preset; "
         "--backbone, --image-size and --reference apply too)"
@@ -394,7 +401,7 @@ def _anomalyclip_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 # Options that belong to one method beside AnomalyCLIP: given with another, refused.
 METHOD_OPTIONS = {
-    "musc": ("musc_degrees", "rscin_k", "musc_divide_num"),
+    "musc": ("musc_degrees", "rscin_k", "musc_divide_num", "musc_coverage"),
     "anomalydino": ("rotation", "masking", "neighbours"),
 }
 
@@ -431,6 +438,7 @@ def _set_overrides(args: argparse.Namespace) -> dict[str, Any]:
         # the official code's 0 in the list switches RsCIN off
         "rscin_k": None if rscin_k is None else tuple(k for k in rscin_k if k != 0),
         "divide_num": getattr(args, "musc_divide_num", None),
+        "coverage": getattr(args, "musc_coverage", None),
     }
 
 

@@ -17,13 +17,14 @@ from anomalyclip.cli.options import (
     add_scoring_arguments,
 )
 from anomalyclip.colormaps import COLORMAPS
-from anomalyclip.inspection.run_folder import OVERLAY_FORMATS
+from anomalyclip.inspection.run_folder import DEFAULT_OVERLAY_SIDE, OVERLAY_FORMATS
 from anomalyclip.methods.references import BANK_DTYPES
 from anomalyclip.utils.atomic import WriteFailedError
 from anomalyclip.utils.hashing import file_digest
 
 if TYPE_CHECKING:
     from anomalyclip.inspection.records import InspectionSummary
+    from anomalyclip.methods.assemble import PredictorSpec
     from anomalyclip.predictor import Predictor
 
 logger = logging.getLogger(__name__)
@@ -83,15 +84,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     outputs.add_argument(
         "--overlay-format",
         choices=OVERLAY_FORMATS,
-        default="png",
-        help="overlays as PNG (exact) or JPEG (about ten times smaller on photographs)",
+        default="auto",
+        help="overlays as PNG (exact) or JPEG (about ten times smaller on photographs); "
+        "auto (default): JPEG for originals over 4 megapixels, else PNG",
     )
     outputs.add_argument(
         "--overlay-max-side",
         type=int,
         metavar="PIXELS",
-        help="scale overlays down to at most this side (at most 4096 in any case; masks "
-        "stay at full resolution)",
+        default=DEFAULT_OVERLAY_SIDE,
+        help=f"scale overlays down to at most this side (default {DEFAULT_OVERLAY_SIDE}; 0: "
+        "full size; masks stay at full resolution)",
     )
     thresholds = parser.add_argument_group("thresholds")
     thresholds.add_argument(
@@ -150,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
 
     spec = options.spec_from_args(args)  # options checked before any file is read
     paths = gather_images(args.inputs, include_annotations=args.include_annotations)
+    _check_before_loading(args, spec, paths)
     model = assemble(spec)
     if args.save_bank:
         from anomalyclip.methods import save_bank
@@ -169,6 +173,22 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     sys.stdout.write(summary_text(summary) + "\n")
     return 0 if summary.results else 1
+
+
+def _check_before_loading(args: argparse.Namespace, spec: PredictorSpec, paths: list[Path]) -> None:
+    """Refusals known from the arguments alone, before minutes of loading weights: a set
+    method given one image, an output folder holding another run."""
+    from anomalyclip.inspection.run_folder import check_output_dir
+    from anomalyclip.methods import method_named
+
+    if method_named(spec.method).scores_sets and not spec.references and len(paths) < 2:
+        raise ValueError(
+            f"--method {spec.method} scores the images given against each other; "
+            f"{len(paths)} image has nothing to be compared with: give at least 2, or "
+            "--reference with known-good images"
+        )
+    if args.output_dir is not None:
+        check_output_dir(Path(args.output_dir), args.overwrite, args.resume)
 
 
 def _inspect(
@@ -192,7 +212,7 @@ def _inspect(
         colormap=args.colormap,
         overwrite=args.overwrite,
         overlay_format=args.overlay_format,
-        overlay_max_side=args.overlay_max_side,
+        overlay_max_side=args.overlay_max_side or None,
         columns=input_columns(args.inputs),
         resume=args.resume,
         identity=model_identity(args),

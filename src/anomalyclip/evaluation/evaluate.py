@@ -84,6 +84,29 @@ def load_masks(samples: Sequence[Sample], preprocessor: PreProcessor) -> np.ndar
     return masks
 
 
+def say_empty_masks(title: str, samples: Sequence[Sample], masks: np.ndarray) -> int:
+    """Warn when anomalous images' masks mark no pixel: they then count as defect-free
+    in the pixel metrics, which is nearly always a mask written wrongly (all black, or
+    0/1 values in an 8-bit file). Returns how many."""
+    empty = [
+        str(sample.image)
+        for sample, mask in zip(samples, masks, strict=True)
+        if sample.label and not mask.any()
+    ]
+    anomalous = sum(1 for sample in samples if sample.label)
+    if empty:
+        logger.warning(
+            "%s: %d of %d anomalous images have an empty mask (%s%s); their pixels count as "
+            "normal in the pixel metrics: check the masks",
+            title,
+            len(empty),
+            anomalous,
+            ", ".join(empty[:3]),
+            ", ..." if len(empty) > 3 else "",
+        )
+    return len(empty)
+
+
 def _load_masks_skipping(
     samples: Sequence[Sample], preprocessor: PreProcessor
 ) -> tuple[np.ndarray, dict[int, str]]:
@@ -407,6 +430,7 @@ def _class_tables(
         readable = [p for p in range(len(candidates)) if p not in unreadable]
         known = [candidates[p] for p in readable]
         masks = masks[readable]
+        say_empty_masks(title, [samples[i] for i in known], masks)
     kept = [i for i in range(len(samples)) if i not in skipped]
     # positions of the pixel-known images among the kept ones
     where = {index: position for position, index in enumerate(kept)}

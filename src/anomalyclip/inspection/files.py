@@ -27,7 +27,11 @@ from anomalyclip.inspection.records import (
     InspectionSummary,
 )
 from anomalyclip.inspection.report import write_report
-from anomalyclip.inspection.run_folder import OverlayFormat
+from anomalyclip.inspection.run_folder import (
+    DEFAULT_OVERLAY_SIDE,
+    LARGE_PHOTO_PIXELS,
+    OverlayFormat,
+)
 from anomalyclip.predictor import AnomalyPrediction
 from anomalyclip.preprocess import PreProcessor
 from anomalyclip.utils.atomic import atomic_open, atomic_write_json
@@ -47,27 +51,89 @@ def _save_image(image: Image.Image, path: Path, image_format: str, **options: An
 
 # Overlays are drawn at most this many pixels on a side whatever the image: a 13,376 x
 # 13,376 PNG's overlay at full size took gigabytes of colour arrays (masks stay full size).
-OVERLAY_SIDE_LIMIT = 4096
 
 
 @dataclass(frozen=True)
 class OverlayStyle:
-    """How overlays are drawn and stored: at most ``max_side`` (and never more than
-    :data:`OVERLAY_SIDE_LIMIT`) pixels on a side, aspect kept."""
+    """How overlays are drawn and stored (``max_side`` None: full size)."""
 
     alpha: float = 0.5
     colormap: str = "jet"
-    image_format: OverlayFormat = "png"
-    max_side: int | None = None
+    image_format: OverlayFormat = "auto"
+    max_side: int | None = DEFAULT_OVERLAY_SIDE
+
+    def format_for(self, size: tuple[int, int]) -> str:
+        """ "png" or "jpeg" for an original of (width, height): "auto" picks JPEG for
+        large photos, where PNG is ten times bigger and no more useful to a person."""
+        if self.image_format != "auto":
+            return self.image_format
+        return "jpeg" if size[0] * size[1] > LARGE_PHOTO_PIXELS else "png"
 
     def size_for(self, size: tuple[int, int]) -> tuple[int, int]:
         """(width, height) scaled down, aspect kept, to at most ``max_side``."""
         width, height = size
-        limit = min(self.max_side or OVERLAY_SIDE_LIMIT, OVERLAY_SIDE_LIMIT)
-        if max(size) <= limit:
+        if self.max_side is None or max(size) <= self.max_side:
             return size
-        scale = limit / max(size)
+        scale = self.max_side / max(size)
         return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+@dataclass(frozen=True)
+class ColourScale:
+    """The map values an overlay's colours span, one for every image of a run (so a
+    colour means one value across the run), and how it was chosen (said in the log and
+    the report)."""
+
+    low: float
+    high: float
+    source: str
+
+
+# the fixed range is kept while the run's maps fill at least this share of it
+FILLED_SHARE = 0.5
+
+
+def colour_scale(
+    map_range: tuple[float, float], pixel_threshold: float | None, maps: Sequence[np.ndarray]
+) -> ColourScale:
+    """What the scores mean, in colour: with a pixel threshold, the method's low end to
+    twice the threshold's distance from it (the threshold mid-scale: above it is warm);
+    else the method's fixed range where the maps fill it (probabilities), and otherwise
+    the robust range of ``maps`` (the run's first images: 1st to 99.9th percentile).
+
+    Why: raw distances (MuSc near 0.3-0.5 on a 0-2 range) coloured over the fixed range
+    are uniform blue even where the detection is perfect.
+    """
+    low, high = map_range
+    if pixel_threshold is not None and pixel_threshold > low:
+        return ColourScale(
+            low,
+            low + 2 * (pixel_threshold - low),
+            f"pixel threshold {pixel_threshold:.4g} mid-scale",
+        )
+    values = np.concatenate([np.asarray(m, dtype=np.float32).ravel() for m in maps])
+    bottom, top = (float(v) for v in np.percentile(values, [1.0, 99.9]))
+    if top - bottom >= FILLED_SHARE * (high - low) or not top > bottom:
+        return ColourScale(low, high, "the method's map range")
+    return ColourScale(
+        bottom,
+        top,
+        f"robust range of this run's first {len(maps)} images (1st-99.9th percentile of map "
+        "values); the same for every image of the run",
+    )
+
+
+def _scored_area(prediction: AnomalyPrediction, size: tuple[int, int]) -> Image.Image | None:
+    """An "L" mask (255: scored) of an image shown at ``size`` whose map covers only part
+    of it (a centre crop), or None where the map covers all of it."""
+    preprocessor = prediction.preprocessor
+    if preprocessor is None or preprocessor.resize != "center-crop":
+        return None
+    ones = np.ones_like(prediction.anomaly_map, dtype=np.float32)
+    covered = preprocessor.map_to_original(ones, size, fill=0.0) >= 0.5
+    if covered.all():
+        return None
+    return Image.fromarray(covered.astype(np.uint8) * 255, "L")
 
 
 def write_images(
@@ -77,35 +143,39 @@ def write_images(
     prediction: AnomalyPrediction,
     style: OverlayStyle,
     full_map: np.ndarray | None,
+    scale: tuple[float, float] | None = None,
 ) -> None:
     """The overlay, the mask (with a pixel threshold) and the thumbnail of one result;
     their paths, relative to ``out``, go into ``result``. ``full_map`` is the map at the
-    original size when the caller made it (with a pixel threshold: for the mask), so it
-    is computed once; without one no full-size map is made (716 MB at 13,376 x 13,376)."""
-    low, high = prediction.map_range
+    original size when the caller made it (with a pixel threshold, for the mask: it is
+    computed once, and without one no full-size map is made unless the overlay is drawn
+    at full size: 716 MB at 13,376 x 13,376). ``scale``: the run's colour scale
+    (default: the method's map range)."""
+    low, high = prediction.map_range if scale is None else scale
     size = style.size_for(image.size)
+    threshold = prediction.postprocessor.pixel_threshold
     if size == image.size:
-        shown = image
-        shown_map = full_map if full_map is not None else prediction.map_at_original_size()
+        if full_map is None:  # drawn at full size: the full-size map after all
+            full_map = prediction.map_at_original_size()
+        shown, shown_map = image, full_map
     else:
         shown = image.resize(size, Image.Resampling.BILINEAR)
         preprocessor = prediction.preprocessor or PreProcessor(prediction.anomaly_map.shape[-1])
         shown_map = preprocessor.map_to_original(prediction.anomaly_map, size, fill=low)
     blended = overlay(shown, shown_map, style.alpha, low, high, colormap=style.colormap)
-    if style.image_format == "jpeg":
+    scored = _scored_area(prediction, size)
+    if scored is not None:  # what was not scored is shown grey, never coloured as "low"
+        grey = shown.convert("L").convert("RGB")
+        blended = Image.composite(blended, grey, scored)
+    if style.format_for(image.size) == "jpeg":
         result.overlay = f"overlays/{result.name}.jpg"
         _save_image(blended, out / result.overlay, "JPEG", quality=90)
     else:
         result.overlay = f"overlays/{result.name}.png"
         _save_image(blended, out / result.overlay, "PNG", compress_level=1)  # 2x faster
-    threshold = prediction.postprocessor.pixel_threshold
-    if threshold is not None:
+    if threshold is not None and full_map is not None:
         result.mask = f"masks/{result.name}.png"  # full size: the map placed on the image
-        mask = defect_mask(
-            full_map if full_map is not None else prediction.map_at_original_size(), threshold
-        )
-        _save_image(mask, out / result.mask, "PNG")
-        del mask
+        _save_image(defect_mask(full_map, threshold), out / result.mask, "PNG")
     blended.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BILINEAR)
     result.thumbnail = f"thumbnails/{result.name}.jpg"
     _save_image(blended, out / result.thumbnail, "JPEG", quality=85)

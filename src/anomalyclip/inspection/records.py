@@ -111,6 +111,9 @@ class InspectionSummary:
     pixel_threshold: float | None = None
     pixel_threshold_source: str | None = None
     map_range: tuple[float, float] = (0.0, 1.0)
+    # the overlays' colour scale (low, high) and how it was chosen
+    colour_scale: tuple[float, float] | None = None
+    colour_scale_source: str | None = None
     output_dir: str | None = None
     files: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
@@ -132,6 +135,8 @@ class InspectionSummary:
             "pixel_threshold": self.pixel_threshold,
             "pixel_threshold_source": self.pixel_threshold_source,
             "map_range": list(self.map_range),
+            "colour_scale": None if self.colour_scale is None else list(self.colour_scale),
+            "colour_scale_source": self.colour_scale_source,
             "output_dir": self.output_dir,
             "files": self.files,
             "seconds": round(self.seconds, 3),

@@ -159,7 +159,8 @@ def render_report(
     ordered = sorted(records, key=lambda r: r["score"], reverse=True)
     image_threshold = summary.get("image_threshold")
     skipped = summary.get("skipped") or []
-    low, high = summary.get("map_range") or (0.0, 1.0)
+    low, high = summary.get("colour_scale") or summary.get("map_range") or (0.0, 1.0)
+    scale_source = summary.get("colour_scale_source") or "the method's map range"
     legend = base64.b64encode(encode_png(colorbar(200, 12))).decode("ascii")
     anomalous = summary.get("anomalous")
     image_source = summary.get("image_threshold_source") or "not set"
@@ -203,8 +204,9 @@ def render_report(
 <body>
 <h1>{escape(title)}</h1>
 <div class="facts">{fact_html}
-<span class="legend">map {low:g}<img alt="colour scale"
- src="data:image/png;base64,{legend}">{high:g}</span>
+<span class="legend">map {low:.4g}<img alt="colour scale"
+ src="data:image/png;base64,{legend}">{high:.4g}</span>
+<small class="scale-source">colour scale: {escape(scale_source)}</small>
 </div>
 <div class="controls">
 <label>Sort <select id="sort">

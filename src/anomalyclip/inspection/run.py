@@ -45,12 +45,14 @@ from anomalyclip.colormaps import colormap_table
 from anomalyclip.inputs import expand_sources, input_columns
 from anomalyclip.inspection.files import (
     OverlayStyle,
+    colour_scale,
     save_map,
     write_images,
     write_outputs,
 )
 from anomalyclip.inspection.records import InspectionResult, InspectionSummary
 from anomalyclip.inspection.run_folder import (
+    DEFAULT_OVERLAY_SIDE,
     OVERLAY_FORMATS,
     OverlayFormat,
     ResultStream,
@@ -194,8 +196,8 @@ def inspect(
     colormap: str = "jet",
     title: str = "AnomalyCLIP inspection",
     overwrite: bool = False,
-    overlay_format: OverlayFormat = "png",
-    overlay_max_side: int | None = None,
+    overlay_format: OverlayFormat = "auto",
+    overlay_max_side: int | None = DEFAULT_OVERLAY_SIDE,
     columns: dict[Path, dict[str, str]] | None = None,
     resume: bool = False,
     identity: dict[str, Any] | None = None,
@@ -250,10 +252,8 @@ def inspect(
     kept = [done[index].to_record(post.image_threshold) for index in sorted(done)]
     stream = ResultStream.open(jsonl, settings, kept) if jsonl is not None else None
     with stream or contextlib.nullcontext() as written:
-        outcomes = iter_predictions(
-            model, [items[i] for i in todo], batch_size=batch_size, progress=progress
-        )
-        for outcome in outcomes:
+        scored = iter_predictions(model, [items[i] for i in todo], batch_size, progress)
+        for outcome in _scaled(scored, post, summary):
             if isinstance(outcome, SkippedImage):
                 summary.skipped.append(outcome)
                 continue
@@ -263,7 +263,8 @@ def inspect(
             cells = columns.get(Path(str(items[index])))
             result = _inspected(outcome, names[index], full_map, cells)
             if out is not None:
-                write_images(out, result, outcome.image, outcome.prediction, style, full_map)
+                shown = (outcome.image, outcome.prediction)
+                write_images(out, result, *shown, style, full_map, summary.colour_scale)
             if maps_dir is not None:
                 result.map = _relative(save_map(maps_dir, outcome.prediction, result.name), out)
             if not keep_maps:
@@ -286,6 +287,29 @@ def _full_map(prediction: AnomalyPrediction) -> np.ndarray | None:
     if prediction.postprocessor.pixel_threshold is None:
         return None
     return prediction.map_at_original_size()
+
+
+def _scaled(
+    outcomes: Iterator[ScoredImage | SkippedImage], post: PostProcessor, summary: InspectionSummary
+) -> Iterator[ScoredImage | SkippedImage]:
+    """The outcomes, the first batch held back until the run's colour scale is set from
+    it (a set method's one batch is the whole run): every overlay then shares one scale,
+    recorded in the summary and said once."""
+    held: list[ScoredImage | SkippedImage] = []
+    for outcome in outcomes:
+        if summary.colour_scale is not None:
+            yield outcome
+            continue
+        held.append(outcome)
+        if isinstance(outcome, ScoredImage) and outcome.last_of_batch:
+            maps = [o.prediction.anomaly_map for o in held if isinstance(o, ScoredImage)]
+            scale = colour_scale(post.map_range, post.pixel_threshold, maps)
+            summary.colour_scale = (scale.low, scale.high)
+            summary.colour_scale_source = scale.source
+            logger.info("overlay colours: %.4g to %.4g, %s", scale.low, scale.high, scale.source)
+            yield from held
+            held.clear()
+    yield from held
 
 
 def _inspected(

@@ -27,7 +27,13 @@ from anomalyclip.utils.atomic import atomic_open, atomic_write_json, write_failu
 logger = logging.getLogger(__name__)
 
 # How overlays may be stored (PNG, or JPEG for photographs: about ten times smaller).
-OverlayFormat = Literal["png", "jpeg"]
+OverlayFormat = Literal["auto", "png", "jpeg"]
+
+# Overlays are for people: a 120-megapixel photo's full-size PNG overlay is 75 MB and
+# takes gigabytes to draw. By default ("auto") overlays are at most this side, and JPEG
+# for originals over LARGE_PHOTO_PIXELS (PNG, exact, below). Masks stay full size.
+DEFAULT_OVERLAY_SIDE = 4096
+LARGE_PHOTO_PIXELS = 4_000_000
 OVERLAY_FORMATS: tuple[str, ...] = get_args(OverlayFormat)
 
 RUN_FILES = (
@@ -45,23 +51,31 @@ class OutputFolderInUse(ValueError):
     """The output folder holds another run's results and overwriting was not asked for."""
 
 
-def claim_output_dir(folder: Path, overwrite: bool, resume: bool = False) -> None:
-    """Make ``folder`` ready for a new run's files (or the rest of an earlier run's, with
-    ``resume``), or refuse naming what is there."""
+def check_output_dir(folder: Path, overwrite: bool, resume: bool = False) -> list[str]:
+    """The earlier run's marks in ``folder``; refuse (changing nothing) where they may not
+    be replaced or continued. Callers check this before loading weights: minutes lost to
+    a refusal that was known from the start are a bug."""
     if overwrite and resume:
         raise ValueError("--overwrite starts again and --resume continues: pass one of them")
     marks = [name for name in ("summary.json", "predictions.jsonl") if (folder / name).is_file()]
+    if marks and not (overwrite or resume):
+        raise OutputFolderInUse(
+            f"{folder} holds the results of an earlier run ({', '.join(marks)}, "
+            f"{len(_previous_files(folder))} files in all); pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --output-dir"
+        )
+    return marks
+
+
+def claim_output_dir(folder: Path, overwrite: bool, resume: bool = False) -> None:
+    """Make ``folder`` ready for a new run's files (or the rest of an earlier run's, with
+    ``resume``), or refuse naming what is there."""
+    marks = check_output_dir(folder, overwrite, resume)
     if resume or overwrite:
         _remove_leftover_temporaries(folder)
     if not marks or resume:
         return
     previous = _previous_files(folder)
-    if not overwrite:
-        raise OutputFolderInUse(
-            f"{folder} holds the results of an earlier run ({', '.join(marks)}, "
-            f"{len(previous)} files in all); pass --resume to continue it, --overwrite to "
-            "replace it, or choose another --output-dir"
-        )
     for path in previous:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()

@@ -32,7 +32,7 @@ from anomalyclip.methods.calibrated import (
     recorded_backbone,
 )
 from anomalyclip.methods.references import ReferenceError, bank_path_for
-from anomalyclip.methods.tiled import TiledPredictor, Tiling
+from anomalyclip.methods.tiled import TiledPredictor, Tiling, reference_tiles
 from anomalyclip.predictor import Predictor
 from anomalyclip.preprocess import ImageSource
 
@@ -117,7 +117,7 @@ def with_references(predictor: Predictor, references: Sequence[ImageSource]) -> 
     entry = METHODS.get(method.method)
     if entry is None or entry.with_references is None:
         raise ReferenceError(f"{method.method} has no reference mode yet")
-    return wrap(entry.with_references(method, references))
+    return wrap(entry.with_references(method, predictor.reference_views(references)))
 
 
 def _with_references(predictor: Predictor, method: Method, spec: PredictorSpec) -> Predictor:
@@ -132,7 +132,12 @@ def _with_references(predictor: Predictor, method: Method, spec: PredictorSpec) 
     if len(references) == 1 and Path(references[0]).suffix == ".pt":
         few_shot = method.load_bank(predictor, Path(references[0]))
     elif references:
-        few_shot = method.with_references(predictor, gather_images(references))
+        images: Sequence[ImageSource] = gather_images(references)
+        if spec.tile_size:
+            # the bank from the references' tiles: tiles compared with tiles, one scale
+            images = reference_tiles(images, Tiling(spec.tile_size, spec.tile_overlap))
+            logger.info("references cut into %d tiles of %d px", len(images), spec.tile_size)
+        few_shot = method.with_references(predictor, images)
     else:
         few_shot = _calibrated_bank(predictor, method, spec.checkpoint, recorded)
     shown = few_shot.settings().get("references") or {}

@@ -15,6 +15,11 @@ vanishes from the map. :class:`TiledPredictor` wraps any per-image
   canvas at the maps' native scale (S / tile pixels per original pixel) and blended with
   weights that fall linearly to the tile's border within the overlap, so seams do not
   show; the canvas is mapped to the original size like any other map, on demand.
+* **References.** A reference mode under tiles compares tiles with tiles: the bank is
+  made from the references cut with the same tiling (:func:`reference_tiles`), so a
+  tile's patches meet good patches at the same scale. A bank made from whole references
+  is at another scale (a whole image squashed to S x S), and every tile then looks
+  unlike it: detection inverts.
 * **Image score.** The maximum over the tiles' scores: a defect in one tile makes the
   image anomalous, as with the maximum of a map. Thresholds calibrated with tiling are
   for tiling (the maximum over more tiles is higher on normal images too).
@@ -32,9 +37,10 @@ import torch
 from PIL import Image
 
 from anomalyclip.maps import upsample
+from anomalyclip.methods.references import load_references
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, Predictor, check_finite
-from anomalyclip.preprocess import PreProcessor, describe
+from anomalyclip.preprocess import ImageSource, PreProcessor, describe
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,16 @@ class Tiling:
         return {"tile_size": self.tile_size, "overlap": self.overlap}
 
 
+def reference_tiles(references: Sequence[ImageSource], tiling: Tiling) -> list[Image.Image]:
+    """The references decoded and cut into tiles as :class:`TiledPredictor` cuts the
+    images it scores: the bank of a reference mode under tiles (see the module notes)."""
+    return [
+        image.crop((left, top, left + side, top + side))
+        for image in load_references(references)
+        for left, top, side in tiling.boxes(image.size)
+    ]
+
+
 def blend_weights(height: int, width: int, ramp: int) -> np.ndarray:
     """(height, width) weights: 1 inside, falling linearly to 1 / (ramp + 1) at the border.
 
@@ -108,6 +124,10 @@ class TiledPredictor(Predictor):
     def layers(self) -> tuple[Predictor, Callable[[Predictor], Predictor]]:
         inner, wrap = self.inner.layers()
         return inner, lambda method: TiledPredictor(wrap(method), self.tiling, self.batch_size)
+
+    def reference_views(self, references: Sequence[ImageSource]) -> Sequence[ImageSource]:
+        """The references' tiles, cut as the images scored are cut."""
+        return self.inner.reference_views(reference_tiles(references, self.tiling))
 
     @property
     def preprocessor(self) -> PreProcessor:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from anomalyclip.backbone.clip import CLIP
+from anomalyclip.decoding import current_settings, decoding_as
 from anomalyclip.methods.anomalyclip.model import AnomalyCLIP, ImageEmbeddings
 from anomalyclip.preprocess import load_image
 from anomalyclip.utils.atomic import WriteFailedError, atomic_torch_save, atomic_write_json
@@ -284,9 +285,11 @@ class FeatureCache:
     def _load(self, images: Sequence[str | Path]) -> list[Tensor]:
         """Preprocessed images, decoded in threads (PIL releases the GIL while decoding)."""
         preprocessor = self.model.preprocessor
+        settings = current_settings()  # the run's decoding, which threads do not inherit
 
         def load(path: str | Path) -> Tensor:
-            return preprocessor.tensor(load_image(path))
+            with decoding_as(settings):
+                return preprocessor.tensor(load_image(path))
 
         if len(images) < 2:
             return [load(path) for path in images]

@@ -45,11 +45,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 from anomalyclip import distributed
 from anomalyclip.backbone.clip import CLIP
 from anomalyclip.backbone.identity import BackboneIdentity
+from anomalyclip.input_settings import ResizeMode
 from anomalyclip.inputs import expand_sources
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, ErrorPolicy, Predictor, SkippedImage
@@ -94,6 +96,12 @@ SIMILARITY_DTYPES = {
 }
 
 
+# how much of each image MuSc scores (MuScConfig.coverage)
+COVERAGES = ("auto", "center-crop", "whole")
+# a centre crop that loses at most this share of an image's area counts as losing nothing
+CROP_LOSS_TOLERANCE = 0.01
+
+
 @dataclass
 class MuScConfig:
     """MuSc's settings; the defaults are the official ``configs/musc.yaml`` (MVTec AD).
@@ -118,6 +126,10 @@ class MuScConfig:
     :func:`mutual_scores` and the README for the measured deviation).
     image_threshold / pixel_threshold: verdict thresholds (see the module's note on
     scores being relative to the set), or None.
+    coverage: "center-crop" (the paper's: the centre square of each image, the rest not
+    scored), "whole" (the whole image resized to S x S), or "auto" (default): the
+    paper's crop where it loses nothing (square images), else the whole image, said in
+    the log. A 2.46:1 part loses 59 % of its area to the crop, defects included.
     """
 
     backbone: str = "ViT-L/14@336px"
@@ -133,6 +145,7 @@ class MuScConfig:
     similarity_dtype: str = "float32"
     image_threshold: float | None = None
     pixel_threshold: float | None = None
+    coverage: str = "auto"
 
     def __post_init__(self) -> None:
         self.features = tuple(int(v) for v in self.features)
@@ -157,6 +170,10 @@ class MuScConfig:
             )
         if not 0.0 < self.interval <= 1.0:
             problems.append(f"interval must lie in (0, 1], got {self.interval}")
+        if self.coverage not in COVERAGES:
+            problems.append(
+                f"coverage must be one of {', '.join(COVERAGES)}, got {self.coverage!r}"
+            )
         for name in ("divide_num", "batch_size", "block_elements"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -249,7 +266,7 @@ def mutual_scores(
     *,
     similarity_dtype: torch.dtype = torch.float32,
     shard: bool = False,
-    advance: Callable[[int], object] | None = None,
+    advance: Callable[[float], object] | None = None,
 ) -> Tensor:
     """MSM: (N, L) float64 scores of every patch of every image against the others.
 
@@ -279,7 +296,9 @@ def mutual_scores(
     over images is shared, step ``i`` on rank ``i mod world``, and the distances (or
     scores) summed across ranks, each value coming from exactly one rank, so every
     rank returns the one-process result to the last bit. ``advance(n)`` is called as
-    the loop passes images (``N`` in all per call): a progress bar's hook.
+    the loop passes images (``N`` in all per call), ``n`` in proportion to the pairs
+    compared (image ``i`` of the symmetric loop compares N - 1 - i pairs, not one
+    image's worth): a progress bar's hook, whose time estimate then holds.
     """
     if vectors.dim() != 3:
         raise ValueError(f"vectors must be (N, L, C), got shape {tuple(vectors.shape)}")
@@ -301,10 +320,9 @@ def mutual_scores(
         for index in range(count - 1):
             if distributed.owner(index, world) == rank:
                 _score_pairs(pair, index, index + 1, count, distances, block_elements, candidates)
-            step(1)
+            step(2 * (count - 1 - index) / (count - 1))  # its share of the pairs
         if world > 1:
             distributed.sum_tensor_across_ranks(distances)
-        step(1)
         scores = torch.empty(count, patches, dtype=torch.float64, device=device)
         for index in range(count):
             scores[index] = _mean_of_smallest(distances[index], keep)
@@ -500,6 +518,7 @@ class MuSc(Predictor):
     scores_sets = True
     progress: bool = False
     shard: bool = True
+    resize: ResizeMode = "center-crop"  # this set's: see MuScConfig.coverage
 
     def __init__(
         self,
@@ -552,7 +571,42 @@ class MuSc(Predictor):
 
     @property
     def preprocessor(self) -> PreProcessor:
-        return PreProcessor(self.config.image_size, "center-crop")
+        return PreProcessor(self.config.image_size, self.resize)
+
+    def predict_images(self, images: Sequence[Image.Image]) -> list[AnomalyPrediction]:
+        """The set scored with the coverage its images need (:meth:`cover`)."""
+        self.resize = self.cover([image.size for image in images])
+        return super().predict_images(images)
+
+    def cover(self, sizes: Sequence[tuple[int, int]]) -> ResizeMode:
+        """How a set of images of these (width, height) is fitted to S x S, said in the
+        log when the paper's centre crop would lose (or, asked for, loses) part of them."""
+        lost = [1 - min(size) / max(size) for size in sizes] or [0.0]
+        cropped = sum(share > CROP_LOSS_TOLERANCE for share in lost)
+        coverage = self.config.coverage
+        if coverage == "whole" or not cropped:
+            return "squash" if coverage == "whole" else "center-crop"
+        if coverage == "center-crop":
+            logger.warning(
+                "MuSc (coverage center-crop, the paper's): %d of %d images are not square; up "
+                "to %.0f %% of each lies outside the centre square, is not scored and is left "
+                "uncoloured on the overlays",
+                cropped,
+                len(lost),
+                100 * max(lost),
+            )
+            return "center-crop"
+        logger.warning(
+            "MuSc: %d of %d images are not square; the paper's centre crop would leave up to "
+            "%.0f %% of each unscored, so the whole images are scored, resized to %d x %d "
+            "(--musc-coverage center-crop for the paper's crop)",
+            cropped,
+            len(lost),
+            100 * max(lost),
+            self.config.image_size,
+            self.config.image_size,
+        )
+        return "squash"
 
     @property
     def postprocessor(self) -> PostProcessor:
@@ -658,9 +712,9 @@ class MuSc(Predictor):
         )
         bar = self._progress_bar(count * len(config.features) * len(config.degrees))
 
-        def advance(images: int) -> None:
+        def advance(steps: float) -> None:
             checkpoint()  # between the images of a set: an abandoned request stops here
-            bar.update(images)
+            bar.update(steps)
 
         for layer in config.features:
             layer_tokens = tokens.pop(layer)  # freed once its degrees are done
@@ -713,6 +767,10 @@ class MuSc(Predictor):
             desc="MuSc scoring",
             unit="img",
             leave=False,
+            # the time left, stated: minutes to an hour on a CPU (the count is in image
+            # passes, advanced by the pairs compared, so the rate is steady)
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed, about "
+            "{remaining} left",
             disable=not (self.progress and distributed.is_main_process()),
         )
 

@@ -17,6 +17,10 @@ const state = {
   method: null,
   scoresSets: false,
   references: null,
+  referenceCount: 0,
+  // references being read: drops wait for them (scored without, they would read
+  // "Normal" beside the same part scored with them, nothing telling the two apart)
+  referencesReady: Promise.resolve(),
   queue: [],
   active: 0,
   redrawPending: false,
@@ -151,12 +155,27 @@ function addFiles(fileList) {
     added.push(item);
   }
   updateSummary();
-  if (state.scoresSets) {
-    analyseSet(added);
-    return;
-  }
-  state.queue.push(...added);
-  pumpQueue();
+  // scored once the references being read (if any) are ready, never before
+  state.referencesReady.then(() => {
+    if (state.scoresSets) {
+      analyseSet(added);
+      return;
+    }
+    state.queue.push(...added);
+    pumpQueue();
+  });
+}
+
+function scoredWith() {
+  // what a card was scored with, shown on it: results with and without references differ
+  return state.references
+    ? { id: state.references, text: `with ${state.referenceCount} good parts` }
+    : { id: "none", text: "without references" };
+}
+
+function markScoredWith(item, used) {
+  item.card.dataset.references = used.id;
+  item.card.querySelector(".scored-with").textContent = used.text;
 }
 
 function pumpQueue() {
@@ -219,8 +238,10 @@ function showError(item, text) {
 }
 
 async function analyse(item) {
+  const used = scoredWith();
   try {
     showResult(item, await readAnswer(await post("/v1/predict", "file", [item.file])));
+    markScoredWith(item, used);
   } catch (error) {
     showError(item, error.message);
   }
@@ -229,11 +250,15 @@ async function analyse(item) {
 
 async function analyseSet(items) {
   // the images score each other, so they travel in one request and come back in order
+  const used = scoredWith();
   try {
     const answer = await readAnswer(await post("/v1/predict/set", "files", items.map((i) => i.file)));
     answer.results.forEach((result, index) => {
       if ("detail" in result) showError(items[index], `${result.detail} (HTTP ${result.status})`);
-      else showResult(items[index], result);
+      else {
+        showResult(items[index], result);
+        markScoredWith(items[index], used);
+      }
     });
   } catch (error) {
     for (const item of items) showError(item, error.message);
@@ -370,10 +395,13 @@ async function setReferences(fileList) {
   if (files.length === 0) return;
   const info = $("#reference-info");
   info.textContent = `Reading ${files.length} known-good images…`;
+  let ready;
+  state.referencesReady = new Promise((resolve) => { ready = resolve; });
   try {
     state.references = null;
     const answer = await readAnswer(await post("/v1/references", "files", files));
     state.references = answer.id;
+    state.referenceCount = answer.count;
     const failed = answer.failed.length ? `; ${answer.failed.length} unreadable` : "";
     info.textContent =
       `${answer.count} good parts in use (${(answer.bytes / 1048576).toFixed(1)} MB)${failed}. ` +
@@ -382,6 +410,7 @@ async function setReferences(fileList) {
   } catch (error) {
     info.textContent = `References not used: ${error.message}`;
   }
+  ready(); // the drops held meanwhile go now, with the references (or, failed, without)
   loadModelInfo();
 }
 
