@@ -50,7 +50,7 @@ class InspectionResult:
     thumbnail: str | None = None
     map: str | None = None
     prediction: AnomalyPrediction | None = None  # with the map, when kept
-    columns: dict[str, str] = field(default_factory=dict)  # the input CSV's other cells
+    columns: dict[str, Any] = field(default_factory=dict)  # the input CSV's other cells, or a stream's bank fields
 
     @classmethod
     def from_record(
