@@ -108,6 +108,7 @@ class StreamScorer:
         )
         self.seed_edge: float | None = None
         self.pending: list[StreamItem] = []  # the cold start, until the set is full
+        self.refused: set[str] = set()  # marked defect by an operator: never admitted
         self._reference_mode = reference_mode
         self._scorer: tuple[str, Predictor] | None = None
 
@@ -213,7 +214,10 @@ class StreamScorer:
         phase = AGAINST_BANK if bank_size else ALONE
         threshold = self.admission_threshold
         admitted = (
-            self.method.scores_sets and threshold is not None and prediction.score < threshold
+            self.method.scores_sets
+            and threshold is not None
+            and prediction.score < threshold
+            and item.sha256 not in self.refused
         )
         if admitted:
             self.bank.add(BankMember(item.sha256, item.source, item.name))
