@@ -97,3 +97,27 @@ def test_concurrent_marks_lose_nothing(tmp_path):
     for previous, following in zip(entries, entries[1:], strict=False):
         assert following["bank_before"] == previous["bank_after"]
     assert len(stream.scorer.bank.versions) == 41  # the empty bank, then one per mark
+
+
+def test_bank_cli_adds_removes_keeps_versions_and_audits(tmp_path, capsys):
+    from tests.helpers import cli
+
+    parts = tmp_path / "good"
+    parts.mkdir()
+    for seed in range(3):
+        (parts / f"g{seed}.png").write_bytes(noise_png(seed=seed))
+    bank_file = tmp_path / "line3.bank.json"
+    assert cli("bank", "add", str(bank_file), str(parts)) == 0
+    digests = sorted(image_sha256(p) for p in parts.iterdir())
+    full = bank_id(digests)
+    assert cli("bank", "remove", str(bank_file), str(parts / "g1.png")) == 0
+    capsys.readouterr()
+    assert cli("bank", "info", str(bank_file)) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["size"] == 2 and full in shown["versions"]
+    assert shown["id"] == bank_id([image_sha256(parts / "g0.png"), image_sha256(parts / "g2.png")])
+    assert cli("bank", "info", str(bank_file), "--restore", full) == 0
+    assert json.loads(capsys.readouterr().out)["id"] == full
+    audit = [json.loads(x) for x in (tmp_path / "line3.bank.audit.jsonl").read_text().splitlines()]
+    assert [e["verdict"] for e in audit] == ["normal"] * 3 + ["removed", "undo"]
+    assert audit[2]["bank_after"] == full and audit[4]["bank_after"] == full
