@@ -93,8 +93,10 @@ def test_an_image_over_the_threshold_never_enters_the_bank(tmp_path, clip_file):
     assert not any(r["bank_admitted"] for r in rows) and all(r["anomalous"] for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped"] == [
-        {"image": str(folder / "part_004.png"), "reason": "musc needs a set of at least 2 to "
-         "start its bank"}
+        {
+            "image": str(folder / "part_004.png"),
+            "reason": "musc needs a set of at least 2 to start its bank",
+        }
     ]
 
 
@@ -135,9 +137,7 @@ def comparable(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_dropped_files_are_scored_and_a_killed_watch_resumes_as_uninterrupted(
-    tmp_path, clip_file
-):
+def test_dropped_files_are_scored_and_a_killed_watch_resumes_as_uninterrupted(tmp_path, clip_file):
     """Files dropped into a watched folder one by one are each scored; the watch is then
     killed (SIGKILL), the rest dropped, and ``--resume --once`` ends with the run folder
     an uninterrupted ``--once`` run over the same files writes."""

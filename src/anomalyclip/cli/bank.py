@@ -7,6 +7,8 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -40,15 +42,15 @@ def run(args: argparse.Namespace) -> int:
     thresholds: dict[str, float | None] = {"image": None, "pixel": None}
     if args.action != "info" and not args.images:
         raise ValueError(f"bank {args.action}: name the images to {args.action}")
-    changes = []
+    changes: list[tuple[str, str, Callable[[], str]]] = []
     if args.action == "add":
         for member in members_for(gather_images(args.images)):
-            changes.append((member.sha256, "normal", lambda m=member: bank.add(m)))
+            changes.append((member.sha256, "normal", partial(bank.add, member)))
     elif args.action == "remove":
         for member in members_for(gather_images(args.images)):
-            changes.append((member.sha256, "removed", lambda s=member.sha256: bank.remove(s)))
+            changes.append((member.sha256, "removed", partial(bank.remove, member.sha256)))
     elif args.restore:
-        changes.append(("", "undo", lambda: bank.restore(args.restore)))
+        changes.append(("", "undo", partial(bank.restore, args.restore)))
     for sha256, verdict, change in changes:
         before = bank.id
         after = change()

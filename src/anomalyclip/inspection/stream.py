@@ -102,9 +102,7 @@ class StreamScorer:
         self.window = window
         self.bank = ImageBank(window=window if method.scores_sets else None)
         self.given_threshold = (
-            image_threshold
-            if image_threshold is not None
-            else method.postprocessor.image_threshold
+            image_threshold if image_threshold is not None else method.postprocessor.image_threshold
         )
         self.seed_edge: float | None = None
         self.pending: list[StreamItem] = []  # the cold start, until the set is full

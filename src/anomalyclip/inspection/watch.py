@@ -172,17 +172,19 @@ def watch(
         for items in _arrivals(source, options, (done, names), summary, stop):
             for item in items:
                 done.add(os.path.abspath(item.source))  # type: ignore[arg-type]
-            outcomes = scorer.submit(items) if items else scorer.seed()
-            for outcome in outcomes:
-                run.add(outcome, post, options.style)
-            if outcomes:
-                run.write(started)
-                logger.info(
-                    "%d scored; bank %s of %d images",
-                    len(summary.results),
-                    scorer.bank.id,
-                    scorer.bank.size,
-                )
+            batches = [[item] for item in items] if items else [[]]
+            for batch in batches:  # one at a time: each result is on disk before the next
+                outcomes = scorer.submit(batch) if batch else scorer.seed()
+                for outcome in outcomes:
+                    run.add(outcome, post, options.style)
+                if outcomes:
+                    run.write(started)
+                    logger.info(
+                        "%d scored; bank %s of %d images",
+                        len(summary.results),
+                        scorer.bank.id,
+                        scorer.bank.size,
+                    )
         for item in scorer.pending:
             reason = f"{model.method} needs a set of at least 2 to start its bank"
             summary.skipped.append(SkippedImage(str(item.source), reason))
@@ -215,7 +217,9 @@ def _arrivals(
                 summary.skipped.append(SkippedImage(error.source, error.reason))
                 done.add(os.path.abspath(path))
                 continue
-            items.append(StreamItem(str(path), image_sha256(path), _unique_name(path, names), image))
+            items.append(
+                StreamItem(str(path), image_sha256(path), _unique_name(path, names), image)
+            )
         if items:
             yield items
         if options.once and not first and changing == 0:
