@@ -121,3 +121,19 @@ def test_bank_cli_adds_removes_keeps_versions_and_audits(tmp_path, capsys):
     audit = [json.loads(x) for x in (tmp_path / "line3.bank.audit.jsonl").read_text().splitlines()]
     assert [e["verdict"] for e in audit] == ["normal"] * 3 + ["removed", "undo"]
     assert audit[2]["bank_after"] == full and audit[4]["bank_after"] == full
+
+
+def test_a_set_method_stream_waits_for_its_cold_start_then_scores_against_the_bank():
+    from anomalyclip.methods.musc.model import MuSc, MuScConfig
+    from tests.factories import tiny_clip
+
+    musc = MuSc(tiny_clip(), MuScConfig(backbone="tiny", image_size=32, features=(2, 4)))
+    with TestClient(create_app(musc)) as client:
+        first = send(client, "set", noise_png(seed=1), window=2)
+        assert first["results"] == [] and first["stream"]["cold_start_waiting"] == 1
+        second = send(client, "set", noise_png(seed=2), window=2)
+        assert [r["phase"] for r in second["results"]] == ["cold-start", "cold-start"]
+        assert second["stream"]["bank"]["size"] == 2
+        third = send(client, "set", noise_png(seed=3), window=2)["results"][0]
+        assert third["phase"] == "bank" and third["bank_size"] == 2
+        assert third["bank_id"] == second["stream"]["bank"]["id"]
