@@ -92,7 +92,9 @@ async def stream_images(
 
 
 @router.post("/v1/streams/{name}/marks", responses=ERROR_RESPONSES, summary="Mark an image")
-async def mark_image(request: Request, name: str, mark: Mark) -> dict[str, Any]:
+def mark_image(request: Request, name: str, mark: Mark) -> dict[str, Any]:
+    # a plain function: FastAPI runs it in a thread, so waiting for the stream's lock
+    # while an image is being scored never blocks the event loop
     stream = _stream(request, name)
     try:
         entry = stream.mark(mark.image_sha256, mark.verdict)
@@ -102,7 +104,7 @@ async def mark_image(request: Request, name: str, mark: Mark) -> dict[str, Any]:
 
 
 @router.post("/v1/streams/{name}/undo", responses=ERROR_RESPONSES, summary="Restore a bank")
-async def undo(request: Request, name: str, body: Undo) -> dict[str, Any]:
+def undo(request: Request, name: str, body: Undo) -> dict[str, Any]:
     stream = _stream(request, name)
     try:
         entry = stream.undo(body.bank_id)
