@@ -148,4 +148,6 @@ def test_every_readme_command_runs_in_order(newcomer, monkeypatch, caplog):
     )
     tables = json.loads((newcomer / "musc-tables" / "mvtec" / "results.json").read_text())
     assert tables["settings"]["method"] == "musc"
-    assert len(served) == 2  # both serve commands built their app
+    assert len(served) == 3  # every serve command built its app
+    watched = json.loads((newcomer / "line3-watch" / "summary.json").read_text())
+    assert watched["scored"] == 4  # 3 as the cold start's set, 1 against the bank

@@ -83,6 +83,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         help="mask threshold (default: the calibrated one; without either, no mask)",
     )
+    service.add_argument(
+        "--audit-log",
+        metavar="FILE.jsonl",
+        help="append operators' marks on streams (/v1/streams) here, one JSON line each "
+        "(default: kept in memory only)",
+    )
     service.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     parser.set_defaults(func=run)
 
@@ -185,6 +191,7 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
         write_timeout_s=args.write_timeout,
         image_threshold=args.image_threshold,
         pixel_threshold=args.pixel_threshold,
+        audit_log=getattr(args, "audit_log", None),
     )
 
 

@@ -50,7 +50,8 @@ class InspectionResult:
     thumbnail: str | None = None
     map: str | None = None
     prediction: AnomalyPrediction | None = None  # with the map, when kept
-    columns: dict[str, str] = field(default_factory=dict)  # the input CSV's other cells
+    # the input CSV's other cells, or a stream's bank fields
+    columns: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_record(

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
 import anomalyclip
+from anomalyclip.inspection.bank import AuditLog
 from anomalyclip.predictor import Predictor
 from anomalyclip.serving.dependencies import ReferenceSets
 from anomalyclip.serving.errors import EXCEPTION_HANDLERS
 from anomalyclip.serving.guards import RequestGuard, UploadRoute
-from anomalyclip.serving.routes import health, model, page, predict, references
+from anomalyclip.serving.routes import health, model, page, predict, references, streams
 from anomalyclip.serving.settings import ServiceSettings
 from anomalyclip.serving.worker import InferenceWorker
 
@@ -86,9 +88,11 @@ def create_app(
     app.state.methods = methods
     app.state.reference_sets = ReferenceSets()
     app.state.static = page.load_static()
+    app.state.streams = {}  # name -> Stream (routes/streams.py)
+    app.state.audit = AuditLog(Path(settings.audit_log) if settings.audit_log else None)
     app.add_middleware(RequestGuard, settings=settings, routes=upload_routes(settings))
     for error, handler in EXCEPTION_HANDLERS.items():
         app.add_exception_handler(error, handler)
-    for routes in (predict, references, health, model, page):
+    for routes in (predict, references, streams, health, model, page):
         app.include_router(routes.router)
     return app

@@ -61,6 +61,7 @@ class ServiceSettings:
     max_reference_sets: int = 4  # kept in memory, the least recently used dropped first
     map_max_side: int = 256
     overlay_max_side: int = 1024
+    audit_log: str | None = None  # operators' marks on streams, as JSON Lines (else memory)
 
     def __post_init__(self) -> None:
         positive = (

@@ -17,6 +17,7 @@ from anomalyclip.serving.dependencies import StaticDep
 STATIC_FILES = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
+    "stream.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
 }
 PAGE_HEADERS = {
@@ -42,5 +43,5 @@ def static_route(name: str) -> Callable[[dict[str, bytes]], Awaitable[Response]]
 
 
 router.get("/", include_in_schema=False)(static_route("index.html"))
-for _name in ("app.js", "style.css"):
+for _name in ("app.js", "stream.js", "style.css"):
     router.get(f"/static/{_name}", include_in_schema=False)(static_route(_name))
