@@ -259,9 +259,9 @@ def inspect(
                 continue
             index = todo[outcome.index]
             outcome.prediction.postprocessor = post
-            full_map = _full_map(outcome.prediction)
+            full_map = full_size_map(outcome.prediction)
             cells = columns.get(Path(str(items[index])))
-            result = _inspected(outcome, names[index], full_map, cells)
+            result = scored_result(outcome.prediction, outcome.image, names[index], full_map, cells)
             if out is not None:
                 shown = (outcome.image, outcome.prediction)
                 write_images(out, result, *shown, style, full_map, summary.colour_scale)
@@ -281,7 +281,7 @@ def inspect(
     return summary
 
 
-def _full_map(prediction: AnomalyPrediction) -> np.ndarray | None:
+def full_size_map(prediction: AnomalyPrediction) -> np.ndarray | None:
     """The map at the original size, made once and only where a mask needs it (a pixel
     threshold): 716 MB at 13,376 x 13,376."""
     if prediction.postprocessor.pixel_threshold is None:
@@ -312,23 +312,24 @@ def _scaled(
     yield from held
 
 
-def _inspected(
-    outcome: ScoredImage,
+def scored_result(
+    prediction: AnomalyPrediction,
+    image: Image.Image,
     name: str,
     full_map: np.ndarray | None,
-    columns: dict[str, str] | None,
+    columns: dict[str, Any] | None,
 ) -> InspectionResult:
-    """The record of one scored image; ``full_map`` is its map at the original size (only
-    with a pixel threshold: without one there is no defect fraction)."""
-    prediction = outcome.prediction
+    """The record of one scored image (``predict``'s and ``watch``'s); ``full_map`` is its
+    map at the original size (only with a pixel threshold: without one there is no
+    defect fraction)."""
     post = prediction.postprocessor
     return InspectionResult(
         image=prediction.source,
         name=name,
         score=float(prediction.score),
         anomalous=post.verdict(prediction.score),
-        width=outcome.image.width,
-        height=outcome.image.height,
+        width=image.width,
+        height=image.height,
         map_max=float(prediction.anomaly_map.max()),
         defect_fraction=None if full_map is None else post.defect_fraction(full_map),
         prediction=prediction,

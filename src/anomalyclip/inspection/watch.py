@@ -29,7 +29,7 @@ from typing import Any
 from anomalyclip.inspection.bank import image_sha256
 from anomalyclip.inspection.files import OverlayStyle, write_images, write_outputs
 from anomalyclip.inspection.records import InspectionResult, InspectionSummary
-from anomalyclip.inspection.run import run_settings
+from anomalyclip.inspection.run import full_size_map, run_settings, scored_result
 from anomalyclip.inspection.run_folder import (
     ResultStream,
     check_resumable,
@@ -102,18 +102,11 @@ class _RunFolder:
         prediction.postprocessor = post
         prediction.source = str(outcome.item.source)
         image = outcome.item.image
-        result = InspectionResult(
-            image=str(outcome.item.source),
-            name=outcome.item.name,
-            score=float(prediction.score),
-            anomalous=post.verdict(prediction.score),
-            width=image.width,
-            height=image.height,
-            map_max=float(prediction.anomaly_map.max()),
-            defect_fraction=post.defect_fraction(prediction.map_at_original_size()),
-            columns=outcome.extra_fields(),
-        )
-        write_images(self.out, result, image, prediction, style)
+        full_map = full_size_map(prediction)
+        extra = outcome.extra_fields()
+        result = scored_result(prediction, image, outcome.item.name, full_map, extra)
+        result.prediction = None  # a watch runs for days: maps are not kept
+        write_images(self.out, result, image, prediction, style, full_map)
         self.stream.add(result.to_record(post.image_threshold))
         self.stream.commit()  # one line per image: a kill loses at most the one being scored
         self.summary.results.append(result)
