@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from anomalyclip.predictor import PathScorer, Predictor
     from anomalyclip.preprocess import ImageSource
+    from anomalyclip.utils.precision import PrecisionChoice
 
 __all__ = ["METHODS", "Method", "method_named", "path_scorer"]
 
@@ -38,6 +39,10 @@ class Method:
     # its reference mode, from known-good images or from a bank file saved earlier
     with_references: Callable[[Predictor, Sequence[ImageSource]], Predictor] | None = None
     load_bank: Callable[[Predictor, Path], Predictor] | None = None
+    # the precisions it runs in besides float32, fastest first (what ``auto`` picks
+    # from), and the function that puts a built predictor in one of them
+    precisions: tuple[str, ...] = ()
+    apply_precision: Callable[[Predictor, PrecisionChoice], Predictor] | None = None
     # its engine for scoring files by path with work kept between runs (directory, memory
     # limit in bytes), or None where the predictor is not the bare method
     path_scorer: Callable[[Predictor, Path | None, int | None], PathScorer | None] | None = None
@@ -139,6 +144,18 @@ def _musc_bank(predictor: Predictor, path: Path) -> Predictor:
     return bank_for(predictor, path)
 
 
+def _anomalyclip_precision(predictor: Predictor, choice: PrecisionChoice) -> Predictor:
+    from anomalyclip.methods.anomalyclip.quantize import apply_precision
+
+    return apply_precision(predictor, choice)
+
+
+def _musc_precision(predictor: Predictor, choice: PrecisionChoice) -> Predictor:
+    from anomalyclip.methods.musc.model import apply_precision
+
+    return apply_precision(predictor, choice)
+
+
 METHODS: dict[str, Method] = {
     "anomalyclip": Method(
         "anomalyclip",
@@ -149,6 +166,8 @@ METHODS: dict[str, Method] = {
         with_references=_anomalyclip_references,
         load_bank=_anomalyclip_bank,
         path_scorer=_anomalyclip_path_scorer,
+        precisions=("bfloat16", "int8"),
+        apply_precision=_anomalyclip_precision,
     ),
     "musc": Method(
         "musc",
@@ -157,6 +176,8 @@ METHODS: dict[str, Method] = {
         scores_sets=True,
         with_references=_musc_references,
         load_bank=_musc_bank,
+        precisions=("bfloat16",),
+        apply_precision=_musc_precision,
     ),
     "anomalydino": Method(
         "anomalydino",

@@ -27,6 +27,7 @@ from anomalyclip.methods.references import ReferenceError, bank_path_for
 from anomalyclip.methods.tiled import TiledPredictor, Tiling
 from anomalyclip.predictor import Predictor
 from anomalyclip.preprocess import ImageSource
+from anomalyclip.utils.precision import resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class PredictorSpec:
     ``references``: known-good images (files, folders, globs, CSV lists) or one saved
     bank (``.pt``). ``tile_size``: score in square tiles of that many original pixels.
     ``onnx``: an exported AnomalyCLIP model instead of the torch one.
+    ``precision``: ``float32`` (the default: the reference vectors' arithmetic),
+    ``bfloat16``, ``int8`` or ``auto`` (the fastest the hardware runs natively among
+    those the method offers; see :mod:`anomalyclip.utils.precision`).
     """
 
     method: str = "anomalyclip"
@@ -58,6 +62,7 @@ class PredictorSpec:
     device: str = "cpu"
     seed: int = 0
     progress: bool = False
+    precision: str = "float32"
 
 
 def assemble(spec: PredictorSpec) -> Predictor:
@@ -80,10 +85,23 @@ def build_method(spec: PredictorSpec) -> Predictor:
     predictor = method.build(
         spec.weights, spec.checkpoint, dict(spec.overrides), spec.device, spec.seed
     )
+    predictor = _in_precision(predictor, method, spec)
     if method.scores_sets:
         # a set takes minutes on a CPU: a bar over its scoring when the caller shows bars
         predictor.progress = spec.progress  # type: ignore[attr-defined]
     return predictor
+
+
+def _in_precision(predictor: Predictor, method: Method, spec: PredictorSpec) -> Predictor:
+    """``predictor`` in the precision ``spec`` asks for (``auto``: resolved for this
+    hardware among the method's precisions); float32 leaves it untouched."""
+    offered = (*method.precisions, "float32")
+    choice = resolve_precision(spec.precision, spec.device, offered)
+    if choice.precision == "float32" and spec.precision == "float32":
+        return predictor
+    if method.apply_precision is None:  # float32 chosen for a method offering nothing else
+        return predictor
+    return method.apply_precision(predictor, choice)
 
 
 def _onnx_model(spec: PredictorSpec) -> Predictor:

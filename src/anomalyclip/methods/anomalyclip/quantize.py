@@ -19,6 +19,8 @@ from torch import nn
 
 from anomalyclip.backbone.clip import ResidualAttentionBlock
 from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
+from anomalyclip.predictor import Predictor
+from anomalyclip.utils.precision import PrecisionChoice
 
 logger = logging.getLogger(__name__)
 
@@ -88,3 +90,22 @@ def quantize_dynamic(model: AnomalyCLIP, per_channel: bool = True) -> AnomalyCLI
         "per-channel" if per_channel else "per-tensor",
     )
     return model
+
+
+def apply_precision(predictor: Predictor, choice: PrecisionChoice) -> Predictor:
+    """AnomalyCLIP in ``choice``'s precision, in place: bfloat16 converts the whole model
+    (weights and activations: the linear layers and ``scaled_dot_product_attention`` run
+    in bfloat16, oneDNN/AMX where the CPU has it; half the weights' memory), int8
+    quantises the visual tower's linear layers (:func:`quantize_dynamic`), float32 leaves
+    it as built. Recorded with every result (``settings()["precision"]``)."""
+    if not isinstance(predictor, AnomalyCLIP):
+        raise ValueError(f"precision {choice.precision} needs the torch AnomalyCLIP model")
+    if choice.precision == "bfloat16":
+        predictor.to(dtype=torch.bfloat16)
+    elif choice.precision == "int8":
+        quantize_dynamic(predictor)
+    elif choice.precision != "float32":
+        raise ValueError(f"AnomalyCLIP has no {choice.precision} path")
+    predictor.precision = choice
+    logger.info("AnomalyCLIP in %s (%s)", choice.precision, choice.reason)
+    return predictor

@@ -54,12 +54,14 @@ from anomalyclip.inputs import expand_sources
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, ErrorPolicy, Predictor, SkippedImage
 from anomalyclip.preprocess import ImageSource, PreProcessor
+from anomalyclip.utils.precision import PrecisionChoice, native_bfloat16
 
 __all__ = [
     "MAP_RANGE",
     "MuSc",
     "MuScConfig",
     "MuScOutput",
+    "apply_precision",
     "divide_indices",
     "lnamd",
     "mutual_scores",
@@ -85,6 +87,9 @@ DEFAULT_DISTANCE_BUDGET = 1 << 30
 # Nearest-patch candidates kept from a float16/bfloat16 product, their float32 distances
 # compared (float32 keeps 1: its largest product is the nearest patch).
 LOW_PRECISION_CANDIDATES = 4
+# The same on a CPU multiplying bfloat16 natively, where choosing among candidates costs
+# more than the product itself (see benchmarks/bench_precision.py for the deviation).
+CPU_BFLOAT16_CANDIDATES = 2
 # dtypes the similarity products may run in (MuScConfig.similarity_dtype).
 SIMILARITY_DTYPES = {
     "float32": torch.float32,
@@ -286,7 +291,7 @@ def mutual_scores(
     keep = neighbour_count(count, interval)
     vectors = vectors.float().contiguous()
     pair = (vectors, _rounded(vectors, similarity_dtype))
-    candidates = 1 if similarity_dtype == torch.float32 else LOW_PRECISION_CANDIDATES
+    candidates = _candidates(similarity_dtype, pair[1])
     world = distributed.world_size() if shard else 1
     rank = distributed.rank() if shard else 0
     step = advance or (lambda _: None)
@@ -323,25 +328,52 @@ def mutual_scores(
 
 
 def _rounded(vectors: Tensor, dtype: torch.dtype) -> Tensor:
-    """The vectors as the low-precision product sees them: rounded to ``dtype``; kept in
-    it on CUDA, whose products take it at tensor-core rate with float32 accumulation and
-    output (:func:`_dots`), and held in float32 elsewhere, where float32 products of the
-    rounded values are the same arithmetic (CPU products in bfloat16 would also round
-    their output to 8 bits, making near-ties of patches that are not)."""
+    """The vectors as the low-precision product sees them: rounded to ``dtype``.
+
+    Kept in ``dtype`` where the hardware multiplies it natively: on CUDA (tensor cores,
+    float32 accumulation and output, :func:`_dots`) and, for bfloat16, on CPUs with
+    AVX-512 BF16 or AMX (oneDNN: 2 to 4 times the float32 rate; the output is rounded to
+    bfloat16, which only widens the near-ties the float32 re-ranking of the candidates
+    settles). Elsewhere held in float32: float32 products of the rounded values are the
+    same choice of candidates, at float32 speed, where an emulated bfloat16 product
+    would be slower still.
+    """
     if dtype == torch.float32:
         return vectors
     rounded = vectors.to(dtype)
-    return rounded if vectors.device.type == "cuda" else rounded.float()
+    if vectors.device.type == "cuda":
+        return rounded
+    if dtype == torch.bfloat16 and native_bfloat16("cpu"):
+        return rounded
+    return rounded.float()
 
 
 def _dots(queries: Tensor, references: Tensor) -> Tensor:
-    """``queries @ references.T`` in float32, from float32 or (CUDA) low-precision inputs."""
-    if queries.dtype == torch.float32:
+    """``queries @ references.T``: float32 from float32 or (CUDA) low-precision inputs;
+    bfloat16 from bfloat16 inputs on a CPU (no float32 output there in torch 2.13)."""
+    if queries.dtype == torch.float32 or queries.device.type != "cuda":
         return queries @ references.T
     try:
         return torch.mm(queries, references.T, out_dtype=torch.float32)
     except (RuntimeError, TypeError):  # a torch without it: correct, at float32 speed
         return queries.float() @ references.float().T
+
+
+def _candidates(similarity_dtype: torch.dtype, products: Tensor) -> int:
+    """Nearest-patch candidates re-ranked in float32: 1 for float32 products (exact);
+    :data:`CPU_BFLOAT16_CANDIDATES` for native bfloat16 products on a CPU (there the
+    selection, not the product, is the cost: a top-k costs twice a maximum);
+    :data:`LOW_PRECISION_CANDIDATES` otherwise."""
+    if similarity_dtype == torch.float32:
+        return 1
+    if products.device.type == "cpu" and products.dtype == torch.bfloat16:
+        return CPU_BFLOAT16_CANDIDATES
+    return LOW_PRECISION_CANDIDATES
+
+
+def _dots_dtype(products: Tensor) -> torch.dtype:
+    """The dtype :func:`_dots` returns for these product inputs."""
+    return products.dtype if products.device.type != "cuda" else torch.float32
 
 
 def _mean_of_smallest(distances: Tensor, keep: int) -> Tensor:
@@ -385,7 +417,9 @@ def _score_pairs(
         references = vectors[low_image:high_image].reshape(-1, channels)
         reference_products = products[low_image:high_image].reshape(-1, channels)
         # running column maxima over the query row blocks: j's patches against index
-        column_best = torch.full((candidates, width, patches), -math.inf, device=device)
+        column_best = torch.full(
+            (candidates, width, patches), -math.inf, dtype=_dots_dtype(products), device=device
+        )
         column_at = torch.zeros((candidates, width, patches), dtype=torch.long, device=device)
         for low, high in _ranges(0, patches, query_rows):
             queries = vectors[index, low:high]
@@ -393,7 +427,7 @@ def _score_pairs(
             dots = dots.view(high - low, width, patches)
             # (rows, width, candidates): the nearest patches of each j
             if candidates == 1:
-                best = dots.argmax(dim=2, keepdim=True)
+                best = dots.max(dim=2, keepdim=True).indices
             else:
                 best = dots.topk(candidates, dim=2).indices
             flat = best + torch.arange(width, device=device)[:, None] * patches
@@ -499,6 +533,8 @@ class MuSc(Predictor):
     scores_sets = True
     progress: bool = False
     shard: bool = True
+    # the precision chosen through --precision / PredictorSpec (None: float32, as built)
+    precision: PrecisionChoice | None = None
 
     def __init__(
         self,
@@ -560,7 +596,10 @@ class MuSc(Predictor):
         )
 
     def settings(self) -> dict[str, Any]:
-        return {**self.config.to_dict(), "backbone_identity": self.backbone.to_dict()}
+        recorded = {**self.config.to_dict(), "backbone_identity": self.backbone.to_dict()}
+        if self.precision is not None:
+            recorded["precision"] = self.precision.to_dict()
+        return recorded
 
     def score_tensors(self, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
         output = self.run(images)
@@ -734,6 +773,20 @@ class MuSc(Predictor):
             maps[start : start + len(chunk)] = upsampled.float().numpy()
             maxima[start : start + len(chunk)] = upsampled.flatten(1).amax(dim=1).numpy()
         return maps, maxima
+
+
+def apply_precision(predictor: Predictor, choice: PrecisionChoice) -> Predictor:
+    """MuSc in ``choice``'s precision: bfloat16 runs the mutual scoring's (and the
+    reference search's) similarity products in bfloat16, each nearest patch's distance
+    still in float32; the backbone stays float32. Recorded with every result."""
+    if not isinstance(predictor, MuSc):
+        raise ValueError(f"precision {choice.precision} needs the torch MuSc model")
+    if choice.precision not in ("float32", "bfloat16"):
+        raise ValueError(f"MuSc offers float32 and bfloat16, not {choice.precision}")
+    predictor.config = dataclasses.replace(predictor.config, similarity_dtype=choice.precision)
+    predictor.precision = choice
+    logger.info("MuSc similarity products in %s (%s)", choice.precision, choice.reason)
+    return predictor
 
 
 def configured(config: MuScConfig | None, overrides: dict[str, Any] | None) -> MuScConfig:
