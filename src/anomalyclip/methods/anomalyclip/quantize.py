@@ -26,7 +26,14 @@ logger = logging.getLogger(__name__)
 
 
 def _quantization_api():
-    """torch.ao.quantization, imported without its deprecation notice (it still works)."""
+    """torch.ao.quantization, imported without its deprecation notice (it still works).
+
+    Kept rather than its successor ``torchao``: measured in one process on the project's
+    CPU (Intel Xeon, AVX-512 BF16/VNNI/AMX, 2 threads, torch 2.13, torchao 0.18.0), a
+    ViT-L MLP (1370 x 1024 -> 4096 -> 1024) ran 2.54x faster than float32 with this
+    dynamic int8, 0.87x (slower than float32) with torchao's
+    ``Int8DynamicActivationInt8WeightConfig`` in eager mode; bfloat16 ran 3.53x.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         from torch.ao import quantization
