@@ -21,6 +21,8 @@ Side by side, same inputs, same run, the CPU's flags recorded:
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -44,6 +46,7 @@ from anomalyclip.utils.precision import (  # noqa: E402
     resolve_precision,
 )
 
+logger = logging.getLogger("bench_precision")
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" if (ROOT.parent / "shared").is_dir() else Path("/work/shared")
 PLATES = SHARED / "datasets" / "metal_plate"
@@ -224,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     flags = sorted((BFLOAT16_FLAGS | INT8_FLAGS) & cpu_flags())
     record: dict[str, Any] = {"machine": machine_info("cpu", args.threads), "cpu_flags": flags}
     per_class = 2 if args.quick else 16
@@ -231,13 +235,16 @@ def main(argv: list[str] | None = None) -> int:
     truth = (labels, masks)
     if "msm" not in args.skip:
         record["msm"] = musc_msm(images, args.quick)
+        logger.info("msm: %s", json.dumps(record["msm"]))
     if "musc" not in args.skip:
         record["musc"] = musc_whole(images, truth)
+        logger.info("musc: %s", json.dumps(record["musc"]))
     if "clip" not in args.skip:
         record["anomalyclip_speed"] = anomalyclip_speed(args.quick, args.repeats)
+        logger.info("anomalyclip_speed: %s", json.dumps(record["anomalyclip_speed"]))
     if "plates" not in args.skip:
         record["anomalyclip_plates"] = anomalyclip_plates(per_class)
-    record["table"] = table(record)
+    record["table"] = table(record)  # each section is also logged as it finishes
     print(f"CPU: {record['machine'].get('cpu')}, flags: {', '.join(flags) or 'none'}")
     print(record["table"])
     if not args.no_write:

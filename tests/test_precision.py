@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from anomalyclip.methods.assemble import PredictorSpec, build_method
-from anomalyclip.methods.musc.few_shot import nearest_gaps
 from anomalyclip.methods.musc.model import MuSc, MuScConfig, mutual_scores
 from anomalyclip.methods.nearest import nearest_rows
 from anomalyclip.utils import precision
@@ -83,15 +82,6 @@ def test_cpu_flags_are_read_from_cpuinfo(monkeypatch, tmp_path):
 # MuSc and the nearest-patch searches ---------------------------------------------------
 
 
-def test_float32_mutual_scores_ignore_the_bfloat16_machinery(monkeypatch):
-    """float32 goes the old way whatever the CPU: same bits with bfloat16 said native or not."""
-    vectors = clustered(6, 49, 16)
-    native = mutual_scores(vectors)
-    monkeypatch.setattr("anomalyclip.methods.musc.model.native_bfloat16", lambda _: False)
-    assert torch.equal(native, mutual_scores(vectors))
-
-
-@needs_bfloat16
 @pytest.mark.parametrize("budget", [1 << 30, 1])  # symmetric, and image by image
 def test_bfloat16_mutual_scores_only_grow_and_stay_within_the_bound(budget):
     vectors = clustered(8, 100, 32)
@@ -113,11 +103,8 @@ def test_nearest_rows_choose_the_float32_nearest_among_candidates():
     exact = queries @ references.T
     assert torch.equal(rows, exact.argmax(dim=1))
     torch.testing.assert_close(best, exact.amax(dim=1), atol=1e-6, rtol=0)
-    gaps = nearest_gaps(queries, references, bfloat16=True)
-    torch.testing.assert_close(gaps, nearest_gaps(queries, references), atol=1e-6, rtol=0)
 
 
-@needs_bfloat16
 def test_musc_set_in_bfloat16_is_within_the_bound_of_float32():
     torch.manual_seed(0)
     images = torch.rand(6, 3, 32, 32)

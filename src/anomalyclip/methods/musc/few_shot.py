@@ -32,7 +32,6 @@ import torch
 from torch import Tensor
 
 from anomalyclip.methods.musc.model import MAP_RANGE, MuSc, lnamd, neighbour_count
-from anomalyclip.methods.nearest import bfloat16_pays, nearest_rows
 from anomalyclip.methods.references import ReferenceError, identity_differences, load_references
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import Predictor
@@ -46,23 +45,16 @@ BANK_FORMAT = "anomalyclip-musc-reference-bank"
 BANK_VERSION = 1
 
 
-def nearest_gaps(
-    queries: Tensor, reference: Tensor, block: int = 2048, bfloat16: bool = False
-) -> Tensor:
+def nearest_gaps(queries: Tensor, reference: Tensor, block: int = 2048) -> Tensor:
     """(L,) Euclidean distance of each query vector to its nearest reference vector.
 
     Unit vectors: the nearest is the largest dot product (one matrix product); the
-    distance is then taken on that pair, which keeps float32 rounding at 1e-7. With
-    ``bfloat16`` the nearest is chosen by :func:`~anomalyclip.methods.nearest.nearest_rows`
-    (bfloat16 products, candidates re-ranked in float32).
+    distance is then taken on that pair, which keeps float32 rounding at 1e-7.
     """
     gaps = torch.empty(len(queries), device=queries.device)
     for start in range(0, len(queries), block):
         part = queries[start : start + block]
-        if bfloat16:
-            nearest = nearest_rows(part, reference)[1]
-        else:
-            nearest = (part @ reference.T).argmax(dim=1)
+        nearest = (part @ reference.T).argmax(dim=1)
         gaps[start : start + block] = (reference[nearest] - part).norm(dim=1)
     return gaps
 
@@ -179,12 +171,9 @@ class MuScWithReferences(Predictor):
             per_layer = []
             for layer in config.features:
                 queries, bank = tested[(degree, layer)], self.bank[(degree, layer)]
-                low = config.similarity_dtype == "bfloat16" and bfloat16_pays(queries.device)
                 scores = torch.empty(queries.shape[:2], dtype=torch.float64)
                 for index, query in enumerate(queries):
-                    gaps = torch.stack(
-                        [nearest_gaps(query, reference, bfloat16=low) for reference in bank]
-                    )
+                    gaps = torch.stack([nearest_gaps(query, reference) for reference in bank])
                     smallest = gaps.topk(self.keep, dim=0, largest=False).values
                     scores[index] = smallest.double().mean(dim=0)
                 per_layer.append(scores.numpy())

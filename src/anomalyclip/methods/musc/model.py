@@ -54,7 +54,7 @@ from anomalyclip.inputs import expand_sources
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, ErrorPolicy, Predictor, SkippedImage
 from anomalyclip.preprocess import ImageSource, PreProcessor
-from anomalyclip.utils.precision import PrecisionChoice, native_bfloat16
+from anomalyclip.utils.precision import PrecisionChoice
 
 __all__ = [
     "MAP_RANGE",
@@ -87,9 +87,6 @@ DEFAULT_DISTANCE_BUDGET = 1 << 30
 # Nearest-patch candidates kept from a float16/bfloat16 product, their float32 distances
 # compared (float32 keeps 1: its largest product is the nearest patch).
 LOW_PRECISION_CANDIDATES = 4
-# The same on a CPU multiplying bfloat16 natively, where choosing among candidates costs
-# more than the product itself (see benchmarks/bench_precision.py for the deviation).
-CPU_BFLOAT16_CANDIDATES = 2
 # dtypes the similarity products may run in (MuScConfig.similarity_dtype).
 SIMILARITY_DTYPES = {
     "float32": torch.float32,
@@ -291,7 +288,7 @@ def mutual_scores(
     keep = neighbour_count(count, interval)
     vectors = vectors.float().contiguous()
     pair = (vectors, _rounded(vectors, similarity_dtype))
-    candidates = _candidates(similarity_dtype, pair[1])
+    candidates = 1 if similarity_dtype == torch.float32 else LOW_PRECISION_CANDIDATES
     world = distributed.world_size() if shard else 1
     rank = distributed.rank() if shard else 0
     step = advance or (lambda _: None)
@@ -328,24 +325,17 @@ def mutual_scores(
 
 
 def _rounded(vectors: Tensor, dtype: torch.dtype) -> Tensor:
-    """The vectors as the low-precision product sees them: rounded to ``dtype``.
-
-    Kept in ``dtype`` where the hardware multiplies it natively: on CUDA (tensor cores,
-    float32 accumulation and output, :func:`_dots`) and, for bfloat16, on CPUs with
-    AVX-512 BF16 or AMX (oneDNN: 2 to 4 times the float32 rate; the output is rounded to
-    bfloat16, which only widens the near-ties the float32 re-ranking of the candidates
-    settles). Elsewhere held in float32: float32 products of the rounded values are the
-    same choice of candidates, at float32 speed, where an emulated bfloat16 product
-    would be slower still.
-    """
+    """The vectors as the low-precision product sees them: rounded to ``dtype``; kept in
+    it on CUDA, whose products take it at tensor-core rate with float32 accumulation and
+    output (:func:`_dots`), and held in float32 elsewhere, where float32 products of the
+    rounded values are the same arithmetic. CPU products in bfloat16 (AVX-512 BF16, AMX)
+    round their output to 8 bits: measured on the official eight images with the
+    reference CLIP (issue 23), that made near-ties of patches that are not, moving maps
+    by 0.027 with 2 candidates against the 0.005 this path is held to; so not used."""
     if dtype == torch.float32:
         return vectors
     rounded = vectors.to(dtype)
-    if vectors.device.type == "cuda":
-        return rounded
-    if dtype == torch.bfloat16 and native_bfloat16("cpu"):
-        return rounded
-    return rounded.float()
+    return rounded if vectors.device.type == "cuda" else rounded.float()
 
 
 def _dots(queries: Tensor, references: Tensor) -> Tensor:
@@ -357,18 +347,6 @@ def _dots(queries: Tensor, references: Tensor) -> Tensor:
         return torch.mm(queries, references.T, out_dtype=torch.float32)
     except (RuntimeError, TypeError):  # a torch without it: correct, at float32 speed
         return queries.float() @ references.float().T
-
-
-def _candidates(similarity_dtype: torch.dtype, products: Tensor) -> int:
-    """Nearest-patch candidates re-ranked in float32: 1 for float32 products (exact);
-    :data:`CPU_BFLOAT16_CANDIDATES` for native bfloat16 products on a CPU (there the
-    selection, not the product, is the cost: a top-k costs twice a maximum);
-    :data:`LOW_PRECISION_CANDIDATES` otherwise."""
-    if similarity_dtype == torch.float32:
-        return 1
-    if products.device.type == "cpu" and products.dtype == torch.bfloat16:
-        return CPU_BFLOAT16_CANDIDATES
-    return LOW_PRECISION_CANDIDATES
 
 
 def _dots_dtype(products: Tensor) -> torch.dtype:
@@ -776,9 +754,10 @@ class MuSc(Predictor):
 
 
 def apply_precision(predictor: Predictor, choice: PrecisionChoice) -> Predictor:
-    """MuSc in ``choice``'s precision: bfloat16 runs the mutual scoring's (and the
-    reference search's) similarity products in bfloat16, each nearest patch's distance
-    still in float32; the backbone stays float32. Recorded with every result."""
+    """MuSc in ``choice``'s precision: bfloat16 picks each nearest patch from bfloat16
+    products (``similarity_dtype``; the distance still float32): tensor-core speed on a
+    GPU, the same numbers at float32 speed on a CPU (see :func:`_rounded`). The backbone
+    stays float32. Recorded with every result."""
     if not isinstance(predictor, MuSc):
         raise ValueError(f"precision {choice.precision} needs the torch MuSc model")
     if choice.precision not in ("float32", "bfloat16"):
