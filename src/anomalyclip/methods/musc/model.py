@@ -762,6 +762,9 @@ def apply_precision(predictor: Predictor, choice: PrecisionChoice) -> Predictor:
         raise ValueError(f"precision {choice.precision} needs the torch MuSc model")
     if choice.precision not in ("float32", "bfloat16"):
         raise ValueError(f"MuSc offers float32 and bfloat16, not {choice.precision}")
+    if choice.requested == "auto" and predictor.device.type != "cuda":
+        # the same numbers at float32 speed on a CPU (see _rounded): auto keeps float32
+        choice = PrecisionChoice("auto", "float32", f"{choice.reason}; no MuSc gain on a CPU")
     predictor.config = dataclasses.replace(predictor.config, similarity_dtype=choice.precision)
     predictor.precision = choice
     logger.info("MuSc similarity products in %s (%s)", choice.precision, choice.reason)
