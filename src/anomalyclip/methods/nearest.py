@@ -6,8 +6,8 @@ largest entry is only probably the nearest row. The few largest are therefore ke
 their float32 products compared: the row chosen is the float32 nearest unless more than
 ``candidates`` rows lie within the rounding of it, and then one almost as near. A
 distance computed from the chosen row can only grow, and only at such near-ties. Used by
-the reference searches (MuSc's, AnomalyCLIP's); MuSc's mutual scoring does the same in
-its own blocked loop (:mod:`anomalyclip.methods.musc.model`).
+AnomalyCLIP's reference search when its model runs in bfloat16 (MuSc keeps float32 products
+on a CPU: see :func:`anomalyclip.methods.musc.model._rounded`).
 """
 
 from __future__ import annotations
