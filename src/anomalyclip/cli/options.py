@@ -303,6 +303,22 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FRACTION",
         help="share of a tile its neighbours overlap (default 0.25)",
     )
+    add_precision_argument(parser)
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """``--precision``: the arithmetic the method scores in (recorded with each result)."""
+    from anomalyclip.utils.precision import PRECISIONS
+
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="float32",
+        help="float32 (default: the reference numbers), bfloat16 (AnomalyCLIP's model, "
+        "MuSc's similarity products; fast on CPUs with AVX-512 BF16 or AMX and on GPUs), "
+        "int8 (AnomalyCLIP's visual linear layers, CPU) or auto (the fastest this "
+        "hardware runs natively, float32 where none helps; logged and recorded)",
+    )
 
 
 def add_calibration_argument(parser: argparse.ArgumentParser) -> None:
@@ -358,6 +374,7 @@ def spec_from_args(args: argparse.Namespace, seed: int = 0) -> PredictorSpec:
         seed=seed,
         progress=not getattr(args, "no_progress", True),
         calibration=calibration,
+        precision=getattr(args, "precision", "float32"),
     )
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from anomalyclip.predictor import PathScorer, Predictor
     from anomalyclip.preprocess import ImageSource
+    from anomalyclip.utils.precision import PrecisionChoice
 
 __all__ = ["METHODS", "Method", "method_named", "path_scorer", "save_bank"]
 
@@ -40,6 +41,10 @@ class Method:
     load_bank: Callable[[Predictor, Path], Predictor] | None = None
     # writes the bank its reference mode scores with (path, storage dtype) -> the file
     save_bank: Callable[[Predictor, Path, str], Path] | None = None
+    # the precisions it runs in besides float32, fastest first (what ``auto`` picks
+    # from), and the function that puts a built predictor in one of them
+    precisions: tuple[str, ...] = ()
+    apply_precision: Callable[[Predictor, PrecisionChoice], Predictor] | None = None
     # its engine for scoring files by path with work kept between runs (directory, memory
     # limit in bytes), or None where the predictor is not the bare method
     path_scorer: Callable[[Predictor, Path | None, int | None], PathScorer | None] | None = None
@@ -161,6 +166,18 @@ def _musc_save_bank(predictor: Predictor, path: Path, dtype: str) -> Path:
     return save_bank(predictor, path, dtype)
 
 
+def _anomalyclip_precision(predictor: Predictor, choice: PrecisionChoice) -> Predictor:
+    from anomalyclip.methods.anomalyclip.quantize import apply_precision
+
+    return apply_precision(predictor, choice)
+
+
+def _musc_precision(predictor: Predictor, choice: PrecisionChoice) -> Predictor:
+    from anomalyclip.methods.musc.model import apply_precision
+
+    return apply_precision(predictor, choice)
+
+
 METHODS: dict[str, Method] = {
     "anomalyclip": Method(
         "anomalyclip",
@@ -172,6 +189,8 @@ METHODS: dict[str, Method] = {
         load_bank=_anomalyclip_bank,
         save_bank=_anomalyclip_save_bank,
         path_scorer=_anomalyclip_path_scorer,
+        precisions=("bfloat16", "int8"),
+        apply_precision=_anomalyclip_precision,
     ),
     "musc": Method(
         "musc",
@@ -181,6 +200,8 @@ METHODS: dict[str, Method] = {
         with_references=_musc_references,
         load_bank=_musc_bank,
         save_bank=_musc_save_bank,
+        precisions=("bfloat16",),
+        apply_precision=_musc_precision,
     ),
     "anomalydino": Method(
         "anomalydino",

@@ -35,6 +35,7 @@ from anomalyclip.methods.references import ReferenceError, bank_path_for
 from anomalyclip.methods.tiled import TiledPredictor, Tiling, reference_tiles
 from anomalyclip.predictor import Predictor
 from anomalyclip.preprocess import ImageSource
+from anomalyclip.utils.precision import resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,10 @@ class PredictorSpec:
     ``onnx``: an exported AnomalyCLIP model instead of the torch one. ``calibration``: a
     calibration file; its method, settings, tiles and bank are used (weights and
     overrides given here on top) and its thresholds applied.
+    ``onnx``: an exported AnomalyCLIP model instead of the torch one.
+    ``precision``: ``float32`` (the default: the reference vectors' arithmetic),
+    ``bfloat16``, ``int8`` or ``auto`` (the fastest the hardware runs natively among
+    those the method offers; see :mod:`anomalyclip.utils.precision`).
     """
 
     method: str = "anomalyclip"
@@ -69,6 +74,7 @@ class PredictorSpec:
     seed: int = 0
     progress: bool = False
     calibration: str | Path | None = None
+    precision: str = "float32"
 
 
 def assemble(spec: PredictorSpec) -> Predictor:
@@ -93,10 +99,23 @@ def build_method(spec: PredictorSpec) -> Predictor:
     predictor = method.build(
         spec.weights, spec.checkpoint, dict(spec.overrides), spec.device, spec.seed
     )
+    predictor = _in_precision(predictor, method, spec)
     if method.scores_sets:
         # a set takes minutes on a CPU: a bar over its scoring when the caller shows bars
         predictor.progress = spec.progress  # type: ignore[attr-defined]
     return predictor
+
+
+def _in_precision(predictor: Predictor, method: Method, spec: PredictorSpec) -> Predictor:
+    """``predictor`` in the precision ``spec`` asks for (``auto``: resolved for this
+    hardware among the method's precisions); float32 leaves it untouched."""
+    offered = (*method.precisions, "float32")
+    choice = resolve_precision(spec.precision, spec.device, offered)
+    if choice.precision == "float32" and spec.precision == "float32":
+        return predictor
+    if method.apply_precision is None:  # float32 chosen for a method offering nothing else
+        return predictor
+    return method.apply_precision(predictor, choice)
 
 
 def _onnx_model(spec: PredictorSpec) -> Predictor:

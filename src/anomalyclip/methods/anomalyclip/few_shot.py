@@ -42,6 +42,7 @@ from torch import Tensor
 
 from anomalyclip.maps import gaussian_smooth, upsample
 from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
+from anomalyclip.methods.nearest import bfloat16_pays, nearest_rows
 from anomalyclip.methods.references import (
     ReferenceError,
     bank_dtype,
@@ -169,6 +170,15 @@ def nearest_distances(
     """(B, P) ``1 - max cosine`` of each patch to the bank, in float32, in blocks of the
     bank so memory stays bounded with many references. ``excluded``: (B, M) bank rows
     each image may not match (its own patches, for leave-one-out)."""
+    low_precision = tokens.dtype == torch.bfloat16 and excluded is None
+    if low_precision and bfloat16_pays(tokens.device):
+        # a bfloat16 model: bfloat16 products, the nearest candidates compared in float32
+        flat = tokens.reshape(-1, tokens.shape[-1])
+        best = torch.full((flat.shape[0],), -math.inf, device=tokens.device)
+        for start in range(0, bank.shape[0], block):
+            part = bank[start : start + block].to(tokens.device)
+            best = torch.maximum(best, nearest_rows(flat, part)[0])
+        return 1.0 - best.reshape(tokens.shape[:2])
     best = torch.full(tokens.shape[:2], -math.inf, device=tokens.device)
     tokens = tokens.float()
     for start in range(0, bank.shape[0], block):

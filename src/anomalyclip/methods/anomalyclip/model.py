@@ -39,6 +39,7 @@ from anomalyclip.methods.references import ReferenceError, bank_path_for
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, Predictor
 from anomalyclip.preprocess import ImageSource, PreProcessor
+from anomalyclip.utils.precision import PrecisionChoice
 
 __all__ = ["AnomalyCLIP", "AnomalyOutput", "AnomalyPrediction", "ImageEmbeddings"]
 
@@ -80,6 +81,8 @@ class AnomalyCLIP(nn.Module, Predictor):
     """
 
     method = "anomalyclip"
+    # the precision chosen through --precision / PredictorSpec (None: float32, as built)
+    precision: PrecisionChoice | None = None
 
     def __init__(
         self,
@@ -157,7 +160,10 @@ class AnomalyCLIP(nn.Module, Predictor):
         return self.config.postprocessor()
 
     def settings(self) -> dict[str, Any]:
-        return {**self.config.to_dict(), "backbone_identity": self.backbone.to_dict()}
+        recorded = {**self.config.to_dict(), "backbone_identity": self.backbone.to_dict()}
+        if self.precision is not None:
+            recorded["precision"] = self.precision.to_dict()
+        return recorded
 
     def preprocess(self, images: Sequence[ImageSource] | ImageSource) -> Tensor:
         """Images of any kind to the model's input batch: the one place this happens."""

@@ -57,12 +57,14 @@ from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, ErrorPolicy, Predictor, SkippedImage
 from anomalyclip.preprocess import ImageSource, PreProcessor
 from anomalyclip.utils.cancellation import checkpoint
+from anomalyclip.utils.precision import PrecisionChoice
 
 __all__ = [
     "MAP_RANGE",
     "MuSc",
     "MuScConfig",
     "MuScOutput",
+    "apply_precision",
     "divide_indices",
     "lnamd",
     "mutual_scores",
@@ -345,8 +347,10 @@ def _rounded(vectors: Tensor, dtype: torch.dtype) -> Tensor:
     """The vectors as the low-precision product sees them: rounded to ``dtype``; kept in
     it on CUDA, whose products take it at tensor-core rate with float32 accumulation and
     output (:func:`_dots`), and held in float32 elsewhere, where float32 products of the
-    rounded values are the same arithmetic (CPU products in bfloat16 would also round
-    their output to 8 bits, making near-ties of patches that are not)."""
+    rounded values are the same arithmetic. CPU products in bfloat16 (AVX-512 BF16, AMX)
+    round their output to 8 bits: measured on the official eight images with the
+    reference CLIP (issue 23), that made near-ties of patches that are not, moving maps
+    by 0.027 with 2 candidates against the 0.005 this path is held to; so not used."""
     if dtype == torch.float32:
         return vectors
     rounded = vectors.to(dtype)
@@ -354,13 +358,19 @@ def _rounded(vectors: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _dots(queries: Tensor, references: Tensor) -> Tensor:
-    """``queries @ references.T`` in float32, from float32 or (CUDA) low-precision inputs."""
-    if queries.dtype == torch.float32:
+    """``queries @ references.T``: float32 from float32 or (CUDA) low-precision inputs;
+    bfloat16 from bfloat16 inputs on a CPU (no float32 output there in torch 2.13)."""
+    if queries.dtype == torch.float32 or queries.device.type != "cuda":
         return queries @ references.T
     try:
         return torch.mm(queries, references.T, out_dtype=torch.float32)
     except (RuntimeError, TypeError):  # a torch without it: correct, at float32 speed
         return queries.float() @ references.float().T
+
+
+def _dots_dtype(products: Tensor) -> torch.dtype:
+    """The dtype :func:`_dots` returns for these product inputs."""
+    return products.dtype if products.device.type != "cuda" else torch.float32
 
 
 def _mean_of_smallest(distances: Tensor, keep: int) -> Tensor:
@@ -404,7 +414,9 @@ def _score_pairs(
         references = vectors[low_image:high_image].reshape(-1, channels)
         reference_products = products[low_image:high_image].reshape(-1, channels)
         # running column maxima over the query row blocks: j's patches against index
-        column_best = torch.full((candidates, width, patches), -math.inf, device=device)
+        column_best = torch.full(
+            (candidates, width, patches), -math.inf, dtype=_dots_dtype(products), device=device
+        )
         column_at = torch.zeros((candidates, width, patches), dtype=torch.long, device=device)
         for low, high in _ranges(0, patches, query_rows):
             queries = vectors[index, low:high]
@@ -412,7 +424,7 @@ def _score_pairs(
             dots = dots.view(high - low, width, patches)
             # (rows, width, candidates): the nearest patches of each j
             if candidates == 1:
-                best = dots.argmax(dim=2, keepdim=True)
+                best = dots.max(dim=2, keepdim=True).indices
             else:
                 best = dots.topk(candidates, dim=2).indices
             flat = best + torch.arange(width, device=device)[:, None] * patches
@@ -519,6 +531,8 @@ class MuSc(Predictor):
     progress: bool = False
     shard: bool = True
     resize: ResizeMode = "center-crop"  # this set's: see MuScConfig.coverage
+    # the precision chosen through --precision / PredictorSpec (None: float32, as built)
+    precision: PrecisionChoice | None = None
 
     def __init__(
         self,
@@ -615,7 +629,10 @@ class MuSc(Predictor):
         )
 
     def settings(self) -> dict[str, Any]:
-        return {**self.config.to_dict(), "backbone_identity": self.backbone.to_dict()}
+        recorded = {**self.config.to_dict(), "backbone_identity": self.backbone.to_dict()}
+        if self.precision is not None:
+            recorded["precision"] = self.precision.to_dict()
+        return recorded
 
     def score_tensors(self, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
         output = self.run(images)
@@ -799,6 +816,24 @@ class MuSc(Predictor):
             maps[start : start + len(chunk)] = upsampled.float().numpy()
             maxima[start : start + len(chunk)] = upsampled.flatten(1).amax(dim=1).numpy()
         return maps, maxima
+
+
+def apply_precision(predictor: Predictor, choice: PrecisionChoice) -> Predictor:
+    """MuSc in ``choice``'s precision: bfloat16 picks each nearest patch from bfloat16
+    products (``similarity_dtype``; the distance still float32): tensor-core speed on a
+    GPU, the same numbers at float32 speed on a CPU (see :func:`_rounded`). The backbone
+    stays float32. Recorded with every result."""
+    if not isinstance(predictor, MuSc):
+        raise ValueError(f"precision {choice.precision} needs the torch MuSc model")
+    if choice.precision not in ("float32", "bfloat16"):
+        raise ValueError(f"MuSc offers float32 and bfloat16, not {choice.precision}")
+    if choice.requested == "auto" and predictor.device.type != "cuda":
+        # the same numbers at float32 speed on a CPU (see _rounded): auto keeps float32
+        choice = PrecisionChoice("auto", "float32", f"{choice.reason}; no MuSc gain on a CPU")
+    predictor.config = dataclasses.replace(predictor.config, similarity_dtype=choice.precision)
+    predictor.precision = choice
+    logger.info("MuSc similarity products in %s (%s)", choice.precision, choice.reason)
+    return predictor
 
 
 def configured(config: MuScConfig | None, overrides: dict[str, Any] | None) -> MuScConfig:
