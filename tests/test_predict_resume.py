@@ -258,7 +258,7 @@ def test_resume_refuses_results_made_with_other_settings(
         f"cannot resume {jsonl}: it was made with other settings (image_threshold 0.4 then, "
         "0.6 now); run with those, or pass --overwrite to start again"
     )
-    assert 'overlays.image_format "png" then, "jpeg" now' in refused(
+    assert 'overlays.image_format "auto" then, "jpeg" now' in refused(
         "--resume", "--overlay-format", "jpeg"
     )
     other = write_tiny_model(tmp_path / "other")  # the same settings, other prompts

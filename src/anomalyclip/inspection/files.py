@@ -142,7 +142,7 @@ def write_images(
     image: Image.Image,
     prediction: AnomalyPrediction,
     style: OverlayStyle,
-    full_map: np.ndarray | None,
+    full_map: np.ndarray | None = None,
     scale: tuple[float, float] | None = None,
 ) -> None:
     """The overlay, the mask (with a pixel threshold) and the thumbnail of one result;
