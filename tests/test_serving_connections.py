@@ -356,11 +356,11 @@ def test_an_abandoned_reference_bank_build_releases_the_worker(monkeypatch):
 
     def slow_encode(images):
         worked.append(time.monotonic())
-        time.sleep(0.1 * len(images))  # 0.8 s a batch of 8
+        time.sleep(0.15 * len(images))  # 1.2 s a batch of 8
         return encoded
 
     monkeypatch.setattr(model, "encode_image", slow_encode)
-    images = [noise_png(32, 32, seed=i) for i in range(96)]  # about 9.6 s of encoding
+    images = [noise_png(32, 32, seed=i) for i in range(64)]  # about 9.6 s of encoding
     with running(model, ServiceSettings(**FAST)) as url:
         left = leave_after(url, "/v1/references", images, worked)
         monkeypatch.undo()
