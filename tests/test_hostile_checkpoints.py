@@ -277,7 +277,7 @@ def test_scoring_loops_refuse_non_finite_outputs():
 def test_reference_banks_with_nan_are_refused(tmp_path):
     patches = torch.randn(8, 4)
     patches[2, 1] = float("nan")
-    bank = ReferenceBank({2: patches}, (2, 2), 2, 1.0, {}, ["a.png", "b.png"], "digest")
+    bank = ReferenceBank({2: patches}, (2, 2), 2, 1.0, {}, ["a.png", "b.png"])
     with pytest.raises(ValueError, match=r"bank.pt: patches\.2 holds 1 non-finite"):
         ReferenceBank.load(bank.save(tmp_path / "bank.pt"))
     record = {

@@ -284,10 +284,13 @@ def _write_checkpoint(
     # the few-shot model holds the model and the bank of its reference mode
     model = cast("AnomalyCLIP", getattr(untiled, "model", untiled))
     bank: ReferenceBank | None = getattr(untiled, "bank", None)
-    result.apply(model, reference_bank=None if bank is None else bank.digest)
-    extra = {**_source_extra(args.checkpoint), "calibration": details}
-    if bank is not None:  # first: a checkpoint never names a bank that is not there
+    # the bank as it will be stored (float16 is other content, hence another digest)
+    stored = None
+    if bank is not None:
         stored = bank.to(torch.float16) if args.bank_dtype == "float16" else bank
+    result.apply(model, reference_bank=None if stored is None else stored.digest)
+    extra = {**_source_extra(args.checkpoint), "calibration": details}
+    if stored is not None:  # first: a checkpoint never names a bank that is not there
         stored.save(bank_path_for(args.output))
     save_checkpoint(args.output, model, extra=extra)
 

@@ -176,7 +176,10 @@ def _calibrated_bank(
             "is missing; pass --reference with the bank file or the images"
         )
     few_shot = method.load_bank(predictor, path)
-    if (few_shot.settings().get("references") or {}).get("digest") != recorded:
+    # the bank's identity, recomputed from its content (checkpoints before 0.3 recorded
+    # the digest of the embeddings alone)
+    shown = few_shot.settings().get("references") or {}
+    if recorded not in (shown.get("digest"), shown.get("embeddings_digest")):
         raise ReferenceError(
             f"{path} holds other references than the checkpoint was calibrated with; "
             "pass --reference with the right bank file or images"

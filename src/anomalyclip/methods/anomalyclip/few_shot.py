@@ -32,7 +32,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from anomalyclip.predictor import Predictor
 from anomalyclip.preprocess import ImageSource, PreProcessor, describe
 from anomalyclip.utils.atomic import atomic_open
 from anomalyclip.utils.cancellation import checkpoint
+from anomalyclip.utils.quoting import quoted
 from anomalyclip.utils.safe_load import refuse_non_finite, safe_torch_load
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,9 @@ class ReferenceBank:
 
     ``identity`` ties the bank to what made it (backbone checksum, image size, layers,
     DPAM settings): embeddings of another model are not comparable, and
-    :meth:`check_fits` refuses them naming the difference.
+    :meth:`check_fits` refuses them naming the difference. :attr:`digest` names the bank
+    by its content (embeddings as stored, grid, count and scale), computed from it, never
+    read from a file: a bank with other embeddings or another scale is another bank.
     """
 
     patches: dict[int, Tensor]  # layer -> (references * patches, width), L2-normalised
@@ -79,7 +82,18 @@ class ReferenceBank:
     reference_max: float  # m_ref: the largest leave-one-out maximum of the references
     identity: dict[str, Any]
     sources: list[str]
-    digest: str  # of the float32 embeddings: which references, whatever the storage dtype
+    digest: str = field(init=False)
+    embeddings_digest: str = field(init=False)  # what checkpoints before 0.3 recorded
+
+    def __post_init__(self) -> None:
+        self.digest = content_digest(self.patches, self.grid, self.count, self.reference_max)
+        self.embeddings_digest = embeddings_digest(self.patches)
+
+    def matches(self, recorded: str) -> bool:
+        """Whether a checkpoint's recorded digest names this bank: its content digest,
+        or for checkpoints calibrated before 0.3 the digest of its float32 embeddings
+        alone (recomputed too, so other embeddings never match)."""
+        return recorded in (self.digest, self.embeddings_digest)
 
     @property
     def nbytes(self) -> int:
@@ -87,7 +101,7 @@ class ReferenceBank:
 
     def to(self, dtype: torch.dtype) -> ReferenceBank:
         """The bank stored in ``dtype`` (float16 halves its size; distances are computed
-        in float32 all the same)."""
+        in float32 all the same). Its content, hence its digest, is the stored one."""
         return ReferenceBank(
             {k: v.to(dtype) for k, v in self.patches.items()},
             self.grid,
@@ -95,7 +109,6 @@ class ReferenceBank:
             self.reference_max,
             dict(self.identity),
             list(self.sources),
-            self.digest,
         )
 
     def check_fits(self, model: AnomalyCLIP) -> None:
@@ -117,7 +130,7 @@ class ReferenceBank:
             "reference_max": self.reference_max,
             "identity": self.identity,
             "sources": self.sources,
-            "digest": self.digest,
+            "digest": self.digest,  # for people reading the file: loading recomputes it
         }
         with atomic_open(target, "wb") as handle:
             torch.save(record, handle)
@@ -131,25 +144,112 @@ class ReferenceBank:
 
     @classmethod
     def load(cls, path: str | Path) -> ReferenceBank:
+        """The bank in ``path``, checked whole: every field's type, the embeddings'
+        shapes, dtypes and values, and a scale in the range a bank can have; one line
+        naming the file and the field otherwise."""
         data = safe_torch_load(path, "reference bank")
         if not isinstance(data, dict) or data.get("format") != BANK_FORMAT:
             raise ReferenceError(f"{path} is not a reference bank written by anomalyclip")
-        if int(data.get("version", 0)) > BANK_VERSION:
+        version = data.get("version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ReferenceError(f"{path}: version is not a number")
+        if version > BANK_VERSION:
             raise ReferenceError(f"{path} was written by a newer anomalyclip; upgrade it")
-        bank = cls(
-            {int(k): v for k, v in data["patches"].items()},
-            (int(data["grid"][0]), int(data["grid"][1])),
-            int(data["count"]),
-            float(data["reference_max"]),
-            dict(data["identity"]),
-            list(data["sources"]),
-            str(data["digest"]),
+        grid, count = _checked_layout(path, data)
+        patches = _checked_patches(path, data.get("patches"), grid, count)
+        reference_max = _checked_scale(path, data.get("reference_max"))
+        identity, sources = data.get("identity"), data.get("sources")
+        if not isinstance(identity, dict):
+            raise ReferenceError(f"{path}: identity is a {type(identity).__name__}, not a mapping")
+        if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
+            raise ReferenceError(f"{path}: sources is not a list of file names")
+        return cls(patches, grid, count, reference_max, dict(identity), list(sources))
+
+
+# The range of a bank's scale: build_bank writes at least MIN_REFERENCE_MAX (identical
+# references), and a scale of MAX_REFERENCE_MAX or more would flatten every image's
+# reference term to 0 (it is a sum of patch distances over a few layers).
+MIN_REFERENCE_MAX = 1e-6
+MAX_REFERENCE_MAX = 1e6
+
+
+def _checked_layout(path: str | Path, data: dict[str, Any]) -> tuple[tuple[int, int], int]:
+    grid, count = data.get("grid"), data.get("count")
+    if (
+        not isinstance(grid, (list, tuple))
+        or len(grid) != 2
+        or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)
+    ):
+        raise ReferenceError(f"{path}: grid is {quoted(grid)}, not two positive whole numbers")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ReferenceError(f"{path}: count is {quoted(count)}, not a positive whole number")
+    return (int(grid[0]), int(grid[1])), int(count)
+
+
+def _checked_patches(
+    path: str | Path, patches: Any, grid: tuple[int, int], count: int
+) -> dict[int, Tensor]:
+    """The embeddings: layer -> (count * grid cells, width) floating tensors, finite."""
+    if not isinstance(patches, dict) or not patches:
+        raise ReferenceError(f"{path}: patches is not a mapping of layers to embeddings")
+    rows = count * grid[0] * grid[1]
+    checked: dict[int, Tensor] = {}
+    for key, value in patches.items():
+        try:
+            layer = int(key)
+        except (TypeError, ValueError):
+            raise ReferenceError(f"{path}: patches has a layer named {quoted(key)}") from None
+        where = f"{path}: patches.{layer}"
+        if not isinstance(value, Tensor):
+            raise ReferenceError(f"{where} is a {type(value).__name__}, not a tensor")
+        if not value.is_floating_point():
+            raise ReferenceError(f"{where} holds {value.dtype}, not floating-point embeddings")
+        if value.dim() != 2 or value.shape[0] != rows:
+            raise ReferenceError(
+                f"{where} has shape {tuple(value.shape)}; {count} references of a "
+                f"{grid[0]} x {grid[1]} grid need ({rows}, width)"
+            )
+        checked[layer] = value
+    widths = {t.shape[1] for t in checked.values()}
+    if len(widths) > 1:
+        raise ReferenceError(f"{path}: patches has layers of different widths {sorted(widths)}")
+    refuse_non_finite({f"patches.{k}": v for k, v in checked.items()}, f"{path}: ")
+    return checked
+
+
+def _checked_scale(path: str | Path, value: Any) -> float:
+    """``reference_max``: a positive distance in the range scores stay meaningful in (a
+    negative one made scores of 41; 1e-30 or 1e30 make every score 1 or 0)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ReferenceError(f"{path}: reference_max is {quoted(value)}, not a number")
+    if not math.isfinite(value) or not MIN_REFERENCE_MAX <= value <= MAX_REFERENCE_MAX:
+        raise ReferenceError(
+            f"{path}: reference_max is {value!r}, outside the range a bank can have "
+            f"({MIN_REFERENCE_MAX:g} to {MAX_REFERENCE_MAX:g}); it is damaged"
         )
-        # NaN embeddings or scale would make every score NaN, which reads as "normal"
-        refuse_non_finite({f"patches.{k}": v for k, v in bank.patches.items()}, f"{path}: ")
-        if not math.isfinite(bank.reference_max):
-            raise ReferenceError(f"{path}: reference_max is {bank.reference_max}; it is damaged")
-        return bank
+    return float(value)
+
+
+def embeddings_digest(patches: dict[int, Tensor]) -> str:
+    """SHA-256 of the embeddings in float32, layer by layer (the digest before 0.3)."""
+    digest = hashlib.sha256()
+    for layer in sorted(patches):
+        digest.update(patches[layer].float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def content_digest(
+    patches: dict[int, Tensor], grid: tuple[int, int], count: int, reference_max: float
+) -> str:
+    """SHA-256 of what a bank's scores depend on: its embeddings as stored (in float32
+    bytes), layer numbers and shapes, grid, count and scale."""
+    digest = hashlib.sha256(b"anomalyclip-reference-bank/2")
+    for layer in sorted(patches):
+        tensor = patches[layer]
+        digest.update(f"{layer}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.float().contiguous().numpy().tobytes())
+    digest.update(f"{grid[0]}x{grid[1]};{count};{float(reference_max)!r}".encode())
+    return digest.hexdigest()
 
 
 def bank_identity(model: AnomalyCLIP) -> dict[str, Any]:
@@ -269,17 +369,13 @@ def build_bank(
             )
     patches = {layer: torch.cat(parts) for layer, parts in collected.items()}
     maxima = _leave_one_out_maxima(patches, len(images), grid)
-    digest = hashlib.sha256()
-    for layer in sorted(patches):
-        digest.update(patches[layer].float().numpy().tobytes())
     return ReferenceBank(
         patches,
         grid,
         len(images),
-        max(max(maxima), 1e-6),
+        max(max(maxima), MIN_REFERENCE_MAX),
         bank_identity(model),
         [describe(source) for source in references],
-        digest.hexdigest(),
     )
 
 
@@ -330,7 +426,7 @@ class FewShotAnomalyCLIP(Predictor):
         low, high = post.map_range
         layers = len(self.model.config.features)
         calibrated = self.model.config.extra.get("calibrated_with") or {}
-        with_references = calibrated.get("reference_bank") == self.bank.digest
+        with_references = self.bank.matches(str(calibrated.get("reference_bank")))
         return PostProcessor.calibrated(
             (low, high + layers),
             post.image_threshold if with_references else None,
@@ -344,6 +440,7 @@ class FewShotAnomalyCLIP(Predictor):
             "references": {
                 "count": self.bank.count,
                 "digest": self.bank.digest,
+                "embeddings_digest": self.bank.embeddings_digest,
                 "reference_max": self.bank.reference_max,
                 "sources": self.bank.sources,
             },
