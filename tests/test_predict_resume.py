@@ -353,3 +353,19 @@ def test_a_full_disk_under_save_maps_is_the_same_one_line_with_the_resume_hint(
     assert errors[0].endswith("make room and run again with --resume"), errors[0]
     assert "requested and" not in errors[0] and "Traceback" not in caplog.text
     assert not list(maps.glob(".*.tmp"))  # no partial map left behind
+
+
+def test_a_run_folder_inside_its_input_folder_is_never_read_as_input(tmp_path, tiny_model_files):
+    """`--resume` with the output folder inside the input folder scored the run's own
+    overlays and thumbnails."""
+    images = generated_images(tmp_path / "images", 4)
+    out = images / "results"
+    flags = [*model_arguments(tiny_model_files), "--output-dir", out, "--no-progress"]
+    assert cli("predict", images, *flags) == 0
+    first = (out / "predictions.jsonl").read_text()
+    assert cli("predict", images, *flags, "--resume") == 0
+    assert (out / "predictions.jsonl").read_text() == first
+    scored = [json.loads(line)["image"] for line in first.splitlines()]
+    assert len(scored) == 4 and not any("results" in Path(p).parts for p in scored)
+    assert cli("predict", images, *flags, "--overwrite") == 0
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 4

@@ -96,7 +96,11 @@ def _nothing_at(item: str | Path, path: Path) -> str:
     return f"{item} does not exist"
 
 
-def gather_images(inputs: Sequence[str | Path], include_annotations: bool = False) -> list[Path]:
+def gather_images(
+    inputs: Sequence[str | Path],
+    include_annotations: bool = False,
+    exclude: Sequence[str | Path | None] = (),
+) -> list[Path]:
     """Files as given, folders searched recursively, glob patterns expanded, CSV lists read.
 
     Folders are walked following symbolic links (each real folder once) and keep image
@@ -105,14 +109,17 @@ def gather_images(inputs: Sequence[str | Path], include_annotations: bool = Fals
     skip is logged once). Files without an extension and broken links are kept, so that
     reading them reports them (decoded if they are images, else listed as skipped).
     Matches are sorted per input and duplicates dropped. An input that matches nothing
-    raises FileNotFoundError naming it.
+    raises FileNotFoundError naming it. Folders in ``exclude`` (a run's own output
+    folder inside its input folder: its overlays and thumbnails are not parts) are never
+    searched, wherever they are met.
     """
     found: list[Path] = []
     skipped_annotations: list[Path] = []
+    excluded = {os.path.realpath(folder) for folder in exclude if folder is not None}
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            matches = _walk(path, include_annotations, skipped_annotations)
+            matches = _walk(path, include_annotations, skipped_annotations, excluded)
         elif path.is_file() and path.suffix.lower() == ".csv":
             matches = [row.image for row in read_image_csv(path)]
         elif path.is_file():
@@ -149,7 +156,9 @@ def input_columns(sources: Sequence[ImageSource]) -> dict[Path, dict[str, str]]:
     return columns
 
 
-def _walk(root: Path, include_annotations: bool, skipped: list[Path]) -> list[Path]:
+def _walk(
+    root: Path, include_annotations: bool, skipped: list[Path], excluded: set[str]
+) -> list[Path]:
     matches: list[Path] = []
     seen: set[str] = set()
     for folder, subfolders, files in os.walk(root, followlinks=True):
@@ -158,6 +167,10 @@ def _walk(root: Path, include_annotations: bool, skipped: list[Path]) -> list[Pa
             subfolders.clear()
             continue
         seen.add(real)
+        if real in excluded:
+            logger.info("not reading %s: it is this run's own output", folder)
+            subfolders.clear()
+            continue
         here = Path(folder)
         kept = []
         for name in sorted(subfolders):

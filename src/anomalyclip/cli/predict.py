@@ -152,7 +152,9 @@ def run(args: argparse.Namespace) -> int:
     from anomalyclip.methods.assemble import assemble
 
     spec = options.spec_from_args(args)  # options checked before any file is read
-    paths = gather_images(args.inputs, include_annotations=args.include_annotations)
+    # the run's own folders are never its input (a resumed run inside its input folder)
+    own = [args.output_dir, args.save_maps]
+    paths = gather_images(args.inputs, args.include_annotations, exclude=own)
     _check_before_loading(args, spec, paths)
     model = assemble(spec)
     if args.save_bank:
