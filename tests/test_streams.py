@@ -3,6 +3,7 @@ the audit log's lines under concurrent marks, and ``anomalyclip bank``."""
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 
@@ -137,3 +138,37 @@ def test_a_set_method_stream_waits_for_its_cold_start_then_scores_against_the_ba
         third = send(client, "set", noise_png(seed=3), window=2)["results"][0]
         assert third["phase"] == "bank" and third["bank_size"] == 2
         assert third["bank_id"] == second["stream"]["bank"]["id"]
+
+
+def test_marks_recompute_a_threshold_set_for_a_false_alarm_rate(tmp_path, caplog):
+    """A threshold calibrated for a stated false-alarm rate follows the good set: each
+    mark recomputes it (the conformal cut of the good scores), the log says how it
+    moved and the audit line holds it before and after."""
+    import logging
+
+    import numpy as np
+
+    from anomalyclip.calibration import conformal_threshold
+
+    model = tiny_service_model(image_threshold=0.5)
+    model.config.extra["false_alarm"] = {"target": 0.25, "applies_to": ["image"]}
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    stream = Stream("line", model, window=8, image_threshold=None, audit=audit)
+    images = [noise_png(48, 48, seed=seed) for seed in range(6)]
+    uploads = [Upload(f"p{i}.png", data, Image.open(io.BytesIO(data)).convert("RGB"))
+               for i, data in enumerate(images)]  # fmt: skip
+    results = stream.score(uploads)
+    scores = {r.item.sha256: float(r.prediction.score) for r in results}
+    digests = [image_sha256(data) for data in images]
+    with caplog.at_level(logging.INFO):
+        for sha in digests[:2]:  # two good images: too few for 0.25 (3 are needed)
+            stream.mark(sha, "normal")
+        assert stream.thresholds()["image"] == 0.5
+        stream.mark(digests[2], "normal")
+        stream.mark(digests[3], "defect")
+    expected, _ = conformal_threshold(np.array([scores[s] for s in digests[:3]]), 0.25)
+    assert stream.thresholds()["image"] == pytest.approx(expected)
+    assert "stream line: image threshold 0.5 ->" in caplog.text
+    entries = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert entries[2]["thresholds_before"]["image"] == 0.5
+    assert entries[2]["thresholds_after"]["image"] == pytest.approx(expected)

@@ -14,17 +14,22 @@ stream's lock, so concurrent marks are applied one after another and none is los
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
+from anomalyclip.calibration import conformal_threshold, needed_for
 from anomalyclip.inspection.bank import AuditLog, BankMember, image_sha256
 from anomalyclip.inspection.stream import StreamItem, StreamResult, StreamScorer
 from anomalyclip.predictor import Predictor
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["MARKS", "Stream", "StreamUnknownImage"]
 
@@ -61,7 +66,14 @@ class Stream:
         self.audit = audit
         self.pixel_threshold = method.postprocessor.pixel_threshold
         self.scored: OrderedDict[str, Upload] = OrderedDict()
+        self.scores: dict[str, float] = {}  # of the images scored, by SHA-256
+        self.normal: set[str] = set()  # marked normal by an operator
         self.defects: set[str] = set()
+        # a threshold calibrated for a stated false-alarm rate is recomputed from the
+        # good set each time an operator changes it (calibration.conformal_threshold)
+        promise = method.postprocessor.false_alarm or {}
+        given = image_threshold is not None  # a threshold given by hand stays as given
+        self.false_alarm_rate: float | None = None if given else promise.get("target")
         self._lock = threading.Lock()
 
     def score(self, uploads: Sequence[Upload]) -> list[StreamResult]:
@@ -72,8 +84,12 @@ class Stream:
                 self.scored[item.sha256] = upload
                 self.scored.move_to_end(item.sha256)
             while len(self.scored) > KEPT_IMAGES:
-                self.scored.popitem(last=False)
-            return self.scorer.submit(items)
+                dropped, _ = self.scored.popitem(last=False)
+                self.scores.pop(dropped, None)
+            results = self.scorer.submit(items)
+            for result in results:
+                self.scores[result.item.sha256] = float(result.prediction.score)
+            return results
 
     def thresholds(self) -> dict[str, float | None]:
         return {"image": self.scorer.admission_threshold, "pixel": self.pixel_threshold}
@@ -88,9 +104,11 @@ class Stream:
                 raise StreamUnknownImage(f"stream {self.name} has scored no image {sha256}")
             if verdict == "normal":
                 self.defects.discard(sha256)
+                self.normal.add(sha256)
                 member = BankMember(sha256, upload.data, upload.name)
                 return self._change(sha256, verdict, lambda: self.scorer.bank.add(member))
             self.defects.add(sha256)
+            self.normal.discard(sha256)
             self.scorer.refused.add(sha256)
             return self._change(sha256, verdict, lambda: self.scorer.bank.remove(sha256))
 
@@ -104,6 +122,7 @@ class Stream:
     ) -> dict[str, Any]:
         before, thresholds = self.scorer.bank.id, self.thresholds()
         after = change()
+        self._recalibrate()
         return self.audit.append(
             sha256=sha256 or "",
             verdict=verdict,
@@ -113,6 +132,28 @@ class Stream:
             thresholds_after=self.thresholds(),
             stream=self.name,
         )
+
+    def _recalibrate(self) -> None:
+        """The image threshold for the stated false-alarm rate, from the good set as it
+        now is (the bank's members and the images marked normal, never those marked
+        defect); the log says how it moved. Too few good images keep the threshold."""
+        rate = self.false_alarm_rate
+        if rate is None:
+            return
+        good = {m.sha256 for m in self.scorer.bank.members} | self.normal
+        values = [self.scores[sha] for sha in sorted(good - self.defects) if sha in self.scores]
+        if len(values) < needed_for(rate):
+            return
+        threshold, _ = conformal_threshold(np.array(values), rate)
+        logger.info(
+            "stream %s: image threshold %s -> %.6g (false-alarm rate %g, %d good images)",
+            self.name,
+            "none" if self.scorer.given_threshold is None else f"{self.scorer.given_threshold:.6g}",
+            threshold,
+            rate,
+            len(values),
+        )
+        self.scorer.given_threshold = threshold
 
     def describe(self) -> dict[str, Any]:
         bank = self.scorer.bank.describe()
