@@ -10,6 +10,7 @@ one place that turns a description into something to score with is
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +37,9 @@ class Method:
     scores_sets: bool = False  # its images score each other: it needs a set
     has_checkpoint: bool = False  # it reads learned weights (--checkpoint)
     trainable: bool = False  # `anomalyclip train` fits it
-    # its reference mode, from known-good images or from a bank file saved earlier
-    with_references: Callable[[Predictor, Sequence[ImageSource]], Predictor] | None = None
-    load_bank: Callable[[Predictor, Path], Predictor] | None = None
-    # writes the bank its reference mode scores with (path, storage dtype) -> the file
-    save_bank: Callable[[Predictor, Path, str], Path] | None = None
+    # the module of its reference mode, offering references_for(predictor, images),
+    # bank_for(predictor, bank file) and save_bank(predictor, path, storage dtype)
+    few_shot: str | None = None
     # the precisions it runs in besides float32, fastest first (what ``auto`` picks
     # from), and the function that puts a built predictor in one of them
     precisions: tuple[str, ...] = ()
@@ -49,9 +48,25 @@ class Method:
     # limit in bytes), or None where the predictor is not the bare method
     path_scorer: Callable[[Predictor, Path | None, int | None], PathScorer | None] | None = None
 
+    @property
+    def with_references(self) -> Callable[[Predictor, Sequence[ImageSource]], Predictor] | None:
+        """Its reference mode for known-good images (None: it has none)."""
+        return None if self.few_shot is None else _lazy(self.few_shot, "references_for")
 
-# The entries' functions import their method when called, so that reading the registry
-# (the CLI's --help lists the names) loads no torch.
+    @property
+    def load_bank(self) -> Callable[[Predictor, Path], Predictor] | None:
+        """Its reference mode for a bank file saved earlier."""
+        return None if self.few_shot is None else _lazy(self.few_shot, "bank_for")
+
+    @property
+    def save_bank(self) -> Callable[[Predictor, Path, str], Path] | None:
+        """Writes the bank its reference mode scores with (path, storage dtype)."""
+        return None if self.few_shot is None else _lazy(self.few_shot, "save_bank")
+
+
+# The entries' functions import their method when called (the builders below, and
+# :func:`_lazy` for the rest), so that reading the registry (the CLI's --help lists the
+# names) loads no torch.
 
 
 def _build_anomalyclip(
@@ -104,78 +119,14 @@ def _build_anomalydino(
     return build_anomalydino(weights, overrides=settings, device=device)
 
 
-def _anomalydino_references(predictor: Predictor, images: Sequence[ImageSource]) -> Predictor:
-    from anomalyclip.methods.anomalydino.few_shot import references_for
+def _lazy(module: str, function: str) -> Callable[..., Any]:
+    """``module.function``, imported when first called."""
 
-    return references_for(predictor, images)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), function)(*args, **kwargs)
 
-
-def _anomalydino_bank(predictor: Predictor, path: Path) -> Predictor:
-    from anomalyclip.methods.anomalydino.few_shot import bank_for
-
-    return bank_for(predictor, path)
-
-
-def _anomalydino_save_bank(predictor: Predictor, path: Path, dtype: str) -> Path:
-    from anomalyclip.methods.anomalydino.few_shot import save_bank
-
-    return save_bank(predictor, path, dtype)
-
-
-def _anomalyclip_references(predictor: Predictor, images: Sequence[ImageSource]) -> Predictor:
-    from anomalyclip.methods.anomalyclip.few_shot import references_for
-
-    return references_for(predictor, images)
-
-
-def _anomalyclip_bank(predictor: Predictor, path: Path) -> Predictor:
-    from anomalyclip.methods.anomalyclip.few_shot import bank_for
-
-    return bank_for(predictor, path)
-
-
-def _anomalyclip_save_bank(predictor: Predictor, path: Path, dtype: str) -> Path:
-    from anomalyclip.methods.anomalyclip.few_shot import save_bank
-
-    return save_bank(predictor, path, dtype)
-
-
-def _anomalyclip_path_scorer(
-    predictor: Predictor, directory: Path | None, memory_limit: int | None
-) -> PathScorer | None:
-    from anomalyclip.methods.anomalyclip.embedding_cache import cached_scorer
-
-    return cached_scorer(predictor, directory, memory_limit)
-
-
-def _musc_references(predictor: Predictor, images: Sequence[ImageSource]) -> Predictor:
-    from anomalyclip.methods.musc.few_shot import references_for
-
-    return references_for(predictor, images)
-
-
-def _musc_bank(predictor: Predictor, path: Path) -> Predictor:
-    from anomalyclip.methods.musc.few_shot import bank_for
-
-    return bank_for(predictor, path)
-
-
-def _musc_save_bank(predictor: Predictor, path: Path, dtype: str) -> Path:
-    from anomalyclip.methods.musc.few_shot import save_bank
-
-    return save_bank(predictor, path, dtype)
-
-
-def _anomalyclip_precision(predictor: Predictor, choice: PrecisionChoice) -> Predictor:
-    from anomalyclip.methods.anomalyclip.quantize import apply_precision
-
-    return apply_precision(predictor, choice)
-
-
-def _musc_precision(predictor: Predictor, choice: PrecisionChoice) -> Predictor:
-    from anomalyclip.methods.musc.model import apply_precision
-
-    return apply_precision(predictor, choice)
+    call.__qualname__ = call.__name__ = f"{module}.{function}"
+    return call
 
 
 METHODS: dict[str, Method] = {
@@ -185,23 +136,19 @@ METHODS: dict[str, Method] = {
         _build_anomalyclip,
         has_checkpoint=True,
         trainable=True,
-        with_references=_anomalyclip_references,
-        load_bank=_anomalyclip_bank,
-        save_bank=_anomalyclip_save_bank,
-        path_scorer=_anomalyclip_path_scorer,
+        few_shot="anomalyclip.methods.anomalyclip.few_shot",
+        path_scorer=_lazy("anomalyclip.methods.anomalyclip.embedding_cache", "cached_scorer"),
         precisions=("bfloat16", "int8"),
-        apply_precision=_anomalyclip_precision,
+        apply_precision=_lazy("anomalyclip.methods.anomalyclip.quantize", "apply_precision"),
     ),
     "musc": Method(
         "musc",
         "no prompts, no training: the images given score each other, as one set",
         _build_musc,
         scores_sets=True,
-        with_references=_musc_references,
-        load_bank=_musc_bank,
-        save_bank=_musc_save_bank,
+        few_shot="anomalyclip.methods.musc.few_shot",
         precisions=("bfloat16",),
-        apply_precision=_musc_precision,
+        apply_precision=_lazy("anomalyclip.methods.musc.model", "apply_precision"),
     ),
     "anomalydino": Method(
         "anomalydino",
@@ -209,9 +156,7 @@ METHODS: dict[str, Method] = {
         "theirs; without references the images given score each other",
         _build_anomalydino,
         scores_sets=True,
-        with_references=_anomalydino_references,
-        load_bank=_anomalydino_bank,
-        save_bank=_anomalydino_save_bank,
+        few_shot="anomalyclip.methods.anomalydino.few_shot",
     ),
 }
 
