@@ -25,15 +25,15 @@ embeddings:
   the product), while ``m_ref`` is how far from the bank a *normal* part of this very
   product gets, so ``r = 1`` is the edge of normal variation and maps to 0.5, the same
   middle as a probability; the score stays in [0, 1] and a single image can be scored
-  with no other test images. Why the map's peak and not the zero-shot global
-  probability (:data:`IMAGE_SCORE_RULE`, before 0.4): the global embedding judges the
-  whole input at once, so a small defect barely moves it, and under tiles it judges a
-  crop at another scale; the maximum over tiles of that noise outweighed the reference
-  term (AnomalyCLIP with references on wide metal-plate parts, tiled: image AUROC 0.667
-  against 0.778 untiled while the pixel AUROC rose; the global term alone: 0.69, the
-  zero-shot map's peak alone: 1.00). The score now rests on the evidence the map shows,
-  which tiles sharpen. Image thresholds calibrated under the earlier rule are not
-  applied (the pixel map is unchanged, so pixel thresholds still are).
+  with no other test images. Why the map's peak and not the zero-shot global probability
+  (the earlier rule; :data:`IMAGE_SCORE_RULE` names the current): the global embedding
+  judges the whole input at once, so a small defect barely moves it, and under tiles it
+  judges a crop at another scale; the maximum over tiles of that noise outweighed the
+  reference term (AnomalyCLIP with references on wide metal-plate parts, tiled: image
+  AUROC 0.667 against 0.778 untiled while the pixel AUROC rose; the global term alone:
+  0.69, the zero-shot map's peak alone: 1.00). The score now rests on the evidence the
+  map shows, which tiles sharpen. Image thresholds calibrated under the earlier rule are
+  not applied (the pixel map is unchanged, so pixel thresholds still are).
 """
 
 from __future__ import annotations
