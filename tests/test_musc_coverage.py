@@ -3,6 +3,7 @@ says so; asked for the crop, it marks what was not scored (issue 24, item 6)."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -65,6 +66,13 @@ def test_the_papers_crop_marks_what_it_did_not_score(shared_dir, tmp_path, caplo
     # inside: coloured
     centre = shown[:, 600:900].astype(int)
     assert np.abs(centre[..., 0] - centre[..., 2]).mean() > 5
+    # the record and the report say it too (issue 24, item 6c)
+    assert summary.results[0].scored_share == pytest.approx(1 / 3)
+    first = (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()[0]
+    assert json.loads(first)["scored_share"] == pytest.approx(1 / 3)
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "scored 33% of the image (centre square; the grey strips were not scored)" in report
+    assert "3 images: only their centre square was scored" in report
 
 
 def test_an_unknown_coverage_is_refused():
