@@ -17,7 +17,13 @@ from torch import Tensor
 
 from anomalyclip.utils.precision import native_bfloat16
 
-__all__ = ["BFLOAT16_CANDIDATES", "bfloat16_pays", "nearest_rows"]
+__all__ = [
+    "BFLOAT16_CANDIDATES",
+    "bfloat16_pays",
+    "centred_forms",
+    "nearest_columns",
+    "nearest_rows",
+]
 
 BFLOAT16_CANDIDATES = 2
 
@@ -44,3 +50,43 @@ def nearest_rows(
     exact = torch.einsum("nc,nkc->nk", queries, references[rows].float())
     best, where = exact.max(dim=1)
     return best, rows.gather(1, where[:, None])[:, 0]
+
+
+def centred_forms(centre: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
+    """(query, reference) bfloat16 forms of ``vectors`` (..., C) whose product is
+    ||a - b||^2 / 2 for every pair: the nearest row is the smallest entry.
+
+    A CPU's bfloat16 product rounds its OUTPUT to bfloat16 (8 significant bits; torch
+    2.13 has no float32 output there). Plain dot products of unit vectors lie near 1 at
+    a match, where that rounding is 0.004 of a dot, 0.008 of a squared distance:
+    near-ties that are not. So the vectors are centred (x' = x - m, ``centre`` m the
+    mean of rows of the same kind: the whole set, a reference bank; distances
+    unchanged, the shared component gone, so the inputs round finer) and augmented so
+    that the product is -a'.b' + |a'|^2/2 + |b'|^2/2 = d^2/2 itself: query rows
+    [-a', 1, 1, g_hi, g_lo], reference rows [b', g_hi, g_lo, 1, 1], g = |x'|^2/2 split
+    into two bfloat16 parts (16 significant bits). The output then rounds relative to
+    d^2/2, not to 1; oneDNN accumulates in float32 (AVX-512 BF16, AMX). The form is
+    symmetric: query(i) . reference(j) = query(j) . reference(i).
+    """
+    centred = vectors.float() - centre.float()
+    half_norm = (centred * centred).sum(dim=-1, keepdim=True) / 2
+    high = half_norm.bfloat16()
+    low = (half_norm - high.float()).bfloat16()
+    ones = torch.ones_like(high)
+    body = centred.bfloat16()
+    query = torch.cat((-body, ones, ones, high, low), dim=-1).contiguous()
+    reference = torch.cat((body, high, low, ones, ones), dim=-1).contiguous()
+    return query, reference
+
+
+def nearest_columns(half_squares: Tensor) -> Tensor:
+    """Column of each row's smallest entry of a bfloat16 block of d^2/2 values.
+
+    Read as int16 bit patterns: for non-negative floats the order is the same, and the
+    int16 minimum with its index runs 3 to 7x faster than a bfloat16 ``max``/``argmax``
+    (torch 2.13: those convert every element; measured 0.78 ms against 5.1 and 16 ms
+    on a 1369 x 1369 block). A negative entry (rounding of a d near 0) sorts below every
+    positive one, as it should; among several of them the order is reversed, which only
+    picks between patches at rounding distance, whose float32 distance is taken anyway.
+    """
+    return half_squares.view(torch.int16).min(dim=-1).indices

@@ -33,6 +33,7 @@ near 1. Thresholds are therefore only meaningful for sets like the one they were
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import random
@@ -53,6 +54,7 @@ from anomalyclip.backbone.clip import CLIP
 from anomalyclip.backbone.identity import BackboneIdentity
 from anomalyclip.input_settings import ResizeMode
 from anomalyclip.inputs import expand_sources
+from anomalyclip.methods.nearest import centred_forms, nearest_columns
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, ErrorPolicy, Predictor, SkippedImage
 from anomalyclip.preprocess import ImageSource, PreProcessor
@@ -307,6 +309,13 @@ def mutual_scores(
     count, patches, _ = vectors.shape
     keep = neighbour_count(count, interval)
     vectors = vectors.float().contiguous()
+    score_pairs: Callable[..., None] = _score_pairs
+    if similarity_dtype == torch.bfloat16 and vectors.device.type == "cpu":
+        # oneDNN/AMX bfloat16 products of centred, augmented vectors (centred_forms)
+        score_pairs = functools.partial(
+            _score_pairs_centred, centred_forms(vectors.mean(dim=(0, 1)), vectors)
+        )
+        similarity_dtype = torch.float32  # one candidate, taken from -d^2/2 itself
     pair = (vectors, _rounded(vectors, similarity_dtype))
     candidates = 1 if similarity_dtype == torch.float32 else LOW_PRECISION_CANDIDATES
     world = distributed.world_size() if shard else 1
@@ -321,7 +330,7 @@ def mutual_scores(
         distances = make(count, count - 1, patches, device=device)
         for index in range(count - 1):
             if distributed.owner(index, world) == rank:
-                _score_pairs(pair, index, index + 1, count, distances, block_elements, candidates)
+                score_pairs(pair, index, index + 1, count, distances, block_elements, candidates)
             step(2 * (count - 1 - index) / (count - 1))  # its share of the pairs
         if world > 1:
             distributed.sum_tensor_across_ranks(distances)
@@ -334,8 +343,8 @@ def mutual_scores(
     for index in range(count):
         if distributed.owner(index, world) == rank:
             row_of = (row[None], block_elements, candidates, False)
-            _score_pairs(pair, index, 0, index, *row_of)
-            _score_pairs(pair, index, index + 1, count, *row_of, offset=index)
+            score_pairs(pair, index, 0, index, *row_of)
+            score_pairs(pair, index, index + 1, count, *row_of, offset=index)
             scores[index] = _mean_of_smallest(row, keep)
         step(1)
     if world > 1:
@@ -451,6 +460,52 @@ def _score_pairs(
             nearest = vectors[index][column_at]  # (candidates, width, patches, C)
             gaps = (nearest - vectors[low_image:high_image]).norm(dim=3).amin(dim=0)
             distances[low_image:high_image, index] = gaps
+
+
+def _score_pairs_centred(
+    forms: tuple[Tensor, Tensor],
+    pair: tuple[Tensor, Tensor],
+    index: int,
+    first: int,
+    stop: int,
+    distances: Tensor,
+    block_elements: int,
+    candidates: int = 1,
+    both: bool = True,
+    offset: int = 0,
+) -> None:
+    """:func:`_score_pairs` with the nearest patches from bfloat16 products of
+    :func:`centred_forms` (``forms``), one candidate each, its distance in float32.
+
+    Both directions are row maxima of a product: image ``index``'s patches against each
+    j from query(index) . reference(j)^T, j's against index from query(j) .
+    reference(index)^T (the form is symmetric: both are -d^2/2), since a column maximum
+    of a bfloat16 block costs as much as a second bfloat16 product (profiled on AMX).
+    ``candidates`` is ignored (one).
+    """
+    del candidates
+    if stop <= first:
+        return
+    vectors = pair[0]
+    query, reference = forms
+    patches, channels = vectors.shape[1:]
+    images_per_block = max(1, block_elements // (patches * patches))
+    own = distances[index] if both else distances[0]
+    mine = vectors[index]
+    for low_image, high_image in _ranges(first, stop, images_per_block):
+        width = high_image - low_image
+        others = vectors[low_image:high_image]
+        products = query[index] @ reference[low_image:high_image].reshape(-1, query.shape[-1]).T
+        at = nearest_columns(products.view(patches, width, patches))  # (patches, width)
+        gaps = (others[torch.arange(width)[None], at] - mine[:, None]).norm(dim=2)
+        if both:
+            own[low_image - 1 : high_image - 1] = gaps.T
+            back = query[low_image:high_image].reshape(-1, query.shape[-1]) @ reference[index].T
+            nearest = mine[nearest_columns(back)].view(width, patches, channels)
+            distances[low_image:high_image, index] = (nearest - others).norm(dim=2)
+        else:
+            start = offset + low_image - first
+            own[start : start + width] = gaps.T
 
 
 def rscin(scores: np.ndarray, embeddings: np.ndarray, k_list: Sequence[int]) -> np.ndarray:
