@@ -129,11 +129,11 @@ def test_precision_through_the_spec_is_applied_and_recorded(clip_file, monkeypat
     spec = PredictorSpec(method="musc", weights=str(clip_file), overrides=tiny, precision="auto")
     musc = build_method(spec)
     recorded = musc.settings()
-    # bfloat16 similarity products give MuSc no speed on a CPU: auto keeps float32 there
-    assert recorded["similarity_dtype"] == "float32"
+    # bfloat16 products are native with AVX-512 BF16 and hold MuSc's bound: auto takes them
+    assert recorded["similarity_dtype"] == "bfloat16"
     assert recorded["precision"]["requested"] == "auto"
-    assert recorded["precision"]["precision"] == "float32"
-    assert recorded["precision"]["reason"].endswith("no MuSc gain on a CPU")
+    assert recorded["precision"]["precision"] == "bfloat16"
+    assert "avx512_bf16" in recorded["precision"]["reason"]
     plain = build_method(PredictorSpec(method="musc", weights=str(clip_file), overrides=tiny))
     assert "precision" not in plain.settings()
     assert plain.settings()["similarity_dtype"] == "float32"
