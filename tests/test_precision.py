@@ -268,3 +268,19 @@ def test_anomalydino_precision_through_the_cli(shared_dir, tmp_path):
     scores = np.array([json.loads(line)["score"] for line in out.read_text().splitlines()])
     change = scores - expected["shot1.image_score"]
     assert change.min() > -1e-5 and np.abs(change).max() < 1e-3
+
+
+@needs_bfloat16
+def test_anomalyclip_reference_search_in_bfloat16_is_taken_and_within_the_bound(monkeypatch):
+    from anomalyclip.methods.anomalyclip import few_shot
+
+    bank = clustered(1, 2000, 64, seed=6)[0]
+    tokens = F.normalize(bank[:300] + 0.4 * clustered(1, 300, 64, seed=7)[0], dim=-1)
+    tokens = tokens.reshape(3, 100, 64)  # float32 unit tokens, as the model gives them
+    exact = few_shot.nearest_distances(tokens, bank)
+    calls = []
+    monkeypatch.setattr(few_shot, "nearest_rows", lambda *a: calls.append(1) or nearest_rows(*a))
+    low = few_shot.nearest_distances(tokens, bank, block=700, low_precision=True)
+    assert len(calls) == 3  # the bfloat16 search ran, once per block of the bank
+    assert float((low - exact).min()) > -1e-6
+    assert float((low - exact).abs().max()) < 2**-8 * float(exact.max()) + 1e-4
