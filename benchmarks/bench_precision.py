@@ -115,7 +115,9 @@ def interleaved(functions: dict[str, Callable[[], Any]], repeats: int) -> dict[s
     }
 
 
-def musc_msm(images: torch.Tensor, quick: bool, repeats: int) -> list[dict[str, Any]]:
+def musc_msm(
+    images: torch.Tensor, quick: bool, repeats: int, vit_images: tuple[int, ...] = (16, 32, 64)
+) -> list[dict[str, Any]]:
     """One MSM at the reference CLIP's size (real vectors) and at ViT-L/14@336 shapes
     (16, 32, 64 images; the official algorithm up to 32), interleaved, median times."""
     from anomalyclip.backbone.loading import load_clip
@@ -125,7 +127,7 @@ def musc_msm(images: torch.Tensor, quick: bool, repeats: int) -> list[dict[str, 
     tokens, _ = musc.features(images)
     cases = [("reference CLIP, metal plates", lnamd(tokens[12], 3), True, repeats)]
     patches = 49 if quick else 37 * 37
-    for count in (4,) if quick else (16, 32, 64):
+    for count in (4,) if quick else vit_images:
         vectors = unit_vectors(count, patches, 1024)
         cases.append(("ViT-L/14@336", vectors, count <= 32, 1 if count > 16 else repeats))
     records = []
@@ -160,6 +162,7 @@ def musc_msm(images: torch.Tensor, quick: bool, repeats: int) -> list[dict[str, 
                 bfloat16_speedup=seconds["official"] / seconds["bfloat16"],
             )
         records.append(record)
+        logger.info("msm case: %s", json.dumps(record))  # a long run shows each case
     return records
 
 
@@ -287,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", help="JSON path (default benchmarks/results/precision.json)")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--vit-images", type=int, nargs="*", default=[16, 32, 64], help="MSM set sizes"
+    )
     parser.add_argument("--rss", help=argparse.SUPPRESS)  # one peak-RSS measurement
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -300,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     images, labels, masks = plates(98 if args.quick else 518, per_class)
     truth = (labels, masks)
     if "msm" not in args.skip:
-        record["msm"] = musc_msm(images, args.quick, args.repeats)
+        record["msm"] = musc_msm(images, args.quick, args.repeats, tuple(args.vit_images))
         logger.info("msm: %s", json.dumps(record["msm"]))
     if "musc" not in args.skip:
         record["musc"] = musc_whole(images, truth)
