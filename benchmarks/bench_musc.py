@@ -9,9 +9,12 @@ settings). This compares, on the same unit vectors in the same run:
 * ``official``: the official ``compute_scores_fast`` re-derived literally: for each image,
   ``torch.cdist`` against all the others' patches at once, the minimum per image, the
   mean of the smallest 30 %;
-* ``bfloat16``: ``blocked`` with ``similarity_dtype=torch.bfloat16`` (the GPU setting:
-  nearest patches from bfloat16 products, distances in float32); its time on a CPU says
-  little, its largest deviation from ``blocked`` is the column "bf16 max dev".
+* ``bfloat16``: ``blocked`` with ``similarity_dtype=torch.bfloat16`` (nearest patches
+  from bfloat16 products, distances in float32: on a CPU with AVX-512 BF16 or AMX the
+  centred form of ``methods/nearest.py``); its time is the column "bf16 s", its speed-up
+  over the official algorithm "bf16 speed-up", its largest deviation from ``blocked``
+  "bf16 max dev". Paired, interleaved timings with the load average are in
+  ``bench_precision.py``; here each run has a process of its own, for its peak memory.
 
 Shapes: the reference CLIP's (37 x 37 patches of 128 channels at 518 px) for the speed
 comparison, and ViT-L/14@336's (1024 channels) for time and peak memory at 16, 32 and 64
@@ -162,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                 official["seconds"] if official else None,
                 official["peak_rss_mb"] if official else None,
                 record.get("speedup"),
+                low["seconds"],
+                official["seconds"] / low["seconds"] if official else None,
                 record.get("max_abs_difference"),
                 record.get("bfloat16_max_deviation"),
             ]
@@ -176,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             "official s",
             "official peak MB",
             "speed-up",
+            "bf16 s",
+            "bf16 speed-up",
             "max abs diff",
             "bf16 max dev",
         ],

@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -93,39 +95,74 @@ def deviation(
     }
 
 
-def musc_msm(images: torch.Tensor, quick: bool) -> list[dict[str, Any]]:
-    """One MSM at the reference CLIP's size (real vectors) and at ViT-L/14@336 shapes."""
+def interleaved(functions: dict[str, Callable[[], Any]], repeats: int) -> dict[str, Any]:
+    """Each function run ``repeats`` times in turn (a, b, c, a, b, c, ...): the machine is
+    shared, so paired runs see the same load; the median time of each, its last result,
+    and the load average around them."""
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    results: dict[str, Any] = {}
+    before = os.getloadavg()[0]
+    for _ in range(repeats):
+        for name, function in functions.items():
+            started = time.perf_counter()
+            results[name] = function()
+            times[name].append(time.perf_counter() - started)
+    return {
+        "median_s": {name: float(np.median(values)) for name, values in times.items()},
+        "all_s": times,
+        "results": results,
+        "load_average": [round(before, 2), round(os.getloadavg()[0], 2)],
+    }
+
+
+def musc_msm(
+    images: torch.Tensor, quick: bool, repeats: int, vit_images: tuple[int, ...] = (16, 32, 64)
+) -> list[dict[str, Any]]:
+    """One MSM at the reference CLIP's size (real vectors) and at ViT-L/14@336 shapes
+    (16, 32, 64 images; the official algorithm up to 32), interleaved, median times."""
     from anomalyclip.backbone.loading import load_clip
 
     clip = load_clip(REFERENCE / "clip_openai_layout.pt")
     musc = MuSc(clip, MuScConfig(backbone="reference", image_size=images.shape[-1]))
     tokens, _ = musc.features(images)
-    cases = [("reference CLIP, metal plates", lnamd(tokens[12], 3), True)]
+    cases = [("reference CLIP, metal plates", lnamd(tokens[12], 3), True, repeats)]
     patches = 49 if quick else 37 * 37
-    for count in (4,) if quick else (16, 32):
-        cases.append(("ViT-L/14@336", unit_vectors(count, patches, 1024), count <= 16))
+    for count in (4,) if quick else vit_images:
+        vectors = unit_vectors(count, patches, 1024)
+        cases.append(("ViT-L/14@336", vectors, count <= 32, 1 if count > 16 else repeats))
     records = []
-    for label, vectors, with_official in cases:
-        exact_s, exact = timed(lambda v=vectors: mutual_scores(v))
-        low_s, low = timed(lambda v=vectors: mutual_scores(v, similarity_dtype=torch.bfloat16))
+    for label, vectors, with_official, times in cases:
+        functions = {
+            "float32": lambda v=vectors: mutual_scores(v),
+            "bfloat16": lambda v=vectors: mutual_scores(v, similarity_dtype=torch.bfloat16),
+        }
+        if with_official:
+            functions["official"] = lambda v=vectors: official_mutual_scores(v)
+        run = interleaved(functions, times)
+        seconds, results = run["median_s"], run["results"]
+        exact, low = results["float32"], results["bfloat16"]
         record = {
             "shapes": label,
             "images": len(vectors),
             "channels": vectors.shape[-1],
-            "float32_s": exact_s,
-            "bfloat16_s": low_s,
+            "repeats": times,
+            "load_average": run["load_average"],
+            "all_s": run["all_s"],
+            "float32_s": seconds["float32"],
+            "bfloat16_s": seconds["bfloat16"],
+            "bfloat16_over_float32": seconds["float32"] / seconds["bfloat16"],
             "bfloat16_max_deviation": float((low - exact).abs().max()),
             "bfloat16_min_change": float((low - exact).min()),
         }
         if with_official:
-            official_s, official = timed(lambda v=vectors: official_mutual_scores(v))
             record.update(
-                official_s=official_s,
-                official_float32_difference=float((official - exact).abs().max()),
-                float32_speedup=official_s / exact_s,
-                bfloat16_speedup=official_s / low_s,
+                official_s=seconds["official"],
+                official_float32_difference=float((results["official"] - exact).abs().max()),
+                float32_speedup=seconds["official"] / seconds["float32"],
+                bfloat16_speedup=seconds["official"] / seconds["bfloat16"],
             )
         records.append(record)
+        logger.info("msm case: %s", json.dumps(record))  # a long run shows each case
     return records
 
 
@@ -182,6 +219,32 @@ def anomalyclip_speed(quick: bool, repeats: int) -> dict[str, Any]:
     }
 
 
+def anomalyclip_peak_rss(choice: str, quick: bool, threads: int) -> dict[str, Any]:
+    """Peak RSS of one AnomalyCLIP (ViT-L/14@336 shapes, 518 px) built, put in ``choice``
+    and run on one image, in a process of its own (a peak is per process)."""
+    command = [sys.executable, __file__, "--rss", choice, "--threads", str(threads)]
+    done = subprocess.run(
+        [*command, *(["--quick"] if quick else [])], capture_output=True, text=True, check=True
+    )
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def measure_peak_rss(choice: str, quick: bool) -> dict[str, Any]:
+    """This process's part of :func:`anomalyclip_peak_rss`."""
+    from common import peak_rss_mb
+
+    from anomalyclip.methods.anomalyclip.quantize import apply_precision
+
+    arch, config = shapes(quick)
+    image = torch.zeros(1, 3, config.image_size, config.image_size)
+    model = random_model(arch, config)
+    model.text_features()
+    apply_precision(model, PrecisionChoice(choice, choice, "benchmark"))
+    with torch.inference_mode():
+        model.score_tensors(image)
+    return {"precision": choice, "peak_rss_mb": peak_rss_mb()}
+
+
 def anomalyclip_plates(per_class: int) -> dict[str, Any]:
     """The reference AnomalyCLIP (shared/reference/paper) on the plates, each precision."""
     from anomalyclip.backbone.loading import load_clip
@@ -222,11 +285,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["msm", "musc", "clip", "plates"])
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["msm", "musc", "clip", "rss", "plates"]
+    )
     parser.add_argument("--output", help="JSON path (default benchmarks/results/precision.json)")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--vit-images", type=int, nargs="*", default=[16, 32, 64], help="MSM set sizes"
+    )
+    parser.add_argument("--rss", help=argparse.SUPPRESS)  # one peak-RSS measurement
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.rss:
+        print(json.dumps(measure_peak_rss(args.rss, args.quick)))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     flags = sorted((BFLOAT16_FLAGS | INT8_FLAGS) & cpu_flags())
     record: dict[str, Any] = {"machine": machine_info("cpu", args.threads), "cpu_flags": flags}
@@ -234,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     images, labels, masks = plates(98 if args.quick else 518, per_class)
     truth = (labels, masks)
     if "msm" not in args.skip:
-        record["msm"] = musc_msm(images, args.quick)
+        record["msm"] = musc_msm(images, args.quick, args.repeats, tuple(args.vit_images))
         logger.info("msm: %s", json.dumps(record["msm"]))
     if "musc" not in args.skip:
         record["musc"] = musc_whole(images, truth)
@@ -242,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     if "clip" not in args.skip:
         record["anomalyclip_speed"] = anomalyclip_speed(args.quick, args.repeats)
         logger.info("anomalyclip_speed: %s", json.dumps(record["anomalyclip_speed"]))
+    if "rss" not in args.skip:
+        record["anomalyclip_peak_rss_mb"] = {
+            choice: anomalyclip_peak_rss(choice, args.quick, args.threads)["peak_rss_mb"]
+            for choice in ("float32", "bfloat16", "int8")
+        }
+        logger.info("anomalyclip peak RSS: %s", record["anomalyclip_peak_rss_mb"])
     if "plates" not in args.skip:
         record["anomalyclip_plates"] = anomalyclip_plates(per_class)
     record["table"] = table(record)  # each section is also logged as it finishes
@@ -257,7 +335,8 @@ def table(record: dict[str, Any]) -> str:
     for case in record.get("msm", []):
         rows.append(
             [
-                f"MSM {case['shapes']}, {case['images']} images, C {case['channels']}",
+                f"MSM {case['shapes']}, {case['images']} images, C {case['channels']} "
+                f"(load {case['load_average'][0]:.1f}-{case['load_average'][1]:.1f})",
                 case.get("official_s"),
                 case["float32_s"],
                 case["bfloat16_s"],
@@ -306,6 +385,9 @@ def table(record: dict[str, Any]) -> str:
                     f"{base.get('pixel_auroc', float('nan')):.4f})",
                 ]
             )
+    for choice, megabytes in record.get("anomalyclip_peak_rss_mb", {}).items():
+        rows.append([f"AnomalyCLIP ViT-L/14@336 518 px, {choice}: peak RSS {megabytes:.0f} MB"])
+        rows[-1] += [None] * 7
     headers = [
         "case",
         "official s",

@@ -157,6 +157,8 @@ METHODS: dict[str, Method] = {
         _build_anomalydino,
         scores_sets=True,
         few_shot="anomalyclip.methods.anomalydino.few_shot",
+        precisions=("bfloat16",),
+        apply_precision=_lazy("anomalyclip.methods.anomalydino.model", "apply_precision"),
     ),
 }
 

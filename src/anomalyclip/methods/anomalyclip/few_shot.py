@@ -278,13 +278,19 @@ def bank_identity(model: AnomalyCLIP) -> dict[str, Any]:
 
 
 def nearest_distances(
-    tokens: Tensor, bank: Tensor, excluded: Tensor | None = None, block: int = 4096
+    tokens: Tensor,
+    bank: Tensor,
+    excluded: Tensor | None = None,
+    block: int = 4096,
+    low_precision: bool = False,
 ) -> Tensor:
     """(B, P) ``1 - max cosine`` of each patch to the bank, in float32, in blocks of the
     bank so memory stays bounded with many references. ``excluded``: (B, M) bank rows
-    each image may not match (its own patches, for leave-one-out)."""
-    low_precision = tokens.dtype == torch.bfloat16 and excluded is None
-    if low_precision and bfloat16_pays(tokens.device):
+    each image may not match (its own patches, for leave-one-out). ``low_precision``
+    (a bfloat16 model; the tokens reach here as float32 unit vectors whatever the
+    model's dtype): the nearest row from bfloat16 products where they are native
+    (:func:`anomalyclip.methods.nearest.nearest_rows`), its cosine in float32."""
+    if low_precision and excluded is None and bfloat16_pays(tokens.device):
         # a bfloat16 model: bfloat16 products, the nearest candidates compared in float32
         flat = tokens.reshape(-1, tokens.shape[-1])
         best = torch.full((flat.shape[0],), -math.inf, device=tokens.device)
@@ -321,13 +327,17 @@ def reference_maps(
     bank: ReferenceBank,
     grid: tuple[int, int],
     leave_one_out: bool = False,
+    low_precision: bool = False,
 ) -> Tensor:
     """(B, grid_h, grid_w) reference map at patch resolution, summed over layers; with
-    ``leave_one_out``, a reference is compared with the other references only."""
+    ``leave_one_out``, a reference is compared with the other references only;
+    ``low_precision`` (a bfloat16 model) picks nearest patches from bfloat16 products."""
     excluded = own_rows(patch_tokens, bank) if leave_one_out else None
     total: Tensor | None = None
     for layer, tokens in patch_tokens.items():
-        distances = nearest_distances(tokens[:, 1:], bank.patches[layer], excluded)
+        distances = nearest_distances(
+            tokens[:, 1:], bank.patches[layer], excluded, low_precision=low_precision
+        )
         layer_map = distances.reshape(tokens.shape[0], *grid)
         total = layer_map if total is None else total + layer_map
     assert total is not None, "no feature layers"
@@ -475,7 +485,11 @@ class FewShotAnomalyCLIP(Predictor):
             embeddings = model.encode_image(images.to(model.device))
             zero_shot = model.score(embeddings, model.text_features())
             coarse = reference_maps(
-                embeddings.patch_tokens, self.bank, embeddings.grid, self.leave_one_out
+                embeddings.patch_tokens,
+                self.bank,
+                embeddings.grid,
+                self.leave_one_out,
+                low_precision=model.dtype == torch.bfloat16,
             )
             reference = upsample(coarse, size)
             maps = gaussian_smooth(zero_shot.raw_maps + reference, model.config.sigma)

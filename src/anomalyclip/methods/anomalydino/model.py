@@ -45,8 +45,10 @@ from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, Predictor, check_finite
 from anomalyclip.preprocess import ImageSource, PreProcessor, describe, load_image
 from anomalyclip.utils.cancellation import checkpoint
+from anomalyclip.utils.precision import PrecisionChoice
 
 __all__ = [
+    "apply_precision",
     "MAP_RANGE",
     "AnomalyDINO",
     "AnomalyDINOConfig",
@@ -61,6 +63,8 @@ logger = logging.getLogger(__name__)
 
 # Cosine distances (1 - cos) lie in [0, 2]; the smoothed map only averages them.
 MAP_RANGE = (0.0, 2.0)
+# dtypes the few-shot nearest-patch search may pick candidates in (config.similarity_dtype)
+SIMILARITY_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,10 @@ class AnomalyDINOConfig:
     PCA background mask on test images (the authors turn it on per object).
     neighbours: k of k-NN (mean of the k smallest distances). zero_shot_size: S of the
     batched zero-shot mode (672). batch_size: images per backbone pass (memory only).
+    similarity_dtype: "float32" or "bfloat16": the dtype in which the few-shot search
+    picks each patch's nearest reference patches (:func:`core.nearest_distances_bfloat16`;
+    their distances stay float32). The zero-shot mode keeps float32: its score is a mean
+    over the 0.1 % nearest of every other patch, thousands of values per patch.
     """
 
     backbone: str = "dinov2_vits14"
@@ -87,6 +95,7 @@ class AnomalyDINOConfig:
     block_elements: int = core.DEFAULT_BLOCK_ELEMENTS
     image_threshold: float | None = None
     pixel_threshold: float | None = None
+    similarity_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         problems = [
@@ -98,6 +107,11 @@ class AnomalyDINOConfig:
             problems.append(f"block_elements must be >= 1, got {self.block_elements}")
         if not self.sigma > 0:
             problems.append(f"sigma must be positive, got {self.sigma}")
+        if self.similarity_dtype not in SIMILARITY_DTYPES:
+            problems.append(
+                f"similarity_dtype must be one of {', '.join(SIMILARITY_DTYPES)}, "
+                f"got {self.similarity_dtype!r}"
+            )
         if problems:
             raise ValueError("invalid AnomalyDINO configuration: " + "; ".join(problems))
 
@@ -219,6 +233,8 @@ class _DINOScorer(Predictor):
     """What both modes share: the backbone, the configuration, encoding and maps."""
 
     method = "anomalydino"
+    # the precision chosen through --precision / PredictorSpec (None: float32, as built)
+    precision: PrecisionChoice | None = None
 
     def __init__(
         self,
@@ -247,7 +263,10 @@ class _DINOScorer(Predictor):
         )
 
     def settings(self) -> dict[str, Any]:
-        return {**self.config.to_dict(), "backbone_identity": self.identity.to_dict()}
+        recorded = {**self.config.to_dict(), "backbone_identity": self.identity.to_dict()}
+        if self.precision is not None:
+            recorded["precision"] = self.precision.to_dict()
+        return recorded
 
     def encode(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         return encode(self.backbone, tensors, self.config.batch_size)
@@ -309,6 +328,7 @@ class AnomalyDINO(_DINOScorer):
                 f"neighbours={self.config.neighbours} exceeds the bank's {bank.size} patches"
             )
         self.bank = bank
+        self._bank_form: Tensor | None = None
 
     @classmethod
     def from_images(
@@ -365,9 +385,7 @@ class AnomalyDINO(_DINOScorer):
         nearest = torch.full((len(features),), -1, dtype=torch.long)
         if bool(kept.any()):
             queries = F.normalize(features[kept].float(), dim=-1)
-            found, rows = core.nearest_distances(
-                queries, self.bank.features, self.config.neighbours, self.config.block_elements
-            )
+            found, rows = self._nearest(queries)
             distances[kept], nearest[kept] = found, rows
         patch_dists = distances.numpy().reshape(grid)
         return AnomalyDINOResult(
@@ -377,6 +395,18 @@ class AnomalyDINO(_DINOScorer):
             mask,
             pc1,
             nearest.numpy(),
+        )
+
+    def _nearest(self, queries: Tensor) -> tuple[Tensor, Tensor]:
+        """:func:`core.nearest_distances`, or its bfloat16 search when configured (the
+        bank's bfloat16 form computed once and kept with this model)."""
+        bank, config = self.bank.features, self.config
+        if config.similarity_dtype == "float32":
+            return core.nearest_distances(queries, bank, config.neighbours, config.block_elements)
+        if self._bank_form is None:
+            self._bank_form = core.bank_form(bank)
+        return core.nearest_distances_bfloat16(
+            queries, bank, self._bank_form, config.neighbours, config.block_elements
         )
 
     def score_images(self, images: Sequence[Image.Image]) -> list[AnomalyDINOResult]:
@@ -454,15 +484,20 @@ class BatchedAnomalyDINO(_DINOScorer):
         self, references: Sequence[ImageSource] | str | os.PathLike[str]
     ) -> AnomalyDINO:
         """The few-shot form on the same backbone and settings: reference images, a
-        folder of them, or a saved bank file (the hook ``--reference`` needs)."""
+        folder of them, or a saved bank file (the hook ``--reference`` needs). The
+        precision chosen for this model is kept."""
         if isinstance(references, (str, os.PathLike)):
             path = Path(references)
             if path.is_file() and path.suffix == ".pt":
                 bank = AnomalyDINOBank.load(path)
-                return AnomalyDINO(self.backbone, bank, self.config, self.identity)
+                model = AnomalyDINO(self.backbone, bank, self.config, self.identity)
+                model.precision = self.precision
+                return model
             # the one rule for folders, globs and CSV lists (predict's)
             references = expand_sources([path])
-        return AnomalyDINO.from_images(self.backbone, references, self.config, self.identity)
+        model = AnomalyDINO.from_images(self.backbone, references, self.config, self.identity)
+        model.precision = self.precision
+        return model
 
     def score_tensors(self, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
         patch = self.preprocessor.patch
@@ -523,3 +558,19 @@ def build_anomalydino(
     config = dataclasses.replace(config, **changes, backbone=name)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return BatchedAnomalyDINO(model, config, BackboneIdentity(name, sha256, model.arch.to_dict()))
+
+
+def apply_precision(predictor: Predictor, choice: PrecisionChoice) -> Predictor:
+    """AnomalyDINO in ``choice``'s precision: bfloat16 picks each patch's nearest
+    reference patches from bfloat16 products (``similarity_dtype``; distances float32),
+    2 to 4 times the float32 rate where oneDNN has AVX-512 BF16 or AMX. The backbone and
+    the zero-shot mode stay float32 (see :class:`AnomalyDINOConfig`). Kept by
+    ``with_references`` (the configuration carries it) and recorded with every result."""
+    if not isinstance(predictor, _DINOScorer):
+        raise ValueError(f"precision {choice.precision} needs the torch AnomalyDINO model")
+    if choice.precision not in SIMILARITY_DTYPES:
+        raise ValueError(f"AnomalyDINO offers float32 and bfloat16, not {choice.precision}")
+    predictor.config = dataclasses.replace(predictor.config, similarity_dtype=choice.precision)
+    predictor.precision = choice
+    logger.info("AnomalyDINO nearest-patch search in %s (%s)", choice.precision, choice.reason)
+    return predictor

@@ -33,6 +33,7 @@ near 1. Thresholds are therefore only meaningful for sets like the one they were
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import random
@@ -53,6 +54,7 @@ from anomalyclip.backbone.clip import CLIP
 from anomalyclip.backbone.identity import BackboneIdentity
 from anomalyclip.input_settings import ResizeMode
 from anomalyclip.inputs import expand_sources
+from anomalyclip.methods.nearest import centred_forms, nearest_columns
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, ErrorPolicy, Predictor, SkippedImage
 from anomalyclip.preprocess import ImageSource, PreProcessor
@@ -122,10 +124,11 @@ class MuScConfig:
     batch_size: images per backbone forward pass; block_elements: the largest similarity
     block MSM holds. Both bound memory only; they do not change the results.
     similarity_dtype: the dtype of MSM's similarity products ("float32", "float16",
-    "bfloat16"). The low-precision ones are for GPUs (tensor cores: several times the
-    float32 rate); they only choose each patch's nearest patch, whose distance is still
-    computed in float32, so a score moves only where rounding picks a near-tie (see
-    :func:`mutual_scores` and the README for the measured deviation).
+    "bfloat16"). The low-precision ones run at several times the float32 rate on GPUs
+    (tensor cores) and, bfloat16, on CPUs with AVX-512 BF16 or AMX (oneDNN); they only
+    choose each patch's nearest patch, whose distance is still computed in float32, so
+    a score moves only where rounding picks a near-tie (see :func:`mutual_scores` and
+    the README for the measured deviation).
     image_threshold / pixel_threshold: verdict thresholds (see the module's note on
     scores being relative to the set), or None.
     coverage: "center-crop" (the paper's: the centre square of each image, the rest not
@@ -292,7 +295,10 @@ def mutual_scores(
     ``similarity_dtype`` float16 or bfloat16 runs the products at the GPU's
     low-precision rate; they only pick the nearest patch, whose distance is computed in
     float32 as above, so a distance can only grow, and only where rounding prefers a
-    near-tie (a patch almost as close).
+    near-tie (a patch almost as close). bfloat16 on a CPU (whose products round their
+    output to bfloat16) multiplies centred, augmented vectors whose product is d^2/2
+    itself (:func:`anomalyclip.methods.nearest.centred_forms`), so the rounding is
+    relative to the distance, and takes one candidate (:func:`_score_pairs_centred`).
 
     ``shard`` (under ``torchrun``, every rank calling with the same vectors): the loop
     over images is shared, step ``i`` on rank ``i mod world``, and the distances (or
@@ -307,6 +313,13 @@ def mutual_scores(
     count, patches, _ = vectors.shape
     keep = neighbour_count(count, interval)
     vectors = vectors.float().contiguous()
+    score_pairs: Callable[..., None] = _score_pairs
+    if similarity_dtype == torch.bfloat16 and vectors.device.type == "cpu":
+        # oneDNN/AMX bfloat16 products of centred, augmented vectors (centred_forms)
+        score_pairs = functools.partial(
+            _score_pairs_centred, centred_forms(vectors.mean(dim=(0, 1)), vectors)
+        )
+        similarity_dtype = torch.float32  # one candidate, taken from -d^2/2 itself
     pair = (vectors, _rounded(vectors, similarity_dtype))
     candidates = 1 if similarity_dtype == torch.float32 else LOW_PRECISION_CANDIDATES
     world = distributed.world_size() if shard else 1
@@ -321,7 +334,7 @@ def mutual_scores(
         distances = make(count, count - 1, patches, device=device)
         for index in range(count - 1):
             if distributed.owner(index, world) == rank:
-                _score_pairs(pair, index, index + 1, count, distances, block_elements, candidates)
+                score_pairs(pair, index, index + 1, count, distances, block_elements, candidates)
             step(2 * (count - 1 - index) / (count - 1))  # its share of the pairs
         if world > 1:
             distributed.sum_tensor_across_ranks(distances)
@@ -334,8 +347,8 @@ def mutual_scores(
     for index in range(count):
         if distributed.owner(index, world) == rank:
             row_of = (row[None], block_elements, candidates, False)
-            _score_pairs(pair, index, 0, index, *row_of)
-            _score_pairs(pair, index, index + 1, count, *row_of, offset=index)
+            score_pairs(pair, index, 0, index, *row_of)
+            score_pairs(pair, index, index + 1, count, *row_of, offset=index)
             scores[index] = _mean_of_smallest(row, keep)
         step(1)
     if world > 1:
@@ -346,11 +359,11 @@ def mutual_scores(
 def _rounded(vectors: Tensor, dtype: torch.dtype) -> Tensor:
     """The vectors as the low-precision product sees them: rounded to ``dtype``; kept in
     it on CUDA, whose products take it at tensor-core rate with float32 accumulation and
-    output (:func:`_dots`), and held in float32 elsewhere, where float32 products of the
-    rounded values are the same arithmetic. CPU products in bfloat16 (AVX-512 BF16, AMX)
-    round their output to 8 bits: measured on the official eight images with the
-    reference CLIP (issue 23), that made near-ties of patches that are not, moving maps
-    by 0.027 with 2 candidates against the 0.005 this path is held to; so not used."""
+    output (:func:`_dots`), and held in float32 elsewhere (float16 on a CPU: float32
+    products of the rounded values, the same arithmetic). bfloat16 on a CPU does not
+    come here: plain bfloat16 products of unit vectors round their output near 1 to 8
+    bits, which on the official eight images moved maps by 0.027 (issue 23); the
+    centred form (:func:`_score_pairs_centred`) rounds relative to the distance."""
     if dtype == torch.float32:
         return vectors
     rounded = vectors.to(dtype)
@@ -451,6 +464,52 @@ def _score_pairs(
             nearest = vectors[index][column_at]  # (candidates, width, patches, C)
             gaps = (nearest - vectors[low_image:high_image]).norm(dim=3).amin(dim=0)
             distances[low_image:high_image, index] = gaps
+
+
+def _score_pairs_centred(
+    forms: tuple[Tensor, Tensor],
+    pair: tuple[Tensor, Tensor],
+    index: int,
+    first: int,
+    stop: int,
+    distances: Tensor,
+    block_elements: int,
+    candidates: int = 1,
+    both: bool = True,
+    offset: int = 0,
+) -> None:
+    """:func:`_score_pairs` with the nearest patches from bfloat16 products of
+    :func:`centred_forms` (``forms``), one candidate each, its distance in float32.
+
+    Both directions are row maxima of a product: image ``index``'s patches against each
+    j from query(index) . reference(j)^T, j's against index from query(j) .
+    reference(index)^T (the form is symmetric: both are -d^2/2), since a column maximum
+    of a bfloat16 block costs as much as a second bfloat16 product (profiled on AMX).
+    ``candidates`` is ignored (one).
+    """
+    del candidates
+    if stop <= first:
+        return
+    vectors = pair[0]
+    query, reference = forms
+    patches, channels = vectors.shape[1:]
+    images_per_block = max(1, block_elements // (patches * patches))
+    own = distances[index] if both else distances[0]
+    mine = vectors[index]
+    for low_image, high_image in _ranges(first, stop, images_per_block):
+        width = high_image - low_image
+        others = vectors[low_image:high_image]
+        products = query[index] @ reference[low_image:high_image].reshape(-1, query.shape[-1]).T
+        at = nearest_columns(products.view(patches, width, patches))  # (patches, width)
+        gaps = (others[torch.arange(width)[None], at] - mine[:, None]).norm(dim=2)
+        if both:
+            own[low_image - 1 : high_image - 1] = gaps.T
+            back = query[low_image:high_image].reshape(-1, query.shape[-1]) @ reference[index].T
+            nearest = mine[nearest_columns(back)].view(width, patches, channels)
+            distances[low_image:high_image, index] = (nearest - others).norm(dim=2)
+        else:
+            start = offset + low_image - first
+            own[start : start + width] = gaps.T
 
 
 def rscin(scores: np.ndarray, embeddings: np.ndarray, k_list: Sequence[int]) -> np.ndarray:
@@ -821,15 +880,19 @@ class MuSc(Predictor):
 def apply_precision(predictor: Predictor, choice: PrecisionChoice) -> Predictor:
     """MuSc in ``choice``'s precision: bfloat16 picks each nearest patch from bfloat16
     products (``similarity_dtype``; the distance still float32): tensor-core speed on a
-    GPU, the same numbers at float32 speed on a CPU (see :func:`_rounded`). The backbone
-    stays float32. Recorded with every result."""
+    GPU, oneDNN's AVX-512 BF16/AMX rate on a CPU (the centred form, see
+    :func:`mutual_scores`). The backbone stays float32. Recorded with every result.
+
+    ``auto`` takes bfloat16 where it is native (``resolve_precision`` decides: CPU flags
+    avx512_bf16 or amx_bf16, or a GPU with bfloat16) because it holds the accuracy bound
+    there: on 16 good + 16 defect metal plates with the reference CLIP, image scores
+    within 1e-3 of float32 and maps correlating above 0.9999 (benchmarks/
+    bench_precision.py; the README's table). Where bfloat16 is emulated it keeps float32.
+    """
     if not isinstance(predictor, MuSc):
         raise ValueError(f"precision {choice.precision} needs the torch MuSc model")
     if choice.precision not in ("float32", "bfloat16"):
         raise ValueError(f"MuSc offers float32 and bfloat16, not {choice.precision}")
-    if choice.requested == "auto" and predictor.device.type != "cuda":
-        # the same numbers at float32 speed on a CPU (see _rounded): auto keeps float32
-        choice = PrecisionChoice("auto", "float32", f"{choice.reason}; no MuSc gain on a CPU")
     predictor.config = dataclasses.replace(predictor.config, similarity_dtype=choice.precision)
     predictor.precision = choice
     logger.info("MuSc similarity products in %s (%s)", choice.precision, choice.reason)
