@@ -47,6 +47,10 @@ class Method:
     # its engine for scoring files by path with work kept between runs (directory, memory
     # limit in bytes), or None where the predictor is not the bare method
     path_scorer: Callable[[Predictor, Path | None, int | None], PathScorer | None] | None = None
+    # for a method with a checkpoint: the model a calibrated checkpoint saves, and the
+    # reference bank its thresholds hold for (None: calibrated without references), of
+    # the predictor under any tiles
+    checkpoint_parts: Callable[[Predictor], tuple[Any, Any]] | None = None
 
     @property
     def with_references(self) -> Callable[[Predictor, Sequence[ImageSource]], Predictor] | None:
@@ -140,6 +144,7 @@ METHODS: dict[str, Method] = {
         path_scorer=_lazy("anomalyclip.methods.anomalyclip.embedding_cache", "cached_scorer"),
         precisions=("bfloat16", "int8"),
         apply_precision=_lazy("anomalyclip.methods.anomalyclip.quantize", "apply_precision"),
+        checkpoint_parts=_lazy("anomalyclip.methods.anomalyclip.few_shot", "checkpoint_parts"),
     ),
     "musc": Method(
         "musc",

@@ -310,6 +310,9 @@ class AnomalyDINO(_DINOScorer):
             )
         self.bank = bank
 
+    def reference_bytes(self) -> int:
+        return self.bank.features.numel() * self.bank.features.element_size()
+
     @classmethod
     def from_images(
         cls,

@@ -148,8 +148,7 @@ class MuScWithReferences(Predictor):
     def count(self) -> int:
         return len(self.sources)
 
-    @property
-    def nbytes(self) -> int:
+    def reference_bytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.bank.values())
 
     @property
