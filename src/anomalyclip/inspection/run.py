@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image
 
 from anomalyclip.colormaps import colormap_table
-from anomalyclip.inputs import expand_sources, input_columns
+from anomalyclip.inputs import expand_inputs
 from anomalyclip.inspection.files import (
     OverlayStyle,
     colour_scale,
@@ -223,10 +223,10 @@ def inspect(
     _check_style(style)
     if isinstance(sources, (str, Path, bytes, Image.Image, np.ndarray)):
         sources = [sources]
-    items = expand_sources(sources)
+    items, listed_columns = expand_inputs(sources)
     names = output_names(items)
     if columns is None:
-        columns = input_columns(sources)
+        columns = listed_columns
     post = model.postprocessor.with_given(image_threshold, pixel_threshold)
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:
