@@ -45,7 +45,6 @@ from anomalyclip.colormaps import colormap_table
 from anomalyclip.inputs import expand_inputs
 from anomalyclip.inspection.files import (
     OverlayStyle,
-    colour_scale,
     save_map,
     write_images,
     write_outputs,
@@ -63,6 +62,7 @@ from anomalyclip.inspection.run_folder import (
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, Predictor, SkippedImage
 from anomalyclip.preprocess import ImageLoadError, ImageSource, describe, load_image
+from anomalyclip.visualize import colour_scale
 
 logger = logging.getLogger(__name__)
 
@@ -245,6 +245,7 @@ def inspect(
         output_dir=str(out) if out is not None else None,
         resumed=len(done),
         false_alarm=post.false_alarm,
+        colour_map=style.colormap,
     )
     _log_thresholds(post, model.settings(), writes_masks=out is not None)
     results = dict(done)
