@@ -40,6 +40,10 @@ class Method:
     # the module of its reference mode, offering references_for(predictor, images),
     # bank_for(predictor, bank file) and save_bank(predictor, path, storage dtype)
     few_shot: str | None = None
+    # its reference mode also offers encode_references(predictor, images), each image's
+    # features alone, and references_from_encoded(predictor, features, sources): a bank
+    # that changes by one image (watch's rolling bank) then encodes only that one
+    encodes_references: bool = False
     # the precisions it runs in besides float32, fastest first (what ``auto`` picks
     # from), and the function that puts a built predictor in one of them
     precisions: tuple[str, ...] = ()
@@ -61,6 +65,22 @@ class Method:
     def load_bank(self) -> Callable[[Predictor, Path], Predictor] | None:
         """Its reference mode for a bank file saved earlier."""
         return None if self.few_shot is None else _lazy(self.few_shot, "bank_for")
+
+    @property
+    def encode_references(self) -> Callable[[Predictor, Sequence[ImageSource]], list[Any]] | None:
+        """Each reference's features, encoded alone (None: the bank is built whole)."""
+        if self.few_shot is None or not self.encodes_references:
+            return None
+        return _lazy(self.few_shot, "encode_references")
+
+    @property
+    def references_from_encoded(
+        self,
+    ) -> Callable[[Predictor, Sequence[Any], Sequence[ImageSource]], Predictor] | None:
+        """Its reference mode for features :attr:`encode_references` gave, in bank order."""
+        if self.few_shot is None or not self.encodes_references:
+            return None
+        return _lazy(self.few_shot, "references_from_encoded")
 
     @property
     def save_bank(self) -> Callable[[Predictor, Path, str], Path] | None:
@@ -152,6 +172,7 @@ METHODS: dict[str, Method] = {
         _build_musc,
         scores_sets=True,
         few_shot="anomalyclip.methods.musc.few_shot",
+        encodes_references=True,
         precisions=("bfloat16",),
         apply_precision=_lazy("anomalyclip.methods.musc.model", "apply_precision"),
     ),

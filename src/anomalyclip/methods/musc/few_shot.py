@@ -218,3 +218,31 @@ def save_bank(predictor: Predictor, path: str | Path, dtype: str = "float32") ->
     if not isinstance(predictor, MuScWithReferences):
         raise ReferenceError(f"{predictor.method} has no reference bank here: give --reference")
     return predictor.save(path, getattr(torch, bank_dtype(dtype)))
+
+
+# A bank kept by content (anomalyclip watch's rolling bank) -------------------------------
+
+EncodedReference = dict[tuple[int, int], Tensor]
+
+
+def encode_references(
+    predictor: Predictor, references: Sequence[ImageSource]
+) -> list[EncodedReference]:
+    """Each reference's LNAMD vectors, encoded on its own: the bank :meth:`from_images`
+    makes is their concatenation in order. A stream keeps them by the images' content,
+    so a bank that changes by one image encodes only that one."""
+    musc = _bare(predictor)
+    images = load_references(references)
+    with torch.no_grad():
+        return [_vectors(musc, musc.preprocessor.tensor(image)[None]) for image in images]
+
+
+def references_from_encoded(
+    predictor: Predictor, encoded: Sequence[EncodedReference], sources: Sequence[ImageSource]
+) -> MuScWithReferences:
+    """The reference mode for references encoded earlier by :func:`encode_references`
+    (the same bank as :meth:`MuScWithReferences.from_images` of ``sources``)."""
+    if not encoded:
+        raise ReferenceError("no reference images given")
+    bank = {key: torch.cat([one[key] for one in encoded]) for key in encoded[0]}
+    return MuScWithReferences(_bare(predictor), bank, [describe(source) for source in sources])
