@@ -87,6 +87,28 @@ class StreamResult:
 ReferenceMode = Callable[[Predictor, Sequence[ImageSource]], Predictor]
 
 
+def _check_calibrated_scale(method: Predictor) -> None:
+    """Refuse a calibrated image threshold that a rolling bank would compare with scores
+    on another scale: MuSc calibrated on sets (RsCIN's 0-1 over the set) scores later
+    images against its bank in raw distances, so the threshold would judge, and admit
+    to the bank, by a number that means something else there."""
+    entry = METHODS.get(method.method)
+    threshold = method.postprocessor.image_threshold
+    if (
+        threshold is None
+        or not method.scores_sets
+        or entry is None
+        or entry.set_scores_match_references
+    ):
+        return
+    raise ValueError(
+        f"{method.method}'s calibrated image threshold {threshold:.4g} was set on scores of "
+        "sets, but a rolling bank scores each later image against the bank on another "
+        "scale (raw distances): give --threshold on that scale, or calibrate with "
+        "--reference and score against that bank"
+    )
+
+
 class StreamScorer:
     """Images in as they come, results out; the rolling bank in between (see module)."""
 
@@ -99,6 +121,8 @@ class StreamScorer:
     ) -> None:
         if window < 2 and method.scores_sets:
             raise ValueError(f"--window must be at least 2 for {method.method}, got {window}")
+        if image_threshold is None:
+            _check_calibrated_scale(method)
         self.method = method
         self.window = window
         self.bank = ImageBank(window=window if method.scores_sets else None)
@@ -229,10 +253,11 @@ class StreamScorer:
         sources = [source for _, source in references]
         if encode is None or build is None:
             return self._reference_mode(self.method, sources)
+        method, wrap = self.method.layers()  # as with_references: under any wrapper
         new = {digest: source for digest, source in references if digest not in self._encoded}
         if new:
-            self._encoded.update(zip(new, encode(self.method, list(new.values())), strict=True))
-        return build(self.method, [self._encoded[digest] for digest, _ in references], sources)
+            self._encoded.update(zip(new, encode(method, list(new.values())), strict=True))
+        return wrap(build(method, [self._encoded[digest] for digest, _ in references], sources))
 
     def _score_one(self, item: StreamItem) -> StreamResult:
         bank_id, bank_size = self.bank.id, self.bank.size

@@ -141,9 +141,11 @@ def watch(
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: no such folder to watch")
     started = time.perf_counter()
+    # the given threshold, else the calibrated one (refused where on another scale than
+    # the bank's scores), checked before the output folder is claimed
+    scorer = StreamScorer(model, options.window, options.image_threshold)
     claim_output_dir(out, options.overwrite, options.resume)
     post = model.postprocessor.with_given(options.image_threshold, options.pixel_threshold)
-    scorer = StreamScorer(model, options.window, post.image_threshold)
     settings = run_settings(model, post, options.style, None, options.identity)
     settings["stream"] = {"folder": str(source.resolve()), "window": options.window}
     jsonl = out / "predictions.jsonl"

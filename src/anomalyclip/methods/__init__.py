@@ -44,6 +44,9 @@ class Method:
     # features alone, and references_from_encoded(predictor, features, sources): a bank
     # that changes by one image (watch's rolling bank) then encodes only that one
     encodes_references: bool = False
+    # the scores of a set are on its reference mode's scale, so an image threshold
+    # calibrated on sets holds for images scored against a bank (watch's rolling bank)
+    set_scores_match_references: bool = True
     # the precisions it runs in besides float32, fastest first (what ``auto`` picks
     # from), and the function that puts a built predictor in one of them
     precisions: tuple[str, ...] = ()
@@ -173,6 +176,8 @@ METHODS: dict[str, Method] = {
         scores_sets=True,
         few_shot="anomalyclip.methods.musc.few_shot",
         encodes_references=True,
+        # sets: RsCIN's min-max over the set (0-1); against references: raw distances
+        set_scores_match_references=False,
         precisions=("bfloat16",),
         apply_precision=_lazy("anomalyclip.methods.musc.model", "apply_precision"),
     ),
