@@ -244,9 +244,9 @@ class StreamScorer:
 
     def _against(self, references: Sequence[tuple[str, ImageSource]]) -> Predictor:
         """The method against these (content digest, source) references. A method whose
-        reference mode encodes images one by one encodes only those not encoded before
-        (the bank of 32 re-encoded at every admission took 31 min of a long run); the
-        bank is the same as the reference mode builds whole."""
+        reference mode encodes images one by one encodes only those not encoded before,
+        where rebuilding encoded the whole window at every admission; the bank is the
+        one the reference mode builds whole."""
         entry = METHODS.get(self.method.method)
         encode = None if entry is None else entry.encode_references
         build = None if entry is None else entry.references_from_encoded
