@@ -246,3 +246,48 @@ def test_drops_wait_for_the_references_and_cards_say_what_they_were_scored_with(
     expect(page.locator(".card[data-state=done]")).to_have_count(3)
     last = page.eval_on_selector_all(".card", "cards => cards.at(-1).dataset.references")
     assert last == "none"
+
+
+def canvas_pixels(page, selector: str) -> np.ndarray:
+    """The RGB pixels a canvas on the page shows."""
+    import io
+
+    url = page.eval_on_selector(selector, "canvas => canvas.toDataURL('image/png')")
+    data = base64.b64decode(url.split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float64)
+
+
+def test_heat_maps_are_coloured_on_one_stated_scale_that_shows_the_defect(
+    page, service, shared_dir
+):
+    """Issue 24, item 5: the page coloured maps over the method's fixed range (0-4 here,
+    with references), where these maps span about 1.0-1.6: every card one flat blue."""
+    from playwright.sync_api import expect
+
+    plates = shared_dir / "datasets" / "metal_plate"
+    good = sorted((plates / "test" / "good").iterdir())
+    defect = plates / "test" / "defect" / "test_00027.png"
+    page.goto(service.url)
+    page.set_input_files("#reference-input", [str(p) for p in good[:4]])
+    expect(page.locator("#reference-info")).to_contain_text("4 good parts in use")
+    page.set_input_files("#file-input", [str(defect), str(good[10])])
+    expect(page.locator(".card[data-state=done]")).to_have_count(2)
+    legend = page.locator("#colour-scale")
+    expect(legend).to_be_visible()
+    expect(legend).to_contain_text("colour scale: robust range of the 2 images shown")
+    low = float(legend.get_attribute("data-low"))
+    high = float(legend.get_attribute("data-high"))
+    assert 0.5 < low < high < 2.5  # the maps' own range, not the method's 0-4
+    assert float(legend.locator(".low").text_content()) == pytest.approx(low, rel=1e-3)
+    # the colour the map added at the defect differs from the colour elsewhere
+    shown = canvas_pixels(page, ".card:first-child canvas.heat")
+    height, width = shown.shape[:2]
+    original = np.asarray(
+        Image.open(defect).convert("RGB").resize((width, height), Image.BILINEAR), dtype=float
+    )
+    mask = Image.open(plates / "ground_truth" / "defect" / "test_00027_mask.png").convert("L")
+    inside = np.asarray(mask.resize((width, height))) > 127
+    heat = shown - 0.5 * original
+    difference = np.linalg.norm(heat[inside].mean(axis=0) - heat[~inside].mean(axis=0))
+    assert difference > 25, difference
+    assert heat[inside].mean(axis=0)[0] > heat[~inside].mean(axis=0)[0]  # warmer: more red

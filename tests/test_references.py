@@ -108,7 +108,10 @@ def test_maps_and_scores_match_the_literal_rule(features, references):
         expected_map = gaussian_filter(raw, model.config.sigma)
         assert prediction.anomaly_map == pytest.approx(expected_map, abs=1e-4)
         ratio = reference.max() / expected_max
-        expected_score = (float(zero_shot.image_scores[index]) + ratio / (1 + ratio)) / 2
+        # the peaks of the map's two terms: the zero-shot map's (a mean layer probability)
+        # and the reference map's against the references' own (issue 24, item 1)
+        peak = float(zero_shot.anomaly_maps[index].max()) / len(model.config.features)
+        expected_score = (peak + ratio / (1 + ratio)) / 2
         assert prediction.score == pytest.approx(expected_score, abs=1e-5)
 
 
@@ -187,3 +190,28 @@ def test_benchmark_smoke_run(tmp_path):
     assert [row["references"] for row in rows] == [1, 3]
     assert all(row["search_deviation"] < 1e-4 for row in rows)
     assert rows[1]["bank_mb"] > rows[0]["bank_mb"]
+
+
+def test_an_image_threshold_calibrated_on_the_earlier_score_rule_is_not_applied(caplog):
+    """Issue 24, item 1: the image score became the map's peaks; a threshold calibrated on
+    the zero-shot global probability would be applied to another distribution."""
+    import logging
+
+    from anomalyclip.calibration import Calibration
+
+    good = noise_images(3, seed=5)
+    bank = FewShotAnomalyCLIP.from_images(tiny_model(), good).bank
+    calibration = Calibration(0.61, 1.7, "quantile", "quantile", 3, 0, 0, 0.99, 0.999)
+    current = calibration.apply(tiny_model(), reference_bank=bank.digest)
+    post = FewShotAnomalyCLIP(current, bank).postprocessor
+    assert (post.image_threshold, post.pixel_threshold) == (0.61, 1.7)
+    earlier = calibration.apply(tiny_model(), reference_bank=bank.digest)
+    settings = dict(earlier.config.extra["calibrated_with"])
+    del settings["reference_image_score"]  # what calibrations before the change recorded
+    earlier.config = earlier.config.replace(
+        extra={**earlier.config.extra, "calibrated_with": settings}
+    )
+    with caplog.at_level(logging.WARNING):
+        post = FewShotAnomalyCLIP(earlier, bank).postprocessor
+    assert (post.image_threshold, post.pixel_threshold) == (None, 1.7)
+    assert "earlier rule (the zero-shot global probability) and is not applied" in caplog.text

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from anomalyclip.methods.tiled import TiledPredictor, Tiling, blend_weights
+from anomalyclip.methods.tiled import TiledPredictor, Tiling, blend_weights, tiled
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import Predictor
 from anomalyclip.preprocess import PreProcessor
@@ -127,9 +127,40 @@ def test_a_small_defect_on_a_wide_image_survives_tiling_not_squashing(shared_dir
     assert tiled_peak > 2 * tiled_rest  # stands out (0.52 against 0.19)
 
 
-def test_set_methods_cannot_be_tiled():
+def test_set_methods_are_tiled_through_tiled_only():
     class SetMethod(Brightness):
         scores_sets = True
 
-    with pytest.raises(ValueError, match="tiling is for methods that score each image"):
+    with pytest.raises(ValueError, match="tile it with tiled\\(\\), which scores each tile"):
         TiledPredictor(SetMethod(), Tiling(64))
+    assert tiled(SetMethod(), Tiling(64)).scores_sets is True
+    assert tiled(Brightness(), Tiling(64)).scores_sets is False
+
+
+def test_musc_in_tiles_scores_each_position_as_a_set_on_wide_parts(shared_dir):
+    """Issue 24, item 6b: --tile-size was refused for MuSc. Three 1536 x 512 parts of real
+    metal plates, tiles the plates: the middle plates are one MuSc set, and the stitched
+    map's middle third is exactly that set's maps."""
+    from anomalyclip.methods.musc.model import MuSc, MuScConfig
+    from tests.factories import tiny_clip
+
+    plates = sorted((shared_dir / "datasets" / "metal_plate" / "test" / "good").iterdir())
+    parts, middles = [], []
+    for index in range(3):
+        part = Image.new("RGB", (1536, 512))
+        for slot in range(3):
+            part.paste(Image.open(plates[3 * index + slot]).convert("RGB"), (512 * slot, 0))
+        parts.append(part)
+        middles.append(part.crop((512, 0, 1024, 512)))
+    musc = MuSc(tiny_clip(), MuScConfig(backbone="tiny", image_size=32, features=(2, 4)))
+    predictor = tiled(musc, Tiling(512, 0.0))
+    predictions = predictor.predict_images(parts)
+    _, middle_maps = musc.score_tensors(musc.preprocessor(middles))
+    for prediction, middle in zip(predictions, middle_maps, strict=True):
+        assert prediction.anomaly_map.shape == (32, 96)  # the plates side by side
+        assert prediction.anomaly_map[:, 32:64] == pytest.approx(middle, abs=1e-5)
+        assert prediction.score == pytest.approx(float(prediction.anomaly_map.max()), abs=1e-5)
+    # every plate is scored: the outer thirds vary too
+    assert all(
+        p.anomaly_map[:, :32].std() > 0 and p.anomaly_map[:, 64:].std() > 0 for p in predictions
+    )

@@ -54,6 +54,7 @@ from anomalyclip.data.paths import ALLOW_FLAG, is_inside
 from anomalyclip.inputs import expand_sources, read_image_csv
 from anomalyclip.inspection.run import iter_predictions
 from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
+from anomalyclip.methods.anomalyclip.few_shot import IMAGE_SCORE_RULE as REFERENCE_IMAGE_SCORE
 from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
 from anomalyclip.postprocess import describe_false_alarm
 from anomalyclip.predictor import Predictor, SkippedImage
@@ -121,6 +122,8 @@ class Calibration:
         settings = calibration_settings(config)
         if reference_bank is not None:
             settings["reference_bank"] = reference_bank
+            # the rule the image scores it was calibrated on follow (few_shot.py)
+            settings["reference_image_score"] = REFERENCE_IMAGE_SCORE
         extra = {**config.extra, "calibrated_with": settings}
         extra.pop("false_alarm", None)
         if self.false_alarm is not None:

@@ -30,7 +30,7 @@ CSV_FIELDS = (
 )
 # The fields of every result record: the CSV's and the thumbnail (the input CSV's own
 # columns follow them).
-RECORD_FIELDS = frozenset((*CSV_FIELDS, "thumbnail"))
+RECORD_FIELDS = frozenset((*CSV_FIELDS, "thumbnail", "scored_share"))
 
 
 @dataclass
@@ -50,6 +50,9 @@ class InspectionResult:
     thumbnail: str | None = None
     map: str | None = None
     prediction: AnomalyPrediction | None = None  # with the map, when kept
+    # the share of the image's area the method scored, where it left part unscored (a
+    # centre crop of a non-square image); None: all of it
+    scored_share: float | None = None
     # the input CSV's other cells, or a stream's bank fields
     columns: dict[str, Any] = field(default_factory=dict)
 
@@ -65,6 +68,7 @@ class InspectionResult:
 
         anomalous = record.get("anomalous")
         fraction = record.get("defect_fraction")
+        share = record.get("scored_share")
         return cls(
             image=str(record["image"]),
             name=name,
@@ -79,6 +83,7 @@ class InspectionResult:
             thumbnail=text("thumbnail"),
             map=text("map"),
             columns=columns,
+            scored_share=float(share) if isinstance(share, (int, float)) else None,
         )
 
     def to_record(self, image_threshold: float | None = None) -> dict[str, Any]:
@@ -96,6 +101,7 @@ class InspectionResult:
             "mask": self.mask,
             "map": self.map,
             "thumbnail": self.thumbnail,
+            "scored_share": self.scored_share,  # None: the whole image was scored
         }
         extra = {k: v for k, v in self.columns.items() if k not in RECORD_FIELDS}
         return {**record, **extra}

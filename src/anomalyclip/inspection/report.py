@@ -133,6 +133,12 @@ def _card(record: Mapping[str, Any], base: Path, caption: str) -> str:
     )
     fraction = record.get("defect_fraction")
     defect = "" if fraction is None else f" &middot; defect area {100 * fraction:.2f}%"
+    share = record.get("scored_share")
+    if share is not None:
+        defect += (
+            f' &middot; <span class="unscored">scored {100 * share:.0f}% of the image '
+            "(centre square; the grey strips were not scored)</span>"
+        )
     return (
         f'<figure class="card {verdict}" data-score="{record["score"]!r}" '
         f'data-name="{escape(name)}">{picture}<figcaption>'
@@ -173,6 +179,15 @@ def render_report(
         ("image threshold", f"{_format(image_threshold)} ({image_source})", ""),
         ("pixel threshold", f"{_format(summary.get('pixel_threshold'))} ({pixel_source})", ""),
     ]
+    partial = sum(record.get("scored_share") is not None for record in records)
+    if partial:
+        facts.append(
+            (
+                "not scored whole",
+                f"{partial} images: only their centre square was scored (grey on the overlays)",
+                ' id="unscored"',
+            )
+        )
     if summary.get("false_alarm"):
         promise = summary["false_alarm"]
         promised = f"{describe_false_alarm(promise)}, for the {' and '.join(promise['applies_to'])}"

@@ -66,6 +66,9 @@ from anomalyclip.visualize import colour_scale
 
 logger = logging.getLogger(__name__)
 
+# a centre crop that leaves less than this share of an image unscored is not reported
+UNSCORED_TOLERANCE = 0.01
+
 __all__ = ["SkippedImage", "inspect", "iter_predictions"]
 
 
@@ -335,7 +338,18 @@ def scored_result(
         defect_fraction=None if full_map is None else post.defect_fraction(full_map),
         prediction=prediction,
         columns=columns or {},
+        scored_share=scored_share(prediction, image.size),
     )
+
+
+def scored_share(prediction: AnomalyPrediction, size: tuple[int, int]) -> float | None:
+    """The share of an image of (width, height) its map covers, where the method scored
+    only its centre square (the paper's MuSc crop); None where it scored all of it."""
+    preprocessor = prediction.preprocessor
+    if preprocessor is None or preprocessor.resize != "center-crop":
+        return None
+    share = min(size) / max(size)
+    return None if share > 1 - UNSCORED_TOLERANCE else share
 
 
 def _check_style(style: OverlayStyle) -> None:

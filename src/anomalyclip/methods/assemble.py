@@ -32,7 +32,7 @@ from anomalyclip.methods.calibrated import (
     recorded_backbone,
 )
 from anomalyclip.methods.references import ReferenceError, bank_path_for
-from anomalyclip.methods.tiled import TiledPredictor, Tiling, reference_tiles
+from anomalyclip.methods.tiled import Tiling, reference_tiles, tiled
 from anomalyclip.predictor import Predictor
 from anomalyclip.preprocess import ImageSource
 from anomalyclip.utils.precision import resolve_precision
@@ -90,7 +90,7 @@ def assemble(spec: PredictorSpec) -> Predictor:
         predictor = _with_references(predictor, method, spec)
     if not spec.tile_size:
         return predictor
-    return TiledPredictor(predictor, Tiling(spec.tile_size, spec.tile_overlap), spec.batch_size)
+    return tiled(predictor, Tiling(spec.tile_size, spec.tile_overlap), spec.batch_size)
 
 
 def build_method(spec: PredictorSpec) -> Predictor:

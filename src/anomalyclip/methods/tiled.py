@@ -23,6 +23,14 @@ vanishes from the map. :class:`TiledPredictor` wraps any per-image
 * **Image score.** The maximum over the tiles' scores: a defect in one tile makes the
   image anomalous, as with the maximum of a map. Thresholds calibrated with tiling are
   for tiling (the maximum over more tiles is higher on normal images too).
+* **Set methods** (MuSc, whose images score each other: :class:`TiledSetPredictor`,
+  chosen by :func:`tiled`). The tiles at one position of every image (the k-th tile of
+  each, row by row) form a set, scored as one: a tile meets the same region of the
+  other parts at the same scale, and the work stays that of the untiled set per
+  position. A position fewer than two images reach (images of other sizes) joins the
+  first position's set. A tile's score is its map's maximum (the raw score: a set's
+  image scores are relative to that set, so maxima over sets would not compare), and
+  the image's the maximum over its tiles.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -111,10 +119,10 @@ class TiledPredictor(Predictor):
     """Any per-image method, scored tile by tile on big or elongated images."""
 
     def __init__(self, inner: Predictor, tiling: Tiling, batch_size: int = 8) -> None:
-        if inner.scores_sets:
+        if inner.scores_sets and not self.scores_sets:
             raise ValueError(
-                f"{inner.method} scores the images of a set against each other; tiling is "
-                "for methods that score each image on its own"
+                f"{inner.method} scores the images of a set against each other: tile it "
+                "with tiled(), which scores each tile position as a set"
             )
         self.inner = inner
         self.tiling = tiling
@@ -123,7 +131,7 @@ class TiledPredictor(Predictor):
 
     def layers(self) -> tuple[Predictor, Callable[[Predictor], Predictor]]:
         inner, wrap = self.inner.layers()
-        return inner, lambda method: TiledPredictor(wrap(method), self.tiling, self.batch_size)
+        return inner, lambda method: tiled(wrap(method), self.tiling, self.batch_size)
 
     def reference_views(self, references: Sequence[ImageSource]) -> Sequence[ImageSource]:
         """The references' tiles, cut as the images scored are cut."""
@@ -150,6 +158,31 @@ class TiledPredictor(Predictor):
         width, height = size
         return max(1, round(width * scale)), max(1, round(height * scale))
 
+    def score_tiles(
+        self, images: Sequence[Image.Image], tiles: list[tuple[int, tuple[int, int, int]]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and (S, S) maps of ``tiles`` ((image index, box) each), in batches."""
+        preprocessor = self.preprocessor
+        scores = np.zeros(len(tiles), dtype=np.float64)
+        maps = np.zeros((len(tiles), preprocessor.size, preprocessor.size), dtype=np.float32)
+        for start in range(0, len(tiles), self.batch_size):
+            chunk = list(range(start, min(start + self.batch_size, len(tiles))))
+            scores[chunk], maps[chunk] = self.inner.score_tensors(self.batch(images, tiles, chunk))
+        return scores, maps
+
+    def batch(
+        self,
+        images: Sequence[Image.Image],
+        tiles: list[tuple[int, tuple[int, int, int]]],
+        numbers: list[int],
+    ) -> torch.Tensor:
+        """The tiles numbered ``numbers``, cut and preprocessed, as one tensor."""
+        crops = []
+        for number in numbers:
+            index, (left, top, side) = tiles[number]
+            crops.append(images[index].crop((left, top, left + side, top + side)))
+        return torch.stack([self.preprocessor.tensor(crop) for crop in crops])
+
     def predict_images(self, images: Sequence[Image.Image]) -> list[AnomalyPrediction]:
         preprocessor = self.preprocessor
         tiles = [
@@ -157,19 +190,7 @@ class TiledPredictor(Predictor):
             for index, image in enumerate(images)
             for box in self.tiling.boxes(image.size)
         ]
-        scores = np.zeros(len(tiles), dtype=np.float64)
-        maps = np.zeros((len(tiles), preprocessor.size, preprocessor.size), dtype=np.float32)
-        for start in range(0, len(tiles), self.batch_size):
-            chunk = tiles[start : start + self.batch_size]
-            batch = torch.stack(
-                [
-                    preprocessor.tensor(images[index].crop((left, top, left + side, top + side)))
-                    for index, (left, top, side) in chunk
-                ]
-            )
-            chunk_scores, chunk_maps = self.inner.score_tensors(batch)
-            scores[start : start + len(chunk)] = chunk_scores
-            maps[start : start + len(chunk)] = chunk_maps
+        scores, maps = self.score_tiles(images, tiles)
         results = []
         for index, image in enumerate(images):
             own = [position for position, (owner, _) in enumerate(tiles) if owner == index]
@@ -207,3 +228,43 @@ class TiledPredictor(Predictor):
             total[y0:y1, x0:x1] += blend * placed
             weight[y0:y1, x0:x1] += blend
         return (total / np.maximum(weight, 1e-12)).astype(np.float32)
+
+
+class TiledSetPredictor(TiledPredictor):
+    """A set method (its images score each other) in tiles: each tile position's tiles
+    scored as one set (see the module notes)."""
+
+    scores_sets: ClassVar[bool] = True
+
+    def score_tiles(
+        self, images: Sequence[Image.Image], tiles: list[tuple[int, tuple[int, int, int]]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        size = self.preprocessor.size
+        maps = np.zeros((len(tiles), size, size), dtype=np.float32)
+        for numbers in position_sets(tiles):
+            _, maps[numbers] = self.inner.score_tensors(self.batch(images, tiles, numbers))
+        return maps.reshape(len(tiles), -1).max(axis=1).astype(np.float64), maps
+
+
+def position_sets(tiles: list[tuple[int, tuple[int, int, int]]]) -> list[list[int]]:
+    """The tile numbers of each set: the k-th tiles of all images; a position fewer than
+    two images reach joins the first position's set."""
+    positions: dict[int, list[int]] = {}
+    seen: dict[int, int] = {}
+    for number, (owner, _) in enumerate(tiles):
+        position = seen.get(owner, 0)
+        seen[owner] = position + 1
+        positions.setdefault(position, []).append(number)
+    sets = [numbers for numbers in positions.values() if len(numbers) >= 2]
+    lone = [number for numbers in positions.values() if len(numbers) < 2 for number in numbers]
+    if lone and sets:
+        sets[0] = sorted(sets[0] + lone)
+    elif lone:
+        sets = [lone]
+    return sets
+
+
+def tiled(inner: Predictor, tiling: Tiling, batch_size: int = 8) -> TiledPredictor:
+    """``inner`` scored in tiles: a set method's tiles in sets, one per tile position."""
+    kind = TiledSetPredictor if inner.scores_sets else TiledPredictor
+    return kind(inner, tiling, batch_size)

@@ -15,15 +15,25 @@ embeddings:
   are summed. The pixel map is the zero-shot raw map plus the reference map, then the
   model's Gaussian smoothing (summing before upsampling equals upsampling each layer:
   bilinear interpolation is linear).
-* **Image score.** ``(zero-shot probability + r / (1 + r)) / 2`` with ``r = m / m_ref``:
-  ``m`` is the maximum of the test image's (unsmoothed) reference map and ``m_ref`` the
-  largest such maximum among the references themselves, each scored against the other
-  references (leave one out); with a single reference, against its own patches outside a
-  3 x 3 neighbourhood. Why: a raw distance has no fixed scale (it depends on the layers,
-  the backbone and the product), while ``m_ref`` is how far from the bank a *normal* part
-  of this very product gets, so ``r = 1`` is the edge of normal variation and maps to
-  0.5, the same middle as the zero-shot probability; the score stays in [0, 1] and a
-  single image can be scored with no other test images.
+* **Image score.** ``(z + r / (1 + r)) / 2``, the peaks of the map's two terms: ``z``
+  the zero-shot map's maximum (smoothed, as shown) divided by the number of layers (a
+  mean layer probability, in [0, 1]), and ``r = m / m_ref``: ``m`` is the maximum of the
+  test image's (unsmoothed) reference map and ``m_ref`` the largest such maximum among
+  the references themselves, each scored against the other references (leave one out);
+  with a single reference, against its own patches outside a 3 x 3 neighbourhood. Why
+  ``r``: a raw distance has no fixed scale (it depends on the layers, the backbone and
+  the product), while ``m_ref`` is how far from the bank a *normal* part of this very
+  product gets, so ``r = 1`` is the edge of normal variation and maps to 0.5, the same
+  middle as a probability; the score stays in [0, 1] and a single image can be scored
+  with no other test images. Why the map's peak and not the zero-shot global probability
+  (the earlier rule; :data:`IMAGE_SCORE_RULE` names the current): the global embedding
+  judges the whole input at once, so a small defect barely moves it, and under tiles it
+  judges a crop at another scale; the maximum over tiles of that noise outweighed the
+  reference term (AnomalyCLIP with references on wide metal-plate parts, tiled: image
+  AUROC 0.667 against 0.778 untiled while the pixel AUROC rose; the global term alone:
+  0.69, the zero-shot map's peak alone: 1.00). The score now rests on the evidence the
+  map shows, which tiles sharpen. Image thresholds calibrated under the earlier rule are
+  not applied (the pixel map is unchanged, so pixel thresholds still are).
 """
 
 from __future__ import annotations
@@ -61,6 +71,9 @@ logger = logging.getLogger(__name__)
 
 BANK_FORMAT = "anomalyclip-reference-bank"
 BANK_VERSION = 1
+# How the image score is made from the map (see the module notes); recorded with thresholds
+# calibrated with references, so that an image threshold for another rule is not applied.
+IMAGE_SCORE_RULE = "map-peaks"
 # Patches outside this square around a patch count as "elsewhere" for a single reference.
 SELF_EXCLUSION = 1
 
@@ -401,6 +414,14 @@ class FewShotAnomalyCLIP(Predictor):
         self.model = model
         self.bank = bank
         self.leave_one_out = leave_one_out
+        calibrated = model.config.extra.get("calibrated_with") or {}
+        rule = calibrated.get("reference_image_score")
+        if bank.matches(str(calibrated.get("reference_bank"))) and rule != IMAGE_SCORE_RULE:
+            logger.warning(
+                "the image threshold was calibrated on image scores of an earlier rule (%s) "
+                "and is not applied (pixel thresholds are); calibrate again for verdicts",
+                rule or "the zero-shot global probability",
+            )
 
     @classmethod
     def from_images(
@@ -430,11 +451,12 @@ class FewShotAnomalyCLIP(Predictor):
         layers = len(self.model.config.features)
         calibrated = self.model.config.extra.get("calibrated_with") or {}
         with_references = self.bank.matches(str(calibrated.get("reference_bank")))
+        same_score = calibrated.get("reference_image_score") == IMAGE_SCORE_RULE
         return PostProcessor.calibrated(
             (low, high + layers),
-            post.image_threshold if with_references else None,
+            post.image_threshold if with_references and same_score else None,
             post.pixel_threshold if with_references else None,
-            post.false_alarm if with_references else None,
+            post.false_alarm if with_references and same_score else None,
         )
 
     def settings(self) -> dict[str, Any]:
@@ -461,7 +483,9 @@ class FewShotAnomalyCLIP(Predictor):
             reference = upsample(coarse, size)
             maps = gaussian_smooth(zero_shot.raw_maps + reference, model.config.sigma)
             ratio = reference.flatten(1).amax(dim=1) / self.bank.reference_max
-            scores = (zero_shot.image_scores.float() + ratio / (1 + ratio)) / 2
+            layers = len(model.config.features)
+            peak = zero_shot.anomaly_maps.flatten(1).amax(dim=1).float() / layers
+            scores = (peak + ratio / (1 + ratio)) / 2
         return scores.float().cpu().numpy(), maps.float().cpu().numpy()
 
 

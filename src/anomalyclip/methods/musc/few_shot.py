@@ -14,6 +14,12 @@ images, with everything else as in :mod:`anomalyclip.methods.musc.model`:
 * patch scores are averaged over layers, then degrees; the map is their bilinear
   upsampling (align_corners True) and the image score its maximum.
 
+Coverage: the references decide it, as a set's images do for MuSc
+(:meth:`~anomalyclip.methods.musc.model.MuSc.cover`): the paper's centre crop where it
+loses nothing, else (``auto``) the whole image resized, and the images scored are fitted
+the same way, so their patches meet the references' at the same scale. Images the bank's
+crop would cut (non-square images against a bank of centre crops) are said in the log.
+
 RsCIN is skipped: it smooths scores over the images of one set (min-max normalised over
 the set), which a single image does not have. Scores are therefore the raw MuSc scores
 (distances, not normalised to [0, 1]), comparable across images scored against the same
@@ -29,9 +35,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
-from anomalyclip.methods.musc.model import MAP_RANGE, MuSc, lnamd, neighbour_count
+from anomalyclip.methods.musc.model import (
+    CROP_LOSS_TOLERANCE,
+    MAP_RANGE,
+    MuSc,
+    lnamd,
+    neighbour_count,
+)
 from anomalyclip.methods.references import (
     ReferenceError,
     bank_dtype,
@@ -39,8 +52,8 @@ from anomalyclip.methods.references import (
     load_references,
 )
 from anomalyclip.postprocess import PostProcessor
-from anomalyclip.predictor import Predictor
-from anomalyclip.preprocess import ImageSource, PreProcessor, describe
+from anomalyclip.predictor import AnomalyPrediction, Predictor
+from anomalyclip.preprocess import ImageSource, PreProcessor, ResizeMode, describe
 from anomalyclip.utils.atomic import atomic_open
 from anomalyclip.utils.safe_load import refuse_non_finite, safe_torch_load
 
@@ -48,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 BANK_FORMAT = "anomalyclip-musc-reference-bank"
 BANK_VERSION = 1
+# how a bank's references were fitted to S x S (banks written before it: the centre crop)
+BANK_RESIZES: tuple[ResizeMode, ...] = ("center-crop", "squash")
 
 
 def nearest_gaps(queries: Tensor, reference: Tensor, block: int = 2048) -> Tensor:
@@ -80,22 +95,31 @@ class MuScWithReferences(Predictor):
     method = "musc"
 
     def __init__(
-        self, musc: MuSc, bank: dict[tuple[int, int], Tensor], sources: Sequence[str]
+        self,
+        musc: MuSc,
+        bank: dict[tuple[int, int], Tensor],
+        sources: Sequence[str],
+        resize: ResizeMode = "center-crop",
     ) -> None:
         self.musc = musc
         self.bank = bank
         self.sources = list(sources)
+        self.resize = resize  # how the references, and so the images scored, are fitted
         self.keep = neighbour_count(len(self.sources) + 1, musc.config.interval)
         self._said_rscin = False
+        self._said_cropped = False
 
     @classmethod
     def from_images(cls, musc: MuSc, references: Sequence[ImageSource]) -> MuScWithReferences:
-        """Encode the references once: their LNAMD vectors are the bank."""
+        """Encode the references once, fitted as their shapes need (see the module
+        notes): their LNAMD vectors are the bank."""
         images = load_references(references)
-        batch = torch.stack([musc.preprocessor.tensor(image) for image in images])
+        resize = musc.cover([image.size for image in images])
+        preprocessor = PreProcessor(musc.config.image_size, resize)
+        batch = torch.stack([preprocessor.tensor(image) for image in images])
         with torch.no_grad():
             bank = _vectors(musc, batch)
-        return cls(musc, bank, [describe(source) for source in references])
+        return cls(musc, bank, [describe(source) for source in references], resize)
 
     def identity(self) -> dict[str, Any]:
         """What the bank's vectors depend on: another backbone or setting makes them
@@ -116,6 +140,7 @@ class MuScWithReferences(Predictor):
             "vectors": {f"{d},{layer}": v.to(dtype).cpu() for (d, layer), v in self.bank.items()},
             "identity": self.identity(),
             "sources": self.sources,
+            "resize": self.resize,
         }
         target = Path(path)
         with atomic_open(target, "wb") as handle:
@@ -136,7 +161,12 @@ class MuScWithReferences(Predictor):
         refuse_non_finite(
             {f"vectors.{d},{layer}": v for (d, layer), v in bank.items()}, f"{path}: "
         )
-        loaded = cls(musc, bank, data["sources"])
+        resize = data.get("resize", "center-crop")
+        if resize not in BANK_RESIZES:
+            raise ReferenceError(
+                f"{path}: resize is {resize!r}, not one of {', '.join(BANK_RESIZES)}"
+            )
+        loaded = cls(musc, bank, data["sources"], resize)
         differences = identity_differences(data["identity"], loaded.identity())
         if differences:
             raise ReferenceError(
@@ -153,7 +183,25 @@ class MuScWithReferences(Predictor):
 
     @property
     def preprocessor(self) -> PreProcessor:
-        return self.musc.preprocessor
+        return PreProcessor(self.musc.config.image_size, self.resize)
+
+    def predict_images(self, images: Sequence[Image.Image]) -> list[AnomalyPrediction]:
+        """Scored as the bank was made; where that is the centre crop and an image is not
+        square, the log says how much of it is not scored (once per model)."""
+        if self.resize == "center-crop" and not self._said_cropped:
+            lost = [1 - min(image.size) / max(image.size) for image in images]
+            cropped = sum(share > CROP_LOSS_TOLERANCE for share in lost)
+            if cropped:
+                logger.warning(
+                    "MuSc with references: the bank holds centre crops (its references are "
+                    "square or --musc-coverage center-crop); %d of %d images are not square, "
+                    "up to %.0f %% of each lies outside the centre square and is not scored",
+                    cropped,
+                    len(lost),
+                    100 * max(lost),
+                )
+                self._said_cropped = True
+        return super().predict_images(images)
 
     @property
     def postprocessor(self) -> PostProcessor:
@@ -162,7 +210,7 @@ class MuScWithReferences(Predictor):
     def settings(self) -> dict[str, Any]:
         return {
             **self.musc.settings(),
-            "references": {"count": self.count, "sources": self.sources},
+            "references": {"count": self.count, "sources": self.sources, "resize": self.resize},
             "rscin": "skipped: images are scored one at a time against the references",
         }
 

@@ -6,6 +6,9 @@
 const UPLOAD_CONCURRENCY = 2;
 const BUSY_RETRIES = 4; // a busy service (503) is asked again after 1, 2, 3 s
 const MASK_COLOUR = [230, 40, 40, 150];
+const HEAT_ALPHA = 0.5; // the heatmap's weight over the image, as in the report's overlays
+const ROBUST_SAMPLE = 200000; // map values sampled for the robust colour range
+const FILLED_SHARE = 0.5; // the method's range is kept while the maps fill this much of it
 
 const state = {
   items: [],
@@ -14,6 +17,9 @@ const state = {
   pixelThreshold: 2,
   defaults: { image: 0.5, pixel: 2 },
   mapRange: [0, 4],
+  calibratedPixelThreshold: null,
+  // one colour scale for every card, so that colours compare across them
+  colourScale: { low: 0, high: 4, source: "the method's map range" },
   method: null,
   scoresSets: false,
   references: null,
@@ -65,6 +71,8 @@ async function loadModelInfo() {
     state.method = info.method;
     state.scoresSets = info.scores_sets;
     state.mapRange = info.map_range;
+    state.calibratedPixelThreshold = info.pixel_threshold ?? null;
+    updateColourScale();
     const middle = (info.map_range[0] + info.map_range[1]) / 2;
     state.defaults = {
       image: info.image_threshold ?? 0.5,
@@ -142,7 +150,10 @@ function addFiles(fileList) {
     card.querySelector(".filename").textContent = file.name;
     const original = card.querySelector("img.original");
     item.objectUrl = URL.createObjectURL(file);
-    original.addEventListener("load", () => drawMask(item));
+    original.addEventListener("load", () => {
+      drawMask(item);
+      drawHeat(item);
+    });
     original.addEventListener("error", () => {
       original.replaceWith(Object.assign(document.createElement("p"), {
         className: "no-preview",
@@ -219,7 +230,7 @@ function showResult(item, payload) {
   if (!state.items.includes(item)) return;
   item.result = payload;
   item.values = decodeMap(payload.map);
-  item.card.querySelector("img.overlay").src = `data:image/png;base64,${payload.overlay_png}`;
+  if (!updateColourScale()) drawHeat(item);
   item.card.querySelector(".score").textContent = `score ${formatNumber(payload.score)}`;
   item.card.dataset.score = payload.score;
   item.card.dataset.state = "done";
@@ -264,6 +275,100 @@ async function analyseSet(items) {
     for (const item of items) showError(item, error.message);
   }
   updateSummary();
+}
+
+function jet(x) {
+  // matplotlib's jet, as the report's overlays are coloured: blue (low) to red (high)
+  const channel = (v) => Math.round(255 * Math.min(1, Math.max(0, v)));
+  return [channel(1.5 - Math.abs(4 * x - 3)), channel(1.5 - Math.abs(4 * x - 2)), channel(1.5 - Math.abs(4 * x - 1))];
+}
+
+function chooseColourScale() {
+  // what the scores mean, in colour: a calibrated mask threshold mid-scale; else the
+  // method's range where the maps fill it (probabilities); else the robust range of the
+  // maps shown (raw distances, MuSc's near 0.3-0.5 on a 0-2 range, were uniform blue)
+  const [low, high] = state.mapRange;
+  const threshold = state.calibratedPixelThreshold;
+  if (threshold !== null && threshold > low) {
+    return { low, high: low + 2 * (threshold - low), source: `calibrated mask threshold ${formatNumber(threshold)} mid-scale` };
+  }
+  const shown = state.items.filter((item) => item.values);
+  const fixed = { low, high, source: "the method's map range" };
+  if (shown.length === 0) return fixed;
+  const total = shown.reduce((count, item) => count + item.values.length, 0);
+  const stride = Math.max(1, Math.floor(total / ROBUST_SAMPLE));
+  const sample = [];
+  for (const item of shown) for (let i = 0; i < item.values.length; i += stride) sample.push(item.values[i]);
+  const sorted = Float32Array.from(sample).sort();
+  const at = (share) => sorted[Math.min(sorted.length - 1, Math.floor(share * (sorted.length - 1)))];
+  const [bottom, top] = [at(0.01), at(0.999)];
+  if (!(top > bottom) || top - bottom >= FILLED_SHARE * (high - low)) return fixed;
+  return {
+    low: bottom,
+    high: top,
+    source: `robust range of the ${shown.length} image${shown.length > 1 ? "s" : ""} shown (1st-99.9th percentile of map values), the same for every card`,
+  };
+}
+
+function showColourScale() {
+  const { low, high, source } = state.colourScale;
+  const legend = $("#colour-scale");
+  legend.hidden = false;
+  legend.dataset.low = low;
+  legend.dataset.high = high;
+  legend.querySelector(".low").textContent = Number(low).toPrecision(4);
+  legend.querySelector(".high").textContent = Number(high).toPrecision(4);
+  legend.querySelector(".source").textContent = `colour scale: ${source}`;
+  const bar = legend.querySelector("canvas.bar");
+  const context = bar.getContext("2d");
+  for (let x = 0; x < bar.width; x++) {
+    const [r, g, b] = jet(x / (bar.width - 1));
+    context.fillStyle = `rgb(${r},${g},${b})`;
+    context.fillRect(x, 0, 1, bar.height);
+  }
+}
+
+function updateColourScale() {
+  // shown on the page; true when it changed, and every card was redrawn on it
+  const chosen = chooseColourScale();
+  const current = state.colourScale;
+  const changed = chosen.low !== current.low || chosen.high !== current.high || chosen.source !== current.source;
+  state.colourScale = chosen;
+  showColourScale();
+  if (changed) for (const item of state.items) drawHeat(item);
+  return changed;
+}
+
+function drawHeat(item) {
+  if (!item.result) return;
+  const canvas = item.card.querySelector("canvas.heat");
+  const { width, height } = item.result.overlay_size;
+  if (canvas.width !== width || canvas.height !== height) {
+    canvas.width = width;
+    canvas.height = height;
+  }
+  const context = canvas.getContext("2d");
+  context.fillStyle = "#222";
+  context.fillRect(0, 0, width, height);
+  const original = item.card.querySelector("img.original");
+  if (original && original.complete && original.naturalWidth > 0) {
+    context.drawImage(original, 0, 0, width, height);
+  }
+  const { map } = item.result;
+  const layer = document.createElement("canvas");
+  layer.width = map.width;
+  layer.height = map.height;
+  const pixels = layer.getContext("2d").createImageData(map.width, map.height);
+  const { low, high } = state.colourScale;
+  const span = high > low ? high - low : 1;
+  const alpha = Math.round(255 * HEAT_ALPHA);
+  for (let i = 0; i < item.values.length; i++) {
+    const [r, g, b] = jet(Math.min(1, Math.max(0, (item.values[i] - low) / span)));
+    pixels.data.set([r, g, b, alpha], 4 * i);
+  }
+  layer.getContext("2d").putImageData(pixels, 0, 0);
+  context.imageSmoothingEnabled = true;
+  context.drawImage(layer, 0, 0, width, height);
 }
 
 function maskLayer(item) {
@@ -362,6 +467,7 @@ function clearResults() {
   state.queue = [];
   $("#results").replaceChildren();
   updatePixelSliderRange();
+  updateColourScale();
   updateSummary();
 }
 
