@@ -8,6 +8,7 @@ import json
 import threading
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -229,3 +230,21 @@ def test_a_rolling_bank_encodes_only_the_images_it_has_not_encoded(monkeypatch):
             assert got.prediction.score == want.prediction.score
             np.testing.assert_array_equal(got.prediction.anomaly_map, want.prediction.anomaly_map)
             assert (got.admitted, got.bank_id) == (want.admitted, want.bank_id)
+
+
+def test_a_bank_put_together_from_encoded_images_is_the_bank_built_whole():
+    """Wide parts (fitted whole, MuSc's auto coverage) and a bank whose shapes change the
+    fitting: the bank of encoded references is the reference mode's, vector for vector."""
+    from anomalyclip.methods.musc import few_shot
+    from anomalyclip.methods.musc.model import MuSc, MuScConfig
+    from tests.factories import tiny_clip
+
+    musc = MuSc(tiny_clip(), MuScConfig(backbone="tiny", image_size=32, features=(2, 4)))
+    wide = [Image.open(io.BytesIO(noise_png(96, 32, seed=seed))) for seed in range(3)]
+    square = Image.open(io.BytesIO(noise_png(40, 40, seed=9)))
+    for references in (wide, [square, square.copy()], [square, *wide]):
+        encoded = [few_shot.encode_references(musc, [image])[0] for image in references]
+        built = few_shot.references_from_encoded(musc, encoded, references)
+        whole = few_shot.MuScWithReferences.from_images(musc, references)
+        assert built.resize == whole.resize and built.sources == whole.sources
+        assert all(torch.equal(built.bank[key], whole.bank[key]) for key in whole.bank)

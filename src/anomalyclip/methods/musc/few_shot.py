@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -270,7 +271,22 @@ def save_bank(predictor: Predictor, path: str | Path, dtype: str = "float32") ->
 
 # A bank kept by content (anomalyclip watch's rolling bank) -------------------------------
 
-EncodedReference = dict[tuple[int, int], Tensor]
+
+@dataclass(frozen=True)
+class EncodedReference:
+    """One reference's LNAMD vectors, and its size and the fitting they were made with
+    (a bank's fitting depends on all its images' shapes: :meth:`MuSc.cover`)."""
+
+    size: tuple[int, int]
+    resize: ResizeMode
+    vectors: dict[tuple[int, int], Tensor]
+
+
+def _encode(musc: MuSc, image: Image.Image, resize: ResizeMode) -> EncodedReference:
+    preprocessor = PreProcessor(musc.config.image_size, resize)
+    with torch.no_grad():
+        vectors = _vectors(musc, preprocessor.tensor(image)[None])
+    return EncodedReference(image.size, resize, vectors)
 
 
 def encode_references(
@@ -281,16 +297,23 @@ def encode_references(
     so a bank that changes by one image encodes only that one."""
     musc = _bare(predictor)
     images = load_references(references)
-    with torch.no_grad():
-        return [_vectors(musc, musc.preprocessor.tensor(image)[None]) for image in images]
+    resize = musc.cover([image.size for image in images])
+    return [_encode(musc, image, resize) for image in images]
 
 
 def references_from_encoded(
     predictor: Predictor, encoded: Sequence[EncodedReference], sources: Sequence[ImageSource]
 ) -> MuScWithReferences:
-    """The reference mode for references encoded earlier by :func:`encode_references`
-    (the same bank as :meth:`MuScWithReferences.from_images` of ``sources``)."""
+    """The reference mode for references encoded earlier by :func:`encode_references`:
+    the bank :meth:`MuScWithReferences.from_images` of ``sources`` makes (a reference
+    fitted otherwise than the whole bank's shapes now ask is encoded again)."""
     if not encoded:
         raise ReferenceError("no reference images given")
-    bank = {key: torch.cat([one[key] for one in encoded]) for key in encoded[0]}
-    return MuScWithReferences(_bare(predictor), bank, [describe(source) for source in sources])
+    musc = _bare(predictor)
+    resize = musc.cover([one.size for one in encoded])
+    fitted = [
+        one if one.resize == resize else _encode(musc, load_references([source])[0], resize)
+        for one, source in zip(encoded, sources, strict=True)
+    ]
+    bank = {key: torch.cat([one.vectors[key] for one in fitted]) for key in fitted[0].vectors}
+    return MuScWithReferences(musc, bank, [describe(source) for source in sources], resize)
