@@ -440,6 +440,18 @@ def test_bank_file_round_trip_and_refusals(tiny, tmp_path):
         AnomalyDINO(tiny, bank, AnomalyDINOConfig(image_size=42, rotation=True))
 
 
+def test_the_references_memory_is_reported_through_the_seam(tiny):
+    """The service reports a kept set's bytes from ``reference_bytes()``: the bank's
+    features (rows x dimension x 4 bytes), also under tiles; none without references."""
+    from anomalyclip.methods.tiled import TiledPredictor, Tiling
+
+    few = AnomalyDINO.from_images(tiny, [grey_image(40, 40, 7)], AnomalyDINOConfig(image_size=28))
+    rows, dimension = few.bank.features.shape
+    assert few.reference_bytes() == rows * dimension * 4 > 0
+    assert TiledPredictor(few, Tiling(20)).reference_bytes() == few.reference_bytes()
+    assert BatchedAnomalyDINO(tiny, AnomalyDINOConfig()).reference_bytes() == 0
+
+
 def test_settings_and_modes(tiny, tmp_path, monkeypatch):
     few = AnomalyDINO.from_images(tiny, [grey_image(40, 40, 7)], AnomalyDINOConfig(image_size=28))
     assert not few.scores_sets and few.method == "anomalydino"

@@ -95,6 +95,34 @@ def test_the_command_line_loads_without_torch():
     subprocess.run([sys.executable, "-c", probe], check=True)
 
 
+def test_building_the_parser_loads_no_torch():
+    """Every command's parser, with its choices (dataset kinds, presets, bank dtypes),
+    is built without torch: the lists it shows come from torch-free modules."""
+    probe = (
+        "import sys; from anomalyclip.cli import build_parser; parser = build_parser(); "
+        "assert 'torch' not in sys.modules, 'torch loaded'; "
+        "commands = parser._subparsers._group_actions[0].choices; "
+        "assert {'predict', 'test', 'train', 'watch'} <= set(commands)"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True)
+
+
+def test_help_loads_no_torch():
+    """``anomalyclip --help`` and a command's ``--help`` print their usage and exit 0
+    without importing torch (``-X importtime`` lists every module imported)."""
+    for argv in (["--help"], ["test", "--help"], ["predict", "--help"]):
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "anomalyclip", *argv],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert "usage: anomalyclip" in done.stdout
+        imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
+        assert "anomalyclip.cli" in imported
+        assert "torch" not in imported, argv
+
+
 def test_the_package_root_loads_its_names_on_first_use():
     code = (
         "import sys, anomalyclip; assert 'torch' not in sys.modules; "

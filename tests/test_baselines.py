@@ -17,14 +17,13 @@ from anomalyclip.data import open_dataset
 from anomalyclip.methods.anomalyclip.baselines import (
     ABNORMAL_STATES,
     NORMAL_STATES,
-    PRESETS,
     WINCLIP_TEMPLATES,
     baseline_sentences,
-    get_preset,
     handcrafted_text_features,
 )
 from anomalyclip.methods.anomalyclip.config import AnomalyCLIPConfig
 from anomalyclip.methods.anomalyclip.model import AnomalyCLIP
+from anomalyclip.methods.anomalyclip.presets import PRESETS, get_preset
 from tests.factories import tiny_clip
 
 TINY = dict(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomalyclip.inspection.files import colour_scale
+from anomalyclip.visualize import colour_scale
 
 
 def test_the_scale_follows_the_threshold_or_the_runs_robust_range():

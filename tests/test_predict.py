@@ -438,3 +438,22 @@ def test_overlays_of_large_photos_default_to_a_bounded_jpeg(tmp_path):
     assert result.overlay == "overlays/photo.jpg"
     with Image.open(tmp_path / result.overlay) as shown:
         assert (shown.format, shown.size) == ("JPEG", (4096, 1638))
+
+
+def test_a_csv_list_is_read_once_for_images_and_columns(tmp_path, monkeypatch):
+    """``inspect("list.csv")`` (the Python API) takes the images and their other cells
+    from one reading of the list."""
+    import anomalyclip.inputs
+    from anomalyclip.inputs import expand_inputs
+
+    listing = tmp_path / "list.csv"
+    listing.write_text("image,line\na.png,L1\nb.png,L2\n")
+    read: list[str] = []
+    real_read = anomalyclip.inputs.read_image_csv
+    monkeypatch.setattr(
+        anomalyclip.inputs, "read_image_csv", lambda path: read.append(str(path)) or real_read(path)
+    )
+    items, columns = expand_inputs([listing, tmp_path / "c.png"])
+    assert items == [tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"]
+    assert columns == {tmp_path / "a.png": {"line": "L1"}, tmp_path / "b.png": {"line": "L2"}}
+    assert read == [str(listing)]

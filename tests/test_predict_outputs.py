@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,8 +22,18 @@ def tiny_model_files(tmp_path_factory):
 
 
 def test_the_input_csvs_other_columns_travel_into_the_results(
-    tmp_path, shared_dir, tiny_model_files
+    tmp_path, shared_dir, tiny_model_files, monkeypatch
 ):
+    import anomalyclip.inputs
+
+    read: list[str] = []
+    real_read = anomalyclip.inputs.read_image_csv
+
+    def counted(path):
+        read.append(Path(path).name)
+        return real_read(path)
+
+    monkeypatch.setattr(anomalyclip.inputs, "read_image_csv", counted)
     images = copy_tiles(shared_dir, tmp_path / "in", {"good": 2, "crack": 1})
     listing = tmp_path / "in" / "list.csv"
     rows = [(p.relative_to(tmp_path / "in").as_posix(), p.parent.name) for p in images]
@@ -42,6 +53,7 @@ def test_the_input_csvs_other_columns_travel_into_the_results(
         )
         == 0
     )
+    assert read == ["list.csv"]  # the list read once, for its images and columns alike
     with (out / "predictions.csv").open(newline="") as handle:
         table = list(csv.DictReader(handle))
     assert [row["label"] for row in table] == [label for _, label in rows]

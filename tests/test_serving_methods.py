@@ -205,6 +205,29 @@ def test_reference_sets_are_kept_and_used_by_later_requests():
         assert "upload the references again" in gone.json()["detail"]
 
 
+def test_musc_reference_sets_report_their_bank_bytes(tmp_path):
+    """MuSc's reference set answers with the bytes of its bank (every degree and layer's
+    vectors), not a 500 for a bank that is a dict of tensors."""
+    from anomalyclip.methods.musc.factory import create_musc
+    from anomalyclip.methods.musc.few_shot import MuScWithReferences
+    from anomalyclip.preprocess import load_image
+    from tests.factories import tiny_clip
+
+    clip_path = tmp_path / "clip.pt"
+    torch.save(tiny_clip().state_dict(), clip_path)
+    musc = create_musc(clip_path, overrides={"image_size": 64, "features": (2, 4)})
+    references = [noise_png(64, 64, seed=60 + i) for i in range(2)]
+    bank = MuScWithReferences.from_images(musc, [load_image(r) for r in references]).bank
+    expected = sum(vectors.numel() * 4 for vectors in bank.values())
+    with TestClient(create_app({"musc": musc})) as client:
+        response = client.post(
+            "/v1/references", params={"method": "musc"}, files=set_files(references)
+        )
+        assert response.status_code == 200, response.text
+        assert (response.json()["count"], response.json()["bytes"]) == (2, expected)
+        assert expected > 0
+
+
 def test_a_method_without_a_reference_mode_says_so():
     with TestClient(create_app(MeanDistanceSet())) as client:
         response = client.post("/v1/references", files=set_files([noise_png()] * 2))

@@ -8,6 +8,7 @@ import json
 import threading
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -172,3 +173,78 @@ def test_marks_recompute_a_threshold_set_for_a_false_alarm_rate(tmp_path, caplog
     entries = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert entries[2]["thresholds_before"]["image"] == 0.5
     assert entries[2]["thresholds_after"]["image"] == pytest.approx(expected)
+
+
+def test_a_rolling_bank_encodes_only_the_images_it_has_not_encoded(monkeypatch):
+    """An admission changes MuSc's bank by one image: only that image is encoded (and
+    each image scored), not the whole bank again; scores, maps and the seed's edge are
+    those of the bank built whole."""
+    import dataclasses
+
+    import numpy as np
+
+    from anomalyclip.inspection.stream import StreamItem, StreamScorer
+    from anomalyclip.methods import METHODS
+    from anomalyclip.methods.musc import few_shot
+    from anomalyclip.methods.musc.model import MuSc, MuScConfig
+    from tests.factories import tiny_clip
+
+    musc = MuSc(tiny_clip(), MuScConfig(backbone="tiny", image_size=32, features=(2, 4)))
+    items = []
+    for seed in range(8):
+        data = noise_png(48, 48, seed=seed)
+        items.append(
+            StreamItem(data, image_sha256(data), f"{seed}.png", Image.open(io.BytesIO(data)))
+        )
+    encoded: list[int] = []  # images per call of MuSc's encoder in its reference mode
+    real_vectors = few_shot._vectors
+
+    def counted(model, images):
+        encoded.append(len(images))
+        return real_vectors(model, images)
+
+    monkeypatch.setattr(few_shot, "_vectors", counted)
+
+    def run(threshold: float | None) -> tuple[list, float | None, int]:
+        encoded.clear()
+        scorer = StreamScorer(musc, window=3, image_threshold=threshold)
+        results = scorer.submit(items)
+        assert [r.phase for r in results] == ["cold-start"] * 3 + ["bank"] * 5
+        return results, scorer.admission_threshold, sum(encoded)
+
+    cached = {threshold: run(threshold) for threshold in (1e9, None)}
+    entry = dataclasses.replace(METHODS["musc"], encodes_references=False)
+    monkeypatch.setitem(METHODS, "musc", entry)
+    whole = {threshold: run(threshold) for threshold in (1e9, None)}
+    # every image admitted: the first scored against the bank encodes its 3 members, each
+    # later one the image admitted before it, and each of the 5 is encoded to be scored:
+    # 3 + 4 + 5 = 12, where rebuilding the bank at each admission took 3 x 5 + 5 = 20
+    assert cached[1e9][2] == 12 and whole[1e9][2] == 20
+    # the seed's leave-one-out edge: each seed image encoded once (3 + 3 scored), not
+    # once per other seed image (6 + 3)
+    assert whole[None][2] - cached[None][2] >= 3
+    for threshold in (1e9, None):
+        (results, edge, _), (expected, expected_edge, _) = cached[threshold], whole[threshold]
+        assert edge == expected_edge
+        for got, want in zip(results, expected, strict=True):
+            assert got.prediction.score == want.prediction.score
+            np.testing.assert_array_equal(got.prediction.anomaly_map, want.prediction.anomaly_map)
+            assert (got.admitted, got.bank_id) == (want.admitted, want.bank_id)
+
+
+def test_a_bank_put_together_from_encoded_images_is_the_bank_built_whole():
+    """Wide parts (fitted whole, MuSc's auto coverage) and a bank whose shapes change the
+    fitting: the bank of encoded references is the reference mode's, vector for vector."""
+    from anomalyclip.methods.musc import few_shot
+    from anomalyclip.methods.musc.model import MuSc, MuScConfig
+    from tests.factories import tiny_clip
+
+    musc = MuSc(tiny_clip(), MuScConfig(backbone="tiny", image_size=32, features=(2, 4)))
+    wide = [Image.open(io.BytesIO(noise_png(96, 32, seed=seed))) for seed in range(3)]
+    square = Image.open(io.BytesIO(noise_png(40, 40, seed=9)))
+    for references in (wide, [square, square.copy()], [square, *wide]):
+        encoded = [few_shot.encode_references(musc, [image])[0] for image in references]
+        built = few_shot.references_from_encoded(musc, encoded, references)
+        whole = few_shot.MuScWithReferences.from_images(musc, references)
+        assert built.resize == whole.resize and built.sources == whole.sources
+        assert all(torch.equal(built.bank[key], whole.bank[key]) for key in whole.bank)

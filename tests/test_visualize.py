@@ -158,3 +158,43 @@ def test_colorbar_runs_from_low_to_high():
     assert pixel(bar, 0, 0) == (0, 0, 128) and pixel(bar, 99, 4) == (128, 0, 0)
     with pytest.raises(ValueError, match="colorbar size must be positive"):
         colorbar(0, 5)
+
+
+def test_the_service_a_run_folder_and_the_report_draw_with_one_renderer(tmp_path):
+    """One renderer for every output: the service's overlay of an image is the run
+    folder's, pixel for pixel (same reduction, colour map and scale: the pixel threshold
+    mid-scale), and the report's legend is drawn in the run's colour map."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from anomalyclip.inspection.run import inspect
+    from anomalyclip.serving import ServiceSettings, create_app
+    from tests.helpers import decode_png, noise_png, tiny_service_model
+
+    data = noise_png(300, 180, seed=4)
+    source = tmp_path / "part.png"
+    source.write_bytes(data)
+    model = tiny_service_model(pixel_threshold=0.9)
+    summary = inspect(
+        [source],
+        model,
+        tmp_path / "run",
+        progress=False,
+        overlay_format="png",
+        overlay_max_side=100,
+    )
+    written = np.asarray(Image.open(tmp_path / "run" / summary.results[0].overlay))
+    assert summary.colour_scale == pytest.approx((0.0, 1.8))  # threshold mid-scale
+    with TestClient(create_app(model, ServiceSettings(overlay_max_side=100))) as client:
+        answer = client.post("/v1/predict", files={"file": ("part.png", data, "image/png")})
+    served = np.asarray(decode_png(answer.json()["overlay_png"]))
+    assert served.shape == written.shape == (60, 100, 3)
+    np.testing.assert_array_equal(served, written)
+
+    inspect([source], model, tmp_path / "viridis", progress=False, colormap="viridis")
+    report = (tmp_path / "viridis" / "report.html").read_text()
+    viridis = base64.b64encode(encode_png(colorbar(200, 12, "viridis"))).decode("ascii")
+    assert viridis in report
+    jet = base64.b64encode(encode_png(colorbar(200, 12, "jet"))).decode("ascii")
+    assert jet not in report

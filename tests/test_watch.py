@@ -206,3 +206,47 @@ def test_musc_on_the_line_finds_real_defects_against_its_rolling_bank(tmp_path, 
     # enters; measured here: AUROC 1.0, and 3 of the 16 defects scored under the edge
     for row in later:
         assert row["bank_admitted"] == (row["score"] < row["admission_threshold"])
+
+
+def test_a_threshold_calibrated_on_sets_is_refused_for_the_rolling_bank(
+    tmp_path, clip_file, caplog
+):
+    """MuSc calibrated on sets (RsCIN's 0-1 over the set) would judge images scored
+    against the bank (raw distances) by a number on another scale: watch refuses it in
+    one line before claiming the output folder; a --threshold given on the bank's scale
+    is taken, and the calibration's method and settings still apply."""
+    good, line, out = tmp_path / "good", tmp_path / "line", tmp_path / "out"
+    noise_files(good, 4, seed=5)
+    noise_files(line, 4, seed=6)
+    calibration = tmp_path / "line3.json"
+    assert (
+        cli("calibrate", str(good), *tiny_musc(clip_file), "--no-progress", "-o", str(calibration))
+        == 0
+    )
+    watch = [
+        "watch",
+        str(line),
+        "--output-dir",
+        str(out),
+        "--window",
+        "2",
+        "--once",
+        "--poll-interval",
+        "0.05",
+    ]
+    with caplog.at_level("ERROR"):
+        code = cli(*watch, *tiny_musc(clip_file), "--checkpoint", str(calibration))
+    assert code == 2 and not out.exists()
+    (message,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    threshold = json.loads(calibration.read_text())["image_threshold"]
+    assert message == (
+        f"musc's calibrated image threshold {threshold:.4g} was set on scores of sets, but a "
+        "rolling bank scores each later image against the bank on another scale (raw "
+        "distances): give --threshold on that scale, or calibrate with --reference and "
+        "score against that bank"
+    )
+    given = cli(*watch, *tiny_musc(clip_file), "--checkpoint", str(calibration), "--threshold", "5")
+    assert given == 0
+    rows = records(out)
+    assert [r["phase"] for r in rows] == ["cold-start"] * 2 + ["bank"] * 2
+    assert all(r["admission_threshold"] == 5 for r in rows)

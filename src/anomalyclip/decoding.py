@@ -42,6 +42,8 @@ DEFAULT_MAX_ASPECT = 100.0
 DRAFT_MARGIN = 4
 # Formats never opened: EPS is rendered by running Ghostscript on the file's program.
 REFUSED_FORMATS = frozenset({"EPS"})
+# The one list of what counts as an image file when folders are searched.
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
 ErrorKind = Literal["missing", "unsupported", "too-large", "corrupt"]
 

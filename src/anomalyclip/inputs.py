@@ -96,11 +96,29 @@ def _nothing_at(item: str | Path, path: Path) -> str:
     return f"{item} does not exist"
 
 
+@dataclass
+class GatheredInputs:
+    """The image files the inputs name, and the other cells of those a CSV list names
+    (label, category, ...: a user's own annotations, carried beside the scores)."""
+
+    images: list[Path]
+    columns: dict[Path, dict[str, str]] = field(default_factory=dict)
+
+
 def gather_images(
     inputs: Sequence[str | Path],
     include_annotations: bool = False,
     exclude: Sequence[str | Path | None] = (),
 ) -> list[Path]:
+    """The image files of :func:`gather_inputs`."""
+    return gather_inputs(inputs, include_annotations, exclude).images
+
+
+def gather_inputs(
+    inputs: Sequence[str | Path],
+    include_annotations: bool = False,
+    exclude: Sequence[str | Path | None] = (),
+) -> GatheredInputs:
     """Files as given, folders searched recursively, glob patterns expanded, CSV lists read.
 
     Folders are walked following symbolic links (each real folder once) and keep image
@@ -111,9 +129,11 @@ def gather_images(
     Matches are sorted per input and duplicates dropped. An input that matches nothing
     raises FileNotFoundError naming it. Folders in ``exclude`` (a run's own output
     folder inside its input folder: its overlays and thumbnails are not parts) are never
-    searched, wherever they are met.
+    searched, wherever they are met. Each CSV list is read once, for its images and their
+    other columns alike.
     """
     found: list[Path] = []
+    columns: dict[Path, dict[str, str]] = {}
     skipped_annotations: list[Path] = []
     excluded = {os.path.realpath(folder) for folder in exclude if folder is not None}
     for item in inputs:
@@ -121,7 +141,9 @@ def gather_images(
         if path.is_dir():
             matches = _walk(path, include_annotations, skipped_annotations, excluded)
         elif path.is_file() and path.suffix.lower() == ".csv":
-            matches = [row.image for row in read_image_csv(path)]
+            rows = read_image_csv(path)
+            matches = [row.image for row in rows]
+            columns.update((row.image, row.columns) for row in rows)
         elif path.is_file():
             matches = [path]
         else:
@@ -141,19 +163,7 @@ def gather_images(
             ", ".join(folders[:3]),
             f" and {len(folders) - 3} more" if len(folders) > 3 else "",
         )
-    return list(dict.fromkeys(found))
-
-
-def input_columns(sources: Sequence[ImageSource]) -> dict[Path, dict[str, str]]:
-    """The other columns of every image listed in the CSV inputs (label, category, ...),
-    so that a user's own annotations travel into predictions.csv beside the scores."""
-    columns: dict[Path, dict[str, str]] = {}
-    for source in sources:
-        if isinstance(source, (str, Path)) and str(source).lower().endswith(".csv"):
-            path = Path(source)
-            if path.is_file():
-                columns.update((row.image, row.columns) for row in read_image_csv(path))
-    return columns
+    return GatheredInputs(list(dict.fromkeys(found)), columns)
 
 
 def _walk(
@@ -195,13 +205,24 @@ def expand_sources(sources: Sequence[ImageSource]) -> list[ImageSource]:
 
     A file that does not exist is kept too: it is skipped, and reported, when read.
     """
+    return expand_inputs(sources)[0]
+
+
+def expand_inputs(
+    sources: Sequence[ImageSource],
+) -> tuple[list[ImageSource], dict[Path, dict[str, str]]]:
+    """:func:`expand_sources`, with the other columns of the images CSV lists name (each
+    list read once)."""
     items: list[ImageSource] = []
+    columns: dict[Path, dict[str, str]] = {}
     for source in sources:
         if isinstance(source, (str, Path)) and _is_collection(Path(source)):
-            items.extend(gather_images([source]))
+            gathered = gather_inputs([source])
+            items.extend(gathered.images)
+            columns.update(gathered.columns)
         else:
             items.append(source)
-    return items
+    return items, columns
 
 
 def _is_collection(path: Path) -> bool:

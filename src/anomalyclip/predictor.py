@@ -147,6 +147,13 @@ class Predictor(ABC):
         like: as they are, unless a wrapper changes what is scored (tiles cut them)."""
         return references
 
+    def reference_bytes(self) -> int:
+        """The memory the known-good references this predictor scores against hold (0:
+        it has none), what the service reports for a kept reference set. A wrapper
+        answers for the method under it; a reference mode overrides this."""
+        method, _ = self.layers()
+        return 0 if method is self else method.reference_bytes()
+
     def describe(self) -> dict[str, Any]:
         """What the service and reports show about the model."""
         return {

@@ -28,6 +28,7 @@ from PIL import Image, ImageOps
 
 from anomalyclip.decoding import (
     DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
     DecodeSettings,
     ImageLoadError,
     RunDepth,
@@ -60,8 +61,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ImageSource = str | Path | bytes | Image.Image | np.ndarray
-# The one list of what counts as an image file when folders are searched.
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
 
 def describe(source: ImageSource) -> str:

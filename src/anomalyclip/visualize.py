@@ -9,17 +9,24 @@ stretched to its own maximum (what the authors' visualisation does), which shows
 map peaks but makes colours incomparable between images.
 
 Colour maps are small piecewise-linear tables in numpy: no matplotlib needed.
+
+:func:`render_overlay` is the one overlay every output draws (predict's and watch's run
+folders, the service's answers): the same reduction, map placement, colour scale
+(:func:`colour_scale`) and grey for what a method did not score.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from anomalyclip.colormaps import colormap_table
 from anomalyclip.predictor import AnomalyPrediction
+from anomalyclip.preprocess import PreProcessor
 
 
 def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -92,6 +99,126 @@ def overlay(
         array = anomaly_map
     heat = colorize(resize_map(array, base.size), 0.0 if vmin is None else vmin, vmax, colormap)
     return Image.blend(base, heat, alpha)
+
+
+@dataclass(frozen=True)
+class ColourScale:
+    """The map values an overlay's colours span, and how they were chosen (said in the
+    log and the report). A run uses one for all its images, so a colour means one value
+    across the run."""
+
+    low: float
+    high: float
+    source: str
+
+
+# the fixed range is kept while the run's maps fill at least this share of it
+FILLED_SHARE = 0.5
+
+
+def colour_scale(
+    map_range: tuple[float, float],
+    pixel_threshold: float | None,
+    maps: Sequence[np.ndarray] = (),
+) -> ColourScale:
+    """What the scores mean, in colour: with a pixel threshold, the method's low end to
+    twice the threshold's distance from it (the threshold mid-scale: above it is warm);
+    else the method's fixed range where the maps fill it (probabilities) or where there
+    are no ``maps`` to judge by (one answer of the service), and otherwise the robust
+    range of ``maps`` (a run's first images: 1st to 99.9th percentile).
+
+    Why: raw distances (MuSc near 0.3-0.5 on a 0-2 range) coloured over the fixed range
+    are uniform blue even where the detection is perfect.
+    """
+    low, high = map_range
+    if pixel_threshold is not None and pixel_threshold > low:
+        return ColourScale(
+            low,
+            low + 2 * (pixel_threshold - low),
+            f"pixel threshold {pixel_threshold:.4g} mid-scale",
+        )
+    if not maps:
+        return ColourScale(low, high, "the method's map range")
+    values = np.concatenate([np.asarray(m, dtype=np.float32).ravel() for m in maps])
+    bottom, top = (float(v) for v in np.percentile(values, [1.0, 99.9]))
+    if top - bottom >= FILLED_SHARE * (high - low) or not top > bottom:
+        return ColourScale(low, high, "the method's map range")
+    return ColourScale(
+        bottom,
+        top,
+        f"robust range of this run's first {len(maps)} images (1st-99.9th percentile of map "
+        "values); the same for every image of the run",
+    )
+
+
+def fit_within(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """(width, height) scaled down, aspect kept, so the longer side is at most
+    ``max_side`` (None: as it is)."""
+    width, height = size
+    if max_side is None or max(size) <= max_side:
+        return size
+    scale = max_side / max(size)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def placed_map(prediction: AnomalyPrediction, size: tuple[int, int], fill: float) -> np.ndarray:
+    """(height, width) map on the image shown at ``size``, as the method's input saw it
+    (``fill`` outside a centre crop)."""
+    preprocessor = prediction.preprocessor or PreProcessor(prediction.anomaly_map.shape[-1])
+    return preprocessor.map_to_original(prediction.anomaly_map, size, fill=fill)
+
+
+def scored_area(prediction: AnomalyPrediction, size: tuple[int, int]) -> Image.Image | None:
+    """An "L" mask (255: scored) of an image shown at ``size`` whose map covers only part
+    of it (a centre crop), or None where the map covers all of it."""
+    preprocessor = prediction.preprocessor
+    if preprocessor is None or preprocessor.resize != "center-crop":
+        return None
+    ones = np.ones_like(prediction.anomaly_map, dtype=np.float32)
+    covered = preprocessor.map_to_original(ones, size, fill=0.0) >= 0.5
+    if covered.all():
+        return None
+    return Image.fromarray(covered.astype(np.uint8) * 255, "L")
+
+
+@dataclass(frozen=True)
+class RenderedOverlay:
+    """An overlay and the map placed on it (at its size: what a mask of it is cut from)."""
+
+    image: Image.Image
+    placed_map: np.ndarray
+
+
+def render_overlay(
+    image: Image.Image,
+    prediction: AnomalyPrediction,
+    *,
+    alpha: float = 0.5,
+    colormap: str = "jet",
+    max_side: int | None = None,
+    scale: tuple[float, float] | None = None,
+    full_map: np.ndarray | None = None,
+) -> RenderedOverlay:
+    """The overlay of one scored image, as every output draws it: the image reduced to at
+    most ``max_side``, the map placed on it by the method's preprocessing, coloured over
+    ``scale`` (default: the method's map range; see :func:`colour_scale`), and what the
+    method did not score (outside a centre crop) in grey, never coloured as "low".
+    ``full_map``: the map at the original size when the caller made it already (716 MB
+    at 13,376 x 13,376: made once)."""
+    low, high = prediction.map_range if scale is None else scale
+    size = fit_within(image.size, max_side)
+    if size == image.size:
+        shown = image
+        shown_map = prediction.map_at_original_size() if full_map is None else full_map
+    else:
+        shown = image.resize(size, Image.Resampling.BILINEAR)
+        shown_map = placed_map(prediction, size, fill=low)
+    blended = overlay(shown, shown_map, alpha, low, high, colormap=colormap)
+    scored = scored_area(prediction, size)
+    if scored is not None:
+        grey = shown.convert("L").convert("RGB")
+        blended = Image.composite(blended, grey, scored)
+    return RenderedOverlay(blended, shown_map)
 
 
 def defect_mask(

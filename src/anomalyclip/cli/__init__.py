@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from anomalyclip.preprocess import decoding
+    from anomalyclip.decoding import decoding
 
     megapixels = getattr(args, "max_megapixels", None)
     try:

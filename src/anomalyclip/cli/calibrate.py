@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from anomalyclip.cli import options
 from anomalyclip.cli.options import (
@@ -277,13 +277,15 @@ def _write_checkpoint(
     """AnomalyCLIP's checkpoint with the thresholds, and its bank beside it."""
     import torch
 
+    from anomalyclip.methods import method_named
     from anomalyclip.methods.anomalyclip.checkpoint import save_checkpoint
     from anomalyclip.methods.references import bank_path_for
 
-    untiled, _ = scorer.layers()
-    # the few-shot model holds the model and the bank of its reference mode
-    model = cast("AnomalyCLIP", getattr(untiled, "model", untiled))
-    bank: ReferenceBank | None = getattr(untiled, "bank", None)
+    method = method_named(scorer.method)
+    assert method.checkpoint_parts is not None  # a method with a checkpoint names its parts
+    parts = method.checkpoint_parts(scorer.layers()[0])
+    model: AnomalyCLIP = parts[0]
+    bank: ReferenceBank | None = parts[1]
     # the bank as it will be stored (float16 is other content, hence another digest)
     stored = None
     if bank is not None:

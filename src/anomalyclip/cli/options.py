@@ -112,7 +112,7 @@ def add_model_arguments(
 
 
 def _add_ablation_arguments(parser: argparse.ArgumentParser, training: bool) -> None:
-    from anomalyclip.methods.anomalyclip.baselines import PRESETS
+    from anomalyclip.methods.anomalyclip.presets import PRESETS
 
     group = parser.add_argument_group("method and ablations (defaults: the paper's)")
     group.add_argument(
@@ -161,9 +161,9 @@ def build_model(args: argparse.Namespace, seed: int = 0) -> AnomalyCLIP:
     """AnomalyCLIP itself, for the commands that need the model rather than a scorer:
     ``train`` (fresh prompts unless ``--init`` names some) and ``export`` (which refuses
     a checkpoint calibrated with references: ONNX has no reference mode)."""
-    from anomalyclip.methods.anomalyclip.baselines import get_preset
     from anomalyclip.methods.anomalyclip.factory import NO_CHECKPOINT
     from anomalyclip.methods.anomalyclip.model import create_model
+    from anomalyclip.methods.anomalyclip.presets import get_preset
 
     preset = get_preset(args.preset) if getattr(args, "preset", None) else None
     training = hasattr(args, "init")
@@ -395,8 +395,8 @@ def build_method(args: argparse.Namespace, seed: int = 0) -> Predictor:
 
 def _checkpoint(args: argparse.Namespace) -> str:
     """``--checkpoint``; without one, ``mvtec``, or none for an untrained baseline preset."""
-    from anomalyclip.methods.anomalyclip.baselines import get_preset
     from anomalyclip.methods.anomalyclip.factory import NO_CHECKPOINT
+    from anomalyclip.methods.anomalyclip.presets import get_preset
 
     checkpoint = getattr(args, "checkpoint", NO_CHECKPOINT)
     if checkpoint is None:

@@ -23,6 +23,7 @@ from anomalyclip.utils.atomic import WriteFailedError
 from anomalyclip.utils.hashing import file_digest
 
 if TYPE_CHECKING:
+    from anomalyclip.inputs import GatheredInputs
     from anomalyclip.inspection.records import InspectionSummary
     from anomalyclip.methods.assemble import PredictorSpec
     from anomalyclip.predictor import Predictor
@@ -143,7 +144,7 @@ def _add_bank_arguments(outputs: argparse._ArgumentGroup) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from anomalyclip.inputs import gather_images
+    from anomalyclip.inputs import gather_inputs
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -154,8 +155,8 @@ def run(args: argparse.Namespace) -> int:
     spec = options.spec_from_args(args)  # options checked before any file is read
     # the run's own folders are never its input (a resumed run inside its input folder)
     own = [args.output_dir, args.save_maps]
-    paths = gather_images(args.inputs, args.include_annotations, exclude=own)
-    _check_before_loading(args, spec, paths)
+    inputs = gather_inputs(args.inputs, args.include_annotations, exclude=own)
+    _check_before_loading(args, spec, inputs.images)
     model = assemble(spec)
     if args.save_bank:
         from anomalyclip.methods import save_bank
@@ -165,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     if output is None and args.output_dir is None:
         output = "predictions.jsonl"
     try:
-        summary = _inspect(args, paths, model, output)
+        summary = _inspect(args, inputs, model, output)
     except WriteFailedError as error:
         remedy = "make room and run" if error.disk_full else "run"
         raise WriteFailedError(
@@ -194,13 +195,12 @@ def _check_before_loading(args: argparse.Namespace, spec: PredictorSpec, paths: 
 
 
 def _inspect(
-    args: argparse.Namespace, paths: list[Path], model: Predictor, output: str | None
+    args: argparse.Namespace, inputs: GatheredInputs, model: Predictor, output: str | None
 ) -> InspectionSummary:
-    from anomalyclip.inputs import input_columns
     from anomalyclip.inspection.run import inspect
 
     return inspect(
-        paths,
+        inputs.images,
         model,
         args.output_dir,
         image_threshold=args.image_threshold,
@@ -215,7 +215,7 @@ def _inspect(
         overwrite=args.overwrite,
         overlay_format=args.overlay_format,
         overlay_max_side=args.overlay_max_side or None,
-        columns=input_columns(args.inputs),
+        columns=inputs.columns,
         resume=args.resume,
         identity=model_identity(args),
     )

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 def train_on(args: argparse.Namespace, device: torch.device) -> int:
     """The training run of one process (of several under torchrun) on ``device``."""
     from anomalyclip import distributed
-    from anomalyclip.methods.anomalyclip.baselines import get_preset
+    from anomalyclip.methods.anomalyclip.presets import get_preset
     from anomalyclip.methods.anomalyclip.training import TrainOptions, train
 
     preset = get_preset(args.preset) if args.preset else None

@@ -74,14 +74,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from anomalyclip.inspection.watch import WatchOptions, watch
-    from anomalyclip.methods.assemble import build_method
+    from anomalyclip.methods.assemble import assemble, build_method
 
     if args.window < 1:
         raise ValueError(f"--window must be at least 1, got {args.window}")
     if args.poll_interval <= 0:
         raise ValueError(f"--poll-interval must be positive, got {args.poll_interval}")
     spec = options.spec_from_args(args)
-    model = build_method(spec)
+    # a calibration file's thresholds (and the bank it was calibrated with) apply; else
+    # the method as it is, the rolling bank taking the place of references
+    model = build_method(spec) if spec.calibration is None else assemble(spec)
     settings = WatchOptions(
         window=args.window,
         once=args.once,

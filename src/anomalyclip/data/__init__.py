@@ -9,8 +9,14 @@
     loader = DataLoader(AnomalyTorchDataset(dataset, 518), batch_size=8)
 
 See :mod:`anomalyclip.data.core` for the conventions (labels, masks, defects) and each
-reader module for the layouts it reads.
+reader module for the layouts it reads. The readers need no torch;
+:class:`AnomalyTorchDataset` (which does) loads on first use (PEP 562), so that building
+the command line's parser, which lists :data:`READERS`, answers without importing torch.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from anomalyclip.data.core import (
     IMAGE_EXTENSIONS,
@@ -43,7 +49,9 @@ from anomalyclip.data.medical import (
     read_tn3k,
 )
 from anomalyclip.data.meta import read_meta_json, write_meta_json
-from anomalyclip.data.torch_dataset import AnomalyTorchDataset
+
+if TYPE_CHECKING:
+    from anomalyclip.data.torch_dataset import AnomalyTorchDataset
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -78,3 +86,13 @@ __all__ = [
     "read_visa",
     "write_meta_json",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """:class:`AnomalyTorchDataset` on first use, importing torch only then."""
+    if name != "AnomalyTorchDataset":
+        raise AttributeError(f"module 'anomalyclip.data' has no attribute {name!r}")
+    from anomalyclip.data.torch_dataset import AnomalyTorchDataset
+
+    globals()[name] = AnomalyTorchDataset
+    return AnomalyTorchDataset

@@ -42,8 +42,7 @@ from typing import Literal, get_args
 
 from PIL import Image
 
-from anomalyclip.decoding import open_image
-from anomalyclip.preprocess import IMAGE_EXTENSIONS, ImageLoadError, load_image, load_mask_array
+from anomalyclip.decoding import IMAGE_EXTENSIONS, ImageLoadError, open_image
 
 logger = logging.getLogger(__name__)
 
@@ -373,8 +372,12 @@ def fit_masks(
 
 
 def verify_files(dataset: AnomalyDataset) -> list[str]:
-    """Decode every image and mask; one problem per file that cannot be read."""
+    """Decode every image and mask; one problem per file that cannot be read. Decoding
+    loads torch (preprocess), imported here so that the readers, and the command line's
+    parser that lists them, need none."""
     from tqdm.auto import tqdm
+
+    from anomalyclip.preprocess import load_image, load_mask_array
 
     problems = []
     for sample in tqdm(dataset.samples, desc=f"verify {dataset.name}", unit="img", disable=None):

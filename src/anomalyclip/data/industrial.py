@@ -40,7 +40,7 @@ from anomalyclip.data.core import (
     select_categories,
 )
 from anomalyclip.data.paths import listed_path
-from anomalyclip.preprocess import ImageLoadError, load_mask_array
+from anomalyclip.decoding import ImageLoadError
 
 MVTEC_MASK_SUFFIXES = ("_mask", "")
 VISA_COLUMNS = ("object", "split", "label", "image", "mask")
@@ -229,6 +229,8 @@ def read_visa(
 
 
 def _mask_marks_anything(mask: Path, problems: list[str]) -> bool:
+    from anomalyclip.preprocess import load_mask_array  # torch: only where masks are read
+
     try:
         return bool(load_mask_array(mask).any())
     except ImageLoadError as error:

@@ -138,11 +138,11 @@ def save_outputs(
     maps_dir: Path,
 ) -> None:
     """The map at model resolution (``maps/…npy``) and an overlay on the original image."""
-    from anomalyclip.visualize import overlay
+    from anomalyclip.visualize import render_overlay
 
     with atomic_open(map_path(maps_dir / "maps", sample, ".npy"), "wb") as handle:
         np.save(handle, model_map.astype(np.float32))
-    picture = overlay(image, prediction)
+    picture = render_overlay(image, prediction).image
     with atomic_open(map_path(maps_dir / "overlays", sample, ".png"), "wb") as handle:
         picture.save(handle, format="PNG")
 

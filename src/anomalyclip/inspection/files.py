@@ -33,10 +33,9 @@ from anomalyclip.inspection.run_folder import (
     OverlayFormat,
 )
 from anomalyclip.predictor import AnomalyPrediction
-from anomalyclip.preprocess import PreProcessor
 from anomalyclip.utils.atomic import atomic_open, atomic_write_json
 from anomalyclip.utils.csv_cells import csv_cell
-from anomalyclip.visualize import defect_mask, overlay
+from anomalyclip.visualize import defect_mask, fit_within, render_overlay
 
 THUMBNAIL_SIDE = 256
 
@@ -71,69 +70,7 @@ class OverlayStyle:
 
     def size_for(self, size: tuple[int, int]) -> tuple[int, int]:
         """(width, height) scaled down, aspect kept, to at most ``max_side``."""
-        width, height = size
-        if self.max_side is None or max(size) <= self.max_side:
-            return size
-        scale = self.max_side / max(size)
-        return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-@dataclass(frozen=True)
-class ColourScale:
-    """The map values an overlay's colours span, one for every image of a run (so a
-    colour means one value across the run), and how it was chosen (said in the log and
-    the report)."""
-
-    low: float
-    high: float
-    source: str
-
-
-# the fixed range is kept while the run's maps fill at least this share of it
-FILLED_SHARE = 0.5
-
-
-def colour_scale(
-    map_range: tuple[float, float], pixel_threshold: float | None, maps: Sequence[np.ndarray]
-) -> ColourScale:
-    """What the scores mean, in colour: with a pixel threshold, the method's low end to
-    twice the threshold's distance from it (the threshold mid-scale: above it is warm);
-    else the method's fixed range where the maps fill it (probabilities), and otherwise
-    the robust range of ``maps`` (the run's first images: 1st to 99.9th percentile).
-
-    Why: raw distances (MuSc near 0.3-0.5 on a 0-2 range) coloured over the fixed range
-    are uniform blue even where the detection is perfect.
-    """
-    low, high = map_range
-    if pixel_threshold is not None and pixel_threshold > low:
-        return ColourScale(
-            low,
-            low + 2 * (pixel_threshold - low),
-            f"pixel threshold {pixel_threshold:.4g} mid-scale",
-        )
-    values = np.concatenate([np.asarray(m, dtype=np.float32).ravel() for m in maps])
-    bottom, top = (float(v) for v in np.percentile(values, [1.0, 99.9]))
-    if top - bottom >= FILLED_SHARE * (high - low) or not top > bottom:
-        return ColourScale(low, high, "the method's map range")
-    return ColourScale(
-        bottom,
-        top,
-        f"robust range of this run's first {len(maps)} images (1st-99.9th percentile of map "
-        "values); the same for every image of the run",
-    )
-
-
-def _scored_area(prediction: AnomalyPrediction, size: tuple[int, int]) -> Image.Image | None:
-    """An "L" mask (255: scored) of an image shown at ``size`` whose map covers only part
-    of it (a centre crop), or None where the map covers all of it."""
-    preprocessor = prediction.preprocessor
-    if preprocessor is None or preprocessor.resize != "center-crop":
-        return None
-    ones = np.ones_like(prediction.anomaly_map, dtype=np.float32)
-    covered = preprocessor.map_to_original(ones, size, fill=0.0) >= 0.5
-    if covered.all():
-        return None
-    return Image.fromarray(covered.astype(np.uint8) * 255, "L")
+        return fit_within(size, self.max_side)
 
 
 def write_images(
@@ -151,22 +88,18 @@ def write_images(
     computed once, and without one no full-size map is made unless the overlay is drawn
     at full size: 716 MB at 13,376 x 13,376). ``scale``: the run's colour scale
     (default: the method's map range)."""
-    low, high = prediction.map_range if scale is None else scale
-    size = style.size_for(image.size)
     threshold = prediction.postprocessor.pixel_threshold
-    if size == image.size:
-        if full_map is None:  # drawn at full size: the full-size map after all
-            full_map = prediction.map_at_original_size()
-        shown, shown_map = image, full_map
-    else:
-        shown = image.resize(size, Image.Resampling.BILINEAR)
-        preprocessor = prediction.preprocessor or PreProcessor(prediction.anomaly_map.shape[-1])
-        shown_map = preprocessor.map_to_original(prediction.anomaly_map, size, fill=low)
-    blended = overlay(shown, shown_map, style.alpha, low, high, colormap=style.colormap)
-    scored = _scored_area(prediction, size)
-    if scored is not None:  # what was not scored is shown grey, never coloured as "low"
-        grey = shown.convert("L").convert("RGB")
-        blended = Image.composite(blended, grey, scored)
+    if full_map is None and style.size_for(image.size) == image.size:
+        full_map = prediction.map_at_original_size()  # drawn at full size: made after all
+    blended = render_overlay(
+        image,
+        prediction,
+        alpha=style.alpha,
+        colormap=style.colormap,
+        max_side=style.max_side,
+        scale=scale,
+        full_map=full_map,
+    ).image
     if style.format_for(image.size) == "jpeg":
         result.overlay = f"overlays/{result.name}.jpg"
         _save_image(blended, out / result.overlay, "JPEG", quality=90)

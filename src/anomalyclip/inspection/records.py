@@ -121,6 +121,7 @@ class InspectionSummary:
     # the overlays' colour scale (low, high) and how it was chosen
     colour_scale: tuple[float, float] | None = None
     colour_scale_source: str | None = None
+    colour_map: str = "jet"  # the overlays' (and the report legend's) colour map
     output_dir: str | None = None
     files: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
@@ -144,6 +145,7 @@ class InspectionSummary:
             "map_range": list(self.map_range),
             "colour_scale": None if self.colour_scale is None else list(self.colour_scale),
             "colour_scale_source": self.colour_scale_source,
+            "colour_map": self.colour_map,
             "output_dir": self.output_dir,
             "files": self.files,
             "seconds": round(self.seconds, 3),

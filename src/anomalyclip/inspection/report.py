@@ -167,7 +167,8 @@ def render_report(
     skipped = summary.get("skipped") or []
     low, high = summary.get("colour_scale") or summary.get("map_range") or (0.0, 1.0)
     scale_source = summary.get("colour_scale_source") or "the method's map range"
-    legend = base64.b64encode(encode_png(colorbar(200, 12))).decode("ascii")
+    colours = colorbar(200, 12, summary.get("colour_map") or "jet")  # the overlays' own
+    legend = base64.b64encode(encode_png(colours)).decode("ascii")
     anomalous = summary.get("anomalous")
     image_source = summary.get("image_threshold_source") or "not set"
     pixel_source = summary.get("pixel_threshold_source") or "default"

@@ -42,10 +42,9 @@ import numpy as np
 from PIL import Image
 
 from anomalyclip.colormaps import colormap_table
-from anomalyclip.inputs import expand_sources, input_columns
+from anomalyclip.inputs import expand_inputs
 from anomalyclip.inspection.files import (
     OverlayStyle,
-    colour_scale,
     save_map,
     write_images,
     write_outputs,
@@ -63,6 +62,7 @@ from anomalyclip.inspection.run_folder import (
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import AnomalyPrediction, Predictor, SkippedImage
 from anomalyclip.preprocess import ImageLoadError, ImageSource, describe, load_image
+from anomalyclip.visualize import colour_scale
 
 logger = logging.getLogger(__name__)
 
@@ -226,10 +226,10 @@ def inspect(
     _check_style(style)
     if isinstance(sources, (str, Path, bytes, Image.Image, np.ndarray)):
         sources = [sources]
-    items = expand_sources(sources)
+    items, listed_columns = expand_inputs(sources)
     names = output_names(items)
     if columns is None:
-        columns = input_columns(sources)
+        columns = listed_columns
     post = model.postprocessor.with_given(image_threshold, pixel_threshold)
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:
@@ -248,6 +248,7 @@ def inspect(
         output_dir=str(out) if out is not None else None,
         resumed=len(done),
         false_alarm=post.false_alarm,
+        colour_map=style.colormap,
     )
     _log_thresholds(post, model.settings(), writes_masks=out is not None)
     results = dict(done)

@@ -32,6 +32,7 @@ from typing import Any
 from PIL import Image
 
 from anomalyclip.inspection.bank import BankMember, ImageBank
+from anomalyclip.methods import METHODS
 from anomalyclip.methods.assemble import with_references
 from anomalyclip.predictor import AnomalyPrediction, Predictor
 from anomalyclip.preprocess import ImageSource
@@ -86,6 +87,28 @@ class StreamResult:
 ReferenceMode = Callable[[Predictor, Sequence[ImageSource]], Predictor]
 
 
+def _check_calibrated_scale(method: Predictor) -> None:
+    """Refuse a calibrated image threshold that a rolling bank would compare with scores
+    on another scale: MuSc calibrated on sets (RsCIN's 0-1 over the set) scores later
+    images against its bank in raw distances, so the threshold would judge, and admit
+    to the bank, by a number that means something else there."""
+    entry = METHODS.get(method.method)
+    threshold = method.postprocessor.image_threshold
+    if (
+        threshold is None
+        or not method.scores_sets
+        or entry is None
+        or entry.set_scores_match_references
+    ):
+        return
+    raise ValueError(
+        f"{method.method}'s calibrated image threshold {threshold:.4g} was set on scores of "
+        "sets, but a rolling bank scores each later image against the bank on another "
+        "scale (raw distances): give --threshold on that scale, or calibrate with "
+        "--reference and score against that bank"
+    )
+
+
 class StreamScorer:
     """Images in as they come, results out; the rolling bank in between (see module)."""
 
@@ -98,6 +121,8 @@ class StreamScorer:
     ) -> None:
         if window < 2 and method.scores_sets:
             raise ValueError(f"--window must be at least 2 for {method.method}, got {window}")
+        if image_threshold is None:
+            _check_calibrated_scale(method)
         self.method = method
         self.window = window
         self.bank = ImageBank(window=window if method.scores_sets else None)
@@ -109,6 +134,9 @@ class StreamScorer:
         self.refused: set[str] = set()  # marked defect by an operator: never admitted
         self._reference_mode = reference_mode
         self._scorer: tuple[str, Predictor] | None = None
+        # the features of bank images (and the seed's) by content digest, for a method
+        # that encodes references one by one: an admission encodes the new image only
+        self._encoded: dict[str, Any] = {}
 
     @property
     def seeded(self) -> bool:
@@ -187,8 +215,12 @@ class StreamScorer:
         normal variation, the admission threshold when none is given."""
         scores = []
         for index, item in enumerate(items):
-            others = [other.source for position, other in enumerate(items) if position != index]
-            scorer = self._reference_mode(self.method, others)
+            others = [
+                (other.sha256, other.source)
+                for position, other in enumerate(items)
+                if position != index
+            ]
+            scorer = self._against(others)
             scores.append(scorer.predict_images([item.image])[0].score)
         edge = max(scores)
         logger.info(
@@ -203,8 +235,29 @@ class StreamScorer:
         if self.bank.size == 0:
             return self.method
         if self._scorer is None or self._scorer[0] != self.bank.id:
-            self._scorer = (self.bank.id, self._reference_mode(self.method, self.bank.sources))
+            members = [(member.sha256, member.source) for member in self.bank.members]
+            self._scorer = (self.bank.id, self._against(members))
+            # images that left the bank are forgotten (an undo encodes them again)
+            kept = {digest for digest, _ in members}
+            self._encoded = {d: f for d, f in self._encoded.items() if d in kept}
         return self._scorer[1]
+
+    def _against(self, references: Sequence[tuple[str, ImageSource]]) -> Predictor:
+        """The method against these (content digest, source) references. A method whose
+        reference mode encodes images one by one encodes only those not encoded before,
+        where rebuilding encoded the whole window at every admission; the bank is the
+        one the reference mode builds whole."""
+        entry = METHODS.get(self.method.method)
+        encode = None if entry is None else entry.encode_references
+        build = None if entry is None else entry.references_from_encoded
+        sources = [source for _, source in references]
+        if encode is None or build is None:
+            return self._reference_mode(self.method, sources)
+        method, wrap = self.method.layers()  # as with_references: under any wrapper
+        new = {digest: source for digest, source in references if digest not in self._encoded}
+        if new:
+            self._encoded.update(zip(new, encode(method, list(new.values())), strict=True))
+        return wrap(build(method, [self._encoded[digest] for digest, _ in references], sources))
 
     def _score_one(self, item: StreamItem) -> StreamResult:
         bank_id, bank_size = self.bank.id, self.bank.size

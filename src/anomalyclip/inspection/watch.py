@@ -40,6 +40,7 @@ from anomalyclip.inspection.stream import StreamItem, StreamResult, StreamScorer
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import Predictor, SkippedImage
 from anomalyclip.preprocess import IMAGE_EXTENSIONS, ImageLoadError, load_image
+from anomalyclip.visualize import colour_scale
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,8 @@ class _RunFolder:
         extra = outcome.extra_fields()
         result = scored_result(prediction, image, outcome.item.name, full_map, extra)
         result.prediction = None  # a watch runs for days: maps are not kept
-        write_images(self.out, result, image, prediction, style, full_map)
+        scale = self.summary.colour_scale
+        write_images(self.out, result, image, prediction, style, full_map, scale)
         self.stream.add(result.to_record(post.image_threshold))
         self.stream.commit()  # one line per image: a kill loses at most the one being scored
         self.summary.results.append(result)
@@ -139,9 +141,11 @@ def watch(
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: no such folder to watch")
     started = time.perf_counter()
+    # the given threshold, else the calibrated one (refused where on another scale than
+    # the bank's scores), checked before the output folder is claimed
+    scorer = StreamScorer(model, options.window, options.image_threshold)
     claim_output_dir(out, options.overwrite, options.resume)
     post = model.postprocessor.with_given(options.image_threshold, options.pixel_threshold)
-    scorer = StreamScorer(model, options.window, post.image_threshold)
     settings = run_settings(model, post, options.style, None, options.identity)
     settings["stream"] = {"folder": str(source.resolve()), "window": options.window}
     jsonl = out / "predictions.jsonl"
@@ -154,7 +158,12 @@ def watch(
         map_range=post.map_range,
         output_dir=str(out),
         resumed=len(kept),
+        colour_map=options.style.colormap,
     )
+    # images arrive one by one, with no first batch to take a range from: the threshold
+    # mid-scale, else the method's map range (as the service draws)
+    scale = colour_scale(post.map_range, post.pixel_threshold)
+    summary.colour_scale, summary.colour_scale_source = (scale.low, scale.high), scale.source
     names: set[str] = set()
     for record in kept:
         name = _unique_name(Path(record["image"]), names)

@@ -40,6 +40,13 @@ class Method:
     # the module of its reference mode, offering references_for(predictor, images),
     # bank_for(predictor, bank file) and save_bank(predictor, path, storage dtype)
     few_shot: str | None = None
+    # its reference mode also offers encode_references(predictor, images), each image's
+    # features alone, and references_from_encoded(predictor, features, sources): a bank
+    # that changes by one image (watch's rolling bank) then encodes only that one
+    encodes_references: bool = False
+    # the scores of a set are on its reference mode's scale, so an image threshold
+    # calibrated on sets holds for images scored against a bank (watch's rolling bank)
+    set_scores_match_references: bool = True
     # the precisions it runs in besides float32, fastest first (what ``auto`` picks
     # from), and the function that puts a built predictor in one of them
     precisions: tuple[str, ...] = ()
@@ -47,6 +54,10 @@ class Method:
     # its engine for scoring files by path with work kept between runs (directory, memory
     # limit in bytes), or None where the predictor is not the bare method
     path_scorer: Callable[[Predictor, Path | None, int | None], PathScorer | None] | None = None
+    # for a method with a checkpoint: the model a calibrated checkpoint saves, and the
+    # reference bank its thresholds hold for (None: calibrated without references), of
+    # the predictor under any tiles
+    checkpoint_parts: Callable[[Predictor], tuple[Any, Any]] | None = None
 
     @property
     def with_references(self) -> Callable[[Predictor, Sequence[ImageSource]], Predictor] | None:
@@ -57,6 +68,22 @@ class Method:
     def load_bank(self) -> Callable[[Predictor, Path], Predictor] | None:
         """Its reference mode for a bank file saved earlier."""
         return None if self.few_shot is None else _lazy(self.few_shot, "bank_for")
+
+    @property
+    def encode_references(self) -> Callable[[Predictor, Sequence[ImageSource]], list[Any]] | None:
+        """Each reference's features, encoded alone (None: the bank is built whole)."""
+        if self.few_shot is None or not self.encodes_references:
+            return None
+        return _lazy(self.few_shot, "encode_references")
+
+    @property
+    def references_from_encoded(
+        self,
+    ) -> Callable[[Predictor, Sequence[Any], Sequence[ImageSource]], Predictor] | None:
+        """Its reference mode for features :attr:`encode_references` gave, in bank order."""
+        if self.few_shot is None or not self.encodes_references:
+            return None
+        return _lazy(self.few_shot, "references_from_encoded")
 
     @property
     def save_bank(self) -> Callable[[Predictor, Path, str], Path] | None:
@@ -140,6 +167,7 @@ METHODS: dict[str, Method] = {
         path_scorer=_lazy("anomalyclip.methods.anomalyclip.embedding_cache", "cached_scorer"),
         precisions=("bfloat16", "int8"),
         apply_precision=_lazy("anomalyclip.methods.anomalyclip.quantize", "apply_precision"),
+        checkpoint_parts=_lazy("anomalyclip.methods.anomalyclip.few_shot", "checkpoint_parts"),
     ),
     "musc": Method(
         "musc",
@@ -147,6 +175,9 @@ METHODS: dict[str, Method] = {
         _build_musc,
         scores_sets=True,
         few_shot="anomalyclip.methods.musc.few_shot",
+        encodes_references=True,
+        # sets: RsCIN's min-max over the set (0-1); against references: raw distances
+        set_scores_match_references=False,
         precisions=("bfloat16",),
         apply_precision=_lazy("anomalyclip.methods.musc.model", "apply_precision"),
     ),

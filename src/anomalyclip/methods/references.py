@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from PIL import Image
+if TYPE_CHECKING:
+    from PIL import Image
 
-from anomalyclip.preprocess import ImageSource, load_image
+    from anomalyclip.preprocess import ImageSource
 
 __all__ = [
     "BANK_DTYPES",
@@ -46,6 +47,8 @@ def identity_differences(recorded: dict[str, Any], expected: dict[str, Any]) -> 
 def load_references(references: Sequence[ImageSource]) -> list[Image.Image]:
     """The decoded references; none, or one unreadable, is a :class:`ReferenceError`
     naming the file."""
+    from anomalyclip.preprocess import load_image
+
     if not references:
         raise ReferenceError("no reference images given")
     images = []

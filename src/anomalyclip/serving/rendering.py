@@ -17,10 +17,16 @@ import numpy as np
 from PIL import Image
 
 from anomalyclip.predictor import AnomalyPrediction
-from anomalyclip.preprocess import PreProcessor
 from anomalyclip.serving.schemas import AnomalyMap, Prediction, Size
 from anomalyclip.serving.settings import ServiceSettings
-from anomalyclip.visualize import defect_mask, encode_png, overlay
+from anomalyclip.visualize import (
+    colour_scale,
+    defect_mask,
+    encode_png,
+    fit_within,
+    placed_map,
+    render_overlay,
+)
 
 
 @dataclass
@@ -30,13 +36,6 @@ class Rendered:
     prediction: Prediction
     overlay_png: bytes
     mask_png: bytes | None
-
-
-def fit_within(size: tuple[int, int], max_side: int) -> tuple[int, int]:
-    """(width, height) scaled down, aspect kept, so the longer side is at most max_side."""
-    width, height = size
-    scale = min(1.0, max_side / max(width, height))
-    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def encode_map(anomaly_map: np.ndarray) -> AnomalyMap:
@@ -55,27 +54,22 @@ def encode_map(anomaly_map: np.ndarray) -> AnomalyMap:
     )
 
 
-def placed_map(prediction: AnomalyPrediction, size: tuple[int, int]) -> np.ndarray:
-    """(height, width) map on the image shown at ``size``, as the method's input saw it."""
-    preprocessor = prediction.preprocessor or PreProcessor(prediction.anomaly_map.shape[-1])
-    return preprocessor.map_to_original(prediction.anomaly_map, size, fill=prediction.map_range[0])
-
-
 def render(
     name: str, image: Image.Image, prediction: AnomalyPrediction, settings: ServiceSettings
 ) -> Rendered:
     """The overlay, mask, reduced map and decisions for one scored image."""
     post = prediction.postprocessor
-    small_map = placed_map(prediction, fit_within(image.size, settings.map_max_side))
-    overlay_size = fit_within(image.size, settings.overlay_max_side)
-    shown = (
-        image
-        if overlay_size == image.size
-        else image.resize(overlay_size, Image.Resampling.BILINEAR)
+    low = prediction.map_range[0]
+    small_map = placed_map(prediction, fit_within(image.size, settings.map_max_side), fill=low)
+    # one answer has no run to take a range from: the threshold mid-scale, else the
+    # method's map range (colour_scale without maps), the same for every request
+    scale = colour_scale(post.map_range, post.pixel_threshold)
+    drawn = render_overlay(
+        image, prediction, max_side=settings.overlay_max_side, scale=(scale.low, scale.high)
     )
-    overlay_map = placed_map(prediction, overlay_size)
-    low, high = post.map_range
-    overlay_png = encode_png(overlay(shown, overlay_map, vmin=low, vmax=high))
+    overlay_size = drawn.image.size
+    overlay_map = drawn.placed_map
+    overlay_png = encode_png(drawn.image)
     pixel_threshold = post.pixel_threshold
     mask_png = None
     if pixel_threshold is not None:

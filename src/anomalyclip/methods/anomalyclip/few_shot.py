@@ -445,6 +445,9 @@ class FewShotAnomalyCLIP(Predictor):
         :meth:`ReferenceBank.save`)."""
         return cls(model, ReferenceBank.load(path))
 
+    def reference_bytes(self) -> int:
+        return self.bank.nbytes
+
     @property
     def preprocessor(self) -> PreProcessor:
         return self.model.preprocessor
@@ -507,6 +510,16 @@ def _bare(predictor: Predictor) -> AnomalyCLIP:
     if not isinstance(bare, AnomalyCLIP):
         raise ReferenceError(f"references need the torch {predictor.method} model")
     return bare
+
+
+def checkpoint_parts(predictor: Predictor) -> tuple[AnomalyCLIP, ReferenceBank | None]:
+    """The model a calibrated checkpoint saves and the bank its thresholds were
+    calibrated with (None: zero-shot), for ``calibrate`` (the registry's entry)."""
+    if isinstance(predictor, FewShotAnomalyCLIP):
+        return predictor.model, predictor.bank
+    if not isinstance(predictor, AnomalyCLIP):
+        raise ValueError(f"a calibrated checkpoint needs the torch {predictor.method} model")
+    return predictor, None
 
 
 def references_for(predictor: Predictor, references: Sequence[ImageSource]) -> FewShotAnomalyCLIP:

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from anomalyclip.backbone.clip import CLIP
 from anomalyclip.backbone.identity import BackboneIdentity
 from anomalyclip.maps import gaussian_smooth, layer_map, patch_probabilities, upsample
-from anomalyclip.methods.anomalyclip.baselines import LAST_LAYER, Preset, get_preset
 from anomalyclip.methods.anomalyclip.checkpoint import (
     PromptCheckpoint,
     apply_prompt_state,
@@ -34,6 +33,7 @@ from anomalyclip.methods.anomalyclip.factory import (
     registry_entry,
     resolve_backbone_file,
 )
+from anomalyclip.methods.anomalyclip.presets import LAST_LAYER, Preset, get_preset
 from anomalyclip.methods.anomalyclip.prompts import PromptLearner
 from anomalyclip.methods.references import ReferenceError, bank_path_for
 from anomalyclip.postprocess import PostProcessor

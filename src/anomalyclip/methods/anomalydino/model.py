@@ -330,6 +330,9 @@ class AnomalyDINO(_DINOScorer):
         self.bank = bank
         self._bank_form: Tensor | None = None
 
+    def reference_bytes(self) -> int:
+        return self.bank.features.numel() * self.bank.features.element_size()
+
     @classmethod
     def from_images(
         cls,

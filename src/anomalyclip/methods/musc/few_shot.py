@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -178,8 +179,7 @@ class MuScWithReferences(Predictor):
     def count(self) -> int:
         return len(self.sources)
 
-    @property
-    def nbytes(self) -> int:
+    def reference_bytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.bank.values())
 
     @property
@@ -267,3 +267,53 @@ def save_bank(predictor: Predictor, path: str | Path, dtype: str = "float32") ->
     if not isinstance(predictor, MuScWithReferences):
         raise ReferenceError(f"{predictor.method} has no reference bank here: give --reference")
     return predictor.save(path, getattr(torch, bank_dtype(dtype)))
+
+
+# A bank kept by content (anomalyclip watch's rolling bank) -------------------------------
+
+
+@dataclass(frozen=True)
+class EncodedReference:
+    """One reference's LNAMD vectors, and its size and the fitting they were made with
+    (a bank's fitting depends on all its images' shapes: :meth:`MuSc.cover`)."""
+
+    size: tuple[int, int]
+    resize: ResizeMode
+    vectors: dict[tuple[int, int], Tensor]
+
+
+def _encode(musc: MuSc, image: Image.Image, resize: ResizeMode) -> EncodedReference:
+    preprocessor = PreProcessor(musc.config.image_size, resize)
+    with torch.no_grad():
+        vectors = _vectors(musc, preprocessor.tensor(image)[None])
+    return EncodedReference(image.size, resize, vectors)
+
+
+def encode_references(
+    predictor: Predictor, references: Sequence[ImageSource]
+) -> list[EncodedReference]:
+    """Each reference's LNAMD vectors, encoded on its own: the bank :meth:`from_images`
+    makes is their concatenation in order. A stream keeps them by the images' content,
+    so a bank that changes by one image encodes only that one."""
+    musc = _bare(predictor)
+    images = load_references(references)
+    resize = musc.cover([image.size for image in images])
+    return [_encode(musc, image, resize) for image in images]
+
+
+def references_from_encoded(
+    predictor: Predictor, encoded: Sequence[EncodedReference], sources: Sequence[ImageSource]
+) -> MuScWithReferences:
+    """The reference mode for references encoded earlier by :func:`encode_references`:
+    the bank :meth:`MuScWithReferences.from_images` of ``sources`` makes (a reference
+    fitted otherwise than the whole bank's shapes now ask is encoded again)."""
+    if not encoded:
+        raise ReferenceError("no reference images given")
+    musc = _bare(predictor)
+    resize = musc.cover([one.size for one in encoded])
+    fitted = [
+        one if one.resize == resize else _encode(musc, load_references([source])[0], resize)
+        for one, source in zip(encoded, sources, strict=True)
+    ]
+    bank = {key: torch.cat([one.vectors[key] for one in fitted]) for key in fitted[0].vectors}
+    return MuScWithReferences(musc, bank, [describe(source) for source in sources], resize)

@@ -55,11 +55,10 @@ async def upload_references(
         )
         for index, error in failures
     ]
-    bank = getattr(few_shot, "bank", None)
     return ReferenceSet(
         id=identifier,
         method=name,
         count=len(uploads) - len(failures),
         failed=failed,
-        bytes=0 if bank is None else bank.nbytes,
+        bytes=few_shot.reference_bytes(),
     )
