@@ -193,9 +193,10 @@ async def batch_parts(
     try:
         while items:
             item = items.popleft()
-            if isinstance(item, Scored):
-                item = await to_thread.run_sync(render_in_turn, item, settings)
-            part = as_json(item)
+            if isinstance(item, Scored):  # rendered and encoded beside the event loop
+                part = await to_thread.run_sync(render_in_turn, item, settings)
+            else:
+                part = as_json(item)
             del item  # while the part waits for the client, only its bytes are held
             if not first:
                 yield b","
@@ -212,6 +213,7 @@ def as_json(item: Rendered | FailedImage) -> bytes:
     return to_json(item.prediction if isinstance(item, Rendered) else item)
 
 
-def render_in_turn(scored: Scored, settings: ServiceSettings) -> Rendered:
+def render_in_turn(scored: Scored, settings: ServiceSettings) -> bytes:
+    """One image's JSON, rendered when it is its turn to be sent."""
     with rendering_slots:
-        return render_scored(scored, settings)
+        return as_json(render_scored(scored, settings))
