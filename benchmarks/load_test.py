@@ -22,6 +22,13 @@ small random model (enough to exercise the service, not the model):
 
 A soak (``--duration``) runs 4 hostile clients and a burst of 700 idle sockets every 30 s
 beside the 8 HTTP clients unless told otherwise (``--hostile 0``, ``--flood-every``).
+``--slow-bodies N`` and ``--non-readers M`` hold that many attackers open throughout, from
+127.0.0.2 (``hostile_clients.Siege``): 100 kB uploads sent a byte every 3 s, and batch
+requests of ``--non-reader-images`` noise images whose answers are never read. The issue's
+acceptance soak (README):
+
+    bash -c 'ulimit -n 1024; python benchmarks/load_test.py --duration 300 \
+        --concurrency 4 --slow-bodies 70 --non-readers 60 --serve "anomalyclip serve ..."'
 """
 
 from __future__ import annotations
