@@ -22,6 +22,13 @@ small random model (enough to exercise the service, not the model):
 
 A soak (``--duration``) runs 4 hostile clients and a burst of 700 idle sockets every 30 s
 beside the 8 HTTP clients unless told otherwise (``--hostile 0``, ``--flood-every``).
+``--slow-bodies N`` and ``--non-readers M`` hold that many attackers open throughout, from
+127.0.0.2 (``hostile_clients.Siege``): 100 kB uploads sent a byte every 3 s, and batch
+requests of ``--non-reader-images`` noise images whose answers are never read. The issue's
+acceptance soak (README):
+
+    bash -c 'ulimit -n 1024; python benchmarks/load_test.py --duration 300 \
+        --concurrency 4 --slow-bodies 70 --non-readers 60 --serve "anomalyclip serve ..."'
 """
 
 from __future__ import annotations
@@ -48,9 +55,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 try:
-    from benchmarks.hostile_clients import HOSTILE, Answer, flood
+    from benchmarks.hostile_clients import HOSTILE, Answer, Siege, flood, noise_jpeg
 except ImportError:  # run as a script: benchmarks/ is on the path, not the repository
-    from hostile_clients import HOSTILE, Answer, flood  # type: ignore[no-redef]
+    from hostile_clients import HOSTILE, Answer, Siege, flood, noise_jpeg  # type: ignore[no-redef]
 
 GARBAGE = bytes(range(7, 250)) * 4  # no image format starts like this
 BUSY = (503, 504)  # documented: too much waiting, or inference too slow
@@ -142,7 +149,9 @@ class ServerProcess:
         self._log.close()
 
 
-def run_random_server(port: int, max_pending: int, short_timeouts: bool = False) -> None:
+def run_random_server(
+    port: int, max_pending: int, short_timeouts: bool = False, write_timeout_s: float = 30.0
+) -> None:
     """Serve a randomly initialised small CLIP: exercises decoding, queueing and rendering
     (AnomalyCLIP, the default method, and MuSc on the same backbone)."""
     import torch
@@ -184,7 +193,9 @@ def run_random_server(port: int, max_pending: int, short_timeouts: bool = False)
     musc = MuSc(clip, MuScConfig(backbone="random-tiny", image_size=64, features=(2, 4)))
     methods = {"anomalyclip": model, "musc": musc}
     settings = ServiceSettings(
-        max_pending=max_pending, **(SHORT_TIMEOUTS if short_timeouts else {})
+        max_pending=max_pending,
+        write_timeout_s=write_timeout_s,
+        **(SHORT_TIMEOUTS if short_timeouts else {}),
     )
     run_server(create_app(methods, settings), settings, "127.0.0.1", port, "warning")
 
@@ -413,12 +424,16 @@ def run_load(
     hostile: int = 0,
     flood_every_s: float | None = None,
     flood_size: int = 0,
+    siege: Siege | None = None,
+    healthz_every_s: float = 0.5,
 ) -> dict[str, Any]:
     """Send requests from ``concurrency`` threads until ``requests`` are done or
     ``duration_s`` has passed; returns the report (see :func:`summarise`).
 
     ``hostile`` more threads run the socket-level misbehaviours of ``hostile_clients``
     meanwhile, and every ``flood_every_s`` a burst of ``flood_size`` idle sockets opens.
+    ``siege`` keeps its slow bodies and non-reading clients open throughout (their counts
+    in the report's ``siege``); ``/healthz`` is timed every ``healthz_every_s``.
     """
     if requests is None and duration_s is None:
         raise ValueError("give a number of requests, a duration, or both")
@@ -437,7 +452,7 @@ def run_load(
 
     watch = MemoryWatch(server_pid)
     rss_start = watch.sample()
-    started = time.monotonic()
+    started = run_started = time.monotonic()
     deadline = started + duration_s if duration_s is not None else None
 
     def client_loop(worker: int) -> None:
@@ -477,7 +492,25 @@ def run_load(
             for answer in flood(url, limits, flood_size):
                 record("idle_flood", 408, answer)
 
+    probes: list[tuple[int | None, float, float]] = []
+
+    def healthz_loop() -> None:
+        with httpx.Client(base_url=url, timeout=10) as probe:
+            while not clients_done.wait(healthz_every_s):
+                started = time.perf_counter()
+                try:
+                    status: int | None = probe.get("/healthz").status_code
+                except httpx.HTTPError:
+                    status = None
+                took = time.perf_counter() - started
+                probes.append((status, took, time.monotonic() - run_started))
+
+    attackers_done = threading.Event()
     with watch:
+        if siege is not None:  # the attackers first, so the clients meet them throughout
+            besieging = threading.Thread(target=siege.run, args=(attackers_done,), daemon=True)
+            besieging.start()
+            time.sleep(siege.trickle_s)
         threads = [
             threading.Thread(target=client_loop, args=(index,), daemon=True)
             for index in range(concurrency)
@@ -487,6 +520,7 @@ def run_load(
         ]
         if flood_every_s is not None and flood_size > 0:
             others.append(threading.Thread(target=flood_loop, daemon=True))
+        others.append(threading.Thread(target=healthz_loop, daemon=True))
         for thread in threads + others:
             thread.start()
         for thread in threads:
@@ -494,11 +528,50 @@ def run_load(
         clients_done.set()
         for thread in others:
             thread.join()
-    elapsed = time.monotonic() - started
+        attackers_done.set()
+        if siege is not None:
+            besieging.join()
+        elapsed = time.monotonic() - started
+        settled(url, watch)
     rss_end = watch.sample()
     report = summarise(url, concurrency, elapsed, outcomes, watch, rss_start, rss_end)
+    report["healthz"] = probe_summary(probes)
+    if siege is not None:
+        report["siege"] = siege.summary()
     report["healthy_after"] = health(url)
     return report
+
+
+def settled(url: str, watch: MemoryWatch, limit_s: float = 120.0) -> None:
+    """Wait until the service has nothing queued and its memory stops falling (the
+    attackers' connections it still held are dropped by its timeouts)."""
+    deadline = time.monotonic() + limit_s
+    last = watch.sample()
+    while time.monotonic() < deadline:
+        time.sleep(5.0)
+        try:
+            pending = httpx.get(f"{url}/healthz", timeout=10).json()["pending"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            pending = None
+        now = watch.sample()
+        if pending == 0 and last is not None and now is not None and now >= last - 2**20:
+            return
+        last = now
+
+
+def probe_summary(probes: list[tuple[int | None, float, float]]) -> dict[str, Any]:
+    """/healthz during the run: answers by status, latency percentiles, and the slowest
+    five (their time into the run: beside a burst of idle sockets, or not)."""
+    latencies = sorted(seconds * 1e3 for _, seconds, _ in probes)
+    slowest = sorted(probes, key=lambda probe: -probe[1])[:5]
+    return {
+        "slowest_ms_at_s": [(round(took * 1e3, 1), round(at, 1)) for _, took, at in slowest],
+        "probes": len(probes),
+        "statuses": dict(Counter(str(status) for status, _, _ in probes)),
+        "p50_ms": percentile(latencies, 0.5),
+        "p99_ms": percentile(latencies, 0.99),
+        "max_ms": round(latencies[-1], 1) if latencies else None,
+    }
 
 
 def health(url: str) -> dict[str, Any]:
@@ -547,6 +620,9 @@ def summarise(
         "errors": sum(not o.ok for o in outcomes),
         "malformed": sum(o.expected != 200 for o in outcomes),
         "busy": sum(o.status in BUSY for o in outcomes),
+        "good_busy": sum(o.kind in GOOD_WEIGHTS and o.status in BUSY for o in outcomes),
+        "good_answered": sum(o.kind in GOOD_WEIGHTS and o.status == 200 for o in outcomes),
+        "good_sent": sum(o.kind in GOOD_WEIGHTS for o in outcomes),
         "server_errors": sum(
             o.status is not None and o.status >= 500 and o.status not in BUSY for o in outcomes
         ),
@@ -592,6 +668,18 @@ def report_lines(report: dict[str, Any]) -> list[str]:
             f"  got {stats['statuses']}"
             f"  p50 {stats['p50_ms']} ms  p99 {stats['p99_ms']} ms  errors {stats['errors']}"
         )
+    lines.append(
+        f"good requests: {report['good_answered']} of {report['good_sent']} answered 200, "
+        f"{report['good_busy']} busy (503/504)"
+    )
+    if "healthz" in report:
+        probes = report["healthz"]
+        lines.append(
+            f"/healthz: {probes['probes']} probes {probes['statuses']}, p50 {probes['p50_ms']} ms, "
+            f"p99 {probes['p99_ms']} ms, max {probes['max_ms']} ms"
+        )
+    if "siege" in report:
+        lines.append(f"siege: {report['siege']}")
     if "healthy_after" in report:
         lines.append(f"after the run: {report['healthy_after']}")
     lines += [f"  error: {example}" for example in report["error_examples"]]
@@ -633,21 +721,43 @@ def main(argv: list[str] | None = None) -> int:
         help="idle sockets per burst (default 700: over the cap of 256, within ulimit -n 1024)",
     )
     parser.add_argument(
+        "--slow-bodies",
+        type=int,
+        default=0,
+        help="sockets kept open throughout, each a 100 kB upload sent a byte every 3 s",
+    )
+    parser.add_argument(
+        "--non-readers",
+        type=int,
+        default=0,
+        help="sockets kept open throughout, each a batch request whose answer is never read",
+    )
+    parser.add_argument(
+        "--non-reader-images",
+        type=int,
+        default=2,
+        help="images in each non-reader's batch (noise JPEGs, 1024 px: large overlays)",
+    )
+    parser.add_argument(
         "--short-timeouts",
         action="store_true",
         help="the random server times out headers and bodies in 1 s, bodies in all in 3 s",
     )
+    parser.add_argument("--write-timeout", type=float, default=30.0, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
 
     if args.run_random_server is not None:
-        run_random_server(args.run_random_server, args.max_pending, args.short_timeouts)
+        run_random_server(
+            args.run_random_server, args.max_pending, args.short_timeouts, args.write_timeout
+        )
         return 0
     requests = args.requests if args.requests or args.duration else 50
     soak = args.duration is not None
     hostile = args.hostile if args.hostile is not None else (4 if soak else 0)
     flood_every = args.flood_every if args.flood_every is not None else (30.0 if soak else None)
     images = folder_images(args.images, 24) if args.images else None
+    attack_images = [noise_jpeg(1024, seed) for seed in range(args.non_reader_images)]
 
     def execute(url: str, pid: int | None) -> dict[str, Any]:
         return run_load(
@@ -662,6 +772,9 @@ def main(argv: list[str] | None = None) -> int:
             hostile=hostile,
             flood_every_s=flood_every,
             flood_size=args.flood_size,
+            siege=Siege(url, args.slow_bodies, args.non_readers, attack_images)
+            if args.slow_bodies or args.non_readers
+            else None,
         )
 
     if args.url:

@@ -26,8 +26,11 @@ of system resource" with a traceback thousands of times a second. Here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
+import socket
+import struct
 import time
 from typing import Any
 
@@ -36,6 +39,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from anomalyclip.serving.settings import ServiceSettings
+from anomalyclip.utils.memory import limit_arenas, release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -184,12 +188,23 @@ class GuardedH11Protocol(H11Protocol):
         )
 
     def _drop(self, reason: str) -> None:
-        """Abort the connection: its unsent output is discarded, not kept for the reader."""
+        """Abort the connection: its unsent output is discarded, not kept for the reader.
+
+        With a zero linger the kernel resets the connection at once and drops what it
+        still buffered too; a plain close would queue a FIN behind that data, which a
+        client that never reads never receives (the socket left half-closed, its client
+        never told).
+        """
         if self.transport.is_closing() and not self.transport.get_write_buffer_size():
             return
         logger.info("dropped a connection from %s: %s", self.client, reason)
         self._disarm_write_timer()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.transport.abort()
+        release_free_memory()
 
     def _arm_header_timer(self) -> None:
         self._waiting_cycle = self.cycle
@@ -348,4 +363,5 @@ def run_server(
     """Serve ``app`` until interrupted, within the limits above."""
     install_log_filter()
     check_descriptor_limit(settings)
+    limit_arenas()  # memory freed by one thread (rendering, parsing) reused by the others
     uvicorn.run(app, host=host, port=port, log_level=log_level, **server_options(settings))

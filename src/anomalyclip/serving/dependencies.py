@@ -23,7 +23,8 @@ from fastapi import Depends, HTTPException, Query, Request, UploadFile
 from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import Predictor
 from anomalyclip.serving.costs import Work
-from anomalyclip.serving.schemas import BatchResult, FailedImage, Prediction
+from anomalyclip.serving.rendering import Rendered, Scored
+from anomalyclip.serving.schemas import FailedImage
 from anomalyclip.serving.settings import ServiceSettings
 from anomalyclip.serving.uploads import (
     InvalidUpload,
@@ -71,6 +72,11 @@ def left(request: Request) -> Callable[[], Awaitable[object]]:
             pass
 
     return wait
+
+
+def client_of(request: Request) -> str:
+    """Whose share of the worker a request takes: its client's address."""
+    return request.client.host if request.client is not None else ""
 
 
 @dataclass(frozen=True)
@@ -129,14 +135,24 @@ class Service:
         uploads: list[Upload],
         threshold: float | None,
         pixel_threshold: float | None,
+        deferred: bool = False,
     ) -> list[Outcome]:
+        """Score the uploads on the worker; ``deferred``: rendered later, when sent."""
         post = self.thresholds(predictor).with_given(threshold, pixel_threshold)
         work = Work(name, "set" if predictor.scores_sets else "images", len(uploads))
         started = time.perf_counter()
         size = sum(len(upload.data) for upload in uploads)
         worker = self.worker
         outcomes: list[Outcome] = await worker.run(
-            worker.analyse, predictor, uploads, post, size=size, gone=left(request), work=work
+            worker.analyse,
+            predictor,
+            uploads,
+            post,
+            deferred,
+            size=size,
+            gone=left(request),
+            work=work,
+            client=client_of(request),
         )
         logger.debug(
             "%s: %d image(s) in %.0f ms", name, len(uploads), 1e3 * (time.perf_counter() - started)
@@ -160,10 +176,12 @@ class Service:
         return slots
 
 
-def merged(slots: list[Upload | FailedImage], outcomes: list[Outcome]) -> BatchResult:
+def merged(
+    slots: list[Upload | FailedImage], outcomes: list[Outcome]
+) -> list[Rendered | Scored | FailedImage]:
     """The outcomes of the accepted uploads put back among the refused ones, in order."""
     remaining = iter(outcomes)
-    results: list[Prediction | FailedImage] = []
+    results: list[Rendered | Scored | FailedImage] = []
     for slot in slots:
         if isinstance(slot, FailedImage):
             results.append(slot)
@@ -176,9 +194,8 @@ def merged(slots: list[Upload | FailedImage], outcomes: list[Outcome]) -> BatchR
                 )
             )
         else:
-            results.append(outcome.prediction)
-    failed = sum(isinstance(item, FailedImage) for item in results)
-    return BatchResult(results=results, succeeded=len(results) - failed, failed=failed)
+            results.append(outcome)
+    return results
 
 
 async def current_service(request: Request) -> Service:

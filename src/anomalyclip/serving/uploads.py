@@ -120,9 +120,16 @@ def check_set(uploads: list[Upload], settings: ServiceSettings) -> None:
 
 
 async def read_upload(file: UploadFile, settings: ServiceSettings) -> Upload:
-    """The upload's bytes, refusing more than the per-file limit without reading it all."""
+    """The upload's bytes, refusing more than the per-file limit without reading it all.
+
+    The spooled file is closed once read (its memory freed), not at the request's end: a
+    streamed answer can last as long as its client takes to read it.
+    """
     name = display_name(file.filename)
-    data = await file.read(settings.max_upload_bytes + 1)
+    try:
+        data = await file.read(settings.max_upload_bytes + 1)
+    finally:
+        await file.close()
     if len(data) > settings.max_upload_bytes:
         raise UploadTooLarge(
             f"{name} is larger than the upload limit of {settings.max_upload_bytes:,} bytes"

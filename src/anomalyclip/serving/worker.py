@@ -8,6 +8,13 @@ decide what status each one means.
 Work nobody waits for is stopped: a request that timed out or whose client left is
 cancelled between images (between groups of at most ``max_group_images``), so it neither
 holds the thread nor makes the requests queued behind it time out too.
+
+Clients take turns: queued jobs are run round-robin by client address, not first come
+first served, and one client may hold at most half of ``max_pending``, so sixty
+connections of one client (clients that never read their answers, reconnecting as they
+are dropped) neither fill the queue nor keep another client's request behind all of
+theirs. (Behind a reverse proxy every request has the proxy's address: the proxy should
+then bound each client itself.)
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from PIL import Image
@@ -27,7 +36,7 @@ from anomalyclip.postprocess import PostProcessor
 from anomalyclip.predictor import Predictor
 from anomalyclip.preprocess import ImageLoadError, load_image
 from anomalyclip.serving.costs import Work, WorkCosts
-from anomalyclip.serving.rendering import Rendered, render
+from anomalyclip.serving.rendering import Rendered, Scored, render
 from anomalyclip.serving.settings import ServiceSettings
 from anomalyclip.serving.uploads import InvalidUpload, TooFewImages, Upload, UploadError
 from anomalyclip.utils.cancellation import Cancelled, cancellable
@@ -51,15 +60,17 @@ class Abandoned(Exception):
     """Raised on the worker thread: the job's request no longer waits (stopped early)."""
 
 
-Outcome = Rendered | UploadError
+Outcome = Rendered | Scored | UploadError
 
 
 class InferenceWorker:
     """One thread runs the models; requests queue for it.
 
     At most ``max_pending`` requests and ``max_pending_bytes`` of uploads wait at once (a
-    single request is always let in), so memory stays bounded under any load. The lock
-    also guards the models against anyone else sharing the same instances.
+    single request is always let in), so memory stays bounded under any load; one client
+    (by address) at most half as many requests, and clients' jobs run in turn (see the
+    module's docstring). The lock also guards the models against anyone else sharing the
+    same instances.
     """
 
     def __init__(self, settings: ServiceSettings) -> None:
@@ -69,6 +80,9 @@ class InferenceWorker:
         self._count_lock = threading.Lock()
         self._pending = 0
         self._pending_bytes = 0
+        self._by_client: Counter[str] = Counter()
+        # each client's queued jobs; the client first in line runs next, then goes last
+        self._turns: OrderedDict[str, deque[tuple[Future[Any], Callable[[], Any]]]] = OrderedDict()
         self._cancel: threading.Event | None = None  # the running job's; one thread only
         self.costs = WorkCosts()
 
@@ -76,7 +90,12 @@ class InferenceWorker:
     def pending(self) -> int:
         return self._pending
 
-    def _admit(self, size: int) -> None:
+    @property
+    def client_share(self) -> int:
+        """The most requests one client may have waiting or running at once."""
+        return max(1, self.settings.max_pending // 2)
+
+    def _admit(self, size: int, client: str) -> None:
         with self._count_lock:
             full = self._pending >= self.settings.max_pending or (
                 self._pending > 0 and self._pending_bytes + size > self.settings.max_pending_bytes
@@ -85,13 +104,47 @@ class InferenceWorker:
                 raise ServiceBusy(
                     f"the service is busy ({self._pending} requests waiting); retry shortly"
                 )
+            if self._by_client[client] >= self.client_share:
+                raise ServiceBusy(
+                    f"this client already has {self._by_client[client]} requests waiting, its "
+                    f"share of the service's {self.settings.max_pending}; retry shortly"
+                )
             self._pending += 1
             self._pending_bytes += size
+            self._by_client[client] += 1
 
-    def _release(self, size: int) -> None:
+    def _release(self, size: int, client: str) -> None:
         with self._count_lock:
             self._pending -= 1
             self._pending_bytes -= size
+            self._by_client[client] -= 1
+            if not self._by_client[client]:
+                del self._by_client[client]
+
+    def _queue(self, client: str, call: Callable[[], Any]) -> Future[Any]:
+        """Queue ``call`` behind the client's own jobs; one turn is taken per job queued."""
+        task: Future[Any] = Future()
+        with self._count_lock:
+            self._turns.setdefault(client, deque()).append((task, call))
+        self._executor.submit(self._next_turn)
+        return task
+
+    def _next_turn(self) -> None:
+        """Run the job of the client first in line (it then goes to the back of the line);
+        a job cancelled while queued is skipped."""
+        with self._count_lock:
+            if not self._turns:  # cleared by shutdown
+                return
+            client, jobs = self._turns.popitem(last=False)
+            task, call = jobs.popleft()
+            if jobs:
+                self._turns[client] = jobs
+        if not task.set_running_or_notify_cancel():
+            return
+        try:
+            task.set_result(call())
+        except BaseException as error:  # handed to the request that waits for it
+            task.set_exception(error)
 
     async def run(
         self,
@@ -100,6 +153,7 @@ class InferenceWorker:
         size: int = 0,
         gone: Callable[[], Awaitable[object]] | None = None,
         work: Work | None = None,
+        client: str = "",
     ) -> Any:
         """``job(*args)`` on the worker thread; ``size`` is the bytes it holds while waiting.
 
@@ -108,13 +162,14 @@ class InferenceWorker:
         :meth:`check_cancelled` if running. ``work`` says what the job is: work estimated
         (from earlier jobs of its kind) to run past the timeout is refused with 413 before
         it is queued, and the job's own run time is recorded for the next estimates.
+        ``client`` (its address) is whose turn and share the job takes.
         """
         if work is not None:
             self.costs.check(work.method, work.kind, work.count, self.settings.request_timeout_s)
-        self._admit(size)
+        self._admit(size, client)
         cancel = threading.Event()
-        future = self._executor.submit(self._guarded, cancel, work, job, *args)
-        future.add_done_callback(lambda _: self._release(size))
+        future = self._queue(client, partial(self._guarded, cancel, work, job, *args))
+        future.add_done_callback(lambda _: self._release(size, client))
         result = asyncio.wrap_future(future)
         watcher = asyncio.ensure_future(gone()) if gone is not None else None
         waiting: set[asyncio.Future[Any]] = {result} if watcher is None else {result, watcher}
@@ -167,8 +222,12 @@ class InferenceWorker:
         predictor: Predictor,
         uploads: list[Upload],
         postprocessor: PostProcessor,
+        deferred: bool = False,
     ) -> list[Outcome]:
         """Decode, score and render, in upload order; a file that fails to decode fails alone.
+
+        ``deferred``: leave the rendering to whoever sends the answer (each image a
+        :class:`~anomalyclip.serving.rendering.Scored`), as a streamed batch does.
 
         Images are scored in groups of at most ``max_group_images`` and ``max_pixels``
         decoded pixels, so a batch of large images holds about one of them in memory at a
@@ -187,7 +246,12 @@ class InferenceWorker:
                 predictions = predictor.predict_images([image for _, image in group])
             for (index, image), prediction in zip(group, predictions, strict=True):
                 decided = dataclasses.replace(prediction, postprocessor=postprocessor)
-                outcomes[index] = render(uploads[index].filename, image, decided, self.settings)
+                upload = uploads[index]
+                outcomes[index] = (
+                    Scored(upload.filename, upload.data, decided)
+                    if deferred
+                    else render(upload.filename, image, decided, self.settings)
+                )
             group.clear()
 
         for index, upload in enumerate(uploads):
@@ -236,3 +300,8 @@ class InferenceWorker:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._count_lock:
+            queued = [task for jobs in self._turns.values() for task, _ in jobs]
+            self._turns.clear()
+        for task in queued:
+            task.cancel()

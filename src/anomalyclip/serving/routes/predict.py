@@ -3,14 +3,25 @@
 The routes are written against :class:`~anomalyclip.predictor.Predictor` only, so the
 torch model, an ONNX export and MuSc are served the same way; inference runs in the
 service's single worker.
+
+Several images are answered as a stream (:func:`streamed_batch`): each image is rendered
+and its JSON made only when the connection has taken the previous one, so a client that
+does not read holds its uploads' bytes and the maps at model resolution, not the whole
+answer (before, about five times the answer's size); the connection's write timeout then
+closes it. At most ``RENDERING_AT_ONCE`` images are rendered at a time, beside the worker.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
+from anyio import to_thread
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
+from pydantic_core import to_json
 
 from anomalyclip.serving.dependencies import (
     Service,
@@ -21,8 +32,9 @@ from anomalyclip.serving.dependencies import (
     references_query,
     threshold_query,
 )
-from anomalyclip.serving.rendering import Rendered
-from anomalyclip.serving.schemas import ERROR_RESPONSES, BatchResult, Prediction
+from anomalyclip.serving.rendering import Rendered, Scored, render_scored
+from anomalyclip.serving.schemas import ERROR_RESPONSES, BatchResult, FailedImage, Prediction
+from anomalyclip.serving.settings import ServiceSettings
 from anomalyclip.serving.uploads import (
     Upload,
     UploadError,
@@ -30,8 +42,11 @@ from anomalyclip.serving.uploads import (
     check_batch_size,
     check_set,
 )
+from anomalyclip.utils.memory import release_free_memory
 
 router = APIRouter()
+RENDERING_AT_ONCE = 2
+rendering_slots = threading.BoundedSemaphore(RENDERING_AT_ONCE)  # any event loop, any app
 
 
 @router.post(
@@ -69,6 +84,7 @@ async def predict(
     )
     if isinstance(outcome, UploadError):
         raise outcome
+    assert isinstance(outcome, Rendered), "one image is rendered on the worker"
     if output_format == "png":
         return png_response(outcome, part)
     return outcome.prediction
@@ -106,7 +122,7 @@ async def predict_batch(
     references: str | None = references_query,
     threshold: float | None = threshold_query,
     pixel_threshold: float | None = pixel_query,
-) -> BatchResult:
+) -> StreamingResponse:
     check_batch_size(len(files), service.settings)
     return await score_all(
         request, service, files, method, references, threshold, pixel_threshold, False
@@ -127,7 +143,7 @@ async def predict_set(
     references: str | None = references_query,
     threshold: float | None = threshold_query,
     pixel_threshold: float | None = pixel_query,
-) -> BatchResult:
+) -> StreamingResponse:
     return await score_all(
         request, service, files, method, references, threshold, pixel_threshold, True
     )
@@ -142,7 +158,7 @@ async def score_all(
     threshold: float | None,
     pixel_threshold: float | None,
     as_set: bool,
-) -> BatchResult:
+) -> StreamingResponse:
     """Several uploads, a bad file failing alone; scored together when ``as_set`` or
     when the method's images score each other (then within the set limits)."""
     name, predictor = service.chosen(method, references)
@@ -151,5 +167,53 @@ async def score_all(
     together = as_set or predictor.scores_sets
     if together:
         check_set(uploads, service.settings)
-    outcomes = await service.analyse(request, name, predictor, uploads, threshold, pixel_threshold)
-    return merged(slots, outcomes)
+    outcomes = await service.analyse(
+        request, name, predictor, uploads, threshold, pixel_threshold, deferred=True
+    )
+    return streamed_batch(merged(slots, outcomes), service.settings)
+
+
+def streamed_batch(
+    items: list[Rendered | Scored | FailedImage], settings: ServiceSettings
+) -> StreamingResponse:
+    """:class:`BatchResult`'s JSON, sent image by image (see the module's docstring)."""
+    failed = sum(isinstance(item, FailedImage) for item in items)
+    tail = f'],"succeeded":{len(items) - failed},"failed":{failed}}}'.encode()
+    parts = batch_parts(deque(items), tail, settings)
+    return StreamingResponse(parts, media_type="application/json")
+
+
+async def batch_parts(
+    items: deque[Rendered | Scored | FailedImage], tail: bytes, settings: ServiceSettings
+) -> AsyncIterator[bytes]:
+    """The answer's pieces; each image is rendered, its JSON made and its bytes let go in
+    its turn (the server asks for the next piece once the connection has taken the last)."""
+    yield b'{"results":['
+    first = True
+    try:
+        while items:
+            item = items.popleft()
+            if isinstance(item, Scored):  # rendered and encoded beside the event loop
+                part = await to_thread.run_sync(render_in_turn, item, settings)
+            else:
+                part = as_json(item)
+            del item  # while the part waits for the client, only its bytes are held
+            if not first:
+                yield b","
+            yield part
+            first = False
+        yield tail
+    finally:
+        items.clear()
+        release_free_memory()  # the overlays' memory, freed, back to the system
+
+
+def as_json(item: Rendered | FailedImage) -> bytes:
+    """One result's JSON; the base64 text it is made of is let go on return."""
+    return to_json(item.prediction if isinstance(item, Rendered) else item)
+
+
+def render_in_turn(scored: Scored, settings: ServiceSettings) -> bytes:
+    """One image's JSON, rendered when it is its turn to be sent."""
+    with rendering_slots:
+        return as_json(render_scored(scored, settings))

@@ -11,7 +11,13 @@ import hashlib
 from fastapi import APIRouter, File, Request, UploadFile
 
 from anomalyclip.serving.costs import Work
-from anomalyclip.serving.dependencies import ServiceDep, left, method_query, upload_status
+from anomalyclip.serving.dependencies import (
+    ServiceDep,
+    client_of,
+    left,
+    method_query,
+    upload_status,
+)
 from anomalyclip.serving.schemas import ERROR_RESPONSES, FailedImage, ReferenceSet
 from anomalyclip.serving.uploads import Upload, check_set
 
@@ -46,6 +52,7 @@ async def upload_references(
         size=size,
         gone=left(request),
         work=Work(name, "references", len(uploads)),
+        client=client_of(request),
     )
     identifier = digest.hexdigest()[:16]
     service.keep_references(identifier, name, few_shot)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from anomalyclip.inspection.streams import Stream, StreamUnknownImage
 from anomalyclip.inspection.streams import Upload as StreamUpload
 from anomalyclip.preprocess import ImageLoadError, load_image
-from anomalyclip.serving.dependencies import ServiceDep, method_query, threshold_query
+from anomalyclip.serving.dependencies import ServiceDep, client_of, method_query, threshold_query
 from anomalyclip.serving.rendering import render
 from anomalyclip.serving.schemas import ERROR_RESPONSES
 from anomalyclip.serving.uploads import Upload, accept_upload
@@ -81,7 +81,7 @@ async def stream_images(
         uploads.append(StreamUpload(upload.filename, upload.data, image))
     worker = service.worker
     size = sum(len(u.data) for u in uploads)
-    results = await worker.run(stream.score, uploads, size=size)
+    results = await worker.run(stream.score, uploads, size=size, client=client_of(request))
     post = service.thresholds(stream.scorer.method)
     scored = []
     for result in results:
