@@ -152,14 +152,15 @@ def write_images(
     at full size: 716 MB at 13,376 x 13,376). ``scale``: the run's colour scale
     (default: the method's map range)."""
     low, high = prediction.map_range if scale is None else scale
-    size = style.size_for(image.size)
+    original = prediction.original_size  # ``image`` may be decoded reduced (predict)
+    size = style.size_for(original)
     threshold = prediction.postprocessor.pixel_threshold
-    if size == image.size:
+    if size == original == image.size:
         if full_map is None:  # drawn at full size: the full-size map after all
             full_map = prediction.map_at_original_size()
         shown, shown_map = image, full_map
     else:
-        shown = image.resize(size, Image.Resampling.BILINEAR)
+        shown = image if image.size == size else image.resize(size, Image.Resampling.BILINEAR)
         preprocessor = prediction.preprocessor or PreProcessor(prediction.anomaly_map.shape[-1])
         shown_map = preprocessor.map_to_original(prediction.anomaly_map, size, fill=low)
     blended = overlay(shown, shown_map, style.alpha, low, high, colormap=style.colormap)
@@ -167,7 +168,7 @@ def write_images(
     if scored is not None:  # what was not scored is shown grey, never coloured as "low"
         grey = shown.convert("L").convert("RGB")
         blended = Image.composite(blended, grey, scored)
-    if style.format_for(image.size) == "jpeg":
+    if style.format_for(original) == "jpeg":
         result.overlay = f"overlays/{result.name}.jpg"
         _save_image(blended, out / result.overlay, "JPEG", quality=90)
     else:
