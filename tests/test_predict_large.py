@@ -4,6 +4,7 @@ records, the full-size mask and the map placement keep the file's own size."""
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 
@@ -66,3 +67,14 @@ def test_predict_decodes_a_large_png_reduced_and_records_its_own_size(tmp_path, 
     # an overlay at full size needs every pixel: the full decode
     inspect(image, model, tmp_path / "full", overlay_max_side=None, progress=False)
     assert decoded == [(267, 267)]
+
+
+def test_a_draft_decoded_jpeg_keeps_its_size_in_the_file_turned_by_exif():
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a quarter turn
+    Image.new("RGB", (1600, 1200), (40, 90, 140)).save(buffer, "JPEG", exif=exif)
+    image = preprocess.load_image(buffer.getvalue(), needed=32)
+    assert image.size == (150, 200)  # 1/8, turned upright
+    assert preprocess.original_size(image) == (1200, 1600)
+    assert preprocess.original_size(preprocess.load_image(buffer.getvalue())) == (1200, 1600)
