@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "anomalyclip.input_settings": 0,
     "anomalyclip.colormaps": 0,
     "anomalyclip.decoding": 0,
+    "anomalyclip.png_reduced": 0,
     "anomalyclip.postprocess": 0,
     "anomalyclip.predictor": 0,
     "anomalyclip.maps": 0,

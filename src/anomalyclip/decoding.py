@@ -40,6 +40,8 @@ DEFAULT_MAX_SIDE = 65_535
 DEFAULT_MAX_ASPECT = 100.0
 # A draft-decoded JPEG keeps at least this many times the side the caller needs.
 DRAFT_MARGIN = 4
+# The info key under which an image decoded at reduced scale keeps its size in the file.
+ORIGINAL_SIZE = "anomalyclip.original_size"
 # Formats never opened: EPS is rendered by running Ghostscript on the file's program.
 REFUSED_FORMATS = frozenset({"EPS"})
 # The one list of what counts as an image file when folders are searched.
@@ -253,5 +255,6 @@ def open_image(
             if needed is not None and image.format in ("JPEG", "MPO"):
                 target = needed * DRAFT_MARGIN
                 if min(image.size) >= 2 * target:
+                    image.info[ORIGINAL_SIZE] = image.size
                     image.draft(None, (target, target))
             yield image

@@ -29,7 +29,14 @@ import torch
 from PIL import Image
 
 from anomalyclip.postprocess import NonFiniteScoreError, PostProcessor
-from anomalyclip.preprocess import ImageLoadError, ImageSource, PreProcessor, describe, load_image
+from anomalyclip.preprocess import (
+    ImageLoadError,
+    ImageSource,
+    PreProcessor,
+    describe,
+    load_image,
+    original_size,
+)
 
 ErrorPolicy = Literal["raise", "skip"]
 
@@ -142,6 +149,12 @@ class Predictor(ABC):
         references given later apply to the method itself, then the wrappers again."""
         return self, lambda method: method
 
+    def decodes_full_resolution(self) -> bool:
+        """Whether the method needs every pixel of an image (tiles cut it at full size);
+        otherwise a large file may be decoded reduced to what its input and a bounded
+        overlay need (``anomalyclip predict``)."""
+        return False
+
     def reference_views(self, references: Sequence[ImageSource]) -> Sequence[ImageSource]:
         """The references as this predictor's method must see them to compare like with
         like: as they are, unless a wrapper changes what is scored (tiles cut them)."""
@@ -168,18 +181,29 @@ class Predictor(ABC):
         if not images:
             return []
         preprocessor, postprocessor = self.preprocessor, self.postprocessor
-        batch = torch.stack([preprocessor.tensor(image) for image in images])
-        scores, maps = self.score_tensors(batch)
+        scores, maps = self.score_decoded(images, preprocessor)
         results = []
         for index, image in enumerate(images):
             score = float(scores[index])
             check_finite(self.method, f"image {index + 1} of the batch", score, maps[index])
             results.append(
                 AnomalyPrediction(
-                    describe(image), score, maps[index], image.size, preprocessor, postprocessor
+                    describe(image),
+                    score,
+                    maps[index],
+                    original_size(image),
+                    preprocessor,
+                    postprocessor,
                 )
             )
         return results
+
+    def score_decoded(
+        self, images: Sequence[Image.Image], preprocessor: PreProcessor
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and maps of decoded images, preprocessed into one batch: a method that
+        scores a set in parts (MuSc's subsets) preprocesses each part when it needs it."""
+        return self.score_tensors(torch.stack([preprocessor.tensor(image) for image in images]))
 
     def predict(
         self,

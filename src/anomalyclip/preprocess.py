@@ -16,6 +16,7 @@ resize, > 0.5.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ from PIL import Image, ImageOps
 
 from anomalyclip.decoding import (
     DEFAULT_MAX_PIXELS,
+    DRAFT_MARGIN,
     IMAGE_EXTENSIONS,
+    ORIGINAL_SIZE,
     DecodeSettings,
     ImageLoadError,
     RunDepth,
@@ -38,6 +41,7 @@ from anomalyclip.decoding import (
     open_image,
 )
 from anomalyclip.input_settings import CLIP_MEAN, CLIP_STD, RESIZE_MODES, ResizeMode
+from anomalyclip.png_reduced import decode_png_reduced
 
 __all__ = [
     "CLIP_MEAN",
@@ -188,7 +192,10 @@ def load_image(
     A file's geometry is checked from its header before decoding, against the settings
     :func:`decoding` sets (``max_pixels`` overrides the pixel limit). ``needed``: the
     smallest side the caller uses (a model's input); a JPEG many times larger is decoded
-    at a reduced scale (:func:`anomalyclip.decoding.open_image`).
+    at a reduced scale (:func:`anomalyclip.decoding.open_image`), an 8-bit PNG a strip
+    at a time and reduced by an integer factor, keeping at least :data:`DRAFT_MARGIN`
+    times ``needed`` (:func:`anomalyclip.png_reduced.decode_png_reduced`: the pixels of
+    the full decode reduced, in the memory of one strip).
     """
     name = describe(source)
     settings = current_settings()
@@ -196,14 +203,52 @@ def load_image(
         settings = dataclasses.replace(settings, max_pixels=max_pixels)
     if isinstance(source, (str, Path, bytes)):
         with open_image(source, name, settings, needed) as image:
+            factor = png_reduction(image, needed)
+            reduced = _png_reduced(source, factor, name) if factor > 1 else None
+            if reduced is not None:  # never turned: EXIF sends a PNG to the full decode
+                reduced.info[ORIGINAL_SIZE] = image.size
+                return reduced
+            drafted = image.info.get(ORIGINAL_SIZE)  # a JPEG decoded at 1/2 to 1/8
+            decoded_size = image.size
             image.load()
             settings.check_size(name, image.size)  # a plugin may pick another size at load
-            return _as_rgb(image, name)
+            result = _as_rgb(image, name)
+            if drafted is not None:  # its size in the file, turned as the image was
+                turned = result.size != decoded_size
+                result.info[ORIGINAL_SIZE] = drafted[::-1] if turned else drafted
+            return result
     with guarded(name):
         return _as_rgb(_from_array(source) if isinstance(source, np.ndarray) else source, name)
 
 
+def png_reduction(image: Image.Image, needed: int | None) -> int:
+    """The factor a PNG of this size is reduced by when ``needed`` is the smallest side
+    used: the largest that keeps :data:`DRAFT_MARGIN` times it (1: decoded in full, as
+    every image under twice that is, where the saving is small)."""
+    if needed is None or image.format != "PNG" or min(image.size) < 2 * needed * DRAFT_MARGIN:
+        return 1
+    return min(image.size) // (needed * DRAFT_MARGIN)
+
+
+def _png_reduced(source: str | Path | bytes, factor: int, name: str) -> Image.Image | None:
+    """The PNG reduced by ``factor``, or None where its layout needs the full decode."""
+
+    def convert(strip: Image.Image) -> Image.Image:
+        return _as_rgb(strip, name)
+
+    if isinstance(source, bytes):
+        return decode_png_reduced(io.BytesIO(source), factor, convert)
+    with Path(source).open("rb") as handle:
+        return decode_png_reduced(handle, factor, convert)
+
+
 EXIF_ORIENTATION = 0x0112
+
+
+def original_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the image in its file, upright: a reduced decode's records it."""
+    size = image.info.get(ORIGINAL_SIZE, image.size)
+    return int(size[0]), int(size[1])
 
 
 def _as_rgb(image: Image.Image, name: str) -> Image.Image:

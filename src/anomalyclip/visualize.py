@@ -203,15 +203,17 @@ def render_overlay(
     most ``max_side``, the map placed on it by the method's preprocessing, coloured over
     ``scale`` (default: the method's map range; see :func:`colour_scale`), and what the
     method did not score (outside a centre crop) in grey, never coloured as "low".
-    ``full_map``: the map at the original size when the caller made it already (716 MB
-    at 13,376 x 13,376: made once)."""
+    The sizes are the file's (``prediction.original_size``): ``image`` may have been
+    decoded at reduced scale. ``full_map``: the map at the original size when the caller
+    made it already (716 MB at 13,376 x 13,376: made once)."""
     low, high = prediction.map_range if scale is None else scale
-    size = fit_within(image.size, max_side)
-    if size == image.size:
+    original = prediction.original_size  # ``image`` may be decoded reduced (predict)
+    size = fit_within(original, max_side)
+    if size == original == image.size:
         shown = image
         shown_map = prediction.map_at_original_size() if full_map is None else full_map
     else:
-        shown = image.resize(size, Image.Resampling.BILINEAR)
+        shown = image if image.size == size else image.resize(size, Image.Resampling.BILINEAR)
         shown_map = placed_map(prediction, size, fill=low)
     blended = overlay(shown, shown_map, alpha, low, high, colormap=colormap)
     scored = scored_area(prediction, size)

@@ -89,7 +89,7 @@ def write_images(
     at full size: 716 MB at 13,376 x 13,376). ``scale``: the run's colour scale
     (default: the method's map range)."""
     threshold = prediction.postprocessor.pixel_threshold
-    if full_map is None and style.size_for(image.size) == image.size:
+    if full_map is None and style.size_for(prediction.original_size) == image.size:
         full_map = prediction.map_at_original_size()  # drawn at full size: made after all
     blended = render_overlay(
         image,
@@ -100,7 +100,7 @@ def write_images(
         scale=scale,
         full_map=full_map,
     ).image
-    if style.format_for(image.size) == "jpeg":
+    if style.format_for(prediction.original_size) == "jpeg":
         result.overlay = f"overlays/{result.name}.jpg"
         _save_image(blended, out / result.overlay, "JPEG", quality=90)
     else:

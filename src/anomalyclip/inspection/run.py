@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from anomalyclip.colormaps import colormap_table
+from anomalyclip.decoding import DRAFT_MARGIN
 from anomalyclip.inputs import expand_inputs
 from anomalyclip.inspection.files import (
     OverlayStyle,
@@ -139,11 +140,13 @@ def iter_predictions(
     sources: Sequence[ImageSource],
     batch_size: int = 8,
     progress: bool = True,
+    needed: int | None = None,
     description: str = "predict",
 ) -> Iterator[ScoredImage | SkippedImage]:
     """Results in input order, one batch in memory at a time.
 
-    Every image is decoded once; an unreadable one yields a :class:`SkippedImage` (and a
+    Every image is decoded once (``needed``: as ``load_image`` takes it, so a large file
+    is decoded reduced); an unreadable one yields a :class:`SkippedImage` (and a
     warning) and the run goes on. A method that scores sets (``model.scores_sets``) gets
     every readable image in one call.
     """
@@ -168,7 +171,7 @@ def iter_predictions(
     try:
         for index, source in enumerate(sources):
             try:
-                image = load_image(source)
+                image = load_image(source, needed=needed)
             except ImageLoadError as error:
                 logger.warning("skipping %s", error)
                 bar.update(1)
@@ -255,8 +258,9 @@ def inspect(
     todo = [index for index in range(len(items)) if index not in done]
     kept = [done[index].to_record(post.image_threshold) for index in sorted(done)]
     stream = ResultStream.open(jsonl, settings, kept) if jsonl is not None else None
+    side = decoded_side(model, style)  # large files decoded reduced to what is shown
     with stream or contextlib.nullcontext() as written:
-        scored = iter_predictions(model, [items[i] for i in todo], batch_size, progress)
+        scored = iter_predictions(model, [items[i] for i in todo], batch_size, progress, side)
         for outcome in _scaled(scored, post, summary):
             if isinstance(outcome, SkippedImage):
                 summary.skipped.append(outcome)
@@ -283,6 +287,17 @@ def inspect(
     write_outputs(summary, out, jsonl, written.records if written is not None else [], title)
     _log_outcome(summary)
     return summary
+
+
+def decoded_side(model: Predictor, style: OverlayStyle) -> int | None:
+    """The smallest side ``predict`` decodes a large file to (``load_image``'s ``needed``):
+    enough for the model's input and, with a bounded overlay, for its longest side
+    (every side kept at least :data:`DRAFT_MARGIN` times this). None (every pixel) for
+    tiles and for overlays at full size. A 13,376 x 13,376 PNG with the default 4,096
+    overlay side: 4,459 x 4,459, a ninth of the memory."""
+    if model.decodes_full_resolution() or style.max_side is None:
+        return None
+    return max(model.preprocessor.size, -(-style.max_side // DRAFT_MARGIN))
 
 
 def full_size_map(prediction: AnomalyPrediction) -> np.ndarray | None:
@@ -332,8 +347,8 @@ def scored_result(
         name=name,
         score=float(prediction.score),
         anomalous=post.verdict(prediction.score),
-        width=image.width,
-        height=image.height,
+        width=prediction.original_size[0],
+        height=prediction.original_size[1],
         map_max=float(prediction.anomaly_map.max()),
         defect_fraction=None if full_map is None else post.defect_fraction(full_map),
         prediction=prediction,

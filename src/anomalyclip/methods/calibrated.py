@@ -146,6 +146,9 @@ class CalibratedPredictor(Predictor):
         self.calibration = calibration
         self.method = inner.method
 
+    def decodes_full_resolution(self) -> bool:
+        return self.inner.decodes_full_resolution()
+
     def layers(self) -> tuple[Predictor, Callable[[Predictor], Predictor]]:
         # references given later (the service) make other scores: the thresholds, made
         # for the calibrated bank, are not carried over to them

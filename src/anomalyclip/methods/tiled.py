@@ -133,6 +133,9 @@ class TiledPredictor(Predictor):
         inner, wrap = self.inner.layers()
         return inner, lambda method: tiled(wrap(method), self.tiling, self.batch_size)
 
+    def decodes_full_resolution(self) -> bool:
+        return True  # tiles are cut from the full-size image
+
     def reference_views(self, references: Sequence[ImageSource]) -> Sequence[ImageSource]:
         """The references' tiles, cut as the images scored are cut."""
         return self.inner.reference_views(reference_tiles(references, self.tiling))

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +33,7 @@ from torch import Tensor
 
 from anomalyclip.backbone.dinov2 import DINOv2
 from anomalyclip.backbone.identity import BackboneIdentity
-from anomalyclip.methods.musc.model import MuSc, MuScConfig
+from anomalyclip.methods.musc.model import MuSc, MuScConfig, PreprocessedSet
 from anomalyclip.preprocess import PreProcessor
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MuScDINOv2", "SquashPreProcessor", "dinov2_tokens"]
@@ -80,7 +80,8 @@ class MuScDINOv2(MuSc):
     """MuSc scoring on DINOv2 features (see the module's docstring).
 
     The whole set's features are computed in this process: ``shard`` under ``torchrun``
-    still shares the mutual scoring, which is where the time goes.
+    still shares the mutual scoring, which is where the time goes. Subsets are scored
+    one at a time from spilled features, as :meth:`MuSc.run` does.
     """
 
     def __init__(
@@ -117,23 +118,36 @@ class MuScDINOv2(MuSc):
     def preprocessor(self) -> PreProcessor:
         return SquashPreProcessor(self.config.image_size)
 
-    def features(self, images: Tensor, shard: bool = False) -> tuple[dict[int, Tensor], Tensor]:
-        """Tokens (layer -> (N, 1 + L, D), zero fake class token) and raw class tokens
-        (N, D), float32, in batches of ``config.batch_size``."""
-        size = self.config.image_size
-        if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
-            raise ValueError(
-                f"MuSc takes images of shape (N, 3, {size}, {size}), got {tuple(images.shape)}"
-            )
-        parts: dict[int, list[Tensor]] = {layer: [] for layer in self.config.features}
-        classes: list[Tensor] = []
+    def feature_shape(self) -> tuple[int, int, int]:
+        """Tokens per image (the fake class token included), channels, embedding size."""
+        return self.grid**2 + 1, self.dinov2.arch.width, self.dinov2.arch.width
+
+    def feature_batches(
+        self, images: Tensor | PreprocessedSet, shard: bool = False
+    ) -> Iterator[tuple[int, dict[int, Tensor], Tensor]]:
+        """(first row, tokens layer -> (B, 1 + L, D) with a zero fake class token, raw
+        class tokens (B, D)), float32, per batch of ``config.batch_size``. Every batch is
+        computed here: ``shard`` does not share the features (see the class)."""
         with torch.no_grad():
             for start in range(0, len(images), self.config.batch_size):
-                batch = images[start : start + self.config.batch_size].to(self.device)
+                stop = min(start + self.config.batch_size, len(images))
+                batch = self.batch_of(images, start, stop).to(self.device)
                 tokens, class_token = dinov2_tokens(self.dinov2, batch, self.config.features)
-                for layer, values in tokens.items():
-                    parts[layer].append(values.float())
-                classes.append(class_token.float())
+                yield start, {k: v.float() for k, v in tokens.items()}, class_token.float()
+
+    def features(
+        self, images: Tensor | PreprocessedSet, shard: bool = False
+    ) -> tuple[dict[int, Tensor], Tensor]:
+        """Tokens (layer -> (N, 1 + L, D), zero fake class token) and raw class tokens
+        (N, D), float32, in batches of ``config.batch_size``."""
+        if isinstance(images, Tensor):
+            self.batch_of(images, 0, 0)  # the shape checked even for an empty set
+        parts: dict[int, list[Tensor]] = {layer: [] for layer in self.config.features}
+        classes: list[Tensor] = []
+        for _, tokens, class_token in self.feature_batches(images):
+            for layer, values in tokens.items():
+                parts[layer].append(values)
+            classes.append(class_token)
         return {layer: torch.cat(values) for layer, values in parts.items()}, torch.cat(classes)
 
 

@@ -32,11 +32,13 @@ near 1. Thresholds are therefore only meaningful for sets like the one they were
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import math
 import random
+import tempfile
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +68,7 @@ __all__ = [
     "MuSc",
     "MuScConfig",
     "MuScOutput",
+    "PreprocessedSet",
     "apply_precision",
     "divide_indices",
     "lnamd",
@@ -120,7 +123,8 @@ class MuScConfig:
     are averaged.
     divide_num: the set is split into this many random disjoint subsets (seeded by
     ``seed``), each scored on its own, as the official ``divide_num``; RsCIN still runs
-    over the whole set.
+    over the whole set. Only one subset's features are held at a time, so it also bounds
+    memory: 1 / divide_num of the set's features.
     batch_size: images per backbone forward pass; block_elements: the largest similarity
     block MSM holds. Both bound memory only; they do not change the results.
     similarity_dtype: the dtype of MSM's similarity products ("float32", "float16",
@@ -697,6 +701,13 @@ class MuSc(Predictor):
         output = self.run(images)
         return output.image_scores, output.anomaly_maps
 
+    def score_decoded(
+        self, images: Sequence[Image.Image], preprocessor: PreProcessor
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The set scored subset by subset, each preprocessed only when it is scored."""
+        output = self.run(PreprocessedSet(images, preprocessor))
+        return output.image_scores, output.anomaly_maps
+
     def score_set(
         self,
         sources: str | Path | Sequence[ImageSource],
@@ -709,44 +720,69 @@ class MuSc(Predictor):
         items = expand_sources([sources] if isinstance(sources, (str, Path)) else sources)
         return self.predict(items, batch_size=max(1, len(items)), progress=progress, errors=errors)
 
-    def features(self, images: Tensor, shard: bool = False) -> tuple[dict[int, Tensor], Tensor]:
-        """Raw tokens (layer -> (N, 1 + L, C)) and unit image embeddings (N, E), float32.
+    def feature_shape(self) -> tuple[int, int, int]:
+        """Tokens per image (class token included), their channels, the embedding size."""
+        visual = self.clip.visual
+        return self.grid**2 + 1, visual.conv1.weight.shape[0], visual.proj.shape[1]
 
-        Computed once per image, in batches of ``config.batch_size``, and shared by every
-        degree, layer and subset. With ``shard`` (every rank of a launch calling with the
-        same images) batch ``k`` is computed by rank ``k mod world`` and the results
-        summed across ranks into zeros: the same batches as one process, so the same
-        bits, on every rank.
-        """
-        size = self.config.image_size
-        if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
-            raise ValueError(
-                f"MuSc takes images of shape (N, 3, {size}, {size}), got {tuple(images.shape)}"
-            )
+    def feature_batches(
+        self, images: Tensor | PreprocessedSet, shard: bool = False
+    ) -> Iterator[tuple[int, dict[int, Tensor], Tensor]]:
+        """(first row, raw tokens layer -> (B, 1 + L, C), unit embeddings (B, E)), float32,
+        for each batch of ``config.batch_size`` images in order. With ``shard`` only the
+        batches this rank computes (batch ``k`` on rank ``k mod world``)."""
         world = distributed.world_size() if shard else 1
         rank = distributed.rank() if shard else 0
         visual = self.clip.visual
-        count, length = len(images), self.grid**2 + 1
-        channels, embedding_size = visual.conv1.weight.shape[0], visual.proj.shape[1]
+        with torch.no_grad():
+            for number, (start, stop) in enumerate(_ranges(0, len(images), self.config.batch_size)):
+                if distributed.owner(number, world) != rank:
+                    continue
+                checkpoint()  # a service's abandoned request stops here
+                batch = self.batch_of(images, start, stop).to(self.device)
+                hidden, embedding = visual.residual_stream(batch, self.config.features, "bicubic")
+                assert embedding is not None  # residual_stream was asked for it
+                tokens = {layer: values.float() for layer, values in hidden.items()}
+                yield start, tokens, F.normalize(embedding.float(), dim=-1)
+
+    def batch_of(self, images: Tensor | PreprocessedSet, start: int, stop: int) -> Tensor:
+        """Images ``start..stop-1`` as a (B, 3, S, S) tensor, its shape checked."""
+        if isinstance(images, Tensor):
+            batch = images[start:stop]
+        else:
+            batch = images.subset(np.arange(start, stop))
+        size = self.config.image_size
+        if batch.dim() != 4 or tuple(batch.shape[1:]) != (3, size, size):
+            raise ValueError(
+                f"MuSc takes images of shape (N, 3, {size}, {size}), got {tuple(batch.shape)}"
+            )
+        return batch
+
+    def features(
+        self, images: Tensor | PreprocessedSet, shard: bool = False
+    ) -> tuple[dict[int, Tensor], Tensor]:
+        """Raw tokens (layer -> (N, 1 + L, C)) and image embeddings (N, E), float32.
+
+        Computed once per image, in batches of ``config.batch_size``, and shared by every
+        degree and layer. With ``shard`` (every rank of a launch calling with the same
+        images) batch ``k`` is computed by rank ``k mod world`` and the results summed
+        across ranks into zeros: the same batches as one process, so the same bits, on
+        every rank.
+        """
+        if isinstance(images, Tensor):
+            self.batch_of(images, 0, 0)  # the shape checked even for an empty set
+        count = len(images)
+        length, channels, embedding_size = self.feature_shape()
         tokens = {
             layer: torch.zeros(count, length, channels, device=self.device)
             for layer in self.config.features
         }
         embeddings = torch.zeros(count, embedding_size, device=self.device)
-        batch_size = self.config.batch_size
-        with torch.no_grad():
-            for number, start in enumerate(range(0, count, batch_size)):
-                if distributed.owner(number, world) != rank:
-                    continue
-                checkpoint()  # a service's abandoned request stops here
-                stop = start + batch_size
-                batch = images[start:stop].to(self.device)
-                hidden, embedding = visual.residual_stream(batch, self.config.features, "bicubic")
-                for layer, values in hidden.items():
-                    tokens[layer][start:stop] = values.float()
-                assert embedding is not None  # residual_stream was asked for it
-                embeddings[start:stop] = F.normalize(embedding.float(), dim=-1)
-        if world > 1:
+        for start, hidden, embedding in self.feature_batches(images, shard):
+            for layer, values in hidden.items():
+                tokens[layer][start : start + len(values)] = values
+            embeddings[start : start + len(embedding)] = embedding
+        if shard and distributed.world_size() > 1:
             for values in (*tokens.values(), embeddings):
                 distributed.sum_tensor_across_ranks(values)
         return tokens, embeddings
@@ -756,7 +792,7 @@ class MuSc(Predictor):
 
     def run(
         self,
-        images: Tensor,
+        images: Tensor | PreprocessedSet,
         keep_features: bool = False,
         groups: Sequence[Hashable] | None = None,
     ) -> MuScOutput:
@@ -764,6 +800,12 @@ class MuSc(Predictor):
 
         ``groups`` (one label per image) makes the ``divide_num`` subsets stratified as
         the official code's are (see :func:`divide_indices`); it has no effect otherwise.
+
+        The subsets are scored one after the other, each from its own features, so the
+        features held at once are one subset's: memory grows with the subset, not the
+        set. Only the class tokens (RsCIN's input) and patch scores are kept for every
+        image. ``images`` may be a :class:`PreprocessedSet`, which preprocesses each
+        subset's images when it is scored, so no (N, 3, S, S) tensor is built either.
         """
         config = self.config
         count = len(images)
@@ -771,15 +813,10 @@ class MuSc(Predictor):
         subsets = divide_indices(count, config.divide_num, config.seed, groups)
         for subset in subsets:
             neighbour_count(len(subset), config.interval)
-        shard = self._sharded()
-        started = time.perf_counter()
-        tokens, embeddings = self.features(images, shard=shard)
-        extracted = time.perf_counter()
-        similarity_dtype = SIMILARITY_DTYPES[config.similarity_dtype]
         output = MuScOutput(
             grid=self.grid,
             subsets=subsets,
-            class_tokens=embeddings.cpu().numpy(),
+            class_tokens=np.empty(0, np.float32),
             msm={},
             patch_scores=np.empty(0),
             anomaly_maps=np.empty(0, np.float32),
@@ -792,30 +829,23 @@ class MuSc(Predictor):
             checkpoint()  # between the images of a set: an abandoned request stops here
             bar.update(steps)
 
-        for layer in config.features:
-            layer_tokens = tokens.pop(layer)  # freed once its degrees are done
-            if keep_features:
-                output.patch_tokens[layer] = layer_tokens.cpu().numpy()
-            for degree in config.degrees:
-                vectors = self._lnamd(layer_tokens, degree)
-                if keep_features:
-                    output.lnamd[(degree, layer)] = vectors.cpu().numpy()
-                scores = torch.empty(vectors.shape[:2], dtype=torch.float64)
-                for subset in subsets:
-                    chosen = vectors if len(subsets) == 1 else vectors[subset]
-                    block = mutual_scores(
-                        chosen,
-                        config.interval,
-                        config.block_elements,
-                        similarity_dtype=similarity_dtype,
-                        shard=shard,
-                        advance=advance,
-                    )
-                    scores[subset] = block.cpu()
-                output.msm[(degree, layer)] = scores.numpy()
-            del layer_tokens
+        shard = self._sharded()
+        started = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            spill: SpilledFeatures | None = None
+            if len(subsets) == 1:  # the whole set at once: nothing to hold back
+                whole, embeddings = self.features(images, shard=shard)
+            else:
+                spill = stack.enter_context(SpilledFeatures(config.features, count, self))
+                embeddings = self._spill_features(images, spill, shard)
+            extracted = time.perf_counter()
+            for subset in subsets:
+                tokens = whole if spill is None else spill.read(subset, shard)
+                self._score_subset(output, subset, count, tokens, keep_features, advance)
+                del tokens
         bar.close()
         scored = time.perf_counter()
+        output.class_tokens = embeddings.cpu().numpy()
         per_degree = [
             np.mean([output.msm[(degree, layer)] for layer in config.features], axis=0)
             for degree in config.degrees
@@ -826,12 +856,62 @@ class MuSc(Predictor):
         )
         output.image_scores = rscin(output.image_scores_raw, output.class_tokens, config.rscin_k)
         logger.info(
-            "MuSc: %d images, features %.1f ms/image, LNAMD+MSM %.1f ms/image",
+            "MuSc: %d images in %d subset(s), features %.1f ms/image, LNAMD+MSM %.1f ms/image",
             count,
+            len(subsets),
             1000 * (extracted - started) / count,
             1000 * (scored - extracted) / count,
         )
         return output
+
+    def _spill_features(
+        self, images: Tensor | PreprocessedSet, spill: SpilledFeatures, shard: bool
+    ) -> Tensor:
+        """Every image's tokens written to ``spill`` in the batches :meth:`features` uses
+        (so the same bits), only one batch in memory; the (N, E) embeddings returned."""
+        embeddings = torch.zeros(len(images), self.feature_shape()[2], device=self.device)
+        for start, hidden, embedding in self.feature_batches(images, shard):
+            for layer, values in hidden.items():
+                spill.write(layer, start, values)
+            embeddings[start : start + len(embedding)] = embedding
+        if shard and distributed.world_size() > 1:
+            distributed.sum_tensor_across_ranks(embeddings)
+        return embeddings
+
+    def _score_subset(
+        self,
+        output: MuScOutput,
+        subset: np.ndarray,
+        count: int,
+        tokens: dict[int, Tensor],
+        keep_features: bool,
+        advance: Callable[[float], object],
+    ) -> None:
+        """One subset's MSM scores for every layer and degree, written into ``output``'s
+        whole-set arrays at the subset's rows; each layer's tokens freed once scored."""
+        config = self.config
+        for layer in config.features:
+            layer_tokens = tokens.pop(layer)
+            if keep_features:
+                kept = output.patch_tokens.get(layer)
+                output.patch_tokens[layer] = _into_rows(kept, subset, count, layer_tokens)
+            for degree in config.degrees:
+                vectors = self._lnamd(layer_tokens, degree)
+                if keep_features:
+                    kept = output.lnamd.get((degree, layer))
+                    output.lnamd[(degree, layer)] = _into_rows(kept, subset, count, vectors)
+                scores = mutual_scores(
+                    vectors,
+                    config.interval,
+                    config.block_elements,
+                    similarity_dtype=SIMILARITY_DTYPES[config.similarity_dtype],
+                    shard=self._sharded(),
+                    advance=advance,
+                )
+                del vectors
+                kept = output.msm.get((degree, layer))
+                output.msm[(degree, layer)] = _into_rows(kept, subset, count, scores)
+            del layer_tokens
 
     def _progress_bar(self, total: int) -> Any:
         """The bar over one set's mutual scoring (each image once per layer and degree):
@@ -875,6 +955,84 @@ class MuSc(Predictor):
             maps[start : start + len(chunk)] = upsampled.float().numpy()
             maxima[start : start + len(chunk)] = upsampled.flatten(1).amax(dim=1).numpy()
         return maps, maxima
+
+
+class PreprocessedSet:
+    """The decoded images of a set, preprocessed a subset at a time when :meth:`MuSc.run`
+    scores it: the whole set's (N, 3, S, S) float32 tensor (0.6 MB per image at 224 px)
+    is never built."""
+
+    def __init__(self, images: Sequence[Image.Image], preprocessor: PreProcessor) -> None:
+        self.images = images
+        self.preprocessor = preprocessor
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, indices: np.ndarray) -> Tensor:
+        return torch.stack([self.preprocessor.tensor(self.images[i]) for i in indices])
+
+
+class SpilledFeatures:
+    """Every image's raw tokens of every layer in an anonymous temporary file (deleted
+    when closed; in ``TMPDIR``), read back one subset at a time, so that MuSc holds one
+    subset's features instead of the set's (the file: N x layers x (1 + L) x C x 4
+    bytes, 0.5 MB per image with the reference CLIP at 224 px, 22 MB with ViT-L/14 at
+    518 px). Read with plain file reads, not a memory map, whose pages would count as
+    the process's resident memory. Rows another rank computed (``shard``) are holes
+    in this rank's file, read as zeros and summed across ranks, as :meth:`MuSc.features`
+    sums its zeros."""
+
+    def __init__(self, layers: Sequence[int], count: int, musc: MuSc) -> None:
+        length, channels, _ = musc.feature_shape()
+        self.row_shape = (length, channels)
+        self.row_bytes = length * channels * 4  # float32
+        self.layer_index = {layer: number for number, layer in enumerate(layers)}
+        self.count = count
+        self.device = musc.device
+        # closed by __exit__: MuSc.run holds this object in a with block
+        self.file = tempfile.TemporaryFile(prefix="anomalyclip-musc-features-")  # noqa: SIM115
+        self.file.truncate(len(layers) * count * self.row_bytes)  # unwritten rows read 0
+
+    def __enter__(self) -> SpilledFeatures:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+    def _offset(self, layer: int, row: int) -> int:
+        return (self.layer_index[layer] * self.count + row) * self.row_bytes
+
+    def write(self, layer: int, start: int, values: Tensor) -> None:
+        """Rows ``start..`` of ``layer``: (B, 1 + L, C) float32."""
+        self.file.seek(self._offset(layer, start))
+        self.file.write(values.detach().cpu().contiguous().numpy().tobytes())
+
+    def read(self, subset: np.ndarray, shard: bool) -> dict[int, Tensor]:
+        """Layer -> (len(subset), 1 + L, C) float32 tokens of these rows, on the device."""
+        tokens = {}
+        for layer in self.layer_index:
+            rows = np.empty((len(subset), *self.row_shape), dtype=np.float32)
+            for number, row in enumerate(subset):
+                self.file.seek(self._offset(layer, int(row)))
+                if self.file.readinto(memoryview(rows[number]).cast("B")) != self.row_bytes:
+                    raise OSError(f"MuSc's feature file {self.file.name} was cut short")
+            tokens[layer] = torch.from_numpy(rows).to(self.device)
+            if shard and distributed.world_size() > 1:
+                distributed.sum_tensor_across_ranks(tokens[layer])
+        return tokens
+
+
+def _into_rows(
+    whole: np.ndarray | None, subset: np.ndarray, count: int, values: Tensor
+) -> np.ndarray:
+    """``values`` (one subset's rows) written at ``subset``'s rows of ``whole``, a
+    whole-set numpy array of their dtype and row shape, made when None (the first subset)."""
+    array = values.detach().cpu().numpy()
+    if whole is None:
+        whole = np.empty((count, *array.shape[1:]), dtype=array.dtype)
+    whole[subset] = array
+    return whole
 
 
 def apply_precision(predictor: Predictor, choice: PrecisionChoice) -> Predictor:
