@@ -231,8 +231,7 @@ def inspect(
         sources = [sources]
     items, listed_columns = expand_inputs(sources)
     names = output_names(items)
-    if columns is None:
-        columns = listed_columns
+    columns = listed_columns if columns is None else columns
     post = model.postprocessor.with_given(image_threshold, pixel_threshold)
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:
