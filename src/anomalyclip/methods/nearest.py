@@ -18,6 +18,10 @@ from torch import Tensor
 
 from anomalyclip.utils.precision import native_bfloat16
 
+# the depth (columns) of one AMX bfloat16 tile: products whose depth is a multiple of it
+# skip the ragged last tile
+AMX_TILE_DEPTH = 32
+
 __all__ = ["bfloat16_pays", "centred_forms", "nearest_columns", "nearest_rows"]
 
 
@@ -60,8 +64,11 @@ def centred_forms(centre: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
     low = (half_norm - high.float()).bfloat16()
     ones = torch.ones_like(high)
     body = centred.bfloat16()
-    query = torch.cat((-body, ones, ones, high, low), dim=-1).contiguous()
-    reference = torch.cat((body, high, low, ones, ones), dim=-1).contiguous()
+    # zero columns up to a multiple of 32, AMX's bfloat16 tile depth: 128 + 4 columns
+    # took 0.53 ms a 1369 x 1369 block, 160 took 0.35 ms (2 threads); the product is the same
+    padding = body.new_zeros((*body.shape[:-1], -(body.shape[-1] + 4) % AMX_TILE_DEPTH))
+    query = torch.cat((-body, ones, ones, high, low, padding), dim=-1).contiguous()
+    reference = torch.cat((body, high, low, ones, ones, padding), dim=-1).contiguous()
     return query, reference
 
 
