@@ -140,11 +140,25 @@ def test_connections_and_requests_beyond_the_caps_get_503(model):
         assert third.headers["retry-after"] == "1"
         assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200  # never capped
         idle = [connect(url) for _ in range(4)]  # with the two: the cap of 6 sockets
+        time.sleep(0.1)
+        # a seventh takes the place of the oldest socket that has sent nothing
+        newcomer = connect(url)
+        evicted, waited = read_all(idle[0])
+        assert evicted.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), evicted
+        assert b"no request sent on this connection" in evicted and waited < 1.0
+        newcomer.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        answer, _ = read_all(newcomer)
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+        # when every socket has sent something, a connection beyond the cap is refused
+        begun = idle[1:] + [connect(url)]
+        for sock in begun:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # a head begun, not finished
+        time.sleep(0.1)
         refused = connect(url)
         answer, waited = read_all(refused)
         assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
         assert b"too many connections (over 6)" in answer and waited < 1.0
-        for sock in held + idle + [refused]:
+        for sock in held + idle + begun + [newcomer, refused]:
             sock.close()
         time.sleep(0.2)
         assert healthy(url)

@@ -6,8 +6,11 @@ sockets exhaust the usual ``ulimit -n 1024``, and asyncio then logs "socket.acce
 of system resource" with a traceback thousands of times a second. Here:
 
 - :class:`GuardedH11Protocol` gives each request ``header_timeout_s`` to send its request
-  line and headers (then 408 and close), and answers a connection beyond
-  ``max_connections`` with 503 and closes it at once, so sockets stay bounded;
+  line and headers (then 408 and close), and keeps at most ``max_connections`` open: a
+  connection beyond it takes the place of the oldest one that has sent nothing yet
+  (closed with 503), else it is answered 503 and closed at once. Idle sockets (a flood
+  of them from the same address as good clients) thus cannot keep a client that sends
+  its request at once from being served, and sockets stay bounded;
 - a response the client does not read (the transport pauses writing: asyncio's flow
   control) must be flushed within ``write_timeout_s``, and a connection may hold at most
   ``max_write_buffer_bytes`` of unsent output; beyond either the connection is aborted,
@@ -126,18 +129,44 @@ class GuardedH11Protocol(H11Protocol):
         self._write_timer: asyncio.TimerHandle | None = None
         self._waiting_cycle: object = None
         self.conn = CheckedConnection(self.max_header_bytes)
+        self.silent_since: float | None = None  # connected, nothing received yet
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > self.max_connections:
+        if len(self.connections) > self.max_connections and not self._evict_silent():
             refused.note(self.max_connections)
             detail = f"too many connections (over {self.max_connections}); retry shortly"
             transport.write(raw_response("503 Service Unavailable", detail))
             transport.close()
             return
+        self.silent_since = self.loop.time()
         self._arm_header_timer()
 
+    def _evict_silent(self) -> bool:
+        """Close the oldest open connection that has sent nothing, to make room for this
+        one; False when every connection has sent something (none is only holding a
+        socket)."""
+        silent = [
+            other
+            for other in self.connections
+            if isinstance(other, GuardedH11Protocol)
+            and other.silent_since is not None
+            and not other.transport.is_closing()
+        ]
+        if not silent:
+            return False
+        oldest = min(silent, key=lambda other: other.silent_since or 0.0)
+        detail = (
+            f"no request sent on this connection while the service was at its cap of "
+            f"{self.max_connections} connections"
+        )
+        oldest.transport.write(raw_response("503 Service Unavailable", detail))
+        oldest.transport.close()
+        oldest.silent_since = None
+        return True
+
     def data_received(self, data: bytes) -> None:
+        self.silent_since = None
         if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
             self._arm_header_timer()  # the next request on a kept-alive connection
         super().data_received(data)
