@@ -409,3 +409,32 @@ def test_an_abandoned_set_releases_the_worker(monkeypatch):
     with running(predictors, ServiceSettings(**FAST)) as url:
         left = leave_after(url, "/v1/predict/set?method=musc", images, worked)
         assert_released(url, worked, left)
+
+
+def test_one_client_filling_the_request_cap_does_not_keep_another_out(monkeypatch):
+    """Issue 20's soak: sixty clients of one address that never read their answers held
+    every request slot until the write timeout, and good clients of another address got
+    503. A client alone still has the whole cap; another is let in over it."""
+    slow_model = tiny_service_model()
+    monkeypatch.setattr(slow_model, "predict_images", SlowCalls(slow_model, 1.0))
+    settings = ServiceSettings(max_concurrent_requests=2, **FAST)
+    files = {"file": ("a.png", noise_png(32, 32))}
+    with running(slow_model, settings) as url:
+        answers: list[int] = []
+
+        def predict_from(address: str) -> None:
+            transport = httpx.HTTPTransport(local_address=address)
+            with httpx.Client(transport=transport, timeout=30) as client:
+                answers.append(client.post(f"{url}/v1/predict", files=files).status_code)
+
+        first = [threading.Thread(target=predict_from, args=("127.0.0.1",)) for _ in range(2)]
+        for thread in first:
+            thread.start()
+        time.sleep(0.5)  # both of the first client's requests in progress: the cap
+        same = httpx.post(f"{url}/v1/predict", files=files)
+        assert same.status_code == 503 and "2 requests in progress" in same.json()["detail"]
+        other = threading.Thread(target=predict_from, args=("127.0.0.2",))
+        other.start()
+        for thread in [*first, other]:
+            thread.join()
+    assert answers == [200, 200, 200]

@@ -5,7 +5,11 @@ A pure ASGI middleware, so it works the same under any server and in-process tes
 - at most ``max_concurrent_requests`` are handled at once; beyond, 503 with Retry-After.
   A request with a body counts only once its body is complete: bodies still arriving
   hold one of ``max_body_reads`` other slots (:class:`Admission`), so slow uploads cannot
-  keep finished requests out; ``/healthz`` is under neither cap;
+  keep finished requests out; ``/healthz`` is under neither cap. One client (address)
+  may fill a cap on its own, but not keep others out: a client holding less than half
+  a cap is let in over it, up to one and a half times the cap, so sixty clients of one
+  address that never read their answers (each holding its slot until the write
+  timeout) leave room for everyone else;
 - a declared Content-Length over the route's limit is 413 before a byte is read, and one
   that does not fit the bytes all requests may hold together (``max_inflight_bytes``) is
   503; a chunked body is counted against both as it arrives;
@@ -28,6 +32,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from fastapi import HTTPException
@@ -178,8 +183,9 @@ class Admission:
     client that is still sending.
     """
 
-    def __init__(self, guard: RequestGuard) -> None:
+    def __init__(self, guard: RequestGuard, client: str = "") -> None:
         self.guard = guard
+        self.client = client
         self.reading = False
         self.active = False
 
@@ -187,18 +193,20 @@ class Admission:
         """Take the first slot; the reason for a 503 when there is none."""
         guard, settings = self.guard, self.guard.settings
         if with_body:
-            if guard.reading >= settings.max_body_reads:
-                return f"the service is busy ({guard.reading} uploads arriving); retry shortly"
-            guard.reading += 1
+            if not guard.reading.room(self.client, settings.max_body_reads):
+                arriving = guard.reading.total
+                return f"the service is busy ({arriving} uploads arriving); retry shortly"
+            guard.reading.take(self.client)
             self.reading = True
             return None
         return self.activate()
 
     def activate(self) -> str | None:
         guard = self.guard
-        if guard.active >= guard.settings.max_concurrent_requests:
-            return f"the service is busy ({guard.active} requests in progress); retry shortly"
-        guard.active += 1
+        if not guard.active.room(self.client, guard.settings.max_concurrent_requests):
+            detail = f"the service is busy ({guard.active.total} requests in progress)"
+            return f"{detail}; retry shortly"
+        guard.active.take(self.client)
         self.active = True
         return None
 
@@ -206,7 +214,7 @@ class Admission:
         """The body is in: from a body slot to a request slot (503 when none is free)."""
         if not self.reading:
             return
-        self.guard.reading -= 1
+        self.guard.reading.give_back(self.client)
         self.reading = False
         refusal = self.activate()
         if refusal is not None:
@@ -214,10 +222,37 @@ class Admission:
 
     def leave(self) -> None:
         if self.reading:
-            self.guard.reading -= 1
+            self.guard.reading.give_back(self.client)
         if self.active:
-            self.guard.active -= 1
+            self.guard.active.give_back(self.client)
         self.reading = self.active = False
+
+
+class SharedSlots:
+    """Slots counted in all and per client, for a cap that one client cannot hold
+    against the others: a client below half the cap is let in over it, up to one and a
+    half times the cap (see the module's docstring); alone, a client still has the whole
+    cap."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_client: Counter[str] = Counter()
+
+    def room(self, client: str, cap: int) -> bool:
+        share = max(1, cap // 2)
+        if self.total < cap:
+            return True
+        return self.by_client[client] < share and self.total < cap + share
+
+    def take(self, client: str) -> None:
+        self.total += 1
+        self.by_client[client] += 1
+
+    def give_back(self, client: str) -> None:
+        self.total -= 1
+        self.by_client[client] -= 1
+        if not self.by_client[client]:
+            del self.by_client[client]
 
 
 class RequestGuard:
@@ -230,14 +265,15 @@ class RequestGuard:
         self.settings = settings
         self.routes = routes
         self.budget = ByteBudget(settings.max_inflight_bytes)
-        self.active = 0  # requests in progress (their bodies complete)
-        self.reading = 0  # requests whose bodies are still arriving
+        self.active = SharedSlots()  # requests in progress (their bodies complete)
+        self.reading = SharedSlots()  # requests whose bodies are still arriving
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in UNGUARDED_PATHS:
             await self.app(scope, receive, send)
             return
-        admission = Admission(self)
+        client = scope.get("client")
+        admission = Admission(self, client[0] if client else "")
         refusal = admission.enter(has_body(scope))
         if refusal is not None:
             await error_response(503, refusal, RETRY)(scope, receive, send)
