@@ -339,9 +339,10 @@ function updateColourScale() {
   return changed;
 }
 
-function drawHeat(item) {
-  if (!item.result) return;
-  const canvas = item.card.querySelector("canvas.heat");
+// The card's canvas (selector) at the overlay's size, the original image drawn on it at
+// the given opacity: what the heat map and the mask are drawn over.
+function canvasOverOriginal(item, selector, opacity) {
+  const canvas = item.card.querySelector(selector);
   const { width, height } = item.result.overlay_size;
   if (canvas.width !== width || canvas.height !== height) {
     canvas.width = width;
@@ -352,8 +353,16 @@ function drawHeat(item) {
   context.fillRect(0, 0, width, height);
   const original = item.card.querySelector("img.original");
   if (original && original.complete && original.naturalWidth > 0) {
+    context.globalAlpha = opacity;
     context.drawImage(original, 0, 0, width, height);
+    context.globalAlpha = 1;
   }
+  return { context, width, height };
+}
+
+function drawHeat(item) {
+  if (!item.result) return;
+  const { context, width, height } = canvasOverOriginal(item, "canvas.heat", 1);
   const { map } = item.result;
   const layer = document.createElement("canvas");
   layer.width = map.width;
@@ -393,21 +402,7 @@ function maskLayer(item) {
 
 function drawMask(item) {
   if (!item.result) return null;
-  const canvas = item.card.querySelector("canvas.mask");
-  const { width, height } = item.result.overlay_size;
-  if (canvas.width !== width || canvas.height !== height) {
-    canvas.width = width;
-    canvas.height = height;
-  }
-  const context = canvas.getContext("2d");
-  context.fillStyle = "#222";
-  context.fillRect(0, 0, width, height);
-  const original = item.card.querySelector("img.original");
-  if (original && original.complete && original.naturalWidth > 0) {
-    context.globalAlpha = 0.6;
-    context.drawImage(original, 0, 0, width, height);
-    context.globalAlpha = 1;
-  }
+  const { context, width, height } = canvasOverOriginal(item, "canvas.mask", 0.6);
   const fraction = maskLayer(item);
   context.imageSmoothingEnabled = true;
   context.drawImage(item.layer, 0, 0, width, height);
