@@ -323,7 +323,7 @@ def mutual_scores(
         score_pairs = functools.partial(
             _score_pairs_centred, centred_forms(vectors.mean(dim=(0, 1)), vectors)
         )
-        similarity_dtype = torch.float32  # one candidate, taken from -d^2/2 itself
+        similarity_dtype = torch.float32  # one candidate, taken from d^2/2 itself
     pair = (vectors, _rounded(vectors, similarity_dtype))
     candidates = 1 if similarity_dtype == torch.float32 else LOW_PRECISION_CANDIDATES
     world = distributed.world_size() if shard else 1
@@ -485,9 +485,9 @@ def _score_pairs_centred(
     """:func:`_score_pairs` with the nearest patches from bfloat16 products of
     :func:`centred_forms` (``forms``), one candidate each, its distance in float32.
 
-    Both directions are row maxima of a product: image ``index``'s patches against each
+    Both directions are row minima of a product: image ``index``'s patches against each
     j from query(index) . reference(j)^T, j's against index from query(j) .
-    reference(index)^T (the form is symmetric: both are -d^2/2), since a column maximum
+    reference(index)^T (the form is symmetric: both are d^2/2), since a column minimum
     of a bfloat16 block costs as much as a second bfloat16 product (profiled on AMX).
     ``candidates`` is ignored (one).
     """
